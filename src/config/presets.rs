@@ -1,0 +1,1 @@
+//! Provider presets (SPEC §3 table): defaults that a channel's explicit keys override.

@@ -1,0 +1,35 @@
+//! mailgate: a local SMTP submission proxy.
+//!
+//! Clients (mail programs, scripts, printers) submit to `localhost:2525`; mailgate
+//! reads each message's envelope sender and forwards the message over the one
+//! upstream *channel* that sender is authorized for. See `README.md` for operation
+//! and `../shared/SPEC.md` for the contract.
+//!
+//! # Layout
+//!
+//! Data flows one way, top to bottom:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`cli`] | command line (clap), subcommand dispatch |
+//! | [`config`] | `proxy.toml` → validated [`config::Config`]; [`config::Secret`]; presets |
+//! | [`listener`] | accept loop, connection limit, allow-list, TLS acceptors, graceful shutdown |
+//! | [`tls`] | rustls server config, `cert generate` |
+//! | [`smtp`] | the SMTP server: [`smtp::session`] state machine, [`smtp::data`] DATA/BDAT decoder, [`smtp::reply`] catalogue, [`smtp::auth`] client AUTH |
+//! | [`message`] | the envelope of a message, message ids |
+//! | [`routing`] | pure: envelope + headers → channel or a refusal [`smtp::reply::Reply`] |
+//! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
+//! | [`delivery`] | relay mode: hands the message to its channel and turns the outcome into the client's reply |
+//! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod listener;
+pub mod message;
+pub mod ratelimit;
+pub mod routing;
+pub mod smtp;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,1 @@
+//! Accept loop: listeners, connection permits, allow-list, TLS acceptors, graceful shutdown.

@@ -1,0 +1,1 @@
+//! Client AUTH PLAIN / LOGIN against `[[users]]` (argon2 hashes).

@@ -1,0 +1,1 @@
+//! One client session: the SMTP state machine (SPEC §5).

@@ -1,0 +1,1 @@
+//! Server-side TLS (rustls) and `mailgate cert generate`.
