@@ -316,6 +316,8 @@ impl Upstreams {
                     ch.port,
                     tls_name(ch.tls)
                 ));
+                // A fresh connection is the point; idle ones would also hold every slot.
+                ch.close_idle();
                 let permit = tokio::time::timeout(self.timeout, ch.slots.clone().acquire_owned())
                     .await
                     .map_err(|_| UpstreamError::Timeout)?
@@ -329,6 +331,19 @@ impl Upstreams {
                     _ => step("QUIT not answered; no mail was sent"),
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// Says QUIT on every idle pooled connection and closes it (graceful shutdown).
+    pub async fn close_idle(&self) {
+        for transport in &self.channels {
+            if let Transport::Smtp(ch) = transport {
+                let idle = std::mem::take(&mut *ch.idle.lock().unwrap_or_else(|e| e.into_inner()));
+                for mut conn in idle {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), conn.smtp.command(Quit)).await;
+                }
             }
         }
     }
@@ -772,6 +787,11 @@ impl SmtpChannel {
         idle.pop()
     }
 
+    /// Closes every idle connection, freeing their slots.
+    fn close_idle(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn checkin(&self, mut conn: Conn) {
         conn.since = Instant::now();
         self.idle
@@ -1179,4 +1199,4 @@ fn probe_dir(dir: &Path) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

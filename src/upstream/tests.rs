@@ -18,59 +18,59 @@ use crate::config::{BareLf, Channel, DeliveryMode, Limits, Routing, Secret, Serv
 
 /// How the fake upstream behaves.
 #[derive(Clone, Default)]
-struct Fake {
+pub(crate) struct Fake {
     /// EHLO keywords (STARTTLS is added when `starttls` is set).
-    extensions: Vec<&'static str>,
+    pub(crate) extensions: Vec<&'static str>,
     /// Offer STARTTLS with this server config.
-    starttls: Option<Arc<ServerConfig>>,
+    pub(crate) starttls: Option<Arc<ServerConfig>>,
     /// TLS from the first byte with this server config.
-    implicit: Option<Arc<ServerConfig>>,
+    pub(crate) implicit: Option<Arc<ServerConfig>>,
     /// Accepted AUTH user and password.
-    credentials: Option<(&'static str, &'static str)>,
+    pub(crate) credentials: Option<(&'static str, &'static str)>,
     /// `(prefix, reply)`: a command line starting with `prefix` gets `reply`.
-    replies: Vec<(&'static str, &'static str)>,
+    pub(crate) replies: Vec<(&'static str, &'static str)>,
     /// Reply to the end of data (default `250 2.0.0 Ok: queued as FAKE1`).
-    data_reply: Option<&'static str>,
+    pub(crate) data_reply: Option<&'static str>,
     /// Wait this long before answering the end of data.
-    delay: Duration,
+    pub(crate) delay: Duration,
     /// Close the connection after each message.
-    close_after_data: bool,
+    pub(crate) close_after_data: bool,
     /// Never send the greeting.
-    silent: bool,
+    pub(crate) silent: bool,
 }
 
 /// One completed message as the fake saw it.
 #[derive(Debug, Clone, Default)]
-struct Txn {
-    mail: String,
-    rcpts: Vec<String>,
+pub(crate) struct Txn {
+    pub(crate) mail: String,
+    pub(crate) rcpts: Vec<String>,
     /// Exactly the bytes between `354` and the final `.CRLF` (still dot-stuffed).
-    wire: Vec<u8>,
-    tls: bool,
-    user: Option<String>,
+    pub(crate) wire: Vec<u8>,
+    pub(crate) tls: bool,
+    pub(crate) user: Option<String>,
 }
 
 #[derive(Default)]
-struct Record {
-    txns: Mutex<Vec<Txn>>,
+pub(crate) struct Record {
+    pub(crate) txns: Mutex<Vec<Txn>>,
     /// Every command line, in order, across sessions.
-    commands: Mutex<Vec<String>>,
-    sessions: AtomicUsize,
-    live: AtomicUsize,
-    max_live: AtomicUsize,
+    pub(crate) commands: Mutex<Vec<String>>,
+    pub(crate) sessions: AtomicUsize,
+    pub(crate) live: AtomicUsize,
+    pub(crate) max_live: AtomicUsize,
 }
 
 impl Record {
-    fn txns(&self) -> Vec<Txn> {
+    pub(crate) fn txns(&self) -> Vec<Txn> {
         self.txns.lock().unwrap().clone()
     }
-    fn commands(&self) -> Vec<String> {
+    pub(crate) fn commands(&self) -> Vec<String> {
         self.commands.lock().unwrap().clone()
     }
 }
 
 /// Starts the fake upstream; returns its port and what it records.
-async fn start(fake: Fake) -> (u16, Arc<Record>) {
+pub(crate) async fn start(fake: Fake) -> (u16, Arc<Record>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let record = Arc::new(Record::default());
@@ -290,7 +290,7 @@ struct Pki {
     server: Arc<ServerConfig>,
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -331,7 +331,7 @@ fn make_pki() -> Pki {
 
 // ---- configuration ----------------------------------------------------------
 
-fn config(channels: Vec<Channel>) -> Config {
+pub(crate) fn config(channels: Vec<Channel>) -> Config {
     Config {
         path: PathBuf::from("test.toml"),
         server: Server {
@@ -360,7 +360,7 @@ fn config(channels: Vec<Channel>) -> Config {
     }
 }
 
-fn smtp_channel(port: u16, tls: TlsMode) -> SmtpTarget {
+pub(crate) fn smtp_channel(port: u16, tls: TlsMode) -> SmtpTarget {
     SmtpTarget {
         host: if tls == TlsMode::None {
             "127.0.0.1".into()
@@ -375,7 +375,7 @@ fn smtp_channel(port: u16, tls: TlsMode) -> SmtpTarget {
     }
 }
 
-fn channel(name: &str, kind: ChannelKind, connections: usize) -> Channel {
+pub(crate) fn channel(name: &str, kind: ChannelKind, connections: usize) -> Channel {
     Channel {
         name: name.into(),
         scope: Vec::new(),
@@ -409,7 +409,7 @@ fn ca_file(dir: &tempfile::TempDir, pem: &str) -> PathBuf {
     path
 }
 
-fn envelope(sender: &str, recipients: &[&str]) -> Envelope {
+pub(crate) fn envelope(sender: &str, recipients: &[&str]) -> Envelope {
     Envelope {
         sender: sender.into(),
         recipients: recipients.iter().map(|r| r.to_string()).collect(),
@@ -432,7 +432,7 @@ fn stuffed(message: &[u8]) -> Vec<u8> {
     out
 }
 
-fn plain_fake() -> Fake {
+pub(crate) fn plain_fake() -> Fake {
     Fake {
         extensions: vec!["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"],
         ..Fake::default()
@@ -1176,7 +1176,7 @@ async fn test_channel_reports_each_step_and_sends_nothing() {
     // A failure is returned, after the steps that worked.
     let mut target = smtp_channel(port, TlsMode::Starttls);
     target.ca_file = Some(ca_file(&dir, &pki.ca_pem));
-    let up = upstreams(target, 1);
+    let up = upstreams(target, 1).with_timeouts(Duration::from_millis(500), IDLE_TIMEOUT);
     let mut steps = Vec::new();
     let error = up
         .test(0, &mut |s| steps.push(s.to_string()))
