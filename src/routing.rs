@@ -765,7 +765,9 @@ mod tests {
         huge.extend_from_slice(b"@example.com\r\nSender: ");
         huge.extend(std::iter::repeat_n(b"a@b.c, ".as_slice(), 100_000).flatten());
         huge.extend_from_slice(b"\r\n\r\n");
-        inputs.push(huge);
+        let parsed = parse_headers(&huge);
+        assert_eq!(parsed.from.len(), 1);
+        assert_eq!(parsed.sender.len(), 100_000);
         inputs.push(
             std::iter::repeat_n(b"(((((((((((\"<<<<=?".as_slice(), 50_000)
                 .flatten()
@@ -790,9 +792,6 @@ mod tests {
             let h = parse_headers(input);
             assert!(h.has_from || h.from.is_empty());
         }
-        let huge = parse_headers(&inputs[11]);
-        assert_eq!(huge.from.len(), 1);
-        assert_eq!(huge.sender.len(), 100_000);
     }
 
     #[test]
