@@ -488,6 +488,7 @@ fn specificity_name(p: &SenderPattern) -> &'static str {
 }
 
 /// Sort key and identity of a pattern: specificity rank (most specific first), then text.
+/// Letter case is ignored throughout, local part included, as routing matches that way.
 fn pattern_key(p: &SenderPattern) -> (u8, String) {
     let rank = match p {
         SenderPattern::Exact(_) => 0,
@@ -495,7 +496,7 @@ fn pattern_key(p: &SenderPattern) -> (u8, String) {
         SenderPattern::AnyAtDomain(_) => 2,
         SenderPattern::Any => 3,
     };
-    (rank, pattern_text(p))
+    (rank, pattern_text(p).to_lowercase())
 }
 
 fn limits_text(l: &Limits) -> String {
@@ -2162,11 +2163,16 @@ mod tests {
             mailbox("b", "Alice@example.com")
         ));
         assert!(p.message.contains("exact address"), "{}", p.message);
-        // Case matters in the local part only.
-        ok(&format!(
+        // Routing ignores case in the local part too, so these would be ambiguous.
+        problem(&format!(
             "{}{}",
             mailbox("a", "Alice@example.com"),
             mailbox("b", "alice@example.com")
+        ));
+        ok(&format!(
+            "{}{}",
+            mailbox("a", "alice@example.com"),
+            mailbox("b", "alice@example.org")
         ));
         let p = problem(&format!(
             "{}{}",
