@@ -1482,13 +1482,13 @@ impl Ctx {
             );
         }
         let scope_key = self.choice(s, "scope", &[("address", true), ("domain", false)]);
-        let address_scoped = match &scope_key {
-            Some(at) => at.value,
-            None => preset.as_ref().is_some_and(|p| p.address_scoped),
-        };
+        // SPEC §4: a mailbox preset's credentials belong to one mailbox whatever
+        // `scope` says, so either the preset or `scope = "address"` makes it address-only.
+        let preset_address = preset.as_ref().is_some_and(|p| p.address_scoped);
+        let address_scoped = preset_address || scope_key.as_ref().is_some_and(|at| at.value);
         if address_scoped {
             let why = match &preset {
-                Some(p) if scope_key.is_none() => format!("preset {:?}", p.name),
+                Some(p) if preset_address => format!("preset {:?}", p.name),
                 _ => "scope = \"address\"".to_owned(),
             };
             for at in &scope {
@@ -2132,12 +2132,16 @@ mod tests {
             p.message
         );
 
-        // The preset's rule gives way to an explicit scope.
-        let config = ok(
+        // A mailbox preset stays address-only even when `scope` says otherwise.
+        let p = problem(
             "[channels.app]\npreset = \"office365\"\nscope = \"domain\"\nusername = \"app@example.com\"\n\
                          password = \"pw\"\ndomains = [\"example.com\"]\n",
         );
-        assert!(!config.channels[0].address_scoped);
+        assert!(
+            p.message.contains("[channels.app]") && p.message.contains("office365"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]
