@@ -160,6 +160,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn run(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     warn_if_secrets_readable(&config);
+    raise_fd_limit(config.server.max_connections);
     let config = Arc::new(config);
     runtime()?.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -189,6 +190,18 @@ async fn watch_signals(shutdown: CancellationToken) {
     }
     tracing::info!("signal received, stopping");
     shutdown.cancel();
+}
+
+/// Each client connection may take two descriptors (client and upstream), so the
+/// usual soft limit of 1024 is too low for `max_connections = 1000`.
+fn raise_fd_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < 2 * max_connections as u64 + 64 => tracing::warn!(
+            "open-file limit is {limit}: too low for max_connections = {max_connections}; raise it (ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
 }
 
 /// SPEC §9: warn when a file holding literal secrets is readable by others.
