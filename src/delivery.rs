@@ -53,10 +53,7 @@ impl Delivery {
 
     /// Starts a new message (assigns its id).
     pub async fn begin(&self) -> Result<Draft, Reply> {
-        Ok(Draft {
-            id: crate::message::new_id(),
-            bytes: Vec::new(),
-        })
+        Ok(Draft { id: crate::message::new_id(), bytes: Vec::new() })
     }
 
     /// Delivers (relay) or stores (queue) a complete message; returns what the client should hear.

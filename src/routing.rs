@@ -40,12 +40,7 @@ pub fn route_sender(config: &Config, sender: &str) -> Result<Decision, Reply> {
 }
 
 /// The final channel for a whole message (after DATA): bulk diversion and header check.
-pub fn route_message(
-    config: &Config,
-    sender: &str,
-    recipients: usize,
-    headers: &Headers,
-) -> Result<Decision, Reply> {
+pub fn route_message(config: &Config, sender: &str, recipients: usize, headers: &Headers) -> Result<Decision, Reply> {
     todo!()
 }
 

@@ -72,22 +72,12 @@ impl Upstreams {
     /// Sends one message over `channel` in one transaction. With `all_or_nothing`, a
     /// refused recipient aborts the transaction (RSET) and is the result; otherwise the
     /// message goes to the accepted recipients and the refused ones are listed.
-    pub async fn send(
-        &self,
-        channel: ChannelId,
-        envelope: &Envelope,
-        body: Body<'_>,
-        all_or_nothing: bool,
-    ) -> Outcome {
+    pub async fn send(&self, channel: ChannelId, envelope: &Envelope, body: Body<'_>, all_or_nothing: bool) -> Outcome {
         todo!()
     }
 
     /// `mailgate test-channel`: connect, TLS, AUTH, report each step through `step`, send nothing.
-    pub async fn test(
-        &self,
-        channel: ChannelId,
-        step: &mut (dyn FnMut(&str) + Send),
-    ) -> Result<(), UpstreamError> {
+    pub async fn test(&self, channel: ChannelId, step: &mut (dyn FnMut(&str) + Send)) -> Result<(), UpstreamError> {
         todo!()
     }
 }
