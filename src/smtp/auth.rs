@@ -197,6 +197,14 @@ pub fn hash_password(password: &str) -> String {
     hash_with(&Argon2::default(), password)
 }
 
+/// A low-cost hash for tests (verification reads the cost from the PHC string).
+#[cfg(test)]
+pub(crate) fn cheap_hash(password: &str) -> String {
+    use argon2::{Algorithm, Params, Version};
+    let params = Params::new(64, 1, 1, None).expect("valid argon2 test parameters");
+    hash_with(&Argon2::new(Algorithm::Argon2id, Version::V0x13, params), password)
+}
+
 fn hash_with(argon2: &Argon2<'_>, password: &str) -> String {
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
     argon2
@@ -208,17 +216,6 @@ fn hash_with(argon2: &Argon2<'_>, password: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use argon2::{Algorithm, Params, Version};
-
-    /// A cheap hash for tests: verification reads the cost from the PHC string.
-    fn cheap_hash(password: &str) -> String {
-        let params = Params::new(64, 1, 1, None).unwrap();
-        hash_with(
-            &Argon2::new(Algorithm::Argon2id, Version::V0x13, params),
-            password,
-        )
-    }
-
     fn users() -> Vec<User> {
         vec![User {
             name: "app".into(),

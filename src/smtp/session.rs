@@ -131,9 +131,7 @@ struct Transaction {
 struct Body {
     draft: Draft,
     decoder: Decoder,
-    /// The header section (up to the first empty line), for routing.
-    headers: Vec<u8>,
-    headers_done: bool,
+    headers: HeaderCapture,
     /// Writing the draft failed: the reply to give at the end.
     failed: Option<Reply>,
 }
@@ -143,8 +141,7 @@ impl Body {
         Body {
             draft,
             decoder,
-            headers: Vec::new(),
-            headers_done: false,
+            headers: HeaderCapture::default(),
             failed: None,
         }
     }
@@ -152,7 +149,7 @@ impl Body {
     /// Takes decoded bytes: keeps the headers, writes to the draft unless the message is
     /// already over `max` (then it is only counted) or a write failed.
     async fn take(&mut self, out: &[u8], max: u64) {
-        self.capture_headers(out);
+        self.headers.push(out);
         if self.decoder.size() > max || self.failed.is_some() || out.is_empty() {
             return;
         }
@@ -161,25 +158,36 @@ impl Body {
             self.failed = Some(Reply::local_error());
         }
     }
+}
 
-    fn capture_headers(&mut self, out: &[u8]) {
-        if self.headers_done {
+/// Keeps a message's header section (up to the first empty line, at most
+/// [`HEADER_CAP`] bytes) as the decoded bytes go by.
+#[derive(Default)]
+struct HeaderCapture {
+    bytes: Vec<u8>,
+    done: bool,
+}
+
+impl HeaderCapture {
+    fn push(&mut self, out: &[u8]) {
+        if self.done {
             return;
         }
-        let search_from = self.headers.len().saturating_sub(3);
-        let room = HEADER_CAP - self.headers.len();
-        self.headers.extend_from_slice(&out[..out.len().min(room)]);
-        if self.headers.starts_with(b"\r\n") {
-            self.headers.clear();
-            self.headers_done = true;
-        } else if let Some(p) = self.headers[search_from..]
+        // The empty line may straddle two pushes.
+        let search_from = self.bytes.len().saturating_sub(3);
+        let room = HEADER_CAP - self.bytes.len();
+        self.bytes.extend_from_slice(&out[..out.len().min(room)]);
+        if self.bytes.starts_with(b"\r\n") {
+            self.bytes.clear();
+            self.done = true;
+        } else if let Some(p) = self.bytes[search_from..]
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
         {
-            self.headers.truncate(search_from + p + 2);
-            self.headers_done = true;
-        } else if self.headers.len() >= HEADER_CAP {
-            self.headers_done = true;
+            self.bytes.truncate(search_from + p + 2);
+            self.done = true;
+        } else if self.bytes.len() >= HEADER_CAP {
+            self.done = true;
         }
     }
 }
@@ -679,7 +687,7 @@ impl Session {
         let decision = match refusal {
             Some(r) => Err(r),
             None => {
-                let headers = routing::parse_headers(&body.headers);
+                let headers = routing::parse_headers(&body.headers.bytes);
                 routing::route_message(
                     &self.config,
                     &envelope.sender,
@@ -908,3 +916,6 @@ fn valid_address(address: &str) -> bool {
 fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
+
+#[cfg(test)]
+mod tests;
