@@ -106,6 +106,10 @@ impl Reply {
     pub fn help() -> Self {
         Reply::new(214, (2, 0, 0), "See RFC 5321; mailgate routes by envelope sender")
     }
+    /// `502 5.5.1` a command mailgate knows but does not implement (EXPN, ETRN, …).
+    pub fn not_implemented() -> Self {
+        Reply::new(502, (5, 5, 1), "Command not implemented")
+    }
 
     /// `550 5.7.1` the sender has no authorized channel.
     pub fn sender_not_authorized(sender: &str) -> Self {
@@ -226,10 +230,6 @@ impl Reply {
     /// The upstream's own reply, passed on with text naming the channel.
     pub fn from_upstream(code: u16, enhanced: Option<(u8, u16, u16)>, text: &str, channel: &str) -> Self {
         Reply { code, enhanced, text: format!("Channel {channel}: upstream said: {text}") }
-    }
-    /// `502 5.5.1` a command mailgate knows but does not implement (EXPN, ETRN, …).
-    pub fn not_implemented() -> Self {
-        Reply::new(502, (5, 5, 1), "Command not implemented")
     }
 }
 
