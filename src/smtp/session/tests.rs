@@ -165,7 +165,7 @@ impl Client {
                 line.ends_with("\r\n"),
                 "reply line ends with CRLF: {line:?}"
             );
-            let line = line.trim_end().to_string();
+            let line = line.trim_end_matches("\r\n").to_string();
             let last = line.len() == 3 || line.as_bytes().get(3) == Some(&b' ');
             lines.push(line);
             if last {
@@ -333,7 +333,11 @@ async fn sender_without_channel_is_refused() {
 
 #[tokio::test]
 async fn require_auth_refuses_mail_until_authenticated() {
-    let h = Harness::with("require_auth = true", with_user);
+    let h = Harness::with("", |config| {
+        let mut config = with_user(config);
+        config.server.require_auth = true;
+        config
+    });
     let mut c = h.connect().await;
     c.cmd("EHLO a").await;
     assert_code(&c.cmd("MAIL FROM:<app@example.com>").await, "530 5.7.0");
