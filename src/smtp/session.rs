@@ -713,12 +713,14 @@ impl Session {
         };
         let size = body.decoder.size();
         let channel = self.config.channels[decision.channel].name.clone();
-        let reply = self
+        // Boxed: the delivery future is large and would otherwise be part of every
+        // session's future, idle or not. Delivery logs the message line itself.
+        let finish = self
             .ctx
             .delivery
-            .finish(body.draft, decision.channel, &envelope)
-            .await;
-        info!(
+            .finish(body.draft, decision.channel, &envelope);
+        let reply = Box::pin(finish).await;
+        debug!(
             id,
             peer = %self.peer,
             sender = %envelope.sender,
@@ -727,7 +729,7 @@ impl Session {
             channel,
             reason = %decision.reason,
             reply = %reply,
-            "message accepted"
+            "message handed to delivery"
         );
         reply
     }
