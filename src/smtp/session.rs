@@ -401,15 +401,13 @@ impl Session {
             let progress = exchange.respond(answer.trim_end_matches(['\r', '\n']));
             return self.auth_progress(progress).await;
         }
-        let line = liberal(line);
-        let request = Request::parse(&mut line.iter());
-        match request {
+        match parse_command(line) {
             Ok(request) => self.command(request).await,
-            Err(e) => self.reply(&parse_error_reply(e)),
+            Err(refusal) => self.reply(&refusal),
         }
     }
 
-    async fn command(&mut self, request: Request<Cow<'_, str>>) -> Result<(), Stop> {
+    async fn command(&mut self, request: Request<String>) -> Result<(), Stop> {
         match request {
             Request::Ehlo { host } => self.hello(&host, true),
             Request::Helo { host } => self.hello(&host, false),
@@ -482,7 +480,7 @@ impl Session {
         !self.config.users.is_empty() && (self.is_tls || is_loopback(self.peer.ip()))
     }
 
-    fn mail(&mut self, from: MailFrom<Cow<'_, str>>) -> Reply {
+    fn mail(&mut self, from: MailFrom<String>) -> Reply {
         if self.helo.is_none() {
             return Reply::bad_sequence("send HELO or EHLO first");
         }
@@ -493,7 +491,7 @@ impl Session {
         if server.require_auth && self.user.is_none() {
             return Reply::auth_required();
         }
-        let sender = from.address.as_ref();
+        let sender = from.address.as_str();
         if !sender.is_empty() && !valid_address(sender) {
             return Reply::bad_parameters("invalid sender address");
         }
@@ -535,7 +533,7 @@ impl Session {
         }
     }
 
-    fn rcpt(&mut self, to: RcptTo<Cow<'_, str>>) -> Reply {
+    fn rcpt(&mut self, to: RcptTo<String>) -> Reply {
         let limit = self.recipient_limit();
         let Some(tx) = self.tx.as_mut() else {
             return Reply::bad_sequence("need MAIL before RCPT");
@@ -549,7 +547,7 @@ impl Session {
         if tx.envelope.recipients.len() >= limit {
             return Reply::too_many_recipients(limit);
         }
-        tx.envelope.recipients.push(to.address.into_owned());
+        tx.envelope.recipients.push(to.address);
         Reply::recipient_ok()
     }
 
@@ -822,6 +820,16 @@ impl Session {
         self.tx = None;
         Ok(())
     }
+}
+
+/// Parses one command line (CRLF or LF included) the liberal way (see [`liberal`]);
+/// a line that is not a valid command yields the reply the client gets. Public so a
+/// fuzz target can drive it.
+pub fn parse_command(line: &[u8]) -> Result<Request<String>, Reply> {
+    let line = liberal(line);
+    Request::parse(&mut line.iter())
+        .map(Request::into_owned)
+        .map_err(parse_error_reply)
 }
 
 /// The reply to a command line smtp-proto could not parse.

@@ -864,3 +864,43 @@ fn header_capture_stops_at_the_empty_line() {
     }
     assert!(huge.done && huge.bytes.len() == HEADER_CAP);
 }
+
+#[test]
+fn parse_command_maps_errors_and_never_panics() {
+    assert!(
+        matches!(parse_command(b"mail from:a@b\r\n"), Ok(Request::Mail { from }) if from.address == "a@b")
+    );
+    assert_code(
+        &parse_command(b"HELLO\r\n").unwrap_err().to_string(),
+        "500 5.5.2",
+    );
+    assert_code(
+        &parse_command(b"MAIL TO:<a@b>\r\n").unwrap_err().to_string(),
+        "501 5.5.4",
+    );
+    // Random lines over an SMTP-ish alphabet: an answer for each, never a panic.
+    let alphabet = b"MAILFROMRCPTODBHEUSQ:<>@.= \r\x00\xc3\xa9aZ9";
+    let mut state = 0x853c_49e6_748f_ea9b_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as usize
+    };
+    for _ in 0..50_000 {
+        let len = next() % 40;
+        let verbs = [
+            "MAIL FROM:",
+            "rcpt to: ",
+            "EHLO ",
+            "AUTH PLAIN ",
+            "BDAT 1",
+            "VRFY ",
+            "",
+        ];
+        let mut line = verbs[next() % verbs.len()].as_bytes().to_vec();
+        line.extend((0..len).map(|_| alphabet[next() % alphabet.len()]));
+        line.extend_from_slice(b"\r\n");
+        let _ = parse_command(&line);
+    }
+}
