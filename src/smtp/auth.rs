@@ -202,7 +202,10 @@ pub fn hash_password(password: &str) -> String {
 pub(crate) fn cheap_hash(password: &str) -> String {
     use argon2::{Algorithm, Params, Version};
     let params = Params::new(64, 1, 1, None).expect("valid argon2 test parameters");
-    hash_with(&Argon2::new(Algorithm::Argon2id, Version::V0x13, params), password)
+    hash_with(
+        &Argon2::new(Algorithm::Argon2id, Version::V0x13, params),
+        password,
+    )
 }
 
 fn hash_with(argon2: &Argon2<'_>, password: &str) -> String {
