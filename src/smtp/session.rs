@@ -3,7 +3,7 @@
 //! The session reads into a buffer, answers every complete command in it, and writes
 //! the replies in one batch when the buffer is drained (so pipelining clients are
 //! fast). DATA and BDAT stream through [`Decoder`] into a delivery [`Draft`];
-//! nothing of a message is kept in memory but its header section (for routing).
+//! the session itself keeps only the header section (for routing).
 //! Every read waits at most `idle_timeout`; a shutdown is noticed while waiting for
 //! a command (a message being received is finished first).
 
