@@ -210,13 +210,13 @@ fn warn_if_secrets_readable(config: &Config) {
     if !config.has_literal_secrets {
         return;
     }
-    if let Ok(meta) = std::fs::metadata(&config.path) {
-        if meta.permissions().mode() & 0o004 != 0 {
-            tracing::warn!(
-                "{} holds literal secrets and is readable by others; chmod o-r it or use *_env / *_file",
-                config.path.display()
-            );
-        }
+    if let Ok(meta) = std::fs::metadata(&config.path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        tracing::warn!(
+            "{} holds literal secrets and is readable by others; chmod o-r it or use *_env / *_file",
+            config.path.display()
+        );
     }
 }
 
