@@ -82,10 +82,8 @@ impl Decoder {
             match self.state {
                 State::Text => {
                     let rest = &input[i..];
-                    let run = rest
-                        .iter()
-                        .position(|&b| b == b'\r' || b == b'\n')
-                        .unwrap_or(rest.len());
+                    // memchr, not a byte loop: this is the hot path for large messages.
+                    let run = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
                     self.emit(out, &rest[..run]);
                     i += run;
                     if let Some(&b) = input.get(i) {

@@ -569,7 +569,7 @@ async fn all_or_nothing_refusal_resets_and_reuses_the_connection() {
     assert!(commands.contains(&"RSET".to_string()));
     assert!(rec.txns().is_empty());
 
-    // The next message reuses the same connection (after a NOOP check).
+    // The next message reuses the same connection (used a moment ago: no NOOP check).
     let ok = up
         .send(
             0,
@@ -580,7 +580,83 @@ async fn all_or_nothing_refusal_resets_and_reuses_the_connection() {
         .await;
     assert!(ok.result.unwrap().is_positive());
     assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
-    assert!(rec.commands().contains(&"NOOP".to_string()));
+    assert!(!rec.commands().contains(&"NOOP".to_string()));
+}
+
+/// Sends `n` one-recipient messages in turn; each must be accepted.
+async fn send_n(up: &Upstreams, n: usize) {
+    for i in 0..n {
+        let env = envelope("a@example.com", &[&format!("r{i}@example.org")]);
+        let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
+        assert!(out.result.unwrap().is_positive());
+    }
+}
+
+#[tokio::test]
+async fn a_connection_used_a_moment_ago_is_reused_without_a_noop() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    send_n(&up, 3).await;
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
+    assert_eq!(rec.txns().len(), 3);
+    assert!(!rec.commands().contains(&"NOOP".to_string()));
+}
+
+#[tokio::test]
+async fn a_connection_idle_past_the_trusted_time_is_checked_with_noop() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1).with_trusted_idle(Duration::ZERO);
+    send_n(&up, 3).await;
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
+    let noops = rec.commands().iter().filter(|c| *c == "NOOP").count();
+    assert_eq!(noops, 2, "one check before each reuse");
+}
+
+#[tokio::test]
+async fn a_reused_connection_found_closed_at_mail_is_replaced_and_the_message_sent_once() {
+    // The fake closes after every message; the pooled connection is reused on trust,
+    // MAIL finds it closed, and the message goes out once on a new connection.
+    let (port, rec) = start(Fake {
+        close_after_data: true,
+        ..plain_fake()
+    })
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    send_n(&up, 3).await;
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 3);
+    let rcpts: Vec<Vec<String>> = rec.txns().into_iter().map(|t| t.rcpts).collect();
+    assert_eq!(
+        rcpts,
+        [["r0@example.org"], ["r1@example.org"], ["r2@example.org"]]
+    );
+    assert!(!rec.commands().contains(&"NOOP".to_string()));
+}
+
+#[tokio::test]
+async fn a_reused_connection_answering_421_at_mail_is_replaced() {
+    // A server that says 421 at MAIL (it is closing the connection): the message is
+    // sent on a new connection, which gets the same answer; the client hears it, once.
+    let (port, rec) = start(Fake {
+        replies: vec![("MAIL FROM:<late@", "421 4.4.2 timeout, closing")],
+        ..plain_fake()
+    })
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    send_n(&up, 1).await;
+    let env = envelope("late@example.com", &["b@example.org"]);
+    let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
+    let Err(UpstreamError::Refused(reply)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert_eq!(reply.code, 421);
+    // The first connection (reused on trust) and one new one: no more.
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 2);
+    let mails = rec
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("MAIL FROM:<late@"))
+        .count();
+    assert_eq!(mails, 2);
 }
 
 #[tokio::test]
@@ -958,7 +1034,7 @@ async fn stale_or_closed_idle_connections_are_replaced() {
         ..plain_fake()
     })
     .await;
-    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1).with_trusted_idle(Duration::ZERO);
     for _ in 0..3 {
         let out = up
             .send(
@@ -1106,7 +1182,7 @@ async fn a_short_spool_file_aborts_data_without_the_final_dot() {
     };
     let env = envelope("a@example.com", &["b@example.org"]);
     let prepared = PreparedEnvelope::new(&env, false, true, &mut Vec::new()).unwrap();
-    let mut conn = up.checkout(ch).await.unwrap();
+    let mut conn = up.checkout(ch, true).await.unwrap();
     let (result, reusable) = up
         .transaction(ch, &mut conn, &prepared, body, true, &mut Vec::new())
         .await;
@@ -1293,6 +1369,41 @@ fn scan_finds_eight_bit_bare_line_ends_and_the_final_crlf() {
 }
 
 #[test]
+fn scan_matches_a_byte_by_byte_model_whatever_the_chunks() {
+    use rand::{Rng, SeedableRng};
+    // (eightbit, has a bare CR or LF, ends with CRLF), straight from the definitions.
+    fn model(all: &[u8]) -> (bool, bool, bool) {
+        let bare = all.iter().enumerate().any(|(i, &b)| match b {
+            b'\n' => i == 0 || all[i - 1] != b'\r',
+            b'\r' => all.get(i + 1) != Some(&b'\n'),
+            _ => false,
+        });
+        (all.iter().any(|&b| b >= 0x80), bare, all.ends_with(b"\r\n"))
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let alphabet = [b'a', b'.', b'\r', b'\n', 0xc3];
+    for _ in 0..5000 {
+        let len = rng.gen_range(0..12);
+        let all: Vec<u8> = (0..len)
+            .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+            .collect();
+        let mut scan = Scan::default();
+        let mut rest = &all[..];
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(rng.gen_range(0..=rest.len()));
+            scan.feed(chunk);
+            rest = tail;
+        }
+        let (eightbit, bare, crlf) = model(&all);
+        assert_eq!(
+            (scan.eightbit, scan.check().is_err(), scan.ends_with_crlf),
+            (eightbit, bare, crlf),
+            "{all:?}"
+        );
+    }
+}
+
+#[test]
 fn positive_multiline_reply_keeps_every_line_and_one_enhanced_code() {
     let response: Response = "250-2.0.0 first\r\n250 2.0.0 queued as X\r\n"
         .parse()
@@ -1337,4 +1448,12 @@ fn bad_ca_file_is_a_setup_error() {
 
 fn config_with(target: SmtpTarget) -> Config {
     config(vec![channel("relay", ChannelKind::Smtp(target), 1)])
+}
+
+#[tokio::test]
+async fn upstream_sockets_have_nagle_off() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tcp = open_tcp("127.0.0.1", port).await.unwrap();
+    assert!(tcp.nodelay().unwrap());
 }
