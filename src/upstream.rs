@@ -591,6 +591,7 @@ impl Upstreams {
             inner,
             peer,
             poison: poison.clone(),
+            held: Vec::new(),
         };
         let connecting = AsyncSmtpConnection::connect_with_transport(Box::new(stream), &ch.hello);
         // A negative greeting or EHLO reply (`554`, `421` busy) is the upstream refusing us.
@@ -1082,12 +1083,22 @@ impl Iterator for FileChunks {
 
 /// The connection lettre talks over: plain or implicit TLS, with a kill switch that
 /// makes every later write fail.
+///
+/// Writes are held back until the next read (or until [`HOLD`] bytes wait): an SMTP
+/// client always reads a reply after writing, so nothing waits longer than before,
+/// but lettre's write-and-flush per piece (the body, then the final `.CRLF`, each a
+/// packet of its own) becomes one send.
 #[derive(Debug)]
 struct GuardedStream {
     inner: Inner,
     peer: SocketAddr,
     poison: Arc<AtomicBool>,
+    /// Written, not yet sent.
+    held: Vec<u8>,
 }
+
+/// Most bytes [`GuardedStream`] holds back; larger writes go straight out.
+const HOLD: usize = 16 * 1024;
 
 #[derive(Debug)]
 enum Inner {
@@ -1101,6 +1112,34 @@ impl GuardedStream {
             io::Error::other("message source failed; connection aborted before end of data")
         })
     }
+
+    /// Sends the held bytes and flushes the stream under them; a poisoned stream sends
+    /// nothing more.
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.poisoned() {
+            self.held.clear();
+            return Poll::Ready(Err(e));
+        }
+        while !self.held.is_empty() {
+            let sent = match &mut self.inner {
+                Inner::Plain(s) => Pin::new(s).poll_write(cx, &self.held),
+                Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, &self.held),
+            };
+            match sent {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => drop(self.held.drain(..n)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.held.capacity() > 2 * HOLD {
+            self.held = Vec::new();
+        }
+        match &mut self.inner {
+            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
 }
 
 impl AsyncRead for GuardedStream {
@@ -1109,7 +1148,11 @@ impl AsyncRead for GuardedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.inner {
             Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -1126,25 +1169,35 @@ impl AsyncWrite for GuardedStream {
         if let Some(e) = this.poisoned() {
             return Poll::Ready(Err(e));
         }
-        match &mut this.inner {
-            Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        if this.held.len() + buf.len() > HOLD {
+            if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            if buf.len() > HOLD {
+                return match &mut this.inner {
+                    Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+                };
+            }
         }
+        this.held.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(e) = this.poisoned() {
-            return Poll::Ready(Err(e));
-        }
-        match &mut this.inner {
-            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+    /// Leaves held bytes for the next read (see [`GuardedStream`]).
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.poisoned() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.inner {
             Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }

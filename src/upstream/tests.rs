@@ -1457,3 +1457,69 @@ async fn upstream_sockets_have_nagle_off() {
     let tcp = open_tcp("127.0.0.1", port).await.unwrap();
     assert!(tcp.nodelay().unwrap());
 }
+
+/// A [`GuardedStream`] over a loopback connection, and the server's end of it.
+async fn guarded_pair() -> (GuardedStream, TcpStream, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tcp = open_tcp("127.0.0.1", addr.port()).await.unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    let poison = Arc::new(AtomicBool::new(false));
+    let stream = GuardedStream {
+        inner: Inner::Plain(tcp),
+        peer: addr,
+        poison: poison.clone(),
+        held: Vec::new(),
+    };
+    (stream, server, poison)
+}
+
+#[tokio::test]
+async fn guarded_stream_sends_held_writes_together_before_reading() {
+    use tokio::io::AsyncReadExt;
+    let (mut stream, mut server, _) = guarded_pair().await;
+    stream.write_all(b"body\r\n").await.unwrap();
+    stream.flush().await.unwrap();
+    stream.write_all(b".\r\n").await.unwrap();
+    stream.flush().await.unwrap();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(200), server.read(&mut buf)).await;
+    assert!(early.is_err(), "nothing is sent before the next read");
+
+    server.write_all(b"250 ok\r\n").await.unwrap();
+    let mut reply = [0u8; 8];
+    stream.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"250 ok\r\n");
+    let mut got = vec![0u8; 9];
+    server.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, b"body\r\n.\r\n");
+}
+
+#[tokio::test]
+async fn guarded_stream_passes_large_writes_in_order() {
+    use tokio::io::AsyncReadExt;
+    let (mut stream, mut server, _) = guarded_pair().await;
+    let big: Vec<u8> = (0..3 * HOLD).map(|i| (i % 251) as u8).collect();
+    stream.write_all(b"MAIL\r\n").await.unwrap();
+    stream.write_all(&big).await.unwrap();
+    stream.write_all(b"end").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, [b"MAIL\r\n".as_slice(), &big, b"end"].concat());
+}
+
+#[tokio::test]
+async fn poisoned_guarded_stream_never_sends_what_it_holds() {
+    use tokio::io::AsyncReadExt;
+    let (mut stream, mut server, poison) = guarded_pair().await;
+    stream.write_all(b"partial body").await.unwrap();
+    poison.store(true, Ordering::SeqCst);
+    assert!(stream.write_all(b"\r\n.\r\n").await.is_err());
+    let mut buf = [0u8; 8];
+    assert!(stream.read(&mut buf).await.is_err());
+    drop(stream);
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).await.unwrap();
+    assert!(got.is_empty(), "{got:?}");
+}
