@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Callable, Optional
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("MAILGATE_BIN", REPO / "target" / "debug" / "mailgate"))
@@ -121,7 +122,10 @@ class MailgateConfig:
         """Adds a `file` channel; returns its directory."""
         d = self.tmp / f"files-{name}"
         d.mkdir(exist_ok=True)
-        self.channels[name] = {"kind": "file", "dir": str(d), "senders": list(senders), **extra}
+        ch = {"kind": "file", "dir": str(d)}
+        if senders is not None:
+            ch["senders"] = list(senders)
+        self.channels[name] = {**ch, **extra}
         return d
 
     def smtp_channel(self, name: str, upstream: "Upstream", senders=("*",), **extra) -> None:
@@ -412,8 +416,18 @@ class RecordingHandler:
         return "250 2.0.0 OK upstream-accepted"
 
 
+class _LongLinesSMTP(SMTP):
+    """aiosmtpd refuses lines over 1001 octets; mailgate passes longer ones (SPEC §5), so
+    the test upstream takes them too."""
+
+    line_length_limit = 1 << 20
+
+
 class _PortZeroController(Controller):
     """aiosmtpd Controller that binds port 0 and learns the port before its self-test."""
+
+    def factory(self):
+        return _LongLinesSMTP(self.handler, **self.SMTP_kwargs)
 
     def _trigger_server(self):
         self.port = self.server.sockets[0].getsockname()[1]
@@ -476,7 +490,8 @@ class Upstream:
         return self.messages
 
     def stop(self) -> None:
-        self.controller.stop()
+        if self.controller._thread is not None:
+            self.controller.stop()
 
 
 @pytest.fixture
@@ -503,11 +518,13 @@ def upstream(upstream_factory) -> Upstream:
 class SmtpSink:
     """Postfix smtp-sink on 127.0.0.1, dumping each transaction to a file."""
 
-    def __init__(self, d: Path):
+    def __init__(self):
         exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        # smtp-sink drops to `nobody` before writing its dumps, and pytest's tmp_path sits
+        # under a 0700 directory: use a world-writable directory of its own.
+        d = Path(tempfile.mkdtemp(prefix="mailgate-sink-"))
+        os.chmod(d, 0o777)
         self.dir = d
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o777)  # smtp-sink drops to `nobody` before writing
         self.host = "127.0.0.1"
         self.tls_mode = "none"
         self.ca_file = None
@@ -552,10 +569,11 @@ class SmtpSink:
 
 
 @pytest.fixture
-def smtp_sink(tmp_path):
-    s = SmtpSink(tmp_path / "sink")
+def smtp_sink():
+    s = SmtpSink()
     yield s
     s.stop()
+    shutil.rmtree(s.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
