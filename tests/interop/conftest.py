@@ -64,11 +64,16 @@ def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "con
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
-def run_cli(args: list[str], *, input: Optional[bytes] = None, cwd=None, env=None, timeout: float = 60):
-    """Runs `mailgate ARGS`; returns the CompletedProcess with text stdout/stderr."""
+def run_cli(args: list[str], *, input: Optional[bytes] = None, cwd=None, env=None, timeout: float = 30):
+    """Runs `mailgate ARGS`; returns the CompletedProcess with text stdout/stderr.
+    `env` entries whose value is None are removed from the environment."""
     full_env = dict(os.environ, NO_COLOR="1")
-    if env:
-        full_env.update(env)
+    full_env.pop("MAILGATE_CONFIG", None)
+    for k, v in (env or {}).items():
+        if v is None:
+            full_env.pop(k, None)
+        else:
+            full_env[k] = v
     p = subprocess.run(
         [str(BIN), *args],
         input=input,
@@ -182,6 +187,7 @@ class Mailgate:
         self.tls: list[str] = []
         self._cond = threading.Condition()
         full_env = dict(os.environ, NO_COLOR="1", RUST_BACKTRACE="1")
+        full_env.pop("MAILGATE_CONFIG", None)
         if env:
             full_env.update(env)
         cmd = [str(BIN), *(args or ["-c", str(config_path), "run"])]
@@ -472,7 +478,8 @@ class Upstream:
                 login, password = auth_data.login.decode(), auth_data.password.decode()
                 handler.logins.append((mechanism, login, password))
                 ok = users.get(login) == password
-                return AuthResult(success=ok, auth_data=auth_data if ok else None)
+                # handled=False makes aiosmtpd answer 535 itself on failure
+                return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
             kwargs["authenticator"] = authenticator
             kwargs["auth_required"] = auth_required
