@@ -360,3 +360,48 @@ def test_network_not_allowed_gets_554(config, mailgate):
         assert c.closed()
     finally:
         c.close()
+
+
+def test_json_log_format(config, mailgate):
+    import json
+
+    config.file_channel()
+    path = config.write()
+    mg = mailgate(config, args=["--log-format", "json", "-c", str(path), "run"])
+    c = Raw(mg.addr)
+    try:
+        c.greet()
+        assert_reply(transact(c, "jsonsender@example.com", ["r@example.org"], message()), 250)
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    mg.wait_log("jsonsender@example.com")
+    mg.signal(signal.SIGTERM)
+    mg.wait(15)
+    lines = [line for line in mg.log().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        json.loads(line)  # every line is one JSON object
+
+
+def test_rate_counters_survive_a_restart(config, mailgate, upstream):
+    """SPEC §6: rate and quota counters survive a restart."""
+    config.smtp_channel("up", upstream, rate="1/min")
+    mg = mailgate(config)
+    c = Raw(mg.addr)
+    try:
+        c.greet()
+        assert_reply(transact(c, "alice@example.com", ["bob@example.org"], message()), 250)
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    mg.signal(signal.SIGTERM)
+    assert mg.wait(15) == 0
+    mg2 = mailgate(config)
+    c = Raw(mg2.addr)
+    try:
+        c.greet()
+        assert_reply(transact(c, "alice@example.com", ["bob@example.org"], message()), 451, "4.7.0")
+    finally:
+        c.close()
+    assert len(upstream.messages) == 1
