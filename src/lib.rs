@@ -44,5 +44,7 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
     tls::install_crypto_provider();
     let delivery = Arc::new(delivery::Delivery::new(config.clone())?);
     let listeners = listener::bind(&config).await?;
-    listener::serve(config, delivery, listeners, shutdown).await
+    let served = listener::serve(config, delivery.clone(), listeners, shutdown).await;
+    delivery.upstreams().close_idle().await;
+    served
 }
