@@ -338,19 +338,39 @@ def test_pipelined_transaction(config, mailgate, raw):
     assert len(eml_files(outbox)) == 1
 
 
-def test_empty_and_dot_only_bodies(config, mailgate, raw, upstream):
-    """`.` right after DATA (empty message) and a first line that is dot-stuffed."""
+@pytest.mark.parametrize(
+    "sent,content",
+    [(b"..starts with a dot\r\n.\r\n", b".starts with a dot\r\n"), (b".\r\n", b""),
+     (b"..\r\n.\r\n", b".\r\n"), (b"x\r\n..\r\n.\r\n", b"x\r\n.\r\n")],
+    ids=["stuffed-first-line", "empty", "dot-line-first", "dot-line-later"],
+)
+def test_dot_stuffing_at_the_start_of_the_message(config, mailgate, raw, upstream, sent, content):
+    """`.` right after DATA (empty message) and a dot-stuffed first line (smtp-proto's edge cases)."""
     config.smtp_channel("up", upstream)
+    config.server["check_header_from"] = False
     mg = mailgate(config)
     c = raw(mg.addr)
     c.greet()
     c.expect("MAIL FROM:<alice@example.com>", 250)
     c.expect("RCPT TO:<bob@example.org>", 250)
     c.expect("DATA", 354)
-    c.send(b"..starts with a dot\r\n.\r\n")
+    c.send(sent)
     assert_reply(c.reply(), 250)
     (m,) = upstream.wait_messages(1)
-    assert m.content == b".starts with a dot\r\n"
+    assert m.content == content
+
+
+def test_message_without_from_header_is_refused(config, mailgate, raw, upstream):
+    config.smtp_channel("up", upstream, senders=["alice@example.com"])
+    mg = mailgate(config)
+    c = raw(mg.addr)
+    c.greet()
+    c.expect("MAIL FROM:<alice@example.com>", 250)
+    c.expect("RCPT TO:<bob@example.org>", 250)
+    c.expect("DATA", 354)
+    c.send(b"Subject: no from\r\n\r\nbody\r\n.\r\n")
+    assert_reply(c.reply(), 550, "5.7.1")
+    assert upstream.messages == []
 
 
 def test_long_command_line_refused(config, mailgate, raw):
