@@ -451,6 +451,7 @@ class Upstream:
         implicit_tls: bool = False,
         users: Optional[dict[str, str]] = None,
         auth_required: bool = False,
+        auth_exclude: Optional[list[str]] = None,
         data_size_limit: int = 64 * 1024 * 1024,
     ):
         self.handler = RecordingHandler()
@@ -484,6 +485,8 @@ class Upstream:
             kwargs["authenticator"] = authenticator
             kwargs["auth_required"] = auth_required
             kwargs["auth_require_tls"] = starttls or implicit_tls
+            if auth_exclude:
+                kwargs["auth_exclude_mechanism"] = auth_exclude
         self.controller = _PortZeroController(self.handler, hostname="127.0.0.1", port=0, **kwargs)
         self.controller.start()
         self.port = self.controller.port

@@ -194,6 +194,7 @@ def test_starttls_and_auth_plain_upstream_with_password_env(config, mailgate, ra
     (m,) = up.wait_messages(1)
     assert m.tls, "upstream session was not encrypted"
     assert m.login == ("relay-user", "pa55:word")
+    assert up.handler.logins[-1][0] == "PLAIN"
     assert m.content == TRICKY
     assert "pa55:word" not in mg.log(), "password appears in the log"
 
@@ -208,6 +209,19 @@ def test_auth_upstream_with_password_file(config, mailgate, raw, upstream_factor
     assert_reply(transact(c, "alice@example.com", ["bob@example.org"], message()), 250)
     (m,) = up.wait_messages(1)
     assert m.login == ("u", "from-file")
+
+
+def test_auth_login_when_upstream_offers_only_login(config, mailgate, raw, upstream_factory, certs):
+    up = upstream_factory(certs=certs, starttls=True, users={"u": "pw-login"}, auth_required=True,
+                          auth_exclude=["PLAIN"])
+    config.env["UP_PW"] = "pw-login"
+    mg = relay_to(config, mailgate, up, username="u", password_env="UP_PW")
+    c = raw(mg.addr)
+    c.greet()
+    assert_reply(transact(c, "alice@example.com", ["bob@example.org"], message()), 250)
+    (m,) = up.wait_messages(1)
+    assert m.login == ("u", "pw-login")
+    assert up.handler.logins[-1][0] == "LOGIN"
 
 
 def test_implicit_tls_upstream(config, mailgate, raw, upstream_factory, certs):
@@ -294,7 +308,8 @@ def test_upstream_connections_are_capped(config, mailgate, upstream):
         t.join(IO_TIMEOUT * 2)
     assert errors == []
     assert len(upstream.wait_messages(5)) == 5
-    assert upstream.handler.max_in_data <= 2, f"{upstream.handler.max_in_data} upstream transactions at once"
+    # never more than the cap, and the cap is used (5 clients, 1 s per upstream DATA)
+    assert upstream.handler.max_in_data == 2, f"{upstream.handler.max_in_data} upstream transactions at once"
 
 
 def test_smtputf8_sender_passes_through(config, mailgate, upstream):
