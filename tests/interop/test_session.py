@@ -397,3 +397,24 @@ def test_max_connections(config, mailgate):
     finally:
         a.close()
         b.close()
+
+
+def test_bdat_over_maximum(config, mailgate, raw):
+    mg, outbox = start_file(config, mailgate, max_message_size=1000)
+    c = raw(mg.addr)
+    c.greet()
+    c.expect("MAIL FROM:<alice@example.com>", 250)
+    c.expect("RCPT TO:<bob@example.org>", 250)
+    chunk = b"x" * 78 + b"\r\n"
+    replies = []
+    for _ in range(30):
+        c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+        r = c.reply()
+        replies.append(r)
+        if r is None or r.code != 250:
+            break
+    if replies[-1] is not None and replies[-1].code == 250:
+        c.send(b"BDAT 0 LAST\r\n")
+        replies.append(c.reply())
+    assert_reply(replies[-1], 552, "5.3.4")
+    assert eml_files(outbox) == []
