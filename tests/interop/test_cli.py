@@ -408,3 +408,13 @@ def test_rate_counters_survive_a_restart(config, mailgate, upstream):
     finally:
         c.close()
     assert len(upstream.messages) == 1
+
+
+def test_warning_when_literal_secrets_are_readable_by_others(config, mailgate, upstream):
+    config.smtp_channel("up", upstream, username="u", password="literal-pw")
+    path = config.write()
+    path.chmod(0o644)
+    mg = mailgate(config)
+    line = mg.wait_log(r"(?i)warn.*(readable|permission|mode|secret)")
+    assert "literal-pw" not in mg.log()
+    assert line

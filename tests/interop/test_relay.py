@@ -466,3 +466,32 @@ def test_parallel_sessions(config, mailgate, upstream):
         t.join(60)
     assert errors == []
     assert len(upstream.wait_messages(50)) == 50
+
+
+def test_recipients_per_day_quota_reached(config, mailgate, raw, upstream):
+    mg = relay_to(config, mailgate, upstream, recipients_per_day=2)
+    c = raw(mg.addr)
+    c.greet()
+    assert_reply(transact(c, "alice@example.com", ["a@example.org", "b@example.org"], message()), 250)
+    assert_reply(transact(c, "alice@example.com", ["c@example.org"], message()), 451, "4.7.0")
+    assert len(upstream.messages) == 1
+
+
+@pytest.mark.parametrize("how", ["recipients", "precedence"])
+def test_bulk_mail_goes_to_the_bulk_channel(config, mailgate, raw, upstream_factory, how):
+    mailbox, bulk = upstream_factory(), upstream_factory()
+    config.smtp_channel("alice", mailbox, senders=["alice@example.com"])
+    config.smtp_channel("marketing", bulk, senders=None, domains=["example.com"])
+    config.routing = {"bulk_channel": "marketing", "bulk_recipients": 2}
+    mg = mailgate(config)
+    c = raw(mg.addr)
+    c.greet()
+    assert_reply(transact(c, "alice@example.com", ["a@example.org"], message()), 250)
+    if how == "recipients":
+        rcpts, extra = ["a@example.org", "b@example.org", "c@example.org"], b""
+    else:
+        rcpts, extra = ["a@example.org"], b"Precedence: bulk\r\n"
+    assert_reply(transact(c, "alice@example.com", rcpts, message(extra_headers=extra)), 250)
+    assert len(mailbox.wait_messages(1)) == 1
+    (m,) = bulk.wait_messages(1)
+    assert m.rcpt_tos == rcpts
