@@ -418,3 +418,26 @@ def test_bdat_over_maximum(config, mailgate, raw):
         replies.append(c.reply())
     assert_reply(replies[-1], 552, "5.3.4")
     assert eml_files(outbox) == []
+
+
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_ipv6_and_ipv4_listeners(config, mailgate):
+    outbox = config.file_channel()
+    config.server["listen"] = ["127.0.0.1:0", "[::1]:0"]
+    mg = mailgate(config)
+    assert sorted(a.startswith("[") for a in mg.plain) == [False, True], mg.plain
+    for addr in mg.plain:
+        with smtp_client(addr) as s:
+            s.sendmail("alice@example.com", ["bob@example.org"], message())
+    assert len(eml_files(outbox)) == 2
