@@ -21,6 +21,7 @@
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | relay mode: hands the message to its channel and turns the outcome into the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
+//! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod config;
 pub mod delivery;
 pub mod listener;
 pub mod message;
+pub mod queue;
 pub mod ratelimit;
 pub mod routing;
 pub mod smtp;
