@@ -1,8 +1,298 @@
-//! The command line (SPEC §2).
+//! The command line (SPEC §2): parses arguments, sets up logging, runs one subcommand.
+//!
+//! Every failure is one clear line on stderr (config problems: one line each) and a
+//! non-zero exit.
 
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config};
+use crate::routing;
+
+/// mailgate: a local SMTP submission proxy that sends each message over the channel its sender is authorized for.
+#[derive(Debug, Parser)]
+#[command(name = "mailgate", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file [default: $MAILGATE_CONFIG, else ./proxy.toml]
+    #[arg(short, long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log line format
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do (default: run)
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy in the foreground until SIGINT/SIGTERM
+    Run,
+    /// Load and validate the config; print channels, scopes and the routing table
+    Check,
+    /// Explain which channel a message from SENDER would take, and why
+    Route {
+        /// Envelope sender (MAIL FROM)
+        sender: String,
+        /// Header From: address (default: the envelope sender)
+        #[arg(long, value_name = "ADDR")]
+        from: Option<String>,
+        /// Number of recipients
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        rcpts: usize,
+    },
+    /// Connect to a channel's upstream, do TLS and AUTH, send nothing; report each step
+    TestChannel {
+        /// Channel name ([channels.NAME])
+        name: String,
+    },
+    /// Certificates for the listeners
+    Cert {
+        /// What to do with certificates
+        #[command(subcommand)]
+        action: CertAction,
+    },
+    /// Read a password on stdin, print its argon2id hash for [[users]]
+    HashPassword,
+}
+
+/// `cert` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CertAction {
+    /// Write a self-signed certificate and key for localhost
+    Generate {
+        /// Output folder
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+}
 
 /// Parses the command line, runs the subcommand, returns the exit code.
 pub fn main() -> ExitCode {
-    todo!()
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("mailgate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<(), String> {
+    let path = config_path(cli.config);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&path),
+        Command::Check => check(&path),
+        Command::Route {
+            sender,
+            from,
+            rcpts,
+        } => route(&path, &sender, from.as_deref(), rcpts),
+        Command::TestChannel { name } => test_channel(&path, &name),
+        Command::Cert {
+            action: CertAction::Generate { dir },
+        } => {
+            let (cert, key) = crate::tls::generate(&dir)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::HashPassword => hash_password(),
+    }
+}
+
+/// `-c`, else `$MAILGATE_CONFIG`, else `./proxy.toml`.
+fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("MAILGATE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("proxy.toml"))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MAILGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Loads the config; on problems, prints every one (one line each) and fails.
+fn load(path: &Path) -> Result<Config, String> {
+    config::load(path).map_err(|errors| {
+        for line in errors.to_string().lines() {
+            eprintln!("{line}");
+        }
+        let n = errors.problems.len();
+        format!(
+            "{}: {n} problem{} found",
+            path.display(),
+            if n == 1 { "" } else { "s" }
+        )
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn run(path: &Path) -> Result<(), String> {
+    let config = load(path)?;
+    warn_if_secrets_readable(&config);
+    raise_fd_limit(config.server.max_connections);
+    let config = Arc::new(config);
+    runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        crate::run(config, shutdown).await
+    })
+}
+
+/// SIGINT/SIGTERM: graceful stop. SIGHUP: config reload is not implemented in this
+/// version; it is logged and ignored rather than killing the proxy (its default action).
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => tracing::warn!("SIGHUP: config reload is not supported yet; restart mailgate to apply changes"),
+        }
+    }
+    tracing::info!("signal received, stopping");
+    shutdown.cancel();
+}
+
+/// Each client connection may take two descriptors (client and upstream), so the
+/// usual soft limit of 1024 is too low for `max_connections = 1000`.
+fn raise_fd_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < 2 * max_connections as u64 + 64 => tracing::warn!(
+            "open-file limit is {limit}: too low for max_connections = {max_connections}; raise it (ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+/// SPEC §9: warn when a file holding literal secrets is readable by others.
+fn warn_if_secrets_readable(config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    if !config.has_literal_secrets {
+        return;
+    }
+    if let Ok(meta) = std::fs::metadata(&config.path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(
+                "{} holds literal secrets and is readable by others; chmod o-r it or use *_env / *_file",
+                config.path.display()
+            );
+        }
+    }
+}
+
+fn check(path: &Path) -> Result<(), String> {
+    let config = load(path)?;
+    print!("{}", config::summary(&config));
+    println!("{}: OK", path.display());
+    Ok(())
+}
+
+fn route(path: &Path, sender: &str, from: Option<&str>, rcpts: usize) -> Result<(), String> {
+    let config = load(path)?;
+    let sender = sender.trim().trim_start_matches('<').trim_end_matches('>');
+    let first = match routing::route_sender(&config, sender) {
+        Ok(decision) => decision,
+        Err(reply) => {
+            println!("MAIL FROM:<{sender}> is refused: {reply}");
+            return Err(format!("sender <{sender}> has no channel"));
+        }
+    };
+    println!(
+        "MAIL FROM:<{sender}> → channel {} ({})",
+        config.channels[first.channel].name, first.reason
+    );
+    let header_from = from.unwrap_or(sender).to_string();
+    let headers = routing::Headers {
+        from: vec![Some(header_from.clone())],
+        has_from: true,
+        ..Default::default()
+    };
+    match routing::route_message(&config, sender, rcpts, &headers) {
+        Ok(decision) => {
+            println!(
+                "message with From: {header_from} and {rcpts} recipient(s) → channel {} ({})",
+                config.channels[decision.channel].name, decision.reason
+            );
+            Ok(())
+        }
+        Err(reply) => {
+            println!(
+                "message with From: {header_from} and {rcpts} recipient(s) is refused: {reply}"
+            );
+            Err("the message would be refused".to_string())
+        }
+    }
+}
+
+fn test_channel(path: &Path, name: &str) -> Result<(), String> {
+    let config = load(path)?;
+    let id = config
+        .channel_id(name)
+        .ok_or_else(|| format!("no channel named {name:?} in {}", path.display()))?;
+    crate::tls::install_crypto_provider();
+    let upstreams = crate::upstream::Upstreams::new(&config)?;
+    runtime()?.block_on(async move {
+        let mut step = |line: &str| println!("{name}: {line}");
+        match upstreams.test(id, &mut step).await {
+            Ok(()) => {
+                println!("{name}: OK (nothing was sent)");
+                Ok(())
+            }
+            Err(e) => Err(format!("channel {name}: {}", e.client_reply(name))),
+        }
+    })
+}
+
+fn hash_password() -> Result<(), String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err("empty password on stdin".to_string());
+    }
+    println!("{}", crate::smtp::auth::hash_password(password));
+    Ok(())
 }

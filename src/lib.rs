@@ -35,3 +35,16 @@ pub mod routing;
 pub mod smtp;
 pub mod tls;
 pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+/// Runs the proxy on `config` until `shutdown` is cancelled: binds the listeners,
+/// serves sessions, and on shutdown lets the sessions in flight finish.
+pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Result<(), String> {
+    tls::install_crypto_provider();
+    let delivery = Arc::new(delivery::Delivery::new(config.clone())?);
+    let listeners = listener::bind(&config).await?;
+    listener::serve(config, delivery, listeners, shutdown).await
+}

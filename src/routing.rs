@@ -3,8 +3,15 @@
 //! SPEC §4: the most specific scope wins (exact address > domain > `*@domain` > `*`);
 //! bulk mail is diverted to `[routing] bulk_channel`; with `check_header_from`, every
 //! `From:`/`Sender:` address must be one the chosen channel may send as.
+//!
+//! Addresses are compared case-insensitively in **both** parts. RFC 5321 lets the local
+//! part be case-sensitive, but no provider we route to treats `Alice@` and `alice@` as
+//! different mailboxes, and an administrator who writes `alice@example.com` expects
+//! `Alice@Example.com` to match it.
 
-use crate::config::{Channel, ChannelId, Config, User};
+use mail_parser::{HeaderName, HeaderValue, MessageParser};
+
+use crate::config::{Channel, ChannelId, Config, SenderPattern, User};
 use crate::smtp::reply::Reply;
 
 /// The routing-relevant headers of a message, parsed with mail-parser.
@@ -29,27 +36,796 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// How specific a matching scope pattern is; a greater value wins (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Specificity {
+    /// `*`.
+    CatchAll,
+    /// `*@example.com`.
+    Pattern,
+    /// `domains = ["example.com"]`.
+    Domain,
+    /// `alice@example.com`.
+    Exact,
+}
+
+/// `Precedence:` values that mark a message as bulk.
+const BULK_PRECEDENCE: [&str; 3] = ["bulk", "list", "junk"];
+
 /// Parses the header section (bytes up to the first empty line; more is ignored).
+///
+/// Never panics. Every `From:`/`Sender:` header contributes its addresses (groups
+/// included, display names dropped); a header, or an entry, without a usable address
+/// contributes `None` so that the header check refuses it rather than skipping it.
 pub fn parse_headers(raw: &[u8]) -> Headers {
-    todo!()
+    let mut headers = Headers::default();
+    let Some(message) = MessageParser::default().parse_headers(&raw[..header_end(raw)]) else {
+        return headers;
+    };
+    for header in message.headers() {
+        match &header.name {
+            HeaderName::From => {
+                headers.has_from = true;
+                push_addresses(&mut headers.from, &header.value);
+            }
+            HeaderName::Sender => push_addresses(&mut headers.sender, &header.value),
+            name if headers.precedence.is_none()
+                && name.as_str().eq_ignore_ascii_case("precedence") =>
+            {
+                headers.precedence = Some(
+                    header
+                        .value
+                        .as_text()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_lowercase(),
+                );
+            }
+            _ => {}
+        }
+    }
+    headers
+}
+
+/// Length of the header section: up to and including the line break before the first empty line.
+fn header_end(raw: &[u8]) -> usize {
+    if raw.starts_with(b"\n") || raw.starts_with(b"\r\n") {
+        return 0;
+    }
+    raw.windows(3)
+        .position(|w| w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && w[2] == b'\n')))
+        .map(|i| i + 1)
+        .or_else(|| raw.ends_with(b"\n\n").then(|| raw.len() - 1))
+        .unwrap_or(raw.len())
+}
+
+/// Appends the addresses of one address header, or one `None` if it has none.
+fn push_addresses(out: &mut Vec<Option<String>>, value: &HeaderValue<'_>) {
+    let before = out.len();
+    if let HeaderValue::Address(address) = value {
+        for addr in address.iter() {
+            let address = addr.address().map(str::trim).filter(|a| !a.is_empty());
+            out.push(address.map(str::to_string));
+        }
+    }
+    if out.len() == before {
+        out.push(None);
+    }
+}
+
+/// Splits an address at its last `@` into local part and domain.
+fn split_address(address: &str) -> Option<(&str, &str)> {
+    address
+        .rsplit_once('@')
+        .filter(|(local, domain)| !local.is_empty() && !domain.is_empty())
+}
+
+/// Case-insensitive comparison (ASCII fast path, Unicode for SMTPUTF8 addresses).
+fn same_text(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b) || a.to_lowercase() == b.to_lowercase()
+}
+
+/// The domain of a `*@domain` pattern, accepting it with or without its `*@` prefix.
+fn pattern_domain(pattern: &str) -> &str {
+    pattern.strip_prefix("*@").unwrap_or(pattern)
+}
+
+/// Whether one scope pattern matches `address`; the null sender `""` matches only `*`.
+pub fn pattern_matches(pattern: &SenderPattern, address: &str) -> bool {
+    if address.is_empty() {
+        return *pattern == SenderPattern::Any;
+    }
+    match pattern {
+        SenderPattern::Exact(exact) => same_text(exact, address),
+        SenderPattern::Domain(domain) => {
+            split_address(address).is_some_and(|(_, d)| same_text(domain, d))
+        }
+        SenderPattern::AnyAtDomain(pattern) => {
+            split_address(address).is_some_and(|(_, d)| same_text(pattern_domain(pattern), d))
+        }
+        SenderPattern::Any => true,
+    }
+}
+
+/// How specific a pattern is.
+pub fn specificity(pattern: &SenderPattern) -> Specificity {
+    match pattern {
+        SenderPattern::Exact(_) => Specificity::Exact,
+        SenderPattern::Domain(_) => Specificity::Domain,
+        SenderPattern::AnyAtDomain(_) => Specificity::Pattern,
+        SenderPattern::Any => Specificity::CatchAll,
+    }
+}
+
+/// The most specific pattern of `scope` that matches `address`, if any.
+pub fn best_match<'a>(scope: &'a [SenderPattern], address: &str) -> Option<&'a SenderPattern> {
+    scope
+        .iter()
+        .filter(|p| pattern_matches(p, address))
+        .max_by_key(|p| specificity(p))
+}
+
+/// Explains a matched pattern, e.g. `domain example.com`.
+pub fn describe(pattern: &SenderPattern) -> String {
+    match pattern {
+        SenderPattern::Exact(a) => format!("exact address {a}"),
+        SenderPattern::Domain(d) => format!("domain {d}"),
+        SenderPattern::AnyAtDomain(d) => format!("pattern *@{}", pattern_domain(d)),
+        SenderPattern::Any => "catch-all *".to_string(),
+    }
 }
 
 /// The channel for an envelope sender (at `MAIL FROM`), or `550 5.7.1`.
 pub fn route_sender(config: &Config, sender: &str) -> Result<Decision, Reply> {
-    todo!()
+    let mut best: Option<(ChannelId, &SenderPattern)> = None;
+    for (id, channel) in config.channels.iter().enumerate() {
+        let Some(pattern) = best_match(&channel.scope, sender) else {
+            continue;
+        };
+        let better = match best {
+            None => true,
+            // Validation forbids ties; should one slip through, the first name wins.
+            Some((best_id, best_pattern)) => {
+                match specificity(pattern).cmp(&specificity(best_pattern)) {
+                    std::cmp::Ordering::Greater => true,
+                    std::cmp::Ordering::Equal => channel.name < config.channels[best_id].name,
+                    std::cmp::Ordering::Less => false,
+                }
+            }
+        };
+        if better {
+            best = Some((id, pattern));
+        }
+    }
+    best.map(|(channel, pattern)| Decision {
+        channel,
+        reason: describe(pattern),
+    })
+    .ok_or_else(|| Reply::sender_not_authorized(sender))
+}
+
+/// Why a message counts as bulk, or `None` if it does not.
+fn bulk_reason(config: &Config, recipients: usize, headers: &Headers) -> Option<String> {
+    if let Some(limit) = config.routing.bulk_recipients
+        && recipients > limit
+    {
+        return Some(format!("{recipients} recipients > bulk_recipients {limit}"));
+    }
+    headers
+        .precedence
+        .as_deref()
+        .filter(|p| BULK_PRECEDENCE.contains(p))
+        .map(|p| format!("Precedence: {p}"))
 }
 
 /// The final channel for a whole message (after DATA): bulk diversion and header check.
-pub fn route_message(config: &Config, sender: &str, recipients: usize, headers: &Headers) -> Result<Decision, Reply> {
-    todo!()
+pub fn route_message(
+    config: &Config,
+    sender: &str,
+    recipients: usize,
+    headers: &Headers,
+) -> Result<Decision, Reply> {
+    let normal = route_sender(config, sender)?;
+    let decision = match bulk_reason(config, recipients, headers) {
+        None => normal,
+        Some(why) => {
+            let bulk = config
+                .routing
+                .bulk_channel
+                .and_then(|id| Some((id, config.channels.get(id)?)));
+            match bulk.and_then(|(id, ch)| Some((id, ch, best_match(&ch.scope, sender)?))) {
+                Some((id, ch, pattern)) => Decision {
+                    channel: id,
+                    reason: format!(
+                        "bulk ({why}): bulk channel {} takes {}",
+                        ch.name,
+                        describe(pattern)
+                    ),
+                },
+                None => {
+                    let channel = &config.channels[normal.channel];
+                    if channel.address_scoped {
+                        return Err(Reply::bulk_not_allowed(&channel.name));
+                    }
+                    let reason = match bulk {
+                        Some((_, ch)) => format!(
+                            "{}; bulk ({why}) but bulk channel {} does not take this sender",
+                            normal.reason, ch.name
+                        ),
+                        None => format!(
+                            "{}; bulk ({why}), no bulk channel configured",
+                            normal.reason
+                        ),
+                    };
+                    Decision { reason, ..normal }
+                }
+            }
+        }
+    };
+    if config.server.check_header_from {
+        check_header_addresses(&config.channels[decision.channel], headers)?;
+    }
+    Ok(decision)
+}
+
+/// `check_header_from`: a From header exists and every From/Sender address is allowed on `channel`.
+fn check_header_addresses(channel: &Channel, headers: &Headers) -> Result<(), Reply> {
+    if !headers.has_from {
+        return Err(Reply::header_from_not_allowed(
+            "message has no From: header",
+        ));
+    }
+    for (field, entries) in [("From", &headers.from), ("Sender", &headers.sender)] {
+        for entry in entries {
+            let Some(address) = entry else {
+                return Err(Reply::header_from_not_allowed(&format!(
+                    "{field}: header has no valid address"
+                )));
+            };
+            if !channel_allows(channel, address) {
+                return Err(Reply::header_from_not_allowed(&format!(
+                    "{field}: address <{address}> is not allowed on channel {}",
+                    channel.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `channel` may carry mail whose sender (or header address) is `address`.
 pub fn channel_allows(channel: &Channel, address: &str) -> bool {
-    todo!()
+    channel.scope.iter().any(|p| pattern_matches(p, address))
 }
 
 /// Whether the authenticated `user` may use envelope sender `sender`.
 pub fn user_allows(user: &User, sender: &str) -> bool {
-    todo!()
+    user.senders.iter().any(|p| pattern_matches(p, sender))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BareLf, ChannelKind, DeliveryMode, Limits, Routing, Secret, Server};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    /// Parses a scope entry the way a config file writes it.
+    fn pat(s: &str) -> SenderPattern {
+        match s {
+            "*" => SenderPattern::Any,
+            _ if s.starts_with("*@") => SenderPattern::AnyAtDomain(s[2..].to_string()),
+            _ if s.contains('@') => SenderPattern::Exact(s.to_string()),
+            _ => SenderPattern::Domain(s.to_string()),
+        }
+    }
+
+    fn channel(name: &str, address_scoped: bool, scope: &[&str]) -> Channel {
+        Channel {
+            name: name.to_string(),
+            scope: scope.iter().map(|s| pat(s)).collect(),
+            address_scoped,
+            preset: None,
+            kind: ChannelKind::File {
+                dir: PathBuf::from("outbox"),
+            },
+            limits: Limits::default(),
+        }
+    }
+
+    /// A config with these channels (sorted by name, as config loading does).
+    fn config(mut channels: Vec<Channel>) -> Config {
+        channels.sort_by(|a, b| a.name.cmp(&b.name));
+        Config {
+            path: PathBuf::from("test.toml"),
+            server: Server {
+                listen: vec![],
+                tls_listen: vec![],
+                hostname: "localhost".into(),
+                tls: None,
+                max_message_size: 35_000_000,
+                max_recipients: 500,
+                max_connections: 10,
+                delivery: DeliveryMode::Relay,
+                spool_dir: PathBuf::from("spool"),
+                retry_first: Duration::from_secs(60),
+                retry_max: Duration::from_secs(3600),
+                give_up_after: Duration::from_secs(5 * 86400),
+                require_auth: false,
+                allow_networks: vec![],
+                check_header_from: true,
+                bare_lf: BareLf::Normalize,
+                idle_timeout: Duration::from_secs(300),
+            },
+            users: vec![],
+            channels,
+            routing: Routing::default(),
+            has_literal_secrets: false,
+        }
+    }
+
+    /// The usual team: a mailbox, a domain relay, a `*@` pattern, a catch-all.
+    fn team() -> Config {
+        config(vec![
+            channel("alice", true, &["alice@example.com"]),
+            channel("marketing", false, &["example.com"]),
+            channel("partners", false, &["*@partner.org"]),
+            channel("pool", false, &["*"]),
+        ])
+    }
+
+    fn name_of(config: &Config, sender: &str) -> Result<String, Reply> {
+        route_sender(config, sender).map(|d| config.channels[d.channel].name.clone())
+    }
+
+    fn with_bulk(
+        mut config: Config,
+        bulk_channel: Option<&str>,
+        bulk_recipients: Option<usize>,
+    ) -> Config {
+        config.routing.bulk_channel =
+            bulk_channel.map(|n| config.channel_id(n).expect("bulk channel exists"));
+        config.routing.bulk_recipients = bulk_recipients;
+        config
+    }
+
+    fn headers(from: &str) -> Headers {
+        parse_headers(format!("From: {from}\r\nSubject: hi\r\n\r\nbody\r\n").as_bytes())
+    }
+
+    fn route(
+        config: &Config,
+        sender: &str,
+        rcpts: usize,
+        headers: &Headers,
+    ) -> Result<String, Reply> {
+        route_message(config, sender, rcpts, headers)
+            .map(|d| config.channels[d.channel].name.clone())
+    }
+
+    #[test]
+    fn senders_by_channels_table() {
+        let full = team();
+        let no_catch_all = config(vec![
+            channel("alice", true, &["alice@example.com"]),
+            channel("marketing", false, &["example.com"]),
+            channel("partners", false, &["*@partner.org"]),
+        ]);
+        // (config, sender, expected channel or None = refused, expected reason)
+        let table: &[(&Config, &str, Option<&str>, &str)] = &[
+            (
+                &full,
+                "alice@example.com",
+                Some("alice"),
+                "exact address alice@example.com",
+            ),
+            (
+                &full,
+                "Alice@Example.COM",
+                Some("alice"),
+                "exact address alice@example.com",
+            ),
+            (
+                &full,
+                "ALICE@EXAMPLE.COM",
+                Some("alice"),
+                "exact address alice@example.com",
+            ),
+            (
+                &full,
+                "bob@example.com",
+                Some("marketing"),
+                "domain example.com",
+            ),
+            (
+                &full,
+                "bob@EXAMPLE.com",
+                Some("marketing"),
+                "domain example.com",
+            ),
+            (
+                &full,
+                "carol@partner.org",
+                Some("partners"),
+                "pattern *@partner.org",
+            ),
+            (
+                &full,
+                "carol@Partner.Org",
+                Some("partners"),
+                "pattern *@partner.org",
+            ),
+            (&full, "dave@elsewhere.net", Some("pool"), "catch-all *"),
+            (&full, "dave@sub.example.com", Some("pool"), "catch-all *"),
+            (&full, "example.com", Some("pool"), "catch-all *"),
+            (&full, "", Some("pool"), "catch-all *"),
+            (
+                &no_catch_all,
+                "alice@example.com",
+                Some("alice"),
+                "exact address alice@example.com",
+            ),
+            (
+                &no_catch_all,
+                "bob@example.com",
+                Some("marketing"),
+                "domain example.com",
+            ),
+            (
+                &no_catch_all,
+                "carol@partner.org",
+                Some("partners"),
+                "pattern *@partner.org",
+            ),
+            (&no_catch_all, "dave@elsewhere.net", None, ""),
+            (&no_catch_all, "dave@sub.example.com", None, ""),
+            (&no_catch_all, "alice@example.com.evil.net", None, ""),
+            (&no_catch_all, "@example.com", None, ""),
+            (&no_catch_all, "", None, ""),
+        ];
+        for (config, sender, want, reason) in table {
+            let got = route_sender(config, sender);
+            match want {
+                Some(name) => {
+                    let d = got.unwrap_or_else(|r| panic!("{sender:?} refused: {r}"));
+                    assert_eq!(config.channels[d.channel].name, *name, "sender {sender:?}");
+                    assert_eq!(d.reason, *reason, "sender {sender:?}");
+                }
+                None => {
+                    let r = got.expect_err(sender);
+                    assert_eq!(r, Reply::sender_not_authorized(sender));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn most_specific_pattern_within_one_channel_counts() {
+        // A channel with both a domain and a catch-all beats a `*@` pattern elsewhere.
+        let c = config(vec![
+            channel("a-pattern", false, &["*@example.com"]),
+            channel("z-relay", false, &["*", "example.com"]),
+        ]);
+        assert_eq!(name_of(&c, "x@example.com").unwrap(), "z-relay");
+        assert_eq!(
+            route_sender(&c, "x@example.com").unwrap().reason,
+            "domain example.com"
+        );
+        assert_eq!(name_of(&c, "x@other.org").unwrap(), "z-relay");
+    }
+
+    #[test]
+    fn tie_picks_first_name() {
+        // Validation should have refused this config; routing still must be deterministic.
+        let mut c = config(vec![
+            channel("beta", false, &["*"]),
+            channel("alpha", false, &["*"]),
+        ]);
+        c.channels.reverse(); // not sorted: the name, not the position, decides
+        assert_eq!(name_of(&c, "x@y.org").unwrap(), "alpha");
+    }
+
+    #[test]
+    fn null_sender_matches_only_catch_all() {
+        for p in ["alice@example.com", "example.com", "*@example.com"] {
+            assert!(!pattern_matches(&pat(p), ""), "{p}");
+        }
+        assert!(pattern_matches(&SenderPattern::Any, ""));
+    }
+
+    #[test]
+    fn any_at_domain_accepts_stored_prefix() {
+        let p = SenderPattern::AnyAtDomain("*@example.com".into());
+        assert!(pattern_matches(&p, "a@EXAMPLE.com"));
+        assert_eq!(describe(&p), "pattern *@example.com");
+    }
+
+    #[test]
+    fn unicode_addresses_compare_case_insensitively() {
+        assert!(pattern_matches(&pat("jörg@bücher.de"), "JÖRG@BÜCHER.DE"));
+        assert!(pattern_matches(&pat("bücher.de"), "x@Bücher.de"));
+    }
+
+    #[test]
+    fn bulk_by_recipient_count() {
+        let c = with_bulk(team(), Some("marketing"), Some(50));
+        let h = headers("alice@example.com");
+        assert_eq!(route(&c, "alice@example.com", 50, &h).unwrap(), "alice");
+        let d = route_message(&c, "alice@example.com", 51, &h).unwrap();
+        assert_eq!(c.channels[d.channel].name, "marketing");
+        assert!(
+            d.reason.contains("bulk") && d.reason.contains("51 recipients"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn bulk_by_each_precedence_value() {
+        let c = with_bulk(team(), Some("marketing"), None);
+        for value in ["bulk", "list", "junk", " BULK ", "List"] {
+            let raw = format!("From: alice@example.com\r\nPrecedence: {value}\r\n\r\n");
+            let d =
+                route_message(&c, "alice@example.com", 1, &parse_headers(raw.as_bytes())).unwrap();
+            assert_eq!(
+                c.channels[d.channel].name, "marketing",
+                "Precedence: {value}"
+            );
+            assert!(d.reason.contains("Precedence: "), "{}", d.reason);
+        }
+        for value in ["first-class", "normal", ""] {
+            let raw = format!("From: alice@example.com\r\nPrecedence: {value}\r\n\r\n");
+            let got = route(&c, "alice@example.com", 1, &parse_headers(raw.as_bytes()));
+            assert_eq!(got.unwrap(), "alice", "Precedence: {value}");
+        }
+    }
+
+    #[test]
+    fn bulk_on_mailbox_channel_without_taker_is_refused() {
+        // The bulk channel does not take the mailbox's sender.
+        let c = with_bulk(team(), Some("partners"), Some(2));
+        let h = headers("alice@example.com");
+        assert_eq!(
+            route(&c, "alice@example.com", 3, &h),
+            Err(Reply::bulk_not_allowed("alice"))
+        );
+        // No bulk channel at all.
+        let c = with_bulk(team(), None, Some(2));
+        assert_eq!(
+            route(&c, "alice@example.com", 3, &h),
+            Err(Reply::bulk_not_allowed("alice"))
+        );
+        assert_eq!(route(&c, "alice@example.com", 2, &h).unwrap(), "alice");
+    }
+
+    #[test]
+    fn bulk_on_domain_channel_without_taker_stays() {
+        let c = with_bulk(team(), Some("partners"), Some(2));
+        let d = route_message(&c, "bob@example.com", 3, &headers("bob@example.com")).unwrap();
+        assert_eq!(c.channels[d.channel].name, "marketing");
+        assert!(d.reason.contains("partners does not take"), "{}", d.reason);
+    }
+
+    #[test]
+    fn header_from_display_names_and_case() {
+        let c = team();
+        for from in [
+            "alice@example.com",
+            "\"Alice\" <alice@example.com>",
+            "Alice Liddell <ALICE@Example.Com>",
+            "=?UTF-8?B?QWxpY2Ugw4Nww6lyYQ==?= <alice@example.com>",
+            "=?ISO-8859-1?Q?J=F6rg?= <alice@example.com>",
+            "<alice@example.com> (comment)",
+        ] {
+            assert_eq!(
+                route(&c, "alice@example.com", 1, &headers(from)).unwrap(),
+                "alice",
+                "From: {from}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_from_several_addresses_one_bad() {
+        let c = team();
+        let h = headers("alice@example.com, Mallory <mallory@evil.net>");
+        assert_eq!(
+            h.from,
+            vec![
+                Some("alice@example.com".into()),
+                Some("mallory@evil.net".into())
+            ]
+        );
+        let r = route(&c, "alice@example.com", 1, &h).unwrap_err();
+        assert_eq!((r.code, r.enhanced), (550, Some((5, 7, 1))));
+        assert!(
+            r.text.contains("mallory@evil.net") && r.text.contains("alice"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn header_from_display_name_is_not_the_address() {
+        let c = team();
+        let h = headers("\"alice@example.com\" <mallory@evil.net>");
+        assert_eq!(h.from, vec![Some("mallory@evil.net".into())]);
+        assert!(
+            route(&c, "alice@example.com", 1, &h)
+                .unwrap_err()
+                .text
+                .contains("mallory@evil.net")
+        );
+    }
+
+    #[test]
+    fn header_from_missing_or_unparsable() {
+        let c = team();
+        let no_from =
+            parse_headers(b"Subject: hi\r\nTo: bob@example.org\r\n\r\nFrom: alice@example.com\r\n");
+        assert!(!no_from.has_from);
+        assert_eq!(
+            route(&c, "alice@example.com", 1, &no_from),
+            Err(Reply::header_from_not_allowed(
+                "message has no From: header"
+            ))
+        );
+        for from in ["not an address", "", "undisclosed-recipients:;"] {
+            let h = headers(from);
+            assert!(
+                h.has_from && h.from.contains(&None),
+                "From: {from} gave {:?}",
+                h.from
+            );
+            assert_eq!(
+                route(&c, "alice@example.com", 1, &h),
+                Err(Reply::header_from_not_allowed(
+                    "From: header has no valid address"
+                )),
+                "From: {from}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_sender_must_be_allowed_too() {
+        let c = team();
+        let raw = b"From: alice@example.com\r\nSender: Bob <bob@example.com>\r\n\r\n";
+        let h = parse_headers(raw);
+        assert_eq!(h.sender, vec![Some("bob@example.com".into())]);
+        let r = route(&c, "alice@example.com", 1, &h).unwrap_err();
+        assert!(
+            r.is_permanent() && r.text.contains("Sender") && r.text.contains("bob@example.com"),
+            "{r}"
+        );
+        // On the domain channel, the same headers are fine.
+        assert_eq!(route(&c, "bob@example.com", 1, &h).unwrap(), "marketing");
+    }
+
+    #[test]
+    fn header_check_off_lets_anything_through() {
+        let mut c = team();
+        c.server.check_header_from = false;
+        let h = parse_headers(b"Subject: no from\r\n\r\n");
+        assert_eq!(route(&c, "alice@example.com", 1, &h).unwrap(), "alice");
+        assert_eq!(
+            route(&c, "alice@example.com", 1, &headers("mallory@evil.net")).unwrap(),
+            "alice"
+        );
+    }
+
+    #[test]
+    fn header_check_uses_bulk_channel_scope() {
+        let c = with_bulk(team(), Some("marketing"), Some(1));
+        // Diverted to the domain channel: a colleague's From is fine there.
+        assert_eq!(
+            route(&c, "alice@example.com", 2, &headers("bob@example.com")).unwrap(),
+            "marketing"
+        );
+    }
+
+    #[test]
+    fn parse_groups_and_multiple_from_headers() {
+        let h = parse_headers(
+            b"From: Team: a@example.com, B <b@example.com>;\r\nFrom: c@example.com\r\n\r\n",
+        );
+        let want: Vec<Option<String>> = ["a@example.com", "b@example.com", "c@example.com"]
+            .iter()
+            .map(|s| Some(s.to_string()))
+            .collect();
+        assert_eq!(h.from, want);
+    }
+
+    #[test]
+    fn parse_stops_at_empty_line() {
+        let h = parse_headers(b"Subject: x\n\nFrom: a@example.com\nPrecedence: bulk\n");
+        assert!(!h.has_from);
+        assert_eq!(h.precedence, None);
+        let h = parse_headers(b"From: a@example.com\r\nPrecedence:  Junk \r\n");
+        assert_eq!(h.from, vec![Some("a@example.com".into())]);
+        assert_eq!(h.precedence.as_deref(), Some("junk"));
+    }
+
+    #[test]
+    fn parse_never_panics() {
+        let mut inputs: Vec<Vec<u8>> = vec![
+            vec![],
+            b"\r\n".to_vec(),
+            b"\n".to_vec(),
+            b":".to_vec(),
+            b"From:".to_vec(),
+            b"From: <".to_vec(),
+            b"From: \"unterminated <a@b>".to_vec(),
+            b"From: =?UTF-8?B?////?= <a@b>\r\n".to_vec(),
+            vec![0xff, 0xfe, b'\r', b'\n', 0x80],
+            b"From: \xff\xfe@\x80\x81\r\nSender: \xc3(\r\n\r\n".to_vec(),
+            b"From: a@b\r\n\tcontinued\r\n  more: ;;;,,,<<>>\r\n\r\n".to_vec(),
+        ];
+        let mut huge = b"From: ".to_vec();
+        huge.extend(std::iter::repeat_n(b"x".as_slice(), 1_000_000).flatten());
+        huge.extend_from_slice(b"@example.com\r\nSender: ");
+        huge.extend(std::iter::repeat_n(b"a@b.c, ".as_slice(), 100_000).flatten());
+        huge.extend_from_slice(b"\r\n\r\n");
+        let parsed = parse_headers(&huge);
+        assert_eq!(parsed.from.len(), 1);
+        assert_eq!(parsed.sender.len(), 100_000);
+        inputs.push(
+            std::iter::repeat_n(b"(((((((((((\"<<<<=?".as_slice(), 50_000)
+                .flatten()
+                .copied()
+                .collect(),
+        );
+        // Deterministic pseudo-random bytes, biased towards header syntax.
+        let alphabet = b"From:Sender:Precedence<>@\",;()=?\\ \t\r\n\x00\xffab.";
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..2000 {
+            let bytes = (0..len % 300)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    alphabet[(seed % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            inputs.push(bytes);
+        }
+        for input in &inputs {
+            let h = parse_headers(input);
+            assert!(h.has_from || h.from.is_empty());
+        }
+    }
+
+    #[test]
+    fn user_allows_matches_patterns() {
+        let user = User {
+            name: "billing-app".into(),
+            password_hash: Secret::new("$argon2id$x"),
+            senders: vec![pat("billing@example.com"), pat("*@invoices.example.com")],
+        };
+        assert!(user_allows(&user, "billing@example.com"));
+        assert!(user_allows(&user, "Billing@EXAMPLE.com"));
+        assert!(user_allows(&user, "anyone@invoices.example.com"));
+        assert!(!user_allows(&user, "alice@example.com"));
+        assert!(!user_allows(&user, ""));
+        let open = User {
+            senders: vec![SenderPattern::Any],
+            ..user.clone()
+        };
+        assert!(user_allows(&open, ""));
+        assert!(user_allows(&open, "x@y.z"));
+        let none = User {
+            senders: vec![],
+            ..user
+        };
+        assert!(!user_allows(&none, "billing@example.com"));
+    }
+
+    #[test]
+    fn channel_allows_any_pattern() {
+        let c = channel("mixed", false, &["a@x.org", "y.org", "*@z.org"]);
+        assert!(channel_allows(&c, "A@X.org"));
+        assert!(channel_allows(&c, "b@y.org"));
+        assert!(channel_allows(&c, "b@Z.ORG"));
+        assert!(!channel_allows(&c, "b@x.org"));
+        assert!(!channel_allows(&c, ""));
+    }
 }
