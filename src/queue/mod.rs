@@ -143,10 +143,18 @@ impl Queue {
         envelope: &Envelope,
     ) -> Reply {
         let id = draft.id().to_string();
-        let Some(name) = self.config.channels.get(channel).map(|c| c.name.clone()) else {
+        let Some(ch) = self.config.channels.get(channel) else {
             tracing::error!(id, channel, "queue: no such channel");
             return Reply::local_error();
         };
+        let name = ch.name.clone();
+        // The provider would refuse it anyway: tell the client now rather than bounce later.
+        if let Some(max) = ch.limits.max_message_size
+            && draft.len() > max
+        {
+            tracing::info!(id, channel = %name, size = draft.len(), max, "refused: over the channel's size limit");
+            return Reply::too_big(max);
+        }
         let state = MessageState::new(&id, &name, envelope, draft.len(), spool::now_ms());
         let committed = async {
             let tmp = draft.sync().await?.to_path_buf();
