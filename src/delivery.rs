@@ -6,17 +6,28 @@
 //! gets the upstream's answer (SPEC §5, §6).
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{ChannelId, Config};
 use crate::message::Envelope;
+use crate::ratelimit::ChannelLimiter;
 use crate::smtp::reply::Reply;
+use crate::upstream::{Body, Upstreams};
 
 /// The delivery side of a running proxy.
-pub struct Delivery {}
+pub struct Delivery {
+    config: Arc<Config>,
+    upstreams: Upstreams,
+    /// One per channel, indexed by [`ChannelId`].
+    limiters: Vec<Mutex<ChannelLimiter>>,
+}
 
 /// A message being received: written to as the data streams in.
 /// Dropping a draft without [`Delivery::finish`] discards it.
+///
+/// Held in memory (relay mode: the session is bounded by `max_message_size`); queue mode
+/// can turn this into a spool file behind the same methods.
 pub struct Draft {
     id: String,
     bytes: Vec<u8>,
@@ -48,16 +59,301 @@ impl Draft {
 impl Delivery {
     /// Sets up the channels' transports and limiters.
     pub fn new(config: Arc<Config>) -> Result<Self, String> {
-        todo!()
+        let upstreams = Upstreams::new(&config)?;
+        let limiters = config
+            .channels
+            .iter()
+            .map(|c| Mutex::new(ChannelLimiter::new(&c.limits)))
+            .collect();
+        Ok(Delivery {
+            config,
+            upstreams,
+            limiters,
+        })
+    }
+
+    /// Builds on transports made elsewhere (tests: shorter timeouts).
+    pub fn with_upstreams(config: Arc<Config>, upstreams: Upstreams) -> Self {
+        let limiters = config
+            .channels
+            .iter()
+            .map(|c| Mutex::new(ChannelLimiter::new(&c.limits)))
+            .collect();
+        Delivery {
+            config,
+            upstreams,
+            limiters,
+        }
+    }
+
+    /// The channels' transports (`test-channel`).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
     /// Starts a new message (assigns its id).
     pub async fn begin(&self) -> Result<Draft, Reply> {
-        Ok(Draft { id: crate::message::new_id(), bytes: Vec::new() })
+        Ok(Draft {
+            id: crate::message::new_id(),
+            bytes: Vec::new(),
+        })
     }
 
     /// Delivers (relay) or stores (queue) a complete message; returns what the client should hear.
     pub async fn finish(&self, draft: Draft, channel: ChannelId, envelope: &Envelope) -> Reply {
-        todo!()
+        let started = Instant::now();
+        let reply = self.relay(&draft, channel, envelope).await;
+        let name = self
+            .config
+            .channels
+            .get(channel)
+            .map_or("?", |c| c.name.as_str());
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (id, sender, rcpts, size) = (
+            draft.id(),
+            &envelope.sender,
+            envelope.recipients.len(),
+            draft.len(),
+        );
+        if reply.is_positive() {
+            tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
+        } else {
+            tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message refused");
+        }
+        reply
+    }
+
+    /// Relay mode: limits, then the upstream's answer.
+    async fn relay(&self, draft: &Draft, channel: ChannelId, envelope: &Envelope) -> Reply {
+        let (Some(ch), Some(limiter)) = (
+            self.config.channels.get(channel),
+            self.limiters.get(channel),
+        ) else {
+            tracing::error!(id = draft.id(), channel, "no such channel");
+            return Reply::local_error();
+        };
+        if let Some(max) = ch.limits.max_message_size
+            && draft.len() > max
+        {
+            return Reply::too_big(max);
+        }
+        if let Some(max) = ch.limits.max_recipients
+            && envelope.recipients.len() > max
+        {
+            return Reply::too_many_recipients(max);
+        }
+        let rcpts = envelope.recipients.len() as u64;
+        // Checked before and recorded after the send: concurrent messages on one channel
+        // can overshoot a limit by at most the channel's connection count.
+        if let Err(until) = lock(limiter).check(now_ms(), rcpts) {
+            tracing::info!(id = draft.id(), channel = %ch.name, until_ms = until, "channel limit reached");
+            return Reply::channel_limited(&ch.name);
+        }
+        let outcome = self
+            .upstreams
+            .send_with_id(
+                channel,
+                Some(draft.id()),
+                envelope,
+                Body::Bytes(&draft.bytes),
+                true,
+            )
+            .await;
+        match outcome.result {
+            Ok(reply) => {
+                lock(limiter).record(now_ms(), rcpts);
+                reply
+            }
+            Err(error) => error.client_reply(&ch.name),
+        }
+    }
+}
+
+fn lock(limiter: &Mutex<ChannelLimiter>) -> std::sync::MutexGuard<'_, ChannelLimiter> {
+    limiter.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{ChannelKind, Rate, TlsMode};
+    use crate::upstream::tests::{
+        Fake, channel, config, envelope, plain_fake, provider, smtp_channel, start,
+    };
+
+    /// A relay-mode delivery with one SMTP channel "relay" (id 0) at a fake upstream.
+    async fn delivery(
+        fake: Fake,
+        limits: impl FnOnce(&mut crate::config::Limits),
+    ) -> (Delivery, Arc<crate::upstream::tests::Record>) {
+        provider();
+        let (port, record) = start(fake).await;
+        let mut relay = channel(
+            "relay",
+            ChannelKind::Smtp(smtp_channel(port, TlsMode::None)),
+            2,
+        );
+        limits(&mut relay.limits);
+        let config = Arc::new(config(vec![relay]));
+        let upstreams = Upstreams::new(&config)
+            .unwrap()
+            .with_timeouts(Duration::from_secs(5), Duration::from_secs(60));
+        (Delivery::with_upstreams(config, upstreams), record)
+    }
+
+    async fn draft(delivery: &Delivery, bytes: &[u8]) -> Draft {
+        let mut draft = delivery.begin().await.unwrap();
+        draft.write(bytes).await.unwrap();
+        draft
+    }
+
+    #[tokio::test]
+    async fn the_client_hears_the_upstreams_reply() {
+        let (delivery, record) = delivery(plain_fake(), |_| {}).await;
+        let message = b"Subject: hi\r\n\r\n.hello\r\n";
+        let draft = draft(&delivery, message).await;
+        let reply = delivery
+            .finish(draft, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert_eq!(
+            reply.to_wire(),
+            "250 2.0.0 Channel relay: upstream said: Ok: queued as FAKE1\r\n"
+        );
+        assert_eq!(record.txns()[0].wire, b"Subject: hi\r\n\r\n..hello\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_refused_recipient_refuses_the_message() {
+        let fake = Fake {
+            replies: vec![("RCPT TO:<bad@", "550 5.1.1 no such user")],
+            ..plain_fake()
+        };
+        let (delivery, record) = delivery(fake, |_| {}).await;
+        let draft = draft(&delivery, b"x\r\n").await;
+        let reply = delivery
+            .finish(
+                draft,
+                0,
+                &envelope("a@example.com", &["ok@example.org", "bad@example.org"]),
+            )
+            .await;
+        assert_eq!((reply.code, reply.enhanced), (550, Some((5, 1, 1))));
+        assert!(record.txns().is_empty(), "nobody got it");
+    }
+
+    #[tokio::test]
+    async fn over_the_channels_size_limit_is_552() {
+        let (delivery, record) = delivery(plain_fake(), |l| l.max_message_size = Some(10)).await;
+        let draft = draft(&delivery, b"Subject: too long\r\n\r\n").await;
+        let reply = delivery
+            .finish(draft, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert_eq!(reply, Reply::too_big(10));
+        assert_eq!(record.sessions.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn over_the_channels_recipient_limit_is_452() {
+        let (delivery, record) = delivery(plain_fake(), |l| l.max_recipients = Some(1)).await;
+        let draft = draft(&delivery, b"x\r\n").await;
+        let reply = delivery
+            .finish(
+                draft,
+                0,
+                &envelope("a@example.com", &["b@example.org", "c@example.org"]),
+            )
+            .await;
+        assert_eq!(reply, Reply::too_many_recipients(1));
+        assert_eq!(record.sessions.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_channel_rate_gives_451_and_only_delivered_messages_count() {
+        let fake = Fake {
+            replies: vec![("MAIL FROM:<refused@", "550 5.7.1 not you")],
+            ..plain_fake()
+        };
+        let rate = Rate {
+            count: 1,
+            per: Duration::from_secs(60),
+        };
+        let (delivery, record) = delivery(fake, |l| l.rate = Some(rate)).await;
+        let refused = draft(&delivery, b"x\r\n").await;
+        let reply = delivery
+            .finish(
+                refused,
+                0,
+                &envelope("refused@example.com", &["b@example.org"]),
+            )
+            .await;
+        assert_eq!(reply.code, 550);
+        let first = draft(&delivery, b"x\r\n").await;
+        assert!(
+            delivery
+                .finish(first, 0, &envelope("a@example.com", &["b@example.org"]))
+                .await
+                .is_positive()
+        );
+        let second = draft(&delivery, b"x\r\n").await;
+        let reply = delivery
+            .finish(second, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert_eq!(reply, Reply::channel_limited("relay"));
+        assert_eq!(record.txns().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_temporary() {
+        provider();
+        let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let relay = channel(
+            "relay",
+            ChannelKind::Smtp(smtp_channel(port, TlsMode::None)),
+            1,
+        );
+        let delivery = Delivery::new(Arc::new(config(vec![relay]))).unwrap();
+        let draft = draft(&delivery, b"x\r\n").await;
+        let reply = delivery
+            .finish(draft, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert_eq!(reply, Reply::upstream_unreachable("relay"));
+    }
+
+    #[tokio::test]
+    async fn a_file_channel_stores_under_the_drafts_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("outbox");
+        let config = Arc::new(config(vec![channel(
+            "outbox",
+            ChannelKind::File {
+                dir: outbox.clone(),
+            },
+            1,
+        )]));
+        let delivery = Delivery::new(config).unwrap();
+        let draft = draft(&delivery, b"Subject: x\r\n\r\nbody\r\n").await;
+        let id = draft.id().to_string();
+        let reply = delivery
+            .finish(draft, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert_eq!(reply, Reply::stored_in_file("outbox", &format!("{id}.eml")));
+        assert_eq!(
+            std::fs::read(outbox.join(format!("{id}.eml"))).unwrap(),
+            b"Subject: x\r\n\r\nbody\r\n"
+        );
     }
 }

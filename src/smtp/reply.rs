@@ -227,6 +227,26 @@ impl Reply {
     pub fn from_upstream(code: u16, enhanced: Option<(u8, u16, u16)>, text: &str, channel: &str) -> Self {
         Reply { code, enhanced, text: format!("Channel {channel}: upstream said: {text}") }
     }
+    /// `553 5.6.7` the message needs SMTPUTF8 and the channel's upstream lacks it.
+    pub fn upstream_no_smtputf8(channel: &str) -> Self {
+        Reply::new(553, (5, 6, 7), format!("Channel {channel}: upstream does not support SMTPUTF8"))
+    }
+    /// `454 4.7.0` the upstream offers none of the AUTH mechanisms we can use.
+    pub fn upstream_no_auth_mechanism(channel: &str) -> Self {
+        Reply::new(454, (4, 7, 0), format!("Channel {channel}: upstream offers no usable AUTH mechanism"))
+    }
+    /// `553 5.1.7` the sender address cannot be put in an upstream `MAIL FROM`.
+    pub fn bad_sender_syntax(sender: &str) -> Self {
+        Reply::new(553, (5, 1, 7), format!("Sender address <{sender}> has invalid syntax"))
+    }
+    /// `553 5.1.3` a recipient address cannot be put in an upstream `RCPT TO`.
+    pub fn bad_recipient_syntax(recipient: &str) -> Self {
+        Reply::new(553, (5, 1, 3), format!("Recipient address <{recipient}> has invalid syntax"))
+    }
+    /// `250 2.0.0` the `file` channel stored the message.
+    pub fn stored_in_file(channel: &str, file: &str) -> Self {
+        Reply::new(250, (2, 0, 0), format!("Channel {channel}: stored as {file}"))
+    }
 }
 
 impl fmt::Display for Reply {

@@ -1,0 +1,1340 @@
+//! Upstream transport tests against an in-process fake SMTP server on 127.0.0.1:0.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+
+use base64::Engine;
+use rustls::ServerConfig;
+use rustls::pki_types::PrivateKeyDer;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufStream};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::*;
+use crate::config::{BareLf, Channel, DeliveryMode, Limits, Routing, Secret, Server};
+
+// ---- fake upstream ----------------------------------------------------------
+
+/// How the fake upstream behaves.
+#[derive(Clone, Default)]
+pub(crate) struct Fake {
+    /// EHLO keywords (STARTTLS is added when `starttls` is set).
+    pub(crate) extensions: Vec<&'static str>,
+    /// Offer STARTTLS with this server config.
+    pub(crate) starttls: Option<Arc<ServerConfig>>,
+    /// TLS from the first byte with this server config.
+    pub(crate) implicit: Option<Arc<ServerConfig>>,
+    /// Accepted AUTH user and password.
+    pub(crate) credentials: Option<(&'static str, &'static str)>,
+    /// `(prefix, reply)`: a command line starting with `prefix` gets `reply`.
+    pub(crate) replies: Vec<(&'static str, &'static str)>,
+    /// Reply to the end of data (default `250 2.0.0 Ok: queued as FAKE1`).
+    pub(crate) data_reply: Option<&'static str>,
+    /// Wait this long before answering the end of data.
+    pub(crate) delay: Duration,
+    /// Close the connection after each message.
+    pub(crate) close_after_data: bool,
+    /// Never send the greeting.
+    pub(crate) silent: bool,
+}
+
+/// One completed message as the fake saw it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Txn {
+    pub(crate) mail: String,
+    pub(crate) rcpts: Vec<String>,
+    /// Exactly the bytes between `354` and the final `.CRLF` (still dot-stuffed).
+    pub(crate) wire: Vec<u8>,
+    pub(crate) tls: bool,
+    pub(crate) user: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct Record {
+    pub(crate) txns: Mutex<Vec<Txn>>,
+    /// Every command line, in order, across sessions.
+    pub(crate) commands: Mutex<Vec<String>>,
+    pub(crate) sessions: AtomicUsize,
+    pub(crate) live: AtomicUsize,
+    pub(crate) max_live: AtomicUsize,
+}
+
+impl Record {
+    pub(crate) fn txns(&self) -> Vec<Txn> {
+        self.txns.lock().unwrap().clone()
+    }
+    pub(crate) fn commands(&self) -> Vec<String> {
+        self.commands.lock().unwrap().clone()
+    }
+}
+
+/// Starts the fake upstream; returns its port and what it records.
+pub(crate) async fn start(fake: Fake) -> (u16, Arc<Record>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let record = Arc::new(Record::default());
+    let (fake, rec) = (Arc::new(fake), record.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (fake, rec) = (fake.clone(), rec.clone());
+            tokio::spawn(async move {
+                rec.sessions.fetch_add(1, Ordering::SeqCst);
+                let live = rec.live.fetch_add(1, Ordering::SeqCst) + 1;
+                rec.max_live.fetch_max(live, Ordering::SeqCst);
+                let _ = serve(&fake, &rec, tcp).await;
+                rec.live.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, record)
+}
+
+enum Next {
+    Done,
+    StartTls,
+}
+
+async fn serve(fake: &Fake, rec: &Record, tcp: TcpStream) -> io::Result<()> {
+    if fake.silent {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        return Ok(());
+    }
+    if let Some(config) = &fake.implicit {
+        let tls = TlsAcceptor::from(config.clone()).accept(tcp).await?;
+        session(fake, rec, &mut BufStream::new(tls), true, true).await?;
+        return Ok(());
+    }
+    let mut plain = BufStream::new(tcp);
+    if let Next::StartTls = session(fake, rec, &mut plain, false, true).await? {
+        let config = fake.starttls.clone().unwrap();
+        let tls = TlsAcceptor::from(config).accept(plain.into_inner()).await?;
+        session(fake, rec, &mut BufStream::new(tls), true, false).await?;
+    }
+    Ok(())
+}
+
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    fake: &Fake,
+    rec: &Record,
+    io: &mut BufStream<S>,
+    tls: bool,
+    greet: bool,
+) -> io::Result<Next> {
+    async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut BufStream<S>,
+        text: &str,
+    ) -> io::Result<()> {
+        io.write_all(text.as_bytes()).await?;
+        io.write_all(b"\r\n").await?;
+        io.flush().await
+    }
+    async fn line<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut BufStream<S>,
+    ) -> io::Result<Option<String>> {
+        let mut buf = Vec::new();
+        if io.read_until(b'\n', &mut buf).await? == 0 {
+            return Ok(None);
+        }
+        Ok(Some(
+            String::from_utf8_lossy(&buf)
+                .trim_end_matches("\r\n")
+                .to_string(),
+        ))
+    }
+    if greet {
+        send(io, "220 fake.test ESMTP").await?;
+    }
+    let mut txn = Txn {
+        tls,
+        ..Txn::default()
+    };
+    let mut user = None;
+    while let Some(cmd) = line(io).await? {
+        rec.commands.lock().unwrap().push(cmd.clone());
+        let verb = cmd.split(' ').next().unwrap_or("").to_ascii_uppercase();
+        if let Some((_, reply)) = fake
+            .replies
+            .iter()
+            .find(|(prefix, _)| cmd.starts_with(prefix))
+        {
+            send(io, reply).await?;
+            if reply.starts_with("421") {
+                return Ok(Next::Done);
+            }
+            continue;
+        }
+        match verb.as_str() {
+            "EHLO" => {
+                let mut lines = vec![format!("fake.test greets {}", &cmd[5..])];
+                lines.extend(fake.extensions.iter().map(|e| e.to_string()));
+                if fake.starttls.is_some() && !tls {
+                    lines.push("STARTTLS".into());
+                }
+                let last = lines.len() - 1;
+                let text: Vec<String> = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| format!("250{}{l}", if i == last { ' ' } else { '-' }))
+                    .collect();
+                send(io, &text.join("\r\n")).await?;
+            }
+            "STARTTLS" if fake.starttls.is_some() && !tls => {
+                send(io, "220 2.0.0 Ready to start TLS").await?;
+                return Ok(Next::StartTls);
+            }
+            "AUTH" => {
+                let mut words = cmd.split(' ').skip(1);
+                let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let decode = |s: &str| {
+                    String::from_utf8(b64.decode(s.trim()).unwrap_or_default()).unwrap_or_default()
+                };
+                let (u, p) = match mechanism.as_str() {
+                    "PLAIN" => {
+                        let initial = match words.next() {
+                            Some(i) => i.to_string(),
+                            None => {
+                                send(io, "334 ").await?;
+                                line(io).await?.unwrap_or_default()
+                            }
+                        };
+                        let plain = decode(&initial);
+                        let mut parts = plain.split('\0').skip(1);
+                        (
+                            parts.next().unwrap_or("").to_string(),
+                            parts.next().unwrap_or("").to_string(),
+                        )
+                    }
+                    "LOGIN" => {
+                        send(io, "334 VXNlcm5hbWU6").await?;
+                        let u = decode(&line(io).await?.unwrap_or_default());
+                        send(io, "334 UGFzc3dvcmQ6").await?;
+                        let p = decode(&line(io).await?.unwrap_or_default());
+                        (u, p)
+                    }
+                    _ => {
+                        send(io, "504 5.5.4 unknown mechanism").await?;
+                        continue;
+                    }
+                };
+                if fake.credentials.is_some_and(|(eu, ep)| eu == u && ep == p) {
+                    user = Some(format!("{mechanism}:{u}"));
+                    send(io, "235 2.7.0 Authentication successful").await?;
+                } else {
+                    send(io, "535 5.7.8 Error: authentication failed").await?;
+                }
+            }
+            "MAIL" => {
+                txn = Txn {
+                    mail: cmd.clone(),
+                    tls,
+                    user: user.clone(),
+                    ..Txn::default()
+                };
+                send(io, "250 2.1.0 Ok").await?;
+            }
+            "RCPT" => {
+                txn.rcpts
+                    .push(cmd[8..].trim_matches(|c| c == '<' || c == '>').to_string());
+                send(io, "250 2.1.5 Ok").await?;
+            }
+            "DATA" => {
+                send(io, "354 End data with <CR><LF>.<CR><LF>").await?;
+                let mut wire = Vec::new();
+                loop {
+                    let mut buf = Vec::new();
+                    if io.read_until(b'\n', &mut buf).await? == 0 {
+                        return Ok(Next::Done);
+                    }
+                    if buf == b".\r\n" {
+                        break;
+                    }
+                    wire.extend_from_slice(&buf);
+                }
+                tokio::time::sleep(fake.delay).await;
+                let reply = fake.data_reply.unwrap_or("250 2.0.0 Ok: queued as FAKE1");
+                if reply.starts_with('2') {
+                    rec.txns.lock().unwrap().push(Txn {
+                        wire,
+                        ..std::mem::take(&mut txn)
+                    });
+                }
+                send(io, reply).await?;
+                if fake.close_after_data {
+                    return Ok(Next::Done);
+                }
+            }
+            "RSET" => {
+                txn = Txn::default();
+                send(io, "250 2.0.0 Ok").await?;
+            }
+            "NOOP" => send(io, "250 2.0.0 Ok").await?,
+            "QUIT" => {
+                send(io, "221 2.0.0 Bye").await?;
+                return Ok(Next::Done);
+            }
+            _ => send(io, "502 5.5.2 Error: command not recognized").await?,
+        }
+    }
+    Ok(Next::Done)
+}
+
+// ---- certificates -----------------------------------------------------------
+
+struct Pki {
+    ca_pem: String,
+    server: Arc<ServerConfig>,
+}
+
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A test CA and a server certificate for `localhost` signed by it.
+fn make_pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "mailgate test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        server: Arc::new(server),
+    }
+}
+
+// ---- configuration ----------------------------------------------------------
+
+pub(crate) fn config(channels: Vec<Channel>) -> Config {
+    Config {
+        path: PathBuf::from("test.toml"),
+        server: Server {
+            listen: Vec::new(),
+            tls_listen: Vec::new(),
+            hostname: "mailgate.test".into(),
+            tls: None,
+            max_message_size: 35_000_000,
+            max_recipients: 1000,
+            max_connections: 100,
+            delivery: DeliveryMode::Relay,
+            spool_dir: "spool".into(),
+            retry_first: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            give_up_after: Duration::from_secs(5 * 86400),
+            require_auth: false,
+            allow_networks: Vec::new(),
+            check_header_from: false,
+            bare_lf: BareLf::Normalize,
+            idle_timeout: Duration::from_secs(300),
+        },
+        users: Vec::new(),
+        channels,
+        routing: Routing::default(),
+        has_literal_secrets: false,
+    }
+}
+
+pub(crate) fn smtp_channel(port: u16, tls: TlsMode) -> SmtpTarget {
+    SmtpTarget {
+        host: if tls == TlsMode::None {
+            "127.0.0.1".into()
+        } else {
+            "localhost".into()
+        },
+        port,
+        tls,
+        ca_file: None,
+        username: None,
+        password: None,
+    }
+}
+
+pub(crate) fn channel(name: &str, kind: ChannelKind, connections: usize) -> Channel {
+    Channel {
+        name: name.into(),
+        scope: Vec::new(),
+        address_scoped: false,
+        preset: None,
+        kind,
+        limits: Limits {
+            connections,
+            ..Limits::default()
+        },
+    }
+}
+
+/// Transports for one SMTP channel (id 0) with short timeouts.
+fn upstreams(target: SmtpTarget, connections: usize) -> Upstreams {
+    provider();
+    let config = config(vec![channel(
+        "relay",
+        ChannelKind::Smtp(target),
+        connections,
+    )]);
+    Upstreams::new(&config)
+        .unwrap()
+        .with_timeouts(Duration::from_secs(5), IDLE_TIMEOUT)
+}
+
+/// Writes `pem` to a file in `dir` and returns its path.
+fn ca_file(dir: &tempfile::TempDir, pem: &str) -> PathBuf {
+    let path = dir.path().join("ca.pem");
+    fs::write(&path, pem).unwrap();
+    path
+}
+
+pub(crate) fn envelope(sender: &str, recipients: &[&str]) -> Envelope {
+    Envelope {
+        sender: sender.into(),
+        recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        ..Envelope::default()
+    }
+}
+
+/// What the wire carries for `message`: dot-stuffed, one CRLF at the end.
+fn stuffed(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+pub(crate) fn plain_fake() -> Fake {
+    Fake {
+        extensions: vec!["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"],
+        ..Fake::default()
+    }
+}
+
+// ---- tests ------------------------------------------------------------------
+
+#[tokio::test]
+async fn exact_bytes_arrive_dot_stuffed_once() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    let message =
+        b".starts with a dot\r\nSubject: dots\r\n\r\n.\r\n..\r\nmiddle . line\r\n.\r\nend\r\n";
+    let out = up
+        .send(
+            0,
+            &envelope("alice@example.com", &["bob@example.org"]),
+            Body::Bytes(message),
+            true,
+        )
+        .await;
+    let reply = out.result.unwrap();
+    assert_eq!((reply.code, reply.enhanced), (250, Some((2, 0, 0))));
+    assert_eq!(
+        reply.text,
+        "Channel relay: upstream said: Ok: queued as FAKE1"
+    );
+    let txns = rec.txns();
+    assert_eq!(txns.len(), 1);
+    assert_eq!(txns[0].mail, "MAIL FROM:<alice@example.com>");
+    assert_eq!(txns[0].rcpts, ["bob@example.org"]);
+    assert_eq!(txns[0].wire, stuffed(message));
+    assert_eq!(
+        txns[0].wire,
+        b"..starts with a dot\r\nSubject: dots\r\n\r\n..\r\n...\r\nmiddle . line\r\n..\r\nend\r\n"
+            .to_vec()
+    );
+    assert!(rec.commands().contains(&"EHLO mailgate.test".to_string()));
+}
+
+#[tokio::test]
+async fn body_without_final_crlf_gets_one() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    let message = b"Subject: x\r\n\r\nno newline at the end";
+    up.send(
+        0,
+        &envelope("a@example.com", &["b@example.org"]),
+        Body::Bytes(message),
+        true,
+    )
+    .await
+    .result
+    .unwrap();
+    assert_eq!(
+        rec.txns()[0].wire,
+        b"Subject: x\r\n\r\nno newline at the end\r\n".to_vec()
+    );
+}
+
+#[tokio::test]
+async fn bare_line_feed_is_never_sent() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    for body in [
+        &b"a\n.\nMAIL FROM:<x@y>\r\n"[..],
+        b"a\r\n.\r.\r\n",
+        b"end with CR\r",
+    ] {
+        let out = up
+            .send(
+                0,
+                &envelope("a@example.com", &["b@example.org"]),
+                Body::Bytes(body),
+                true,
+            )
+            .await;
+        assert!(
+            matches!(out.result, Err(UpstreamError::Local(_))),
+            "{body:?}: {:?}",
+            out.result
+        );
+    }
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn hundred_recipients_arrive() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    let rcpts: Vec<String> = (0..100).map(|i| format!("user{i}@example.org")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &refs),
+            Body::Bytes(b"Subject: many\r\n\r\nhi\r\n"),
+            true,
+        )
+        .await;
+    assert!(out.result.unwrap().is_positive());
+    assert_eq!(rec.txns()[0].rcpts, rcpts);
+}
+
+#[tokio::test]
+async fn all_or_nothing_refusal_resets_and_reuses_the_connection() {
+    let fake = Fake {
+        replies: vec![("RCPT TO:<bad@", "550 5.1.1 <bad@example.org>: no such user")],
+        ..plain_fake()
+    };
+    let (port, rec) = start(fake).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    let env = envelope(
+        "a@example.com",
+        &["good@example.org", "bad@example.org", "other@example.org"],
+    );
+    let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
+    let Err(UpstreamError::Refused(reply)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert_eq!((reply.code, reply.enhanced), (550, Some((5, 1, 1))));
+    assert_eq!(
+        reply.text,
+        "Channel relay: upstream said: <bad@example.org>: no such user"
+    );
+    assert!(out.refused.is_empty());
+    let commands = rec.commands();
+    assert!(
+        !commands.iter().any(|c| c.starts_with("RCPT TO:<other@")),
+        "stopped at the first refusal"
+    );
+    assert!(!commands.contains(&"DATA".to_string()));
+    assert!(commands.contains(&"RSET".to_string()));
+    assert!(rec.txns().is_empty());
+
+    // The next message reuses the same connection (after a NOOP check).
+    let ok = up
+        .send(
+            0,
+            &envelope("a@example.com", &["good@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    assert!(ok.result.unwrap().is_positive());
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
+    assert!(rec.commands().contains(&"NOOP".to_string()));
+}
+
+#[tokio::test]
+async fn partial_refusal_delivers_to_the_others() {
+    let fake = Fake {
+        replies: vec![("RCPT TO:<bad@", "550 5.1.1 no such user")],
+        ..plain_fake()
+    };
+    let (port, rec) = start(fake).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    let env = envelope(
+        "a@example.com",
+        &["one@example.org", "bad@example.org", "two@example.org"],
+    );
+    let out = up.send(0, &env, Body::Bytes(b"x\r\n"), false).await;
+    assert!(out.result.unwrap().is_positive());
+    assert_eq!(out.refused.len(), 1);
+    assert_eq!(out.refused[0].0, "bad@example.org");
+    assert_eq!(out.refused[0].1.code, 550);
+    assert_eq!(rec.txns()[0].rcpts, ["one@example.org", "two@example.org"]);
+}
+
+#[tokio::test]
+async fn partial_mode_with_every_recipient_refused_fails_with_the_last_reply() {
+    let fake = Fake {
+        replies: vec![
+            ("RCPT TO:<bad1@", "550 5.1.1 first"),
+            ("RCPT TO:<bad2@", "452 4.2.2 mailbox full"),
+        ],
+        ..plain_fake()
+    };
+    let (port, rec) = start(fake).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["bad1@example.org", "bad2@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            false,
+        )
+        .await;
+    let Err(UpstreamError::Refused(reply)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert_eq!((reply.code, reply.enhanced), (452, Some((4, 2, 2))));
+    assert_eq!(out.refused.len(), 2);
+    assert!(!rec.commands().contains(&"DATA".to_string()));
+    assert!(rec.commands().contains(&"RSET".to_string()));
+}
+
+#[tokio::test]
+async fn upstream_codes_pass_through_with_enhanced_codes() {
+    let cases: [(Fake, u16, (u8, u16, u16)); 3] = [
+        (
+            Fake {
+                replies: vec![(
+                    "MAIL FROM",
+                    "451 4.3.2 System not accepting network messages",
+                )],
+                ..plain_fake()
+            },
+            451,
+            (4, 3, 2),
+        ),
+        (
+            Fake {
+                replies: vec![("MAIL FROM", "550 5.7.1 Sender rejected")],
+                ..plain_fake()
+            },
+            550,
+            (5, 7, 1),
+        ),
+        (
+            Fake {
+                data_reply: Some("554 5.6.0 Message content rejected"),
+                ..plain_fake()
+            },
+            554,
+            (5, 6, 0),
+        ),
+    ];
+    for (fake, code, enhanced) in cases {
+        let (port, _rec) = start(fake).await;
+        let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+        let out = up
+            .send(
+                0,
+                &envelope("a@example.com", &["b@example.org"]),
+                Body::Bytes(b"x\r\n"),
+                true,
+            )
+            .await;
+        let Err(error) = out.result else {
+            panic!("accepted")
+        };
+        let client = error.client_reply("relay");
+        assert_eq!(
+            (client.code, client.enhanced),
+            (code, Some(enhanced)),
+            "{error}"
+        );
+        assert!(
+            client.text.starts_with("Channel relay: upstream said: "),
+            "{client}"
+        );
+        assert_eq!(client.is_transient(), code < 500);
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_a_connect_error() {
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["b@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    let Err(error @ UpstreamError::Connect(_)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert_eq!(error.client_reply("relay").to_wire()[..9], *"451 4.4.1");
+}
+
+#[tokio::test]
+async fn silent_upstream_times_out() {
+    let (port, _rec) = start(Fake {
+        silent: true,
+        ..plain_fake()
+    })
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2)
+        .with_timeouts(Duration::from_millis(300), IDLE_TIMEOUT);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["b@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    assert_eq!(out.result, Err(UpstreamError::Timeout));
+}
+
+#[tokio::test]
+async fn starttls_not_offered_is_a_tls_error_and_nothing_goes_in_plaintext() {
+    let (port, rec) = start(Fake {
+        extensions: vec!["AUTH PLAIN LOGIN"],
+        ..plain_fake()
+    })
+    .await;
+    let mut target = smtp_channel(port, TlsMode::Starttls);
+    target.username = Some("user".into());
+    target.password = Some(Secret::new("hunter2"));
+    let up = upstreams(target, 2);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["b@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    let Err(UpstreamError::Tls(detail)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert!(detail.contains("STARTTLS"), "{detail}");
+    let commands = rec.commands();
+    assert!(
+        commands
+            .iter()
+            .all(|c| c.starts_with("EHLO") || c == "QUIT"),
+        "{commands:?}"
+    );
+}
+
+#[tokio::test]
+async fn starttls_with_ca_file_and_auth_login() {
+    let pki = make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    // The ca_file may hold several certificates: an unrelated CA first, then ours.
+    let other = make_pki();
+    let path = ca_file(&dir, &format!("{}{}", other.ca_pem, pki.ca_pem));
+    let fake = Fake {
+        extensions: vec!["8BITMIME", "AUTH LOGIN"],
+        starttls: Some(pki.server.clone()),
+        credentials: Some(("relay-user", "s3cret")),
+        ..Fake::default()
+    };
+    let (port, rec) = start(fake).await;
+    let mut target = smtp_channel(port, TlsMode::Starttls);
+    target.ca_file = Some(path);
+    target.username = Some("relay-user".into());
+    target.password = Some(Secret::new("s3cret"));
+    let up = upstreams(target, 2);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["b@example.org"]),
+            Body::Bytes(b"Subject: tls\r\n\r\nhi\r\n"),
+            true,
+        )
+        .await;
+    assert!(out.result.unwrap().is_positive());
+    let txn = &rec.txns()[0];
+    assert!(txn.tls);
+    assert_eq!(txn.user.as_deref(), Some("LOGIN:relay-user"));
+    assert_eq!(txn.wire, b"Subject: tls\r\n\r\nhi\r\n");
+    // EHLO again after the handshake, and AUTH only after it.
+    let commands = rec.commands();
+    let starttls = commands.iter().position(|c| c == "STARTTLS").unwrap();
+    assert_eq!(commands[starttls + 1], "EHLO mailgate.test");
+    assert!(commands.iter().position(|c| c.starts_with("AUTH")).unwrap() > starttls);
+}
+
+#[tokio::test]
+async fn implicit_tls_and_auth_plain() {
+    let pki = make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake {
+        extensions: vec!["AUTH PLAIN LOGIN"],
+        implicit: Some(pki.server.clone()),
+        credentials: Some(("u@example.com", "pw")),
+        ..Fake::default()
+    };
+    let (port, rec) = start(fake).await;
+    let mut target = smtp_channel(port, TlsMode::Implicit);
+    target.ca_file = Some(ca_file(&dir, &pki.ca_pem));
+    target.username = Some("u@example.com".into());
+    target.password = Some(Secret::new("pw"));
+    let up = upstreams(target, 2);
+    let out = up
+        .send(
+            0,
+            &envelope("u@example.com", &["b@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    assert!(out.result.unwrap().is_positive());
+    let txn = &rec.txns()[0];
+    assert!(txn.tls);
+    assert_eq!(txn.user.as_deref(), Some("PLAIN:u@example.com"));
+}
+
+#[tokio::test]
+async fn certificate_from_an_unknown_ca_is_a_tls_error() {
+    let server = make_pki();
+    let trusted = make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let path = ca_file(&dir, &trusted.ca_pem);
+    for mode in [TlsMode::Starttls, TlsMode::Implicit] {
+        let fake = Fake {
+            starttls: (mode == TlsMode::Starttls).then(|| server.server.clone()),
+            implicit: (mode == TlsMode::Implicit).then(|| server.server.clone()),
+            ..plain_fake()
+        };
+        let (port, rec) = start(fake).await;
+        let mut target = smtp_channel(port, mode);
+        target.ca_file = Some(path.clone());
+        let up = upstreams(target, 2);
+        let out = up
+            .send(
+                0,
+                &envelope("a@example.com", &["b@example.org"]),
+                Body::Bytes(b"x\r\n"),
+                true,
+            )
+            .await;
+        let Err(error @ UpstreamError::Tls(_)) = out.result else {
+            panic!("{mode:?}: {:?}", out.result)
+        };
+        assert_eq!(error.client_reply("relay").to_wire()[..9], *"454 4.7.0");
+        assert!(!rec.commands().iter().any(|c| c.starts_with("MAIL")));
+    }
+}
+
+#[tokio::test]
+async fn refused_credentials_are_an_auth_error() {
+    let fake = Fake {
+        extensions: vec!["AUTH PLAIN LOGIN"],
+        credentials: Some(("user", "right")),
+        ..plain_fake()
+    };
+    let (port, rec) = start(fake).await;
+    let mut target = smtp_channel(port, TlsMode::None);
+    target.username = Some("user".into());
+    target.password = Some(Secret::new("wrong-password"));
+    let up = upstreams(target, 2);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["b@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    let Err(error @ UpstreamError::Auth(_)) = &out.result else {
+        panic!("{:?}", out.result)
+    };
+    let UpstreamError::Auth(reply) = error else {
+        unreachable!()
+    };
+    assert_eq!((reply.code, reply.enhanced), (535, Some((5, 7, 8))));
+    assert_eq!(error.client_reply("relay").to_wire()[..9], *"454 4.7.0");
+    assert!(!error.to_string().contains("wrong-password"));
+    assert!(!rec.commands().iter().any(|c| c.starts_with("MAIL")));
+}
+
+#[tokio::test]
+async fn no_usable_auth_mechanism_is_an_auth_error() {
+    let (port, _rec) = start(Fake {
+        extensions: vec!["AUTH CRAM-MD5"],
+        ..plain_fake()
+    })
+    .await;
+    let mut target = smtp_channel(port, TlsMode::None);
+    target.username = Some("user".into());
+    target.password = Some(Secret::new("pw"));
+    let up = upstreams(target, 2);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["b@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    assert!(
+        matches!(out.result, Err(UpstreamError::Auth(_))),
+        "{:?}",
+        out.result
+    );
+}
+
+#[tokio::test]
+async fn connection_limit_is_never_exceeded() {
+    let fake = Fake {
+        delay: Duration::from_millis(100),
+        ..plain_fake()
+    };
+    let (port, rec) = start(fake).await;
+    let up = Arc::new(upstreams(smtp_channel(port, TlsMode::None), 2));
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let up = up.clone();
+        tasks.push(tokio::spawn(async move {
+            let env = envelope("a@example.com", &[&format!("r{i}@example.org")]);
+            up.send(0, &env, Body::Bytes(b"x\r\n"), true).await.result
+        }));
+    }
+    for task in tasks {
+        assert!(task.await.unwrap().unwrap().is_positive());
+    }
+    assert_eq!(rec.txns().len(), 10);
+    let max = rec.max_live.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&max), "max concurrent sessions {max}");
+    assert!(
+        rec.sessions.load(Ordering::SeqCst) <= 2,
+        "connections are reused"
+    );
+}
+
+#[tokio::test]
+async fn stale_or_closed_idle_connections_are_replaced() {
+    // Closed by the server after each message: the NOOP check fails, a new one is opened.
+    let (port, rec) = start(Fake {
+        close_after_data: true,
+        ..plain_fake()
+    })
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    for _ in 0..3 {
+        let out = up
+            .send(
+                0,
+                &envelope("a@example.com", &["b@example.org"]),
+                Body::Bytes(b"x\r\n"),
+                true,
+            )
+            .await;
+        assert!(out.result.unwrap().is_positive());
+    }
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 3);
+
+    // Idle longer than the idle timeout: closed, not reused.
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1)
+        .with_timeouts(Duration::from_secs(5), Duration::ZERO);
+    for _ in 0..2 {
+        let out = up
+            .send(
+                0,
+                &envelope("a@example.com", &["b@example.org"]),
+                Body::Bytes(b"x\r\n"),
+                true,
+            )
+            .await;
+        assert!(out.result.unwrap().is_positive());
+    }
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 2);
+    assert!(!rec.commands().contains(&"NOOP".to_string()));
+}
+
+#[tokio::test]
+async fn null_sender_and_eightbit_and_smtputf8_parameters() {
+    let (port, rec) = start(Fake {
+        extensions: vec!["8BITMIME", "SMTPUTF8"],
+        ..plain_fake()
+    })
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let body = "Subject: caf\u{e9}\r\n\r\n\u{e9}t\u{e9}\r\n".as_bytes();
+    up.send(
+        0,
+        &envelope("", &["b@example.org"]),
+        Body::Bytes(body),
+        true,
+    )
+    .await
+    .result
+    .unwrap();
+    up.send(
+        0,
+        &envelope("j\u{f6}rg@example.com", &["b@example.org"]),
+        Body::Bytes(b"x\r\n"),
+        true,
+    )
+    .await
+    .result
+    .unwrap();
+    let txns = rec.txns();
+    assert_eq!(txns[0].mail, "MAIL FROM:<> BODY=8BITMIME");
+    assert_eq!(txns[0].wire, body);
+    assert_eq!(txns[1].mail, "MAIL FROM:<j\u{f6}rg@example.com> SMTPUTF8");
+}
+
+#[tokio::test]
+async fn smtputf8_message_to_an_upstream_without_it_is_refused() {
+    let (port, rec) = start(Fake {
+        extensions: vec!["8BITMIME"],
+        ..plain_fake()
+    })
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["\u{fc}ser@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    let Err(UpstreamError::Refused(reply)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert_eq!(
+        reply.to_wire(),
+        "553 5.6.7 Channel relay: upstream does not support SMTPUTF8\r\n"
+    );
+    assert!(!rec.commands().iter().any(|c| c.starts_with("MAIL")));
+
+    // A client that declared SMTPUTF8 but sent plain ASCII still gets through.
+    let mut env = envelope("a@example.com", &["b@example.org"]);
+    env.smtputf8 = true;
+    assert!(
+        up.send(0, &env, Body::Bytes(b"x\r\n"), true)
+            .await
+            .result
+            .unwrap()
+            .is_positive()
+    );
+    assert_eq!(rec.txns()[0].mail, "MAIL FROM:<a@example.com>");
+}
+
+#[tokio::test]
+async fn spooled_file_streams_in_chunks() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    // Lines of varied length so that dots land on chunk boundaries.
+    let mut message = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0;
+    while message.len() < 3 * CHUNK + 100 {
+        message.extend_from_slice(format!(".line {i} {}\r\n", "x".repeat(i % 97)).as_bytes());
+        i += 1;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("msg.eml");
+    fs::write(&path, &message).unwrap();
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &["b@example.org"]),
+            Body::File(&path),
+            true,
+        )
+        .await;
+    assert!(out.result.unwrap().is_positive());
+    assert_eq!(rec.txns()[0].wire, stuffed(&message));
+}
+
+#[tokio::test]
+async fn a_short_spool_file_aborts_data_without_the_final_dot() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let Transport::Smtp(ch) = &up.channels[0] else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("msg.eml");
+    fs::write(&path, vec![b'x'; CHUNK + 10]).unwrap();
+    // The file is shorter than announced, as if it were truncated under us.
+    let body = PreparedBody {
+        source: Source::File(fs::File::open(&path).unwrap()),
+        len: 2 * CHUNK as u64,
+        eightbit: false,
+    };
+    let env = envelope("a@example.com", &["b@example.org"]);
+    let prepared = PreparedEnvelope::new(&env, false, true, &mut Vec::new()).unwrap();
+    let mut conn = up.checkout(ch).await.unwrap();
+    let (result, reusable) = up
+        .transaction(ch, &mut conn, &prepared, body, true, &mut Vec::new())
+        .await;
+    assert!(matches!(result, Err(UpstreamError::Local(_))), "{result:?}");
+    assert!(!reusable);
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        rec.txns().is_empty(),
+        "the upstream never saw the end of data"
+    );
+    assert!(rec.commands().contains(&"DATA".to_string()));
+}
+
+#[tokio::test]
+async fn test_channel_reports_each_step_and_sends_nothing() {
+    let pki = make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake {
+        extensions: vec!["AUTH PLAIN LOGIN"],
+        starttls: Some(pki.server.clone()),
+        credentials: Some(("user", "pw")),
+        ..Fake::default()
+    };
+    let (port, rec) = start(fake).await;
+    let mut target = smtp_channel(port, TlsMode::Starttls);
+    target.ca_file = Some(ca_file(&dir, &pki.ca_pem));
+    target.username = Some("user".into());
+    target.password = Some(Secret::new("pw"));
+    let up = upstreams(target, 1);
+    let mut steps = Vec::new();
+    up.test(0, &mut |s| steps.push(s.to_string()))
+        .await
+        .unwrap();
+    let all = steps.join("\n");
+    assert!(
+        all.contains(&format!("connected to localhost:{port}")),
+        "{all}"
+    );
+    assert!(all.contains("TLS established (STARTTLS)"), "{all}");
+    assert!(all.contains("AUTH PLAIN ok as user"), "{all}");
+    assert!(!all.contains("pw\n") && !all.contains("cHc"), "{all}");
+    assert!(rec.commands().contains(&"QUIT".to_string()));
+    assert!(!rec.commands().iter().any(|c| c.starts_with("MAIL")));
+
+    // Implicit TLS names the protocol version.
+    let (port, _rec) = start(Fake {
+        implicit: Some(pki.server.clone()),
+        ..Fake::default()
+    })
+    .await;
+    let mut target = smtp_channel(port, TlsMode::Implicit);
+    target.ca_file = Some(ca_file(&dir, &pki.ca_pem));
+    let up = upstreams(target, 1);
+    let mut steps = Vec::new();
+    up.test(0, &mut |s| steps.push(s.to_string()))
+        .await
+        .unwrap();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.starts_with("TLS established (implicit TLS, TLSv1_3)")),
+        "{steps:?}"
+    );
+    assert!(steps.iter().any(|s| s == "no AUTH configured"), "{steps:?}");
+
+    // A failure is returned, after the steps that worked.
+    let mut target = smtp_channel(port, TlsMode::Starttls);
+    target.ca_file = Some(ca_file(&dir, &pki.ca_pem));
+    let up = upstreams(target, 1).with_timeouts(Duration::from_millis(500), IDLE_TIMEOUT);
+    let mut steps = Vec::new();
+    let error = up
+        .test(0, &mut |s| steps.push(s.to_string()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            UpstreamError::Tls(_) | UpstreamError::Timeout | UpstreamError::Connect(_)
+        ),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn file_channel_writes_message_and_envelope_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox");
+    let config = config(vec![channel(
+        "outbox",
+        ChannelKind::File {
+            dir: outbox.clone(),
+        },
+        1,
+    )]);
+    let up = Upstreams::new(&config).unwrap();
+    let message = b"Subject: hi\r\n\r\n.dot\r\nbody\r\n";
+    let env = envelope("a@example.com", &["b@example.org", "c@example.net"]);
+    let out = up
+        .send_with_id(0, Some("msg-1"), &env, Body::Bytes(message), true)
+        .await;
+    assert_eq!(
+        out.result.unwrap().to_wire(),
+        "250 2.0.0 Channel outbox: stored as msg-1.eml\r\n"
+    );
+    assert_eq!(fs::read(outbox.join("msg-1.eml")).unwrap(), message);
+    assert_eq!(
+        fs::read_to_string(outbox.join("msg-1.envelope")).unwrap(),
+        "sender <a@example.com>\nrecipient <b@example.org>\nrecipient <c@example.net>\n"
+    );
+    // Without an id a new one is made; the null sender is written as <>; nothing temporary is left.
+    let spooled = dir.path().join("spooled");
+    fs::write(&spooled, message).unwrap();
+    let out = up
+        .send(
+            0,
+            &envelope("", &["b@example.org"]),
+            Body::File(&spooled),
+            true,
+        )
+        .await;
+    assert!(out.result.unwrap().is_positive());
+    let mut names: Vec<String> = fs::read_dir(&outbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    let other = names
+        .iter()
+        .find(|n| n.ends_with(".envelope") && !n.starts_with("msg-1"))
+        .unwrap();
+    assert_eq!(
+        fs::read_to_string(outbox.join(other)).unwrap(),
+        "sender <>\nrecipient <b@example.org>\n"
+    );
+    assert_eq!(
+        fs::read(outbox.join(other.replace(".envelope", ".eml"))).unwrap(),
+        message
+    );
+
+    // An id that is not a plain file name is refused.
+    let out = up
+        .send_with_id(0, Some("../escape"), &env, Body::Bytes(message), true)
+        .await;
+    assert!(matches!(out.result, Err(UpstreamError::Local(_))));
+
+    let mut steps = Vec::new();
+    up.test(0, &mut |s| steps.push(s.to_string()))
+        .await
+        .unwrap();
+    assert!(steps[0].ends_with("is writable"), "{steps:?}");
+}
+
+#[test]
+fn write_atomically_leaves_no_partial_file_on_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let result = write_atomically(dir.path(), "m.eml", |f| {
+        f.write_all(b"half")?;
+        Err(io::Error::other("disk full"))
+    });
+    assert!(result.is_err());
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn scan_finds_eight_bit_bare_line_ends_and_the_final_crlf() {
+    let scan = |parts: &[&[u8]]| {
+        let mut s = Scan::default();
+        for p in parts {
+            s.feed(p);
+        }
+        s
+    };
+    let s = scan(&[b"a\r", b"\nb\r\n"]);
+    assert!(s.check().is_ok() && s.ends_with_crlf && !s.eightbit);
+    assert!(!scan(&[b"a\r\nb"]).ends_with_crlf);
+    assert!(scan(&["\u{e9}\r\n".as_bytes()]).eightbit);
+    assert!(scan(&[b"a\nb\r\n"]).check().is_err());
+    assert!(scan(&[b"a\r", b"b\r\n"]).check().is_err());
+    assert!(scan(&[b"a\r\n\r"]).check().is_err());
+    assert!(scan(&[b""]).check().is_ok());
+}
+
+#[test]
+fn positive_multiline_reply_keeps_every_line_and_one_enhanced_code() {
+    let response: Response = "250-2.0.0 first\r\n250 2.0.0 queued as X\r\n"
+        .parse()
+        .unwrap();
+    let reply = upstream_response(&response, "relay");
+    assert_eq!(
+        reply.to_wire(),
+        "250 2.0.0 Channel relay: upstream said: first queued as X\r\n"
+    );
+}
+
+#[test]
+fn send_futures_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let up = upstreams(smtp_channel(1, TlsMode::None), 1);
+    let env = Envelope::default();
+    is_send(&up.send(0, &env, Body::Bytes(b""), true));
+    is_send(&up.test(0, &mut |_| {}));
+}
+
+#[test]
+fn bad_ca_file_is_a_setup_error() {
+    provider();
+    let dir = tempfile::tempdir().unwrap();
+    let mut target = smtp_channel(25, TlsMode::Starttls);
+    target.ca_file = Some(ca_file(&dir, "not a certificate\n"));
+    let config = config(vec![channel("relay", ChannelKind::Smtp(target.clone()), 1)]);
+    let error = Upstreams::new(&config).err().unwrap();
+    assert!(
+        error.contains("relay") && error.contains("no certificate"),
+        "{error}"
+    );
+    target.ca_file = Some(dir.path().join("missing.pem"));
+    let config = config_with(target);
+    assert!(
+        Upstreams::new(&config)
+            .err()
+            .unwrap()
+            .contains("cannot read ca_file")
+    );
+}
+
+fn config_with(target: SmtpTarget) -> Config {
+    config(vec![channel("relay", ChannelKind::Smtp(target), 1)])
+}
