@@ -46,5 +46,13 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
     tls::install_crypto_provider();
     let delivery = Arc::new(delivery::Delivery::new(config.clone())?);
     let listeners = listener::bind(&config).await?;
-    listener::serve(config, delivery, listeners, shutdown).await
+    // Queue mode: the workers deliver from the spool while the listeners accept.
+    let workers = {
+        let (delivery, shutdown) = (delivery.clone(), shutdown.clone());
+        tokio::spawn(async move { delivery.run_queue(shutdown).await })
+    };
+    let served = listener::serve(config, delivery, listeners, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = workers.await;
+    served
 }

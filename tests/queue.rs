@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 struct Sent {
     at: Instant,
+    id: String,
     channel: ChannelId,
     envelope: Envelope,
     body: Vec<u8>,
@@ -68,6 +69,7 @@ impl Transport for Fake {
     fn send<'a>(
         &'a self,
         channel: ChannelId,
+        id: &'a str,
         envelope: &'a Envelope,
         body: Body<'a>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
@@ -87,6 +89,7 @@ impl Transport for Fake {
             let outcome = (self.script)(channel, envelope, before);
             self.sent.lock().unwrap().push(Sent {
                 at: Instant::now(),
+                id: id.to_string(),
                 channel,
                 envelope: envelope.clone(),
                 body: bytes,
@@ -263,6 +266,11 @@ async fn deferred_twice_then_delivered_on_the_third_attempt() {
     );
     let sent = fake.sent();
     assert_eq!(sent[2].body, MESSAGE, "exact bytes");
+    assert_eq!(
+        format!("queued as {}", sent[2].id),
+        reply.text,
+        "the upstream is told the queue id"
+    );
     // retry_first = 1s, doubling: 1 s then 2 s.
     let first = sent[1].at - sent[0].at;
     let second = sent[2].at - sent[1].at;
@@ -625,6 +633,7 @@ impl Transport for Counting {
     fn send<'a>(
         &'a self,
         channel: ChannelId,
+        id: &'a str,
         envelope: &'a Envelope,
         body: Body<'a>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
@@ -634,7 +643,7 @@ impl Transport for Counting {
                 live.0 += 1;
                 live.1 = live.1.max(live.0);
             }
-            let outcome = self.inner.send(channel, envelope, body).await;
+            let outcome = self.inner.send(channel, id, envelope, body).await;
             self.live.lock().unwrap().0 -= 1;
             outcome
         })
@@ -683,4 +692,231 @@ async fn delete_and_retry_from_the_command_line() {
     assert!(admin::show(&config, &b).is_err());
     assert!(admin::delete(&config, "../x").is_err());
     q.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Through the real upstream client: queue-mode `Delivery` and an in-process SMTP server.
+// ---------------------------------------------------------------------------
+
+/// What the fake SMTP server saw in one completed transaction.
+#[derive(Debug, Clone)]
+struct Txn {
+    from: String,
+    rcpts: Vec<String>,
+    data: Vec<u8>,
+}
+
+/// A tiny SMTP server on 127.0.0.1:0. `data_replies` answers the DATA of successive
+/// transactions (then `250`); every received transaction is recorded (accepted or not).
+struct SmtpFake {
+    port: u16,
+    txns: Arc<Mutex<Vec<Txn>>>,
+    accepted: Arc<Mutex<Vec<Txn>>>,
+}
+
+impl SmtpFake {
+    async fn start(data_replies: Vec<&'static str>) -> SmtpFake {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let txns: Arc<Mutex<Vec<Txn>>> = Arc::default();
+        let accepted: Arc<Mutex<Vec<Txn>>> = Arc::default();
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(data_replies)));
+        let (t, a) = (txns.clone(), accepted.clone());
+        tokio::spawn(async move {
+            for _ in 0..1000 {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (t, a, script) = (t.clone(), a.clone(), script.clone());
+                tokio::spawn(async move {
+                    let (rd, mut wr) = sock.into_split();
+                    let mut rd = BufReader::new(rd);
+                    wr.write_all(b"220 fake ESMTP\r\n").await.unwrap();
+                    let mut cur = Txn {
+                        from: String::new(),
+                        rcpts: vec![],
+                        data: vec![],
+                    };
+                    let mut line = String::new();
+                    for _ in 0..100_000 {
+                        line.clear();
+                        if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let upper = line.to_ascii_uppercase();
+                        let reply: String = if upper.starts_with("EHLO") {
+                            "250-fake\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n".into()
+                        } else if upper.starts_with("MAIL FROM:") {
+                            cur = Txn {
+                                from: addr(&line),
+                                rcpts: vec![],
+                                data: vec![],
+                            };
+                            "250 2.1.0 OK\r\n".into()
+                        } else if upper.starts_with("RCPT TO:") {
+                            cur.rcpts.push(addr(&line));
+                            "250 2.1.5 OK\r\n".into()
+                        } else if upper.starts_with("DATA") {
+                            wr.write_all(b"354 go ahead\r\n").await.unwrap();
+                            let mut data = Vec::new();
+                            loop {
+                                let mut l = Vec::new();
+                                if rd.read_until(b'\n', &mut l).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if l == b".\r\n" {
+                                    break;
+                                }
+                                // Undo dot-stuffing.
+                                data.extend_from_slice(if l.starts_with(b".") {
+                                    &l[1..]
+                                } else {
+                                    &l
+                                });
+                            }
+                            cur.data = data;
+                            t.lock().unwrap().push(cur.clone());
+                            let scripted = script.lock().unwrap().pop_front();
+                            match scripted {
+                                Some(r) => format!("{r}\r\n"),
+                                None => {
+                                    a.lock().unwrap().push(cur.clone());
+                                    "250 2.0.0 OK accepted\r\n".into()
+                                }
+                            }
+                        } else if upper.starts_with("QUIT") {
+                            let _ = wr.write_all(b"221 2.0.0 bye\r\n").await;
+                            return;
+                        } else if upper.starts_with("RSET") || upper.starts_with("NOOP") {
+                            "250 2.0.0 OK\r\n".into()
+                        } else {
+                            "502 5.5.2 unknown\r\n".into()
+                        };
+                        if wr.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = rd.read_u8().await;
+                });
+            }
+        });
+        SmtpFake {
+            port,
+            txns,
+            accepted,
+        }
+    }
+
+    fn accepted(&self) -> Vec<Txn> {
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+fn addr(line: &str) -> String {
+    let start = line.find('<').map_or(0, |i| i + 1);
+    let end = line[start..].find('>').map_or(line.len(), |i| start + i);
+    line[start..end].to_string()
+}
+
+fn smtp_channel(name: &str, port: u16, limits: Limits) -> Channel {
+    Channel {
+        kind: ChannelKind::Smtp(mailgate::config::SmtpTarget {
+            host: "127.0.0.1".into(),
+            port,
+            tls: mailgate::config::TlsMode::None,
+            ca_file: None,
+            username: None,
+            password: None,
+        }),
+        ..channel(name, limits)
+    }
+}
+
+async fn submit_via(
+    delivery: &mailgate::delivery::Delivery,
+    sender: &str,
+    rcpts: &[String],
+    body: &[u8],
+) -> Reply {
+    let mut draft = delivery.begin().await.unwrap();
+    draft.write(body).await.unwrap();
+    let envelope = Envelope {
+        sender: sender.into(),
+        recipients: rcpts.to_vec(),
+        ..Default::default()
+    };
+    delivery.finish(draft, 0, &envelope).await
+}
+
+#[tokio::test]
+async fn queue_mode_delivery_through_a_real_smtp_upstream() {
+    mailgate::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = SmtpFake::start(vec!["451 4.7.0 busy", "451 4.7.0 busy"]).await;
+    let config = Arc::new(config(
+        dir.path(),
+        vec![smtp_channel("up", fake.port, limits())],
+    ));
+    let delivery = Arc::new(mailgate::delivery::Delivery::new(config.clone()).unwrap());
+    let shutdown = CancellationToken::new();
+    let workers = {
+        let (d, s) = (delivery.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run_queue(s).await })
+    };
+    // A body with a leading dot and no final CRLF trouble: exact bytes must arrive.
+    let body = b"From: a@example.com\r\nSubject: x\r\n\r\n.leading dot\r\nline\r\n";
+    let reply = submit_via(&delivery, "a@example.com", &rcpts(1), body).await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (250, Some((2, 0, 0))),
+        "{reply}"
+    );
+    assert!(reply.text.starts_with("queued as "));
+    assert!(
+        wait_for(Duration::from_secs(15), || fake.accepted().len() == 1
+            && queued(&config) == 0)
+        .await
+    );
+    assert_eq!(fake.txns.lock().unwrap().len(), 3, "451, 451, then 250");
+    let got = &fake.accepted()[0];
+    assert_eq!(got.data, body);
+    assert_eq!(got.from, "a@example.com");
+
+    // 600 recipients on a channel taking 500 per transaction.
+    let config600 = Arc::new(self::config(
+        &dir.path().join("spool600"),
+        vec![smtp_channel(
+            "o365",
+            fake.port,
+            Limits {
+                max_recipients: Some(500),
+                connections: 3,
+                ..Default::default()
+            },
+        )],
+    ));
+    let delivery600 = Arc::new(mailgate::delivery::Delivery::new(config600.clone()).unwrap());
+    let workers600 = {
+        let (d, s) = (delivery600.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run_queue(s).await })
+    };
+    let all = rcpts(600);
+    assert_eq!(
+        submit_via(&delivery600, "alice@example.com", &all, body)
+            .await
+            .code,
+        250
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || fake.accepted().len() == 3
+            && queued(&config600) == 0)
+        .await
+    );
+    let sizes: Vec<usize> = fake.accepted()[1..].iter().map(|t| t.rcpts.len()).collect();
+    assert_eq!(sizes, vec![500, 100]);
+
+    shutdown.cancel();
+    workers.await.unwrap();
+    workers600.await.unwrap();
 }

@@ -40,11 +40,12 @@ use worker::Event;
 
 /// Sends one upstream transaction; [`Upstreams`] in the proxy, a fake in tests.
 pub trait Transport: Send + Sync + 'static {
-    /// Sends `body` to `envelope.recipients` over `channel`; refused recipients are listed
-    /// in the outcome (never all-or-nothing).
+    /// Sends message `id` (`body`) to `envelope.recipients` over `channel`; refused
+    /// recipients are listed in the outcome (never all-or-nothing).
     fn send<'a>(
         &'a self,
         channel: ChannelId,
+        id: &'a str,
         envelope: &'a Envelope,
         body: Body<'a>,
     ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
@@ -54,10 +55,11 @@ impl Transport for Upstreams {
     fn send<'a>(
         &'a self,
         channel: ChannelId,
+        id: &'a str,
         envelope: &'a Envelope,
         body: Body<'a>,
     ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
-        Box::pin(Upstreams::send(self, channel, envelope, body, false))
+        Box::pin(Upstreams::send_with_id(self, channel, Some(id), envelope, body, false))
     }
 }
 
@@ -170,14 +172,6 @@ impl Queue {
             tracing::error!(id, channel = %name, error = %e, "spool: cannot store message");
             return Reply::local_error();
         }
-        tracing::info!(
-            id,
-            sender = %envelope.sender,
-            rcpts = envelope.recipients.len(),
-            channel = %name,
-            size = state.size,
-            "queued"
-        );
         self.notify(
             channel,
             Event::Queued {

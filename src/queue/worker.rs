@@ -428,7 +428,7 @@ impl Step {
             let outcome = match tokio::time::timeout(
                 TRANSACTION_TIMEOUT,
                 self.transport
-                    .send(self.channel, &envelope, Body::File(&data)),
+                    .send(self.channel, &id, &envelope, Body::File(&data)),
             )
             .await
             {
@@ -440,17 +440,20 @@ impl Step {
             };
             let now = now_ms();
             let applied = apply_outcome(&mut state, &chunk, &outcome, &channel_name, now, &config);
-            tracing::info!(
-                id,
-                sender = %state.sender,
-                rcpts = chunk.len(),
-                channel = %channel_name,
-                reply = %applied.reply,
-                refused = outcome.refused.len(),
-                duration_ms = started.elapsed().as_millis() as u64,
-                attempt = state.attempts,
-                "delivery attempt"
-            );
+            let pending = state.pending();
+            if pending > 0 {
+                // The upstream logged the attempt itself; this is what the queue makes of it.
+                tracing::info!(
+                    id,
+                    channel = %channel_name,
+                    attempt = state.attempts,
+                    pending,
+                    reply = %applied.reply,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    next_attempt = %super::format_time(state.next_attempt_ms),
+                    "queue: recipients still pending"
+                );
+            }
             effect = applied.effect;
         }
 
