@@ -333,7 +333,7 @@ fn test_channel(path: &Path, name: &str) -> Result<(), String> {
                 println!("{name}: OK (nothing was sent)");
                 Ok(())
             }
-            Err(e) => Err(format!("channel {name}: {}", e.client_reply(name))),
+            Err(e) => Err(format!("channel {name}: {e}")),
         }
     })
 }

@@ -184,12 +184,18 @@ impl Delivery {
             return Reply::too_many_recipients(max);
         }
         let rcpts = envelope.recipients.len() as u64;
-        // Checked before and recorded after the send: concurrent messages on one channel
-        // can overshoot a limit by at most the channel's connection count.
-        if let Err(until) = lock(limiter).check(now_ms(), rcpts) {
-            tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
-            return Reply::channel_limited(&ch.name);
-        }
+        // Checked and counted in one step, so concurrent sessions can never overshoot a
+        // limit; the reservation is taken back if the upstream refuses the message.
+        let reserved_at = {
+            let mut limiter = lock(limiter);
+            let now = now_ms();
+            if let Err(until) = limiter.check(now, rcpts) {
+                tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
+                return Reply::channel_limited(&ch.name);
+            }
+            limiter.record(now, rcpts);
+            now
+        };
         let outcome = self
             .upstreams
             .send_with_id(
@@ -201,11 +207,11 @@ impl Delivery {
             )
             .await;
         match outcome.result {
-            Ok(reply) => {
-                lock(limiter).record(now_ms(), rcpts);
-                reply
+            Ok(reply) => reply,
+            Err(error) => {
+                lock(limiter).unrecord(reserved_at, rcpts);
+                error.client_reply(&ch.name)
             }
-            Err(error) => error.client_reply(&ch.name),
         }
     }
 }

@@ -51,8 +51,9 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
         let (delivery, shutdown) = (delivery.clone(), shutdown.clone());
         tokio::spawn(async move { delivery.run_queue(shutdown).await })
     };
-    let served = listener::serve(config, delivery, listeners, shutdown.clone()).await;
+    let served = listener::serve(config, delivery.clone(), listeners, shutdown.clone()).await;
     shutdown.cancel();
     let _ = workers.await;
+    delivery.upstreams().close_idle().await;
     served
 }

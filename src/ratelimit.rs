@@ -112,6 +112,14 @@ impl ChannelLimiter {
         self.prune(now_ms);
     }
 
+    /// Takes back a message counted at `at_ms` that the upstream never took
+    /// (a reservation made by `record` before sending).
+    pub fn unrecord(&mut self, at_ms: u64, recipients: u64) {
+        if let Some(i) = self.sent.iter().rposition(|&e| e == (at_ms, recipients)) {
+            self.sent.remove(i);
+        }
+    }
+
     /// Forgets messages no window needs any more (also done by `record`).
     pub fn prune(&mut self, now_ms: u64) {
         while let Some(&(ms, n)) = self.sent.front() {
@@ -283,6 +291,15 @@ mod tests {
             l.record(T0 + i * 3_600_000, 1); // one message an hour for three days
         }
         assert_eq!(l.snapshot().len(), 24);
+    }
+
+    #[test]
+    fn unrecord_frees_the_reservation() {
+        let mut l = ChannelLimiter::new(&limits(Some((1, 60_000)), None));
+        l.record(1_000, 1);
+        assert!(l.check(2_000, 1).is_err());
+        l.unrecord(1_000, 1);
+        assert_eq!(l.check(2_000, 1), Ok(()));
     }
 
     #[test]

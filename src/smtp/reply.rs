@@ -106,6 +106,10 @@ impl Reply {
     pub fn help() -> Self {
         Reply::new(214, (2, 0, 0), "See RFC 5321; mailgate routes by envelope sender")
     }
+    /// `502 5.5.1` a command mailgate knows but does not implement (EXPN, ETRN, …).
+    pub fn not_implemented() -> Self {
+        Reply::new(502, (5, 5, 1), "Command not implemented")
+    }
 
     /// `550 5.7.1` the sender has no authorized channel.
     pub fn sender_not_authorized(sender: &str) -> Self {
