@@ -111,10 +111,7 @@ impl Delivery {
     /// flight finish (bounded). Relay mode: returns at once.
     pub async fn run_queue(&self, shutdown: CancellationToken) {
         if let Some(queue) = &self.queue {
-            queue
-                .clone()
-                .run(self.upstreams.clone(), shutdown)
-                .await;
+            queue.clone().run(self.upstreams.clone(), shutdown).await;
         }
     }
 
@@ -165,7 +162,13 @@ impl Delivery {
     }
 
     /// Relay mode: limits, then the upstream's answer.
-    async fn relay(&self, id: &str, bytes: &[u8], channel: ChannelId, envelope: &Envelope) -> Reply {
+    async fn relay(
+        &self,
+        id: &str,
+        bytes: &[u8],
+        channel: ChannelId,
+        envelope: &Envelope,
+    ) -> Reply {
         let (Some(ch), Some(limiter)) = (
             self.config.channels.get(channel),
             self.limiters.get(channel),
@@ -198,13 +201,7 @@ impl Delivery {
         };
         let outcome = self
             .upstreams
-            .send_with_id(
-                channel,
-                Some(id),
-                envelope,
-                Body::Bytes(bytes),
-                true,
-            )
+            .send_with_id(channel, Some(id), envelope, Body::Bytes(bytes), true)
             .await;
         match outcome.result {
             Ok(reply) => reply,

@@ -59,7 +59,14 @@ impl Transport for Upstreams {
         envelope: &'a Envelope,
         body: Body<'a>,
     ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
-        Box::pin(Upstreams::send_with_id(self, channel, Some(id), envelope, body, false))
+        Box::pin(Upstreams::send_with_id(
+            self,
+            channel,
+            Some(id),
+            envelope,
+            body,
+            false,
+        ))
     }
 }
 
