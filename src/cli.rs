@@ -175,8 +175,10 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("MAILGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -259,13 +261,13 @@ fn warn_if_secrets_readable(config: &Config) {
     if !config.has_literal_secrets {
         return;
     }
-    if let Ok(meta) = std::fs::metadata(&config.path) {
-        if meta.permissions().mode() & 0o004 != 0 {
-            tracing::warn!(
-                "{} holds literal secrets and is readable by others; chmod o-r it or use *_env / *_file",
-                config.path.display()
-            );
-        }
+    if let Ok(meta) = std::fs::metadata(&config.path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        tracing::warn!(
+            "{} holds literal secrets and is readable by others; chmod o-r it or use *_env / *_file",
+            config.path.display()
+        );
     }
 }
 

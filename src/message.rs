@@ -20,9 +20,17 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A new message id: unique within this host (time, process id, counter), safe as a file name.
 pub fn new_id() -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{:05x}-{:x}-{:x}", now.as_secs(), now.subsec_micros(), std::process::id(), n)
+    format!(
+        "{:x}{:05x}-{:x}-{:x}",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::process::id(),
+        n
+    )
 }
 
 #[cfg(test)]

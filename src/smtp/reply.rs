@@ -19,12 +19,20 @@ pub struct Reply {
 impl Reply {
     /// A reply with an enhanced status code.
     pub fn new(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Self {
-        Reply { code, enhanced: Some(enhanced), text: text.into() }
+        Reply {
+            code,
+            enhanced: Some(enhanced),
+            text: text.into(),
+        }
     }
 
     /// A reply without enhanced status code (greeting, EHLO lines).
     pub fn plain(code: u16, text: impl Into<String>) -> Self {
-        Reply { code, enhanced: None, text: text.into() }
+        Reply {
+            code,
+            enhanced: None,
+            text: text.into(),
+        }
     }
 
     /// 2xx.
@@ -88,7 +96,11 @@ impl Reply {
     }
     /// `252 2.5.0` VRFY: mailgate does not verify addresses.
     pub fn cannot_vrfy() -> Self {
-        Reply::new(252, (2, 5, 0), "Cannot VRFY user, but will accept message and attempt delivery")
+        Reply::new(
+            252,
+            (2, 5, 0),
+            "Cannot VRFY user, but will accept message and attempt delivery",
+        )
     }
     /// `220 2.0.0` go ahead with TLS.
     pub fn ready_for_tls() -> Self {
@@ -104,7 +116,11 @@ impl Reply {
     }
     /// `214 2.0.0` HELP.
     pub fn help() -> Self {
-        Reply::new(214, (2, 0, 0), "See RFC 5321; mailgate routes by envelope sender")
+        Reply::new(
+            214,
+            (2, 0, 0),
+            "See RFC 5321; mailgate routes by envelope sender",
+        )
     }
     /// `502 5.5.1` a command mailgate knows but does not implement (EXPN, ETRN, …).
     pub fn not_implemented() -> Self {
@@ -113,7 +129,11 @@ impl Reply {
 
     /// `550 5.7.1` the sender has no authorized channel.
     pub fn sender_not_authorized(sender: &str) -> Self {
-        Reply::new(550, (5, 7, 1), format!("Sender <{sender}> is not authorized on any channel"))
+        Reply::new(
+            550,
+            (5, 7, 1),
+            format!("Sender <{sender}> is not authorized on any channel"),
+        )
     }
     /// `530 5.7.0` `require_auth` and the client has not authenticated.
     pub fn auth_required() -> Self {
@@ -121,15 +141,27 @@ impl Reply {
     }
     /// `550 5.7.1` the authenticated user may not use this sender.
     pub fn sender_not_owned(user: &str, sender: &str) -> Self {
-        Reply::new(550, (5, 7, 1), format!("User {user} may not send as <{sender}>"))
+        Reply::new(
+            550,
+            (5, 7, 1),
+            format!("User {user} may not send as <{sender}>"),
+        )
     }
     /// `552 5.3.4` message (or announced SIZE) over the limit.
     pub fn too_big(max: u64) -> Self {
-        Reply::new(552, (5, 3, 4), format!("Message size exceeds fixed maximum of {max} bytes"))
+        Reply::new(
+            552,
+            (5, 3, 4),
+            format!("Message size exceeds fixed maximum of {max} bytes"),
+        )
     }
     /// `452 4.5.3` too many recipients.
     pub fn too_many_recipients(max: usize) -> Self {
-        Reply::new(452, (4, 5, 3), format!("Too many recipients (at most {max} per message)"))
+        Reply::new(
+            452,
+            (4, 5, 3),
+            format!("Too many recipients (at most {max} per message)"),
+        )
     }
     /// `500 5.5.2` unknown command or syntax error.
     pub fn unknown_command() -> Self {
@@ -141,7 +173,11 @@ impl Reply {
     }
     /// `501 5.5.4` bad parameters.
     pub fn bad_parameters(what: &str) -> Self {
-        Reply::new(501, (5, 5, 4), format!("Syntax error in parameters: {what}"))
+        Reply::new(
+            501,
+            (5, 5, 4),
+            format!("Syntax error in parameters: {what}"),
+        )
     }
     /// `503 5.5.1` bad sequence of commands.
     pub fn bad_sequence(what: &str) -> Self {
@@ -157,7 +193,11 @@ impl Reply {
     }
     /// `538 5.7.11` AUTH needs TLS on a non-loopback connection.
     pub fn encryption_required() -> Self {
-        Reply::new(538, (5, 7, 11), "Encryption required for requested authentication mechanism")
+        Reply::new(
+            538,
+            (5, 7, 11),
+            "Encryption required for requested authentication mechanism",
+        )
     }
     /// `501 5.7.0` AUTH exchange cancelled by the client.
     pub fn auth_cancelled() -> Self {
@@ -180,32 +220,58 @@ impl Reply {
         Reply::new(
             550,
             (5, 7, 1),
-            format!("Bulk mail may not go over mailbox channel {channel} and no bulk channel takes this sender"),
+            format!(
+                "Bulk mail may not go over mailbox channel {channel} and no bulk channel takes this sender"
+            ),
         )
     }
     /// `550 5.6.11` bare CR or LF in message data (`bare_lf = "reject"`).
     pub fn bare_lf() -> Self {
-        Reply::new(550, (5, 6, 11), "Bare CR or LF in message data is not allowed; use CRLF")
+        Reply::new(
+            550,
+            (5, 6, 11),
+            "Bare CR or LF in message data is not allowed; use CRLF",
+        )
     }
     /// `451 4.4.1` upstream unreachable (relay mode).
     pub fn upstream_unreachable(channel: &str) -> Self {
-        Reply::new(451, (4, 4, 1), format!("Channel {channel}: upstream unreachable, try again later"))
+        Reply::new(
+            451,
+            (4, 4, 1),
+            format!("Channel {channel}: upstream unreachable, try again later"),
+        )
     }
     /// `454 4.7.0` upstream TLS failed (relay mode).
     pub fn upstream_tls_failed(channel: &str) -> Self {
-        Reply::new(454, (4, 7, 0), format!("Channel {channel}: upstream TLS failed, try again later"))
+        Reply::new(
+            454,
+            (4, 7, 0),
+            format!("Channel {channel}: upstream TLS failed, try again later"),
+        )
     }
     /// `454 4.7.0` upstream refused our credentials (relay mode).
     pub fn upstream_auth_failed(channel: &str) -> Self {
-        Reply::new(454, (4, 7, 0), format!("Channel {channel}: upstream authentication failed, try again later"))
+        Reply::new(
+            454,
+            (4, 7, 0),
+            format!("Channel {channel}: upstream authentication failed, try again later"),
+        )
     }
     /// `451 4.4.2` upstream stopped answering.
     pub fn upstream_timeout(channel: &str) -> Self {
-        Reply::new(451, (4, 4, 2), format!("Channel {channel}: upstream timed out, try again later"))
+        Reply::new(
+            451,
+            (4, 4, 2),
+            format!("Channel {channel}: upstream timed out, try again later"),
+        )
     }
     /// `451 4.7.0` channel rate or quota reached (relay mode).
     pub fn channel_limited(channel: &str) -> Self {
-        Reply::new(451, (4, 7, 0), format!("Channel {channel}: rate or quota reached, try again later"))
+        Reply::new(
+            451,
+            (4, 7, 0),
+            format!("Channel {channel}: rate or quota reached, try again later"),
+        )
     }
     /// `451 4.3.0` local failure (disk, internal error); detail goes to the log.
     pub fn local_error() -> Self {
@@ -228,28 +294,57 @@ impl Reply {
         Reply::new(554, (5, 7, 1), "Access denied for your network")
     }
     /// The upstream's own reply, passed on with text naming the channel.
-    pub fn from_upstream(code: u16, enhanced: Option<(u8, u16, u16)>, text: &str, channel: &str) -> Self {
-        Reply { code, enhanced, text: format!("Channel {channel}: upstream said: {text}") }
+    pub fn from_upstream(
+        code: u16,
+        enhanced: Option<(u8, u16, u16)>,
+        text: &str,
+        channel: &str,
+    ) -> Self {
+        Reply {
+            code,
+            enhanced,
+            text: format!("Channel {channel}: upstream said: {text}"),
+        }
     }
     /// `553 5.6.7` the message needs SMTPUTF8 and the channel's upstream lacks it.
     pub fn upstream_no_smtputf8(channel: &str) -> Self {
-        Reply::new(553, (5, 6, 7), format!("Channel {channel}: upstream does not support SMTPUTF8"))
+        Reply::new(
+            553,
+            (5, 6, 7),
+            format!("Channel {channel}: upstream does not support SMTPUTF8"),
+        )
     }
     /// `454 4.7.0` the upstream offers none of the AUTH mechanisms we can use.
     pub fn upstream_no_auth_mechanism(channel: &str) -> Self {
-        Reply::new(454, (4, 7, 0), format!("Channel {channel}: upstream offers no usable AUTH mechanism"))
+        Reply::new(
+            454,
+            (4, 7, 0),
+            format!("Channel {channel}: upstream offers no usable AUTH mechanism"),
+        )
     }
     /// `553 5.1.7` the sender address cannot be put in an upstream `MAIL FROM`.
     pub fn bad_sender_syntax(sender: &str) -> Self {
-        Reply::new(553, (5, 1, 7), format!("Sender address <{sender}> has invalid syntax"))
+        Reply::new(
+            553,
+            (5, 1, 7),
+            format!("Sender address <{sender}> has invalid syntax"),
+        )
     }
     /// `553 5.1.3` a recipient address cannot be put in an upstream `RCPT TO`.
     pub fn bad_recipient_syntax(recipient: &str) -> Self {
-        Reply::new(553, (5, 1, 3), format!("Recipient address <{recipient}> has invalid syntax"))
+        Reply::new(
+            553,
+            (5, 1, 3),
+            format!("Recipient address <{recipient}> has invalid syntax"),
+        )
     }
     /// `250 2.0.0` the `file` channel stored the message.
     pub fn stored_in_file(channel: &str, file: &str) -> Self {
-        Reply::new(250, (2, 0, 0), format!("Channel {channel}: stored as {file}"))
+        Reply::new(
+            250,
+            (2, 0, 0),
+            format!("Channel {channel}: stored as {file}"),
+        )
     }
 }
 
@@ -288,8 +383,14 @@ mod tests {
 
     #[test]
     fn wire_format_has_enhanced_code() {
-        assert_eq!(Reply::auth_required().to_wire(), "530 5.7.0 Authentication required\r\n");
-        assert_eq!(Reply::greeting("mx.test").to_wire(), "220 mx.test ESMTP mailgate\r\n");
+        assert_eq!(
+            Reply::auth_required().to_wire(),
+            "530 5.7.0 Authentication required\r\n"
+        );
+        assert_eq!(
+            Reply::greeting("mx.test").to_wire(),
+            "220 mx.test ESMTP mailgate\r\n"
+        );
     }
 
     #[test]
@@ -316,13 +417,19 @@ mod tests {
             (Reply::network_not_allowed(), "554 5.7.1"),
         ];
         for (reply, want) in table {
-            assert!(reply.to_wire().starts_with(want), "{reply} should start with {want}");
+            assert!(
+                reply.to_wire().starts_with(want),
+                "{reply} should start with {want}"
+            );
         }
     }
 
     #[test]
     fn split_enhanced_parses_and_rejects() {
-        assert_eq!(split_enhanced("5.7.1 Relaying denied"), (Some((5, 7, 1)), "Relaying denied"));
+        assert_eq!(
+            split_enhanced("5.7.1 Relaying denied"),
+            (Some((5, 7, 1)), "Relaying denied")
+        );
         assert_eq!(split_enhanced("4.3.2"), (Some((4, 3, 2)), ""));
         assert_eq!(split_enhanced("OK queued"), (None, "OK queued"));
         assert_eq!(split_enhanced("1.2.3 no"), (None, "1.2.3 no"));
