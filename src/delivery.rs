@@ -120,6 +120,14 @@ impl Delivery {
         &self.upstreams
     }
 
+    /// Queue mode: resumes broken or held channels and makes every queued message due
+    /// now (what a config reload should do; `queue retry --all` does the same).
+    pub fn resume_queue(&self) {
+        if let Some(queue) = &self.queue {
+            queue.resume_all();
+        }
+    }
+
     /// Starts a new message (assigns its id).
     pub async fn begin(&self) -> Result<Draft, Reply> {
         match &self.queue {
