@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
-use crate::queue::{Queue, SpoolDraft};
+use crate::queue::{Queue, Spool, SpoolDraft, state};
 use crate::ratelimit::ChannelLimiter;
 use crate::smtp::reply::Reply;
 use crate::upstream::{Body, Upstreams};
@@ -27,6 +27,8 @@ pub struct Delivery {
     limiters: Vec<Mutex<ChannelLimiter>>,
     /// Queue mode: the spool and its workers.
     queue: Option<Arc<Queue>>,
+    /// Relay mode: where the limiters' counts are kept across restarts.
+    counters: Option<Spool>,
 }
 
 /// A message being received: written to as the data streams in.
@@ -78,32 +80,47 @@ impl Draft {
 impl Delivery {
     /// Sets up the channels' transports and limiters; in queue mode, opens the spool
     /// (removing what was never acknowledged). The queue's workers start with [`Delivery::run_queue`].
+    /// Relay mode keeps its rate and quota counters in `spool_dir/state/` across restarts.
     pub fn new(config: Arc<Config>) -> Result<Self, String> {
         let upstreams = Upstreams::new(&config)?;
-        Self::build(config, upstreams)
+        Self::build(config, upstreams, true)
     }
 
-    /// Builds on transports made elsewhere (tests: shorter timeouts). Panics if a
-    /// queue-mode spool cannot be opened.
+    /// Builds on transports made elsewhere (tests: shorter timeouts; relay-mode counters
+    /// are not persisted). Panics if a queue-mode spool cannot be opened.
     pub fn with_upstreams(config: Arc<Config>, upstreams: Upstreams) -> Self {
-        Self::build(config, upstreams).unwrap_or_else(|e| panic!("{e}"))
+        Self::build(config, upstreams, false).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn build(config: Arc<Config>, upstreams: Upstreams) -> Result<Self, String> {
-        let limiters = config
-            .channels
-            .iter()
-            .map(|c| Mutex::new(ChannelLimiter::new(&c.limits)))
-            .collect();
+    fn build(config: Arc<Config>, upstreams: Upstreams, persist: bool) -> Result<Self, String> {
         let queue = match config.server.delivery {
             DeliveryMode::Queue => Some(Queue::open(config.clone())?),
             DeliveryMode::Relay => None,
         };
+        // Queue mode counts in its workers; relay mode here, persisted when asked to.
+        let counters = (persist && queue.is_none())
+            .then(|| relay_counters(&config))
+            .flatten();
+        let now = now_ms();
+        let limiters = config
+            .channels
+            .iter()
+            .map(|c| {
+                let saved = counters
+                    .as_ref()
+                    .filter(|_| state::has_windows(&c.limits))
+                    .and_then(|spool| state::Counters::load(spool, &c.name, &c.limits, now).ok())
+                    .map(|counters| counters.events())
+                    .unwrap_or_default();
+                Mutex::new(ChannelLimiter::restore(&c.limits, saved, now))
+            })
+            .collect();
         Ok(Delivery {
             config,
             upstreams: Arc::new(upstreams),
             limiters,
             queue,
+            counters,
         })
     }
 
@@ -207,6 +224,7 @@ impl Delivery {
             limiter.record(now, rcpts);
             now
         };
+        self.persist(&ch.name, reserved_at, rcpts, false);
         let outcome = self
             .upstreams
             .send_with_id(channel, Some(id), envelope, Body::Bytes(bytes), true)
@@ -215,8 +233,42 @@ impl Delivery {
             Ok(reply) => reply,
             Err(error) => {
                 lock(limiter).unrecord(reserved_at, rcpts);
+                self.persist(&ch.name, reserved_at, rcpts, true);
                 error.client_reply(&ch.name)
             }
+        }
+    }
+}
+
+impl Delivery {
+    /// Relay mode: logs a counted (or taken back) message so the windows survive a restart.
+    fn persist(&self, channel: &str, at_ms: u64, rcpts: u64, taken_back: bool) {
+        let Some(spool) = &self.counters else { return };
+        let limited = self
+            .config
+            .channel_id(channel)
+            .is_some_and(|id| state::has_windows(&self.config.channels[id].limits));
+        if limited && let Err(e) = state::append_event(spool, channel, at_ms, rcpts, taken_back) {
+            tracing::warn!(channel, error = %e, "cannot persist rate counters");
+        }
+    }
+}
+
+/// Relay mode: the spool's `state/` for rate counters, when some channel has limits.
+fn relay_counters(config: &Config) -> Option<Spool> {
+    if !config
+        .channels
+        .iter()
+        .any(|c| state::has_windows(&c.limits))
+    {
+        return None;
+    }
+    let spool = Spool::new(&config.server.spool_dir);
+    match spool.create_dirs() {
+        Ok(()) => Some(spool),
+        Err(e) => {
+            tracing::warn!(spool = %spool.root.display(), error = %e, "rate counters will not survive a restart");
+            None
         }
     }
 }

@@ -125,13 +125,7 @@ impl Counters {
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e),
         };
-        let horizon = horizon_ms(limits);
-        let mut events: Vec<(u64, u64)> = text
-            .lines()
-            .filter_map(parse_event)
-            .filter(|(t, _)| t + horizon > now_ms && *t <= now_ms)
-            .collect();
-        events.sort_unstable();
+        let events = parse_events(&text, limits, now_ms);
         let mut counters = Counters {
             limits: limits.clone(),
             limiter: has_windows(limits).then(|| ChannelLimiter::new(limits)),
@@ -172,6 +166,11 @@ impl Counters {
             self.compact(spool)?;
         }
         Ok(())
+    }
+
+    /// The counted transactions still inside the windows, oldest first, as (unix ms, recipients).
+    pub fn events(&self) -> Vec<(u64, u64)> {
+        self.events.iter().copied().collect()
     }
 
     /// When a channel held for quota may try again: when the oldest send of the rolling
@@ -227,9 +226,52 @@ fn horizon_ms(limits: &Limits) -> u64 {
     rate.max(DAY_MS)
 }
 
-fn parse_event(line: &str) -> Option<(u64, u64)> {
-    let (t, n) = line.split_once(' ')?;
-    Some((t.parse().ok()?, n.parse().ok()?))
+/// The events of a log still inside the windows, oldest first. A line `"<ms> <n> -"`
+/// takes back an earlier `"<ms> <n>"` (relay mode: a reservation the upstream refused).
+fn parse_events(text: &str, limits: &Limits, now_ms: u64) -> Vec<(u64, u64)> {
+    let horizon = horizon_ms(limits);
+    let mut events: Vec<(u64, u64)> = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split(' ');
+        let (Some(Ok(t)), Some(Ok(n))) =
+            (fields.next().map(str::parse), fields.next().map(str::parse))
+        else {
+            continue; // a torn line
+        };
+        match fields.next() {
+            None => events.push((t, n)),
+            Some("-") => {
+                if let Some(i) = events.iter().rposition(|e| *e == (t, n)) {
+                    events.remove(i);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    events.retain(|(t, _)| t + horizon > now_ms && *t <= now_ms);
+    events.sort_unstable();
+    events
+}
+
+/// Appends one event to a channel's log without a [`Counters`] (relay mode keeps its own
+/// limiter): a transaction counted at `at_ms`, or with `taken_back` its cancellation.
+pub fn append_event(
+    spool: &Spool,
+    channel: &str,
+    at_ms: u64,
+    recipients: u64,
+    taken_back: bool,
+) -> io::Result<()> {
+    let line = if taken_back {
+        format!("{at_ms} {recipients} -\n")
+    } else {
+        format!("{at_ms} {recipients}\n")
+    };
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(events_path(spool, channel))?
+        .write_all(line.as_bytes())
 }
 
 /// Reads the events of a channel without touching the file (for `queue list`).
@@ -238,13 +280,7 @@ pub fn peek_counters(path: &Path, limits: &Limits, now_ms: u64) -> Option<Channe
         return None;
     }
     let text = fs::read_to_string(path).unwrap_or_default();
-    let horizon = horizon_ms(limits);
-    let mut events: Vec<(u64, u64)> = text
-        .lines()
-        .filter_map(parse_event)
-        .filter(|(t, _)| t + horizon > now_ms && *t <= now_ms)
-        .collect();
-    events.sort_unstable();
+    let events = parse_events(&text, limits, now_ms);
     let mut limiter = ChannelLimiter::new(limits);
     for (t, n) in events {
         limiter.record(t, n);
@@ -313,6 +349,19 @@ mod tests {
         assert_eq!(counters.hold_until(now), now + HOUR_MS);
         let fresh = Counters::load(&spool, "empty", &Limits::default(), now).unwrap();
         assert_eq!(fresh.hold_until(now), now + HOUR_MS);
+    }
+
+    #[test]
+    fn taken_back_events_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let now = 10 * DAY_MS;
+        append_event(&spool, "c", now - 3000, 1, false).unwrap();
+        append_event(&spool, "c", now - 2000, 2, false).unwrap();
+        append_event(&spool, "c", now - 2000, 2, true).unwrap();
+        let counters = Counters::load(&spool, "c", &Limits::default(), now).unwrap();
+        assert_eq!(counters.events(), vec![(now - 3000, 1)]);
     }
 
     #[test]
