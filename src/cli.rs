@@ -69,6 +69,38 @@ pub enum Command {
     },
     /// Read a password on stdin, print its argon2id hash for [[users]]
     HashPassword,
+    /// Inspect and act on the spool (queue mode); safe while the proxy runs
+    Queue {
+        /// What to do with the queue
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+/// `queue` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// List each channel's state, the queued messages and the failed ones
+    List,
+    /// Show one message: envelope, recipients and their replies, headers
+    Show {
+        /// Queue id
+        id: String,
+    },
+    /// Make a message (or every one, --all) due now; broken or held channels resume
+    Retry {
+        /// Queue id
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every queued message
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete a message from the queue (waits for a delivery in flight) or from failed/
+    Delete {
+        /// Queue id
+        id: String,
+    },
 }
 
 /// `cert` subcommands.
@@ -114,7 +146,24 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::HashPassword => hash_password(),
+        Command::Queue { action } => queue_command(&path, action),
     }
+}
+
+fn queue_command(path: &Path, action: QueueAction) -> Result<(), String> {
+    use crate::queue::admin;
+    let config = load(path)?;
+    let out = match action {
+        QueueAction::List => admin::list(&config)?,
+        QueueAction::Show { id } => admin::show(&config, &id)?,
+        QueueAction::Retry { id, .. } => admin::retry(&config, id.as_deref())?,
+        QueueAction::Delete { id } => admin::delete(&config, &id)?,
+    };
+    print!("{out}");
+    if !out.ends_with('\n') {
+        println!();
+    }
+    Ok(())
 }
 
 /// `-c`, else `$MAILGATE_CONFIG`, else `./proxy.toml`.
@@ -225,6 +274,12 @@ fn warn_if_secrets_readable(config: &Config) {
 fn check(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     print!("{}", config::summary(&config));
+    if config.server.spool_dir.join("state").is_dir() {
+        println!("channel health (from the spool):");
+        for (name, state) in crate::queue::admin::channel_health(&config) {
+            println!("  {name}: {state}");
+        }
+    }
     println!("{}: OK", path.display());
     Ok(())
 }

@@ -2693,7 +2693,7 @@ max_recipients = 0
                 "[::1]:2525".parse().unwrap()
             ]
         );
-        assert_eq!(config.server.delivery, DeliveryMode::Relay);
+        assert_eq!(config.server.delivery, DeliveryMode::Queue);
         assert_eq!(config.channels.len(), 1);
         let outbox = &config.channels[0];
         assert_eq!(outbox.name, "outbox");
