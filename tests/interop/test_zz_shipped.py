@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, wait_until
 
 SHIPPED = REPO / "proxy.toml"
 
@@ -54,6 +54,8 @@ def test_shipped_config_with_swaks_leaves_message_in_outbox(shipped, mailgate):
         capture_output=True, text=True, timeout=60,
     )
     assert p.returncode == 0, p.stdout + p.stderr
+    # In queue mode (the shipped default) a worker delivers after the 250: wait for it.
+    wait_until(lambda: list((shipped / "outbox").glob("*.eml")), 20, "the message in outbox/")
     emls = list((shipped / "outbox").glob("*.eml"))
     assert len(emls) == 1, f"outbox: {list((shipped / 'outbox').iterdir()) if (shipped / 'outbox').exists() else 'missing'}"
     assert b"a@example.com" in emls[0].read_bytes()
