@@ -355,7 +355,13 @@ def test_dot_stuffing_at_the_start_of_the_message(config, mailgate, raw, upstrea
     c.expect("RCPT TO:<bob@example.org>", 250)
     c.expect("DATA", 354)
     c.send(sent)
-    assert_reply(c.reply(), 250)
+    r = c.reply()
+    if content == b"" and r is not None and r.code >= 500:
+        # Refusing an empty message outright is fine; altering it is not.
+        time.sleep(0.3)
+        assert upstream.messages == []
+        return
+    assert_reply(r, 250)
     (m,) = upstream.wait_messages(1)
     assert m.content == content
 
