@@ -14,15 +14,35 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 VENV=$TARGET_DIR/interop-venv
 REQS=$ROOT/tests/interop/requirements.txt
 
+LOGS=$TARGET_DIR/test-logs
+mkdir -p "$LOGS"
+rm -f "$LOGS"/*.log
 SUMMARY=()
 START_ALL=$SECONDS
+
+# Test counts from the runners' own closing lines (cargo: "N passed; M failed",
+# pytest: "N passed, M failed").
+count() {
+    local what=$1
+    local n=0
+    if [ -f "$LOGS/cargo-test.log" ]; then
+        n=$((n + $(grep -Eo "[0-9]+ $what;" "$LOGS/cargo-test.log" | awk '{s += $1} END {print s + 0}')))
+    fi
+    if [ -f "$LOGS/interop.log" ]; then
+        local pat=$what
+        [ "$what" = failed ] && pat="(failed|errors?)" # a pytest error is a failed test too
+        n=$((n + $(tail -n 1 "$LOGS/interop.log" | grep -Eo "[0-9]+ $pat" | awk '{s += $1} END {print s + 0}')))
+    fi
+    echo "$n"
+}
 
 summary() {
     echo
     echo "==================== test summary ===================="
     for line in "${SUMMARY[@]}"; do echo "  $line"; done
-    echo "  total: $((SECONDS - START_ALL))s"
+    echo "  time: $((SECONDS - START_ALL))s"
     echo "======================================================"
+    echo "tests: $(count passed) passed, $(count failed) failed"
 }
 
 # stage NAME COMMAND...: runs one stage, records it, stops everything on failure.
@@ -37,8 +57,8 @@ stage() {
     local dt=$((SECONDS - t0))
     if [ "$rc" -ne 0 ]; then
         SUMMARY+=("FAIL  $name (exit $rc, ${dt}s)")
+        echo "FAILED at stage '$name'"
         summary
-        echo "FAILED at stage '$name'" >&2
         exit "$rc"
     fi
     SUMMARY+=("ok    $name (${dt}s)")
@@ -83,11 +103,16 @@ install_python_deps() {
         echo "$want" >"$stamp"
 }
 
+run_cargo_test() {
+    cargo test --locked 2>&1 | tee "$LOGS/cargo-test.log"
+    return "${PIPESTATUS[0]}"
+}
+
 run_interop() {
     local rc
     MAILGATE_BIN=$TARGET_DIR/debug/mailgate "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-        tests/interop "$@"
-    rc=$?
+        tests/interop "$@" 2>&1 | tee "$LOGS/interop.log"
+    rc=${PIPESTATUS[0]}
     # pytest exit 5 = no test collected: that is a failure here, not a pass.
     [ "$rc" -eq 5 ] && echo "pytest collected no tests" >&2
     return "$rc"
@@ -96,7 +121,7 @@ run_interop() {
 stage "system packages" install_system_deps
 stage "python packages" install_python_deps
 stage "cargo build" cargo build --locked
-stage "cargo test" cargo test --locked
+stage "cargo test" run_cargo_test
 stage "interop tests" run_interop "$@"
-summary
 echo "ALL STAGES PASSED"
+summary
