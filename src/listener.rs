@@ -56,7 +56,7 @@ pub async fn bind(config: &Config) -> Result<Vec<Bound>, String> {
                 listener,
                 implicit_tls,
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && addr.is_ipv6() => {
+            Err(e) if host_lacks_ipv6(addr, &e) => {
                 tracing::warn!("skipping listener {addr}: this host has no such address ({e})");
             }
             Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
@@ -66,6 +66,15 @@ pub async fn bind(config: &Config) -> Result<Vec<Bound>, String> {
         return Err("no listener could be bound".to_string());
     }
     Ok(bound)
+}
+
+/// Binding an IPv6 address failed because the host has no IPv6 there: the address is
+/// missing (`EADDRNOTAVAIL`, e.g. IPv6 disabled on the interface) or the kernel has no
+/// IPv6 at all (`EAFNOSUPPORT`, which std does not map to an `ErrorKind`).
+fn host_lacks_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
+    addr.is_ipv6()
+        && (e.kind() == std::io::ErrorKind::AddrNotAvailable
+            || e.raw_os_error() == Some(libc::EAFNOSUPPORT))
 }
 
 /// Serves the bound listeners until `shutdown` is cancelled, then waits for the
@@ -189,4 +198,26 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn only_a_missing_ipv6_stack_or_address_is_skipped() {
+        let v6: SocketAddr = "[::1]:2525".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:2525".parse().unwrap();
+        let no_family = Error::from_raw_os_error(libc::EAFNOSUPPORT);
+        let no_address = Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        assert!(host_lacks_ipv6(&v6, &no_family));
+        assert!(host_lacks_ipv6(&v6, &no_address));
+        assert!(!host_lacks_ipv6(&v4, &no_address));
+        assert!(!host_lacks_ipv6(&v6, &Error::from(ErrorKind::AddrInUse)));
+        assert!(!host_lacks_ipv6(
+            &v6,
+            &Error::from_raw_os_error(libc::EACCES)
+        ));
+    }
 }
