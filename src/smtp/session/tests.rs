@@ -409,6 +409,12 @@ async fn size_parameter_over_the_limit() {
         &c.cmd("MAIL FROM:<alice@example.com> SIZE=2001").await,
         "552 5.3.4",
     );
+    // Too long for 64 bits: smtp-proto alone would read this as a small size.
+    assert_code(
+        &c.cmd("MAIL FROM:<alice@example.com> SIZE=99999999999999999999999")
+            .await,
+        "552 5.3.4",
+    );
     assert_code(
         &c.cmd("MAIL FROM:<alice@example.com> SIZE=2000").await,
         "250 2.1.0",
@@ -827,6 +833,22 @@ fn liberal_rewrites_bare_addresses_and_trailing_blanks() {
         ("MAIL FROM:\r\n", "MAIL FROM:\r\n"),
         ("MAILFROM:a@b\r\n", "MAILFROM:a@b\r\n"),
         ("NOOP\n", "NOOP\r\n"),
+        (
+            "MAIL FROM:<a@b> SIZE=99999999999999999999999 BODY=8BITMIME\r\n",
+            "MAIL FROM:<a@b> SIZE=18446744073709551614 BODY=8BITMIME\r\n",
+        ),
+        (
+            "mail from:a@b size=18446744073709551616\r\n",
+            "mail from:<a@b> size=18446744073709551614\r\n",
+        ),
+        (
+            "MAIL FROM:<a@b> SIZE=18446744073709551615\r\n",
+            "MAIL FROM:<a@b> SIZE=18446744073709551615\r\n",
+        ),
+        (
+            "RCPT TO:<a@b> SIZE=99999999999999999999999\r\n",
+            "RCPT TO:<a@b> SIZE=99999999999999999999999\r\n",
+        ),
     ];
     for (input, want) in cases {
         let got = liberal(input.as_bytes());
