@@ -154,8 +154,7 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let allowed = &ctx.config.server.allow_networks;
-        if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(&peer.ip())) {
+        if !network_allowed(&ctx.config.server.allow_networks, peer.ip()) {
             tracing::info!(%peer, "refused: client network not in allow_networks");
             sessions.spawn(refuse(stream, Reply::network_not_allowed()));
             continue;
@@ -191,6 +190,14 @@ async fn accept_loop(
     }
 }
 
+/// Whether a client at `ip` may connect: `allowed` is empty or holds its network. On a
+/// dual-stack `[::]` listener an IPv4 client shows up as `::ffff:a.b.c.d`; it is matched
+/// as the IPv4 address it is.
+fn network_allowed(allowed: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    allowed.is_empty() || allowed.iter().any(|net| net.contains(&ip))
+}
+
 /// Sends one refusal line and closes, without reading anything.
 async fn refuse(mut stream: TcpStream, reply: Reply) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -204,6 +211,19 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
 mod tests {
     use super::*;
     use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn allow_networks_matches_ipv4_clients_of_a_dual_stack_listener() {
+        let nets: Vec<ipnet::IpNet> =
+            vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(network_allowed(&nets, ip("10.1.2.3")));
+        assert!(network_allowed(&nets, ip("::ffff:10.1.2.3")));
+        assert!(network_allowed(&nets, ip("fd00::1")));
+        assert!(!network_allowed(&nets, ip("::ffff:192.168.1.1")));
+        assert!(!network_allowed(&nets, ip("127.0.0.1")));
+        assert!(network_allowed(&[], ip("192.0.2.1")));
+    }
 
     #[test]
     fn only_a_missing_ipv6_stack_or_address_is_skipped() {
