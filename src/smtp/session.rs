@@ -241,7 +241,12 @@ impl Session {
             while let Some(input) = self.next_line() {
                 match input {
                     Input::Line(line) => self.line(&line).await?,
-                    Input::TooLong => self.reply(&Reply::line_too_long())?,
+                    Input::TooLong => {
+                        // Refusing the line ends an AUTH exchange waiting for it, as any
+                        // refused AUTH step does (RFC 4954).
+                        self.auth = None;
+                        self.reply(&Reply::line_too_long())?
+                    }
                 }
             }
             self.fill(true).await?;

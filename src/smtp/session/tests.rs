@@ -393,6 +393,17 @@ async fn auth_login_exchange() {
 }
 
 #[tokio::test]
+async fn an_over_long_auth_answer_ends_the_exchange() {
+    let h = Harness::with("", with_user);
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_eq!(c.cmd("AUTH LOGIN").await, "334 VXNlcm5hbWU6");
+    assert_code(&c.cmd(&"QUFB".repeat(300)).await, "500 5.5.2");
+    // The next line is a command again, not the user name.
+    assert_code(&c.cmd("NOOP").await, "250 2.0.0");
+}
+
+#[tokio::test]
 async fn auth_without_users_is_not_enabled() {
     let h = Harness::new("");
     let mut c = h.connect().await;
