@@ -273,6 +273,15 @@ fn warn_if_secrets_readable(config: &Config) {
 
 fn check(path: &Path) -> Result<(), String> {
     let config = load(path)?;
+    let problems = file_problems(&config);
+    for problem in &problems {
+        eprintln!("{}: {problem}", path.display());
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        let s = if n == 1 { "" } else { "s" };
+        return Err(format!("{}: {n} problem{s} found", path.display()));
+    }
     print!("{}", config::summary(&config));
     if config.server.spool_dir.join("state").is_dir() {
         println!("channel health (from the spool):");
@@ -282,6 +291,22 @@ fn check(path: &Path) -> Result<(), String> {
     }
     println!("{}: OK", path.display());
     Ok(())
+}
+
+/// What `run` would still trip over in a config that parsed: the listeners' certificate
+/// and key, and the channels' `ca_file`s, must hold usable PEM, not merely exist.
+fn file_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(files) = &config.server.tls
+        && let Err(e) = crate::tls::acceptor(&files.cert, &files.key)
+    {
+        problems.push(e);
+    }
+    crate::tls::install_crypto_provider();
+    if let Err(e) = crate::upstream::Upstreams::new(config) {
+        problems.push(e);
+    }
+    problems
 }
 
 fn route(path: &Path, sender: &str, from: Option<&str>, rcpts: usize) -> Result<(), String> {
@@ -352,4 +377,33 @@ fn hash_password() -> Result<(), String> {
     }
     println!("{}", crate::smtp::auth::hash_password(password));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_reads_the_tls_files_and_ca_files_not_only_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = crate::tls::generate(dir.path()).unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not PEM\n").unwrap();
+        let text = |cert: &Path, ca: &Path| {
+            format!(
+                "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+                 [channels.up]\nhost = \"127.0.0.1\"\ntls = \"none\"\nca_file = {ca:?}\nsenders = [\"*\"]\n"
+            )
+        };
+        let good = config::parse(&text(&cert, &cert), &dir.path().join("p.toml")).unwrap();
+        assert_eq!(file_problems(&good), Vec::<String>::new());
+
+        let bad = config::parse(&text(&junk, &junk), &dir.path().join("p.toml")).unwrap();
+        let problems = file_problems(&bad);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().all(|p| p.contains("junk.pem")),
+            "{problems:?}"
+        );
+    }
 }

@@ -19,7 +19,7 @@
 //! | [`message`] | the envelope of a message, message ids |
 //! | [`routing`] | pure: envelope + headers → channel or a refusal [`smtp::reply::Reply`] |
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
-//! | [`delivery`] | relay mode: hands the message to its channel and turns the outcome into the client's reply |
+//! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 #![forbid(unsafe_code)]

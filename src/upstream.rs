@@ -526,7 +526,12 @@ impl Upstreams {
         )
         .await
         {
-            Err(_) => return Err(UpstreamError::Timeout),
+            // No answer to the connect is an unreachable host (4.4.1), not a slow one.
+            Err(_) => {
+                return Err(UpstreamError::Connect(format!(
+                    "{target}: connect timed out"
+                )));
+            }
             Ok(Err(e)) => return Err(UpstreamError::Connect(format!("{target}: {e}"))),
             Ok(Ok(tcp)) => tcp,
         };
@@ -544,7 +549,11 @@ impl Upstreams {
                     .map_err(|e| UpstreamError::Tls(format!("{}: {e}", ch.host)))?;
                 let tls =
                     match tokio::time::timeout(self.timeout, connector.connect(name, tcp)).await {
-                        Err(_) => return Err(UpstreamError::Timeout),
+                        Err(_) => {
+                            return Err(UpstreamError::Tls(format!(
+                                "{target}: TLS handshake timed out"
+                            )));
+                        }
                         Ok(Err(e)) => return Err(UpstreamError::Tls(format!("{target}: {e}"))),
                         Ok(Ok(tls)) => tls,
                     };
