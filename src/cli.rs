@@ -215,23 +215,27 @@ fn run(path: &Path) -> Result<(), String> {
     let config = Arc::new(config);
     runtime()?.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        // Installed before anything listens, so a signal right after start-up is ours.
+        tokio::spawn(watch_signals(install_signals()?, shutdown.clone()));
         crate::run(config, shutdown).await
     })
 }
 
+/// SIGTERM, SIGINT and SIGHUP handlers (must run inside the runtime).
+fn install_signals() -> Result<[tokio::signal::unix::Signal; 3], String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let install = |kind| signal(kind).map_err(|e| format!("cannot install signal handlers: {e}"));
+    Ok([
+        install(SignalKind::terminate())?,
+        install(SignalKind::interrupt())?,
+        install(SignalKind::hangup())?,
+    ])
+}
+
 /// SIGINT/SIGTERM: graceful stop. SIGHUP: config reload is not implemented in this
 /// version; it is logged and ignored rather than killing the proxy (its default action).
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn watch_signals(signals: [tokio::signal::unix::Signal; 3], shutdown: CancellationToken) {
+    let [mut term, mut int, mut hup] = signals;
     loop {
         tokio::select! {
             _ = term.recv() => break,
