@@ -6,7 +6,8 @@
 //!
 //! Invariants, checked on every input:
 //! - the result (output, consumed count, bare CR/LF seen) is the same whole, in the
-//!   chosen chunks, and byte by byte, and equals an independent whole-input model;
+//!   chosen chunks, and byte by byte, and equals an independent whole-input model
+//!   (an unfinished DATA stream: a prefix of the model's output once terminated);
 //! - the output has no bare CR or LF;
 //! - once re-stuffed as lettre sends it (final CRLF dropped, dot-stuffed, `CRLF.CRLF`
 //!   appended), the only end-of-data on the wire is the appended one;
@@ -48,8 +49,16 @@ fuzz_target!(|data: &[u8]| {
     };
     match model {
         Some(model) => assert_eq!(whole, model, "decoder and model disagree"),
-        // No end of data in the input: the model says nothing about a partial body.
-        None => assert_eq!(whole.consumed, None, "end of data found where there is none"),
+        None => {
+            assert_eq!(
+                whole.consumed, None,
+                "end of data found where there is none"
+            );
+            // The decoder only appends, so what it made of an unfinished stream starts
+            // what the model makes of that stream once terminated.
+            let ended = model_data(&[input, b"\r\n.\r\n"].concat()).expect("terminated");
+            assert!(ended.out.starts_with(&whole.out), "partial output diverges");
+        }
     }
 
     assert_normalized(&whole.out);
@@ -69,7 +78,11 @@ fn run(bdat: bool, input: &[u8], lengths: &[usize]) -> Outcome {
     let mut consumed = None;
     for chunk in chunks(input, lengths) {
         let end = decoder.feed(chunk, &mut out);
-        assert_eq!(decoder.size(), out.len() as u64, "size() is not the output length");
+        assert_eq!(
+            decoder.size(),
+            out.len() as u64,
+            "size() is not the output length"
+        );
         match end {
             Some(n) => {
                 assert!(!bdat, "BDAT has no end of data");
@@ -87,7 +100,11 @@ fn run(bdat: bool, input: &[u8], lengths: &[usize]) -> Outcome {
     }
     if bdat {
         decoder.finish(&mut out);
-        assert_eq!(decoder.size(), out.len() as u64, "size() is not the output length");
+        assert_eq!(
+            decoder.size(),
+            out.len() as u64,
+            "size() is not the output length"
+        );
     }
     Outcome {
         out,
@@ -219,22 +236,22 @@ fn assert_single_terminator(out: &[u8]) {
 fn lettre_stuff(frame: &[u8], buf: &mut Vec<u8>) {
     #[derive(Clone, Copy)]
     enum Status {
-        MiddleOfLine,
-        StartingNewLine,
-        StartOfNewLine,
+        Middle,
+        AfterCr,
+        LineStart,
     }
-    let mut status = Status::StartOfNewLine;
+    let mut status = Status::LineStart;
     for &b in frame {
         buf.push(b);
         status = match (b, status) {
-            (b'\r', _) => Status::StartingNewLine,
-            (b'\n', Status::StartingNewLine) => Status::StartOfNewLine,
-            (b'.', Status::StartOfNewLine) => {
+            (b'\r', _) => Status::AfterCr,
+            (b'\n', Status::AfterCr) => Status::LineStart,
+            (b'.', Status::LineStart) => {
                 buf.push(b'.');
-                Status::MiddleOfLine
+                Status::Middle
             }
-            (_, Status::StartingNewLine | Status::StartOfNewLine) => Status::MiddleOfLine,
-            (_, Status::MiddleOfLine) => Status::MiddleOfLine,
+            (_, Status::AfterCr | Status::LineStart) => Status::Middle,
+            (_, Status::Middle) => Status::Middle,
         };
     }
 }
