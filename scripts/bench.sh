@@ -90,7 +90,7 @@ bench() {
 bash "$BENCH" sink start >&2
 start_mailgate
 
-echo "## mailgate bench $(date -u +%FT%TZ), $(nproc) cores, $RUNS runs per line"
+echo "## mailgate bench $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d" " -f1-3 /proc/loadavg), $RUNS runs per line"
 echo "### 1 KB, 20 sessions x 10 messages: direct, then through mailgate"
 bench direct_1k -L 1000 -S 20 -M 10 -R 1 "$SINK"
 bench relay_1k -L 1000 -S 20 -M 10 -R 1 "127.0.0.1:$PORT"

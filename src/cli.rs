@@ -69,6 +69,38 @@ pub enum Command {
     },
     /// Read a password on stdin, print its argon2id hash for [[users]]
     HashPassword,
+    /// Inspect and act on the spool (queue mode); safe while the proxy runs
+    Queue {
+        /// What to do with the queue
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+/// `queue` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// List each channel's state, the queued messages and the failed ones
+    List,
+    /// Show one message: envelope, recipients and their replies, headers
+    Show {
+        /// Queue id
+        id: String,
+    },
+    /// Make a message (or every one, --all) due now; broken or held channels resume
+    Retry {
+        /// Queue id
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every queued message
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete a message from the queue (waits for a delivery in flight) or from failed/
+    Delete {
+        /// Queue id
+        id: String,
+    },
 }
 
 /// `cert` subcommands.
@@ -114,7 +146,24 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::HashPassword => hash_password(),
+        Command::Queue { action } => queue_command(&path, action),
     }
+}
+
+fn queue_command(path: &Path, action: QueueAction) -> Result<(), String> {
+    use crate::queue::admin;
+    let config = load(path)?;
+    let out = match action {
+        QueueAction::List => admin::list(&config)?,
+        QueueAction::Show { id } => admin::show(&config, &id)?,
+        QueueAction::Retry { id, .. } => admin::retry(&config, id.as_deref())?,
+        QueueAction::Delete { id } => admin::delete(&config, &id)?,
+    };
+    print!("{out}");
+    if !out.ends_with('\n') {
+        println!();
+    }
+    Ok(())
 }
 
 /// `-c`, else `$MAILGATE_CONFIG`, else `./proxy.toml`.
@@ -166,23 +215,27 @@ fn run(path: &Path) -> Result<(), String> {
     let config = Arc::new(config);
     runtime()?.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        // Installed before anything listens, so a signal right after start-up is ours.
+        tokio::spawn(watch_signals(install_signals()?, shutdown.clone()));
         crate::run(config, shutdown).await
     })
 }
 
+/// SIGTERM, SIGINT and SIGHUP handlers (must run inside the runtime).
+fn install_signals() -> Result<[tokio::signal::unix::Signal; 3], String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let install = |kind| signal(kind).map_err(|e| format!("cannot install signal handlers: {e}"));
+    Ok([
+        install(SignalKind::terminate())?,
+        install(SignalKind::interrupt())?,
+        install(SignalKind::hangup())?,
+    ])
+}
+
 /// SIGINT/SIGTERM: graceful stop. SIGHUP: config reload is not implemented in this
 /// version; it is logged and ignored rather than killing the proxy (its default action).
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn watch_signals(signals: [tokio::signal::unix::Signal; 3], shutdown: CancellationToken) {
+    let [mut term, mut int, mut hup] = signals;
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -224,9 +277,40 @@ fn warn_if_secrets_readable(config: &Config) {
 
 fn check(path: &Path) -> Result<(), String> {
     let config = load(path)?;
+    let problems = file_problems(&config);
+    for problem in &problems {
+        eprintln!("{}: {problem}", path.display());
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        let s = if n == 1 { "" } else { "s" };
+        return Err(format!("{}: {n} problem{s} found", path.display()));
+    }
     print!("{}", config::summary(&config));
+    if config.server.spool_dir.join("state").is_dir() {
+        println!("channel health (from the spool):");
+        for (name, state) in crate::queue::admin::channel_health(&config) {
+            println!("  {name}: {state}");
+        }
+    }
     println!("{}: OK", path.display());
     Ok(())
+}
+
+/// What `run` would still trip over in a config that parsed: the listeners' certificate
+/// and key, and the channels' `ca_file`s, must hold usable PEM, not merely exist.
+fn file_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(files) = &config.server.tls
+        && let Err(e) = crate::tls::acceptor(&files.cert, &files.key)
+    {
+        problems.push(e);
+    }
+    crate::tls::install_crypto_provider();
+    if let Err(e) = crate::upstream::Upstreams::new(config) {
+        problems.push(e);
+    }
+    problems
 }
 
 fn route(path: &Path, sender: &str, from: Option<&str>, rcpts: usize) -> Result<(), String> {
@@ -297,4 +381,33 @@ fn hash_password() -> Result<(), String> {
     }
     println!("{}", crate::smtp::auth::hash_password(password));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_reads_the_tls_files_and_ca_files_not_only_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = crate::tls::generate(dir.path()).unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not PEM\n").unwrap();
+        let text = |cert: &Path, ca: &Path| {
+            format!(
+                "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+                 [channels.up]\nhost = \"127.0.0.1\"\ntls = \"none\"\nca_file = {ca:?}\nsenders = [\"*\"]\n"
+            )
+        };
+        let good = config::parse(&text(&cert, &cert), &dir.path().join("p.toml")).unwrap();
+        assert_eq!(file_problems(&good), Vec::<String>::new());
+
+        let bad = config::parse(&text(&junk, &junk), &dir.path().join("p.toml")).unwrap();
+        let problems = file_problems(&bad);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().all(|p| p.contains("junk.pem")),
+            "{problems:?}"
+        );
+    }
 }

@@ -307,10 +307,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         Ok(doc) => Some(ctx.config(doc.as_table(), path)),
         Err(e) => {
             let line = ctx.line(e.span());
-            ctx.problem(
-                line,
-                format!("TOML syntax error: {}", e.message().trim_end()),
-            );
+            // toml_edit puts "expected ..." on a second line; a problem is one line.
+            let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+            ctx.problem(line, format!("TOML syntax error: {}", message.join("; ")));
             None
         }
     };
@@ -1312,8 +1311,10 @@ impl Ctx {
             .into_iter()
             .map(|at| at.value)
             .collect();
-        let networks_given = s.table.contains_key("allow_networks");
-        if !require_auth && allow_networks.is_empty() && !networks_given {
+        // An explicit but empty list still means "any network": only entries restrict.
+        // (A list whose entries are all malformed is reported on its own.)
+        let networks_given = self.has_nonempty_list(s, "allow_networks");
+        if !require_auth && !networks_given {
             for at in listen.iter().chain(&tls_listen) {
                 if !at.value.ip().is_loopback() {
                     let message = format!(
@@ -2245,6 +2246,12 @@ mod tests {
             "{all:?}"
         );
 
+        // `allow_networks = []` (the shipped default) restricts nothing.
+        let p = problem(&format!(
+            "[server]\nlisten = [\"0.0.0.0:2525\"]\nallow_networks = []\n{OUTBOX}"
+        ));
+        assert!(p.message.contains("is not on loopback"), "{}", p.message);
+
         ok(&format!(
             "[server]\nlisten = [\"0.0.0.0:2525\"]\nallow_networks = [\"10.0.0.0/8\"]\n{OUTBOX}"
         ));
@@ -2395,6 +2402,11 @@ max_recipients = 0
         let p = problem("[server]\nhostname = \n");
         assert_eq!(p.line, Some(2));
         assert!(p.message.starts_with("TOML syntax error"), "{}", p.message);
+        // toml_edit's "expected ..." hint stays on the problem's one line.
+        let p = problem("[server\n");
+        assert_eq!(p.line, Some(1));
+        assert!(!p.message.contains('\n'), "{:?}", p.message);
+        assert!(p.message.contains("expected"), "{:?}", p.message);
     }
 
     #[test]
@@ -2693,7 +2705,7 @@ max_recipients = 0
                 "[::1]:2525".parse().unwrap()
             ]
         );
-        assert_eq!(config.server.delivery, DeliveryMode::Relay);
+        assert_eq!(config.server.delivery, DeliveryMode::Queue);
         assert_eq!(config.channels.len(), 1);
         let outbox = &config.channels[0];
         assert_eq!(outbox.name, "outbox");

@@ -3,14 +3,18 @@
 //! The session streams a message into a [`Draft`] as it arrives, then calls
 //! [`Delivery::finish`] with the routed channel and envelope.
 //! Relay mode: the message goes upstream during the client's session and the client
-//! gets the upstream's answer (SPEC §5, §6).
+//! gets the upstream's answer (SPEC §5, §6). Queue mode: the draft is a spool file and
+//! [`crate::queue`] stores the message and delivers it later.
 
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::{ChannelId, Config};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
+use crate::queue::{Queue, Spool, SpoolDraft, state};
 use crate::ratelimit::ChannelLimiter;
 use crate::smtp::reply::Reply;
 use crate::upstream::{Body, Upstreams};
@@ -18,19 +22,28 @@ use crate::upstream::{Body, Upstreams};
 /// The delivery side of a running proxy.
 pub struct Delivery {
     config: Arc<Config>,
-    upstreams: Upstreams,
+    upstreams: Arc<Upstreams>,
     /// One per channel, indexed by [`ChannelId`].
     limiters: Vec<Mutex<ChannelLimiter>>,
+    /// Queue mode: the spool and its workers.
+    queue: Option<Arc<Queue>>,
+    /// Relay mode: where the limiters' counts are kept across restarts.
+    counters: Option<Spool>,
 }
 
 /// A message being received: written to as the data streams in.
 /// Dropping a draft without [`Delivery::finish`] discards it.
 ///
-/// Held in memory (relay mode: the session is bounded by `max_message_size`); queue mode
-/// can turn this into a spool file behind the same methods.
+/// Relay mode holds it in memory (the session is bounded by `max_message_size`); queue
+/// mode streams it to a spool file, so memory does not grow with the message.
 pub struct Draft {
     id: String,
-    bytes: Vec<u8>,
+    body: DraftBody,
+}
+
+enum DraftBody {
+    Memory(Vec<u8>),
+    Spool(SpoolDraft),
 }
 
 impl Draft {
@@ -41,48 +54,81 @@ impl Draft {
 
     /// Appends decoded message bytes.
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.bytes.extend_from_slice(data);
-        Ok(())
+        match &mut self.body {
+            DraftBody::Memory(bytes) => {
+                bytes.extend_from_slice(data);
+                Ok(())
+            }
+            DraftBody::Spool(spool) => spool.write(data).await,
+        }
     }
 
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
-        self.bytes.len() as u64
+        match &self.body {
+            DraftBody::Memory(bytes) => bytes.len() as u64,
+            DraftBody::Spool(spool) => spool.len(),
+        }
     }
 
     /// Nothing written yet.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len() == 0
     }
 }
 
 impl Delivery {
-    /// Sets up the channels' transports and limiters.
+    /// Sets up the channels' transports and limiters; in queue mode, opens the spool
+    /// (removing what was never acknowledged). The queue's workers start with [`Delivery::run_queue`].
+    /// Relay mode keeps its rate and quota counters in `spool_dir/state/` across restarts.
     pub fn new(config: Arc<Config>) -> Result<Self, String> {
         let upstreams = Upstreams::new(&config)?;
+        Self::build(config, upstreams, true)
+    }
+
+    /// Builds on transports made elsewhere (tests: shorter timeouts; relay-mode counters
+    /// are not persisted). Panics if a queue-mode spool cannot be opened.
+    pub fn with_upstreams(config: Arc<Config>, upstreams: Upstreams) -> Self {
+        Self::build(config, upstreams, false).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn build(config: Arc<Config>, upstreams: Upstreams, persist: bool) -> Result<Self, String> {
+        let queue = match config.server.delivery {
+            DeliveryMode::Queue => Some(Queue::open(config.clone())?),
+            DeliveryMode::Relay => None,
+        };
+        // Queue mode counts in its workers; relay mode here, persisted when asked to.
+        let counters = (persist && queue.is_none())
+            .then(|| relay_counters(&config))
+            .flatten();
+        let now = now_ms();
         let limiters = config
             .channels
             .iter()
-            .map(|c| Mutex::new(ChannelLimiter::new(&c.limits)))
+            .map(|c| {
+                let saved = counters
+                    .as_ref()
+                    .filter(|_| state::has_windows(&c.limits))
+                    .and_then(|spool| state::Counters::load(spool, &c.name, &c.limits, now).ok())
+                    .map(|counters| counters.events())
+                    .unwrap_or_default();
+                Mutex::new(ChannelLimiter::restore(&c.limits, saved, now))
+            })
             .collect();
         Ok(Delivery {
             config,
-            upstreams,
+            upstreams: Arc::new(upstreams),
             limiters,
+            queue,
+            counters,
         })
     }
 
-    /// Builds on transports made elsewhere (tests: shorter timeouts).
-    pub fn with_upstreams(config: Arc<Config>, upstreams: Upstreams) -> Self {
-        let limiters = config
-            .channels
-            .iter()
-            .map(|c| Mutex::new(ChannelLimiter::new(&c.limits)))
-            .collect();
-        Delivery {
-            config,
-            upstreams,
-            limiters,
+    /// Queue mode: runs the queue's workers until `shutdown`, then lets transactions in
+    /// flight finish (bounded). Relay mode: returns at once.
+    pub async fn run_queue(&self, shutdown: CancellationToken) {
+        if let Some(queue) = &self.queue {
+            queue.clone().run(self.upstreams.clone(), shutdown).await;
         }
     }
 
@@ -91,30 +137,47 @@ impl Delivery {
         &self.upstreams
     }
 
+    /// Queue mode: resumes broken or held channels and makes every queued message due
+    /// now (what a config reload should do; `queue retry --all` does the same).
+    pub fn resume_queue(&self) {
+        if let Some(queue) = &self.queue {
+            queue.resume_all();
+        }
+    }
+
     /// Starts a new message (assigns its id).
     pub async fn begin(&self) -> Result<Draft, Reply> {
-        Ok(Draft {
-            id: crate::message::new_id(),
-            bytes: Vec::new(),
-        })
+        match &self.queue {
+            Some(queue) => {
+                let spool = queue.begin().await?;
+                Ok(Draft {
+                    id: spool.id().to_string(),
+                    body: DraftBody::Spool(spool),
+                })
+            }
+            None => Ok(Draft {
+                id: crate::message::new_id(),
+                body: DraftBody::Memory(Vec::new()),
+            }),
+        }
     }
 
     /// Delivers (relay) or stores (queue) a complete message; returns what the client should hear.
     pub async fn finish(&self, draft: Draft, channel: ChannelId, envelope: &Envelope) -> Reply {
         let started = Instant::now();
-        let reply = self.relay(&draft, channel, envelope).await;
+        let (id, size) = (draft.id().to_string(), draft.len());
+        let reply = match (draft.body, &self.queue) {
+            (DraftBody::Spool(spool), Some(queue)) => queue.finish(spool, channel, envelope).await,
+            (DraftBody::Memory(bytes), _) => self.relay(&id, &bytes, channel, envelope).await,
+            (DraftBody::Spool(_), None) => Reply::local_error(),
+        };
         let name = self
             .config
             .channels
             .get(channel)
             .map_or("?", |c| c.name.as_str());
         let duration_ms = started.elapsed().as_millis() as u64;
-        let (id, sender, rcpts, size) = (
-            draft.id(),
-            &envelope.sender,
-            envelope.recipients.len(),
-            draft.len(),
-        );
+        let (id, sender, rcpts) = (id.as_str(), &envelope.sender, envelope.recipients.len());
         if reply.is_positive() {
             tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
         } else {
@@ -124,16 +187,22 @@ impl Delivery {
     }
 
     /// Relay mode: limits, then the upstream's answer.
-    async fn relay(&self, draft: &Draft, channel: ChannelId, envelope: &Envelope) -> Reply {
+    async fn relay(
+        &self,
+        id: &str,
+        bytes: &[u8],
+        channel: ChannelId,
+        envelope: &Envelope,
+    ) -> Reply {
         let (Some(ch), Some(limiter)) = (
             self.config.channels.get(channel),
             self.limiters.get(channel),
         ) else {
-            tracing::error!(id = draft.id(), channel, "no such channel");
+            tracing::error!(id, channel, "no such channel");
             return Reply::local_error();
         };
         if let Some(max) = ch.limits.max_message_size
-            && draft.len() > max
+            && bytes.len() as u64 > max
         {
             return Reply::too_big(max);
         }
@@ -149,28 +218,57 @@ impl Delivery {
             let mut limiter = lock(limiter);
             let now = now_ms();
             if let Err(until) = limiter.check(now, rcpts) {
-                tracing::info!(id = draft.id(), channel = %ch.name, until_ms = until, "channel limit reached");
+                tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
                 return Reply::channel_limited(&ch.name);
             }
             limiter.record(now, rcpts);
             now
         };
+        self.persist(&ch.name, reserved_at, rcpts, false);
         let outcome = self
             .upstreams
-            .send_with_id(
-                channel,
-                Some(draft.id()),
-                envelope,
-                Body::Bytes(&draft.bytes),
-                true,
-            )
+            .send_with_id(channel, Some(id), envelope, Body::Bytes(bytes), true)
             .await;
         match outcome.result {
             Ok(reply) => reply,
             Err(error) => {
                 lock(limiter).unrecord(reserved_at, rcpts);
+                self.persist(&ch.name, reserved_at, rcpts, true);
                 error.client_reply(&ch.name)
             }
+        }
+    }
+}
+
+impl Delivery {
+    /// Relay mode: logs a counted (or taken back) message so the windows survive a restart.
+    fn persist(&self, channel: &str, at_ms: u64, rcpts: u64, taken_back: bool) {
+        let Some(spool) = &self.counters else { return };
+        let limited = self
+            .config
+            .channel_id(channel)
+            .is_some_and(|id| state::has_windows(&self.config.channels[id].limits));
+        if limited && let Err(e) = state::append_event(spool, channel, at_ms, rcpts, taken_back) {
+            tracing::warn!(channel, error = %e, "cannot persist rate counters");
+        }
+    }
+}
+
+/// Relay mode: the spool's `state/` for rate counters, when some channel has limits.
+fn relay_counters(config: &Config) -> Option<Spool> {
+    if !config
+        .channels
+        .iter()
+        .any(|c| state::has_windows(&c.limits))
+    {
+        return None;
+    }
+    let spool = Spool::new(&config.server.spool_dir);
+    match spool.create_dirs() {
+        Ok(()) => Some(spool),
+        Err(e) => {
+            tracing::warn!(spool = %spool.root.display(), error = %e, "rate counters will not survive a restart");
+            None
         }
     }
 }

@@ -19,8 +19,9 @@
 //! | [`message`] | the envelope of a message, message ids |
 //! | [`routing`] | pure: envelope + headers → channel or a refusal [`smtp::reply::Reply`] |
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
-//! | [`delivery`] | relay mode: hands the message to its channel and turns the outcome into the client's reply |
+//! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
+//! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod config;
 pub mod delivery;
 pub mod listener;
 pub mod message;
+pub mod queue;
 pub mod ratelimit;
 pub mod routing;
 pub mod smtp;
@@ -44,7 +46,14 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
     tls::install_crypto_provider();
     let delivery = Arc::new(delivery::Delivery::new(config.clone())?);
     let listeners = listener::bind(&config).await?;
-    let served = listener::serve(config, delivery.clone(), listeners, shutdown).await;
+    // Queue mode: the workers deliver from the spool while the listeners accept.
+    let workers = {
+        let (delivery, shutdown) = (delivery.clone(), shutdown.clone());
+        tokio::spawn(async move { delivery.run_queue(shutdown).await })
+    };
+    let served = listener::serve(config, delivery.clone(), listeners, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = workers.await;
     delivery.upstreams().close_idle().await;
     served
 }

@@ -56,7 +56,7 @@ pub async fn bind(config: &Config) -> Result<Vec<Bound>, String> {
                 listener,
                 implicit_tls,
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && addr.is_ipv6() => {
+            Err(e) if host_lacks_ipv6(addr, &e) => {
                 tracing::warn!("skipping listener {addr}: this host has no such address ({e})");
             }
             Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
@@ -66,6 +66,15 @@ pub async fn bind(config: &Config) -> Result<Vec<Bound>, String> {
         return Err("no listener could be bound".to_string());
     }
     Ok(bound)
+}
+
+/// Binding an IPv6 address failed because the host has no IPv6 there: the address is
+/// missing (`EADDRNOTAVAIL`, e.g. IPv6 disabled on the interface) or the kernel has no
+/// IPv6 at all (`EAFNOSUPPORT`, which std does not map to an `ErrorKind`).
+fn host_lacks_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
+    addr.is_ipv6()
+        && (e.kind() == std::io::ErrorKind::AddrNotAvailable
+            || e.raw_os_error() == Some(libc::EAFNOSUPPORT))
 }
 
 /// Serves the bound listeners until `shutdown` is cancelled, then waits for the
@@ -145,8 +154,7 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let allowed = &ctx.config.server.allow_networks;
-        if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(&peer.ip())) {
+        if !network_allowed(&ctx.config.server.allow_networks, peer.ip()) {
             tracing::info!(%peer, "refused: client network not in allow_networks");
             sessions.spawn(refuse(stream, Reply::network_not_allowed()));
             continue;
@@ -182,6 +190,14 @@ async fn accept_loop(
     }
 }
 
+/// Whether a client at `ip` may connect: `allowed` is empty or holds its network. On a
+/// dual-stack `[::]` listener an IPv4 client shows up as `::ffff:a.b.c.d`; it is matched
+/// as the IPv4 address it is.
+fn network_allowed(allowed: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    allowed.is_empty() || allowed.iter().any(|net| net.contains(&ip))
+}
+
 /// Sends one refusal line and closes, without reading anything.
 async fn refuse(mut stream: TcpStream, reply: Reply) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -189,4 +205,39 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn allow_networks_matches_ipv4_clients_of_a_dual_stack_listener() {
+        let nets: Vec<ipnet::IpNet> =
+            vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(network_allowed(&nets, ip("10.1.2.3")));
+        assert!(network_allowed(&nets, ip("::ffff:10.1.2.3")));
+        assert!(network_allowed(&nets, ip("fd00::1")));
+        assert!(!network_allowed(&nets, ip("::ffff:192.168.1.1")));
+        assert!(!network_allowed(&nets, ip("127.0.0.1")));
+        assert!(network_allowed(&[], ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn only_a_missing_ipv6_stack_or_address_is_skipped() {
+        let v6: SocketAddr = "[::1]:2525".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:2525".parse().unwrap();
+        let no_family = Error::from_raw_os_error(libc::EAFNOSUPPORT);
+        let no_address = Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        assert!(host_lacks_ipv6(&v6, &no_family));
+        assert!(host_lacks_ipv6(&v6, &no_address));
+        assert!(!host_lacks_ipv6(&v4, &no_address));
+        assert!(!host_lacks_ipv6(&v6, &Error::from(ErrorKind::AddrInUse)));
+        assert!(!host_lacks_ipv6(
+            &v6,
+            &Error::from_raw_os_error(libc::EACCES)
+        ));
+    }
 }

@@ -465,6 +465,10 @@ impl Upstreams {
 
         let data_timeout = self.timeout + Duration::from_secs(body.len / MIN_DATA_RATE);
         let sent = match body.source {
+            _ if body.empty => {
+                self.call(ch, data_timeout, conn.smtp.command(EmptyMessageEnd))
+                    .await
+            }
             Source::Bytes(bytes) => {
                 self.call(
                     ch,
@@ -559,7 +563,12 @@ impl Upstreams {
     ) -> Result<Conn, UpstreamError> {
         let target = format!("{}:{}", ch.host, ch.port);
         let tcp = match tokio::time::timeout(self.timeout, open_tcp(&ch.host, ch.port)).await {
-            Err(_) => return Err(UpstreamError::Timeout),
+            // No answer to the connect is an unreachable host (4.4.1), not a slow one.
+            Err(_) => {
+                return Err(UpstreamError::Connect(format!(
+                    "{target}: connect timed out"
+                )));
+            }
             Ok(Err(e)) => return Err(UpstreamError::Connect(format!("{target}: {e}"))),
             Ok(Ok(tcp)) => tcp,
         };
@@ -574,7 +583,11 @@ impl Upstreams {
                     .map_err(|e| UpstreamError::Tls(format!("{}: {e}", ch.host)))?;
                 let tls =
                     match tokio::time::timeout(self.timeout, connector.connect(name, tcp)).await {
-                        Err(_) => return Err(UpstreamError::Timeout),
+                        Err(_) => {
+                            return Err(UpstreamError::Tls(format!(
+                                "{target}: TLS handshake timed out"
+                            )));
+                        }
                         Ok(Err(e)) => return Err(UpstreamError::Tls(format!("{target}: {e}"))),
                         Ok(Ok(tls)) => tls,
                     };
@@ -940,6 +953,18 @@ struct PreparedBody<'a> {
     len: u64,
     /// Has bytes above 127.
     eightbit: bool,
+    /// The message is empty: nothing at all before the terminating dot.
+    empty: bool,
+}
+
+/// The end of an empty message: lettre's `message_iter` always writes `CRLF . CRLF`,
+/// which would add an empty line, so an empty body goes out as the bare dot line.
+struct EmptyMessageEnd;
+
+impl std::fmt::Display for EmptyMessageEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(".\r\n")
+    }
 }
 
 enum Source<'a> {
@@ -955,11 +980,13 @@ impl<'a> PreparedBody<'a> {
                 let mut scan = Scan::default();
                 scan.feed(bytes);
                 scan.check()?;
+                let empty = bytes.is_empty();
                 let bytes = bytes.strip_suffix(b"\r\n").unwrap_or(bytes);
                 Ok(PreparedBody {
                     source: Source::Bytes(bytes),
                     len: bytes.len() as u64,
                     eightbit: scan.eightbit,
+                    empty,
                 })
             }
             Body::File(path) => {
@@ -969,11 +996,13 @@ impl<'a> PreparedBody<'a> {
                     .await
                     .map_err(|e| UpstreamError::Local(format!("{shown}: {e}")))?;
                 scan.check()?;
+                let empty = len == 0;
                 let len = if scan.ends_with_crlf { len - 2 } else { len };
                 Ok(PreparedBody {
                     source: Source::File(file),
                     len,
                     eightbit: scan.eightbit,
+                    empty,
                 })
             }
         }

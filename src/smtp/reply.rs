@@ -293,16 +293,21 @@ impl Reply {
     pub fn network_not_allowed() -> Self {
         Reply::new(554, (5, 7, 1), "Access denied for your network")
     }
-    /// The upstream's own reply, passed on with text naming the channel.
+    /// The upstream's own reply, passed on with text naming the channel. An upstream
+    /// reply without an enhanced code gets its class's generic one (`X.0.0`), as Postfix
+    /// does: we advertise ENHANCEDSTATUSCODES, so every reply must carry one (RFC 2034).
     pub fn from_upstream(
         code: u16,
         enhanced: Option<(u8, u16, u16)>,
         text: &str,
         channel: &str,
     ) -> Self {
+        let class = u8::try_from(code / 100)
+            .ok()
+            .filter(|c| (2..=5).contains(c));
         Reply {
             code,
-            enhanced,
+            enhanced: enhanced.or(class.map(|c| (c, 0, 0))),
             text: format!("Channel {channel}: upstream said: {text}"),
         }
     }
@@ -421,6 +426,23 @@ mod tests {
                 reply.to_wire().starts_with(want),
                 "{reply} should start with {want}"
             );
+        }
+    }
+
+    #[test]
+    fn upstream_replies_always_carry_an_enhanced_code() {
+        let kept = Reply::from_upstream(550, Some((5, 1, 1)), "no such user", "up");
+        assert_eq!(
+            kept.to_wire(),
+            "550 5.1.1 Channel up: upstream said: no such user\r\n"
+        );
+        for (code, want) in [
+            (250, "250 2.0.0 "),
+            (451, "451 4.0.0 "),
+            (554, "554 5.0.0 "),
+        ] {
+            let reply = Reply::from_upstream(code, None, "text", "up");
+            assert!(reply.to_wire().starts_with(want), "{reply}");
         }
     }
 

@@ -241,7 +241,12 @@ impl Session {
             while let Some(input) = self.next_line() {
                 match input {
                     Input::Line(line) => self.line(&line).await?,
-                    Input::TooLong => self.reply(&Reply::line_too_long())?,
+                    Input::TooLong => {
+                        // Refusing the line ends an AUTH exchange waiting for it, as any
+                        // refused AUTH step does (RFC 4954).
+                        self.auth = None;
+                        self.reply(&Reply::line_too_long())?
+                    }
                 }
             }
             self.fill(true).await?;
@@ -866,6 +871,8 @@ fn liberal(line: &[u8]) -> Cow<'_, [u8]> {
     let content = content.strip_suffix(b"\r").unwrap_or(content);
     let trimmed = content.trim_ascii_end();
     let wrapped = wrap_bare_address(trimmed);
+    let clamped = clamp_size(wrapped.as_deref().unwrap_or(trimmed));
+    let wrapped = clamped.or(wrapped);
     if wrapped.is_none() && trimmed.len() == content.len() && line.ends_with(b"\r\n") {
         return Cow::Borrowed(line);
     }
@@ -910,6 +917,36 @@ fn wrap_bare_address(line: &[u8]) -> Option<Vec<u8>> {
     fixed.extend_from_slice(&address_start[..address_len]);
     fixed.push(b'>');
     fixed.extend_from_slice(&address_start[address_len..]);
+    Some(fixed)
+}
+
+/// The largest `SIZE=` value passed on to smtp-proto: over any `max_message_size`, and
+/// still parsed exactly (it fits in 64 bits and is not smtp-proto's "invalid" `usize::MAX`).
+const SIZE_CLAMP: &[u8] = b"18446744073709551614";
+
+/// `MAIL FROM:<a@b> SIZE=<more than 64 bits of digits>` → `SIZE=18446744073709551614`.
+/// smtp-proto saturates an over-long SIZE and then starts again from the next digit, so
+/// `SIZE=10^22` would read as a tiny size and pass; clamped, it is refused as too big.
+fn clamp_size(line: &[u8]) -> Option<Vec<u8>> {
+    if !line.get(..4)?.eq_ignore_ascii_case(b"MAIL") {
+        return None;
+    }
+    let start = line
+        .windows(6)
+        .position(|w| w.eq_ignore_ascii_case(b" SIZE="))?
+        + 6;
+    let digits = line[start..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let value = &line[start..start + digits];
+    let fits = std::str::from_utf8(value).is_ok_and(|v| v.parse::<u64>().is_ok());
+    if digits == 0 || fits {
+        return None;
+    }
+    let mut fixed = line[..start].to_vec();
+    fixed.extend_from_slice(SIZE_CLAMP);
+    fixed.extend_from_slice(&line[start + digits..]);
     Some(fixed)
 }
 

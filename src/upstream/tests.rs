@@ -495,6 +495,39 @@ async fn body_without_final_crlf_gets_one() {
 }
 
 #[tokio::test]
+async fn empty_and_one_empty_line_messages_arrive_unchanged() {
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 2);
+    for message in [&b""[..], b"\r\n"] {
+        up.send(
+            0,
+            &envelope("a@example.com", &["b@example.org"]),
+            Body::Bytes(message),
+            true,
+        )
+        .await
+        .result
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.eml");
+    std::fs::write(&path, b"").unwrap();
+    up.send(
+        0,
+        &envelope("a@example.com", &["b@example.org"]),
+        Body::File(&path),
+        true,
+    )
+    .await
+    .result
+    .unwrap();
+    let txns = rec.txns();
+    assert_eq!(txns[0].wire, b"".to_vec());
+    assert_eq!(txns[1].wire, b"\r\n".to_vec());
+    assert_eq!(txns[2].wire, b"".to_vec());
+}
+
+#[tokio::test]
 async fn bare_line_feed_is_never_sent() {
     let (port, rec) = start(plain_fake()).await;
     let up = upstreams(smtp_channel(port, TlsMode::None), 2);
@@ -1179,6 +1212,7 @@ async fn a_short_spool_file_aborts_data_without_the_final_dot() {
         source: Source::File(fs::File::open(&path).unwrap()),
         len: 2 * CHUNK as u64,
         eightbit: false,
+        empty: false,
     };
     let env = envelope("a@example.com", &["b@example.org"]);
     let prepared = PreparedEnvelope::new(&env, false, true, &mut Vec::new()).unwrap();

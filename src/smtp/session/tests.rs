@@ -393,6 +393,17 @@ async fn auth_login_exchange() {
 }
 
 #[tokio::test]
+async fn an_over_long_auth_answer_ends_the_exchange() {
+    let h = Harness::with("", with_user);
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_eq!(c.cmd("AUTH LOGIN").await, "334 VXNlcm5hbWU6");
+    assert_code(&c.cmd(&"QUFB".repeat(300)).await, "500 5.5.2");
+    // The next line is a command again, not the user name.
+    assert_code(&c.cmd("NOOP").await, "250 2.0.0");
+}
+
+#[tokio::test]
 async fn auth_without_users_is_not_enabled() {
     let h = Harness::new("");
     let mut c = h.connect().await;
@@ -407,6 +418,12 @@ async fn size_parameter_over_the_limit() {
     c.cmd("EHLO a").await;
     assert_code(
         &c.cmd("MAIL FROM:<alice@example.com> SIZE=2001").await,
+        "552 5.3.4",
+    );
+    // Too long for 64 bits: smtp-proto alone would read this as a small size.
+    assert_code(
+        &c.cmd("MAIL FROM:<alice@example.com> SIZE=99999999999999999999999")
+            .await,
         "552 5.3.4",
     );
     assert_code(
@@ -827,6 +844,22 @@ fn liberal_rewrites_bare_addresses_and_trailing_blanks() {
         ("MAIL FROM:\r\n", "MAIL FROM:\r\n"),
         ("MAILFROM:a@b\r\n", "MAILFROM:a@b\r\n"),
         ("NOOP\n", "NOOP\r\n"),
+        (
+            "MAIL FROM:<a@b> SIZE=99999999999999999999999 BODY=8BITMIME\r\n",
+            "MAIL FROM:<a@b> SIZE=18446744073709551614 BODY=8BITMIME\r\n",
+        ),
+        (
+            "mail from:a@b size=18446744073709551616\r\n",
+            "mail from:<a@b> size=18446744073709551614\r\n",
+        ),
+        (
+            "MAIL FROM:<a@b> SIZE=18446744073709551615\r\n",
+            "MAIL FROM:<a@b> SIZE=18446744073709551615\r\n",
+        ),
+        (
+            "RCPT TO:<a@b> SIZE=99999999999999999999999\r\n",
+            "RCPT TO:<a@b> SIZE=99999999999999999999999\r\n",
+        ),
     ];
     for (input, want) in cases {
         let got = liberal(input.as_bytes());

@@ -1,0 +1,562 @@
+//! The spool on disk: message files, their state files, and the atomic moves between folders.
+//!
+//! ```text
+//! spool_dir/
+//!   tmp/        messages being received and temp files of atomic writes (emptied at start-up)
+//!   queue/      <id>.eml (message bytes, never rewritten) + <id>.json (envelope and state)
+//!   failed/     the same pair for messages that failed, with the reason in the JSON
+//!   state/      per channel: <name>.health.json (ok / held / broken), <name>.events (sends)
+//!   control/    requests from `mailgate queue retry` to the running proxy
+//!   lock        held (flock) by the running proxy, so that two cannot share a spool
+//! ```
+//!
+//! `queue/<id>.json` is the commit marker: a message exists once its JSON is in `queue/`.
+//! Writes go to `tmp/`, are fsync'd, renamed into place, and the directory is fsync'd.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncWriteExt, BufWriter};
+
+/// Current spool state-file format version.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Now, in unix milliseconds (the unit of every time stored in the spool).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where one recipient of a queued message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RcptStatus {
+    /// Still to be delivered.
+    Pending,
+    /// The upstream accepted it.
+    Delivered,
+    /// Failed for good (it gets a DSN).
+    Failed,
+}
+
+/// One recipient of a queued message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    /// The address, as the client gave it.
+    pub addr: String,
+    /// Pending, delivered or failed.
+    pub status: RcptStatus,
+    /// The last upstream reply about this recipient, as `"550 5.1.1 text"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+}
+
+/// The envelope and delivery state of one spooled message (`<id>.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageState {
+    /// Format version ([`FORMAT_VERSION`]).
+    pub version: u32,
+    /// Queue id (also the file names).
+    pub id: String,
+    /// Channel name (`[channels.NAME]`).
+    pub channel: String,
+    /// Envelope sender; empty for the null sender `<>`.
+    pub sender: String,
+    /// The client asked for SMTPUTF8.
+    #[serde(default)]
+    pub smtputf8: bool,
+    /// The client declared 8BITMIME.
+    #[serde(default)]
+    pub eightbit: bool,
+    /// Message size in bytes.
+    pub size: u64,
+    /// When the message was accepted (unix ms).
+    pub created_ms: u64,
+    /// Upstream transactions tried so far.
+    pub attempts: u32,
+    /// Temporary failures so far (drives the backoff).
+    pub deferrals: u32,
+    /// Earliest time of the next attempt (unix ms).
+    pub next_attempt_ms: u64,
+    /// The last upstream reply or error, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<String>,
+    /// Every recipient, in the client's order, each with its status.
+    pub recipients: Vec<Recipient>,
+    /// Id of the DSN queued for this message's failed recipients, once it is queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsn: Option<String>,
+    /// Why the message failed (set when it moves to `failed/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+impl MessageState {
+    /// A fresh state for a message just accepted.
+    pub fn new(
+        id: &str,
+        channel: &str,
+        envelope: &crate::message::Envelope,
+        size: u64,
+        now: u64,
+    ) -> Self {
+        MessageState {
+            version: FORMAT_VERSION,
+            id: id.to_string(),
+            channel: channel.to_string(),
+            sender: envelope.sender.clone(),
+            smtputf8: envelope.smtputf8,
+            eightbit: envelope.eightbit,
+            size,
+            created_ms: now,
+            attempts: 0,
+            deferrals: 0,
+            next_attempt_ms: now,
+            last_reply: None,
+            recipients: envelope
+                .recipients
+                .iter()
+                .map(|r| Recipient {
+                    addr: r.clone(),
+                    status: RcptStatus::Pending,
+                    reply: None,
+                })
+                .collect(),
+            dsn: None,
+            failure: None,
+        }
+    }
+
+    /// Recipients still to deliver.
+    pub fn pending(&self) -> usize {
+        self.recipients
+            .iter()
+            .filter(|r| r.status == RcptStatus::Pending)
+            .count()
+    }
+
+    /// Recipients that failed for good.
+    pub fn failed(&self) -> usize {
+        self.recipients
+            .iter()
+            .filter(|r| r.status == RcptStatus::Failed)
+            .count()
+    }
+}
+
+/// Paths of a spool directory.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    /// `spool_dir`.
+    pub root: PathBuf,
+}
+
+impl Spool {
+    /// The spool rooted at `root` (nothing is touched on disk).
+    pub fn new(root: &Path) -> Self {
+        Spool {
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// `tmp/`.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+    /// `queue/`.
+    pub fn queue_dir(&self) -> PathBuf {
+        self.root.join("queue")
+    }
+    /// `failed/`.
+    pub fn failed_dir(&self) -> PathBuf {
+        self.root.join("failed")
+    }
+    /// `state/`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+    /// `control/`.
+    pub fn control_dir(&self) -> PathBuf {
+        self.root.join("control")
+    }
+    /// `queue/<id>.eml`: the message bytes.
+    pub fn data_path(&self, id: &str) -> PathBuf {
+        self.queue_dir().join(format!("{id}.eml"))
+    }
+    /// `queue/<id>.json`: the envelope and state.
+    pub fn state_path(&self, id: &str) -> PathBuf {
+        self.queue_dir().join(format!("{id}.json"))
+    }
+
+    /// Creates the folders that are missing.
+    pub fn create_dirs(&self) -> io::Result<()> {
+        for dir in [
+            self.tmp_dir(),
+            self.queue_dir(),
+            self.failed_dir(),
+            self.state_dir(),
+            self.control_dir(),
+        ] {
+            fs::create_dir_all(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` to `target` atomically: temp file in `tmp/`, fsync, rename, fsync the folder.
+    pub fn write_atomic(&self, target: &Path, bytes: &[u8]) -> io::Result<()> {
+        let name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("file");
+        let tmp = self
+            .tmp_dir()
+            .join(format!("{name}.{:016x}.part", rand::random::<u64>()));
+        let result = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            fs::rename(&tmp, target)?;
+            sync_dir(target.parent().unwrap_or(Path::new(".")))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Reads a state file; `None` if it does not exist.
+    pub fn read_state_file(path: &Path) -> io::Result<Option<MessageState>> {
+        let text = match fs::read(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        serde_json::from_slice(&text).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })
+    }
+
+    /// The state of queued message `id`; `None` if it is not (or no longer) queued.
+    pub fn read_state(&self, id: &str) -> io::Result<Option<MessageState>> {
+        Self::read_state_file(&self.state_path(id))
+    }
+
+    /// Replaces the state of a queued message atomically.
+    pub fn write_state(&self, state: &MessageState) -> io::Result<()> {
+        self.write_atomic(&self.state_path(&state.id), &to_json(state))
+    }
+
+    /// Moves a received message from `tmp/` into the queue (data first, then the state file,
+    /// which commits it). Returns once both are durable.
+    pub fn commit(&self, tmp_data: &Path, state: &MessageState) -> io::Result<()> {
+        let queue = self.queue_dir();
+        fs::rename(tmp_data, self.data_path(&state.id))?;
+        // The data's directory entry must be durable before the commit marker can be.
+        sync_dir(&queue)?;
+        self.write_state(state)
+    }
+
+    /// Removes a delivered message: the state file (the commit marker) first, then the data.
+    /// Not fsync'd: a removal lost to a power cut only means one more delivery
+    /// (at-least-once), and a process crash cannot lose it.
+    pub fn remove(&self, id: &str) -> io::Result<()> {
+        remove_if_exists(&self.state_path(id))?;
+        remove_if_exists(&self.data_path(id))
+    }
+
+    /// Moves a message to `failed/` with its final state (which carries the reason).
+    pub fn move_to_failed(&self, state: &MessageState) -> io::Result<()> {
+        self.write_state(state)?;
+        let failed = self.failed_dir();
+        fs::rename(
+            self.data_path(&state.id),
+            failed.join(format!("{}.eml", state.id)),
+        )?;
+        fs::rename(
+            self.state_path(&state.id),
+            failed.join(format!("{}.json", state.id)),
+        )?;
+        sync_dir(&failed)?;
+        sync_dir(&self.queue_dir())
+    }
+
+    /// Ids of the messages in `queue/` (those with a state file), oldest id first.
+    pub fn queued_ids(&self) -> io::Result<Vec<String>> {
+        ids_in(&self.queue_dir())
+    }
+
+    /// Ids of the messages in `failed/`.
+    pub fn failed_ids(&self) -> io::Result<Vec<String>> {
+        ids_in(&self.failed_dir())
+    }
+
+    /// Start-up recovery: empties `tmp/` (never acknowledged), finishes a half-done move to
+    /// `failed/`, removes message data without a state file (never acknowledged, or
+    /// half-deleted). Returns how many files were removed.
+    pub fn recover(&self) -> io::Result<usize> {
+        self.create_dirs()?;
+        let mut removed = 0;
+        for entry in fs::read_dir(self.tmp_dir())? {
+            let path = entry?.path();
+            if path.is_file() {
+                fs::remove_file(&path)?;
+                removed += 1;
+            }
+        }
+        let queue = self.queue_dir();
+        for entry in fs::read_dir(&queue)? {
+            let path = entry?.path();
+            let (Some(stem), Some(ext)) =
+                (path.file_stem().and_then(|s| s.to_str()), path.extension())
+            else {
+                continue;
+            };
+            if ext == "json" && !self.data_path(stem).exists() {
+                let failed_data = self.failed_dir().join(format!("{stem}.eml"));
+                if failed_data.exists() {
+                    fs::rename(&path, self.failed_dir().join(format!("{stem}.json")))?;
+                } else {
+                    // Data gone without its marker: cannot be delivered; keep the state for the operator.
+                    tracing::error!(
+                        id = stem,
+                        "spool: state file without message data, moving to failed/"
+                    );
+                    fs::rename(&path, self.failed_dir().join(format!("{stem}.json")))?;
+                }
+            } else if ext == "eml" && !self.state_path(stem).exists() {
+                fs::remove_file(&path)?;
+                removed += 1;
+            }
+        }
+        sync_dir(&queue)?;
+        sync_dir(&self.failed_dir())?;
+        Ok(removed)
+    }
+}
+
+/// The JSON text of a state file (pretty, so an operator can read it).
+pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// fsync a directory so that the renames and removals in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn ids_in(dir: &Path) -> io::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json")
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+        {
+            ids.push(stem.to_string());
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// Opens a message's data file and takes the exclusive delivery lock on it without waiting.
+/// `Ok(None)`: someone else holds it. `Err(NotFound)`: the message is gone.
+pub fn try_lock_data(path: &Path) -> io::Result<Option<File>> {
+    let file = OpenOptions::new().read(true).open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// The header section of a message file (up to the empty line; at most `max` bytes).
+pub fn read_headers(path: &Path, max: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    File::open(path)?.take(max as u64).read_to_end(&mut buf)?;
+    if let Some(end) = find(&buf, b"\r\n\r\n") {
+        buf.truncate(end + 2);
+    } else if let Some(end) = find(&buf, b"\n\n") {
+        buf.truncate(end + 1);
+    }
+    Ok(buf)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A queue-mode message being received: bytes go straight to `tmp/<id>` (memory stays
+/// bounded by the write buffer). Dropped without commit, the file is removed.
+pub struct SpoolDraft {
+    id: String,
+    path: PathBuf,
+    file: Option<BufWriter<tokio::fs::File>>,
+    len: u64,
+}
+
+impl SpoolDraft {
+    /// Creates `tmp/<id>` for a new message.
+    pub async fn create(spool: &Spool, id: String) -> io::Result<Self> {
+        let path = spool.tmp_dir().join(&id);
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await?;
+        Ok(SpoolDraft {
+            id,
+            path,
+            file: Some(BufWriter::with_capacity(64 * 1024, file)),
+            len: 0,
+        })
+    }
+
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Appends message bytes.
+    pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("draft already closed"))?;
+        file.write_all(data).await?;
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Nothing written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Flushes and fsyncs the data; returns the temp path (still owned by the draft until dropped).
+    pub async fn sync(&mut self) -> io::Result<&Path> {
+        if let Some(mut file) = self.file.take() {
+            file.flush().await?;
+            file.get_mut().sync_all().await?;
+        }
+        Ok(&self.path)
+    }
+}
+
+impl Drop for SpoolDraft {
+    fn drop(&mut self) {
+        // After a commit the temp path no longer exists; otherwise this discards the draft.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Envelope;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            sender: "a@example.com".into(),
+            recipients: vec!["b@example.org".into(), "c@example.org".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let mut st = MessageState::new("id1", "relay", &envelope(), 42, 1000);
+        st.recipients[1].status = RcptStatus::Failed;
+        st.recipients[1].reply = Some("550 5.1.1 no such user".into());
+        let back: MessageState = serde_json::from_slice(&to_json(&st)).unwrap();
+        assert_eq!(back, st);
+        assert_eq!(back.pending(), 1);
+        assert_eq!(back.failed(), 1);
+    }
+
+    #[tokio::test]
+    async fn draft_commit_and_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+
+        // A committed message survives recovery.
+        let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
+        draft.write(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
+        let tmp = draft.sync().await.unwrap().to_path_buf();
+        let st = MessageState::new("m1", "relay", &envelope(), draft.len(), now_ms());
+        spool.commit(&tmp, &st).unwrap();
+        drop(draft);
+
+        // A draft never committed, and data whose marker never got written, are removed.
+        let mut orphan = SpoolDraft::create(&spool, "m2".into()).await.unwrap();
+        orphan.write(b"x").await.unwrap();
+        orphan.sync().await.unwrap();
+        std::mem::forget(orphan); // as if the process died here
+        fs::write(spool.data_path("m3"), b"half committed").unwrap();
+
+        assert_eq!(spool.recover().unwrap(), 2);
+        assert_eq!(spool.queued_ids().unwrap(), vec!["m1".to_string()]);
+        assert_eq!(spool.read_state("m1").unwrap().unwrap(), st);
+        assert_eq!(
+            fs::read(spool.data_path("m1")).unwrap(),
+            b"Subject: x\r\n\r\nbody\r\n"
+        );
+        assert_eq!(
+            read_headers(&spool.data_path("m1"), 1000).unwrap(),
+            b"Subject: x\r\n"
+        );
+    }
+
+    #[test]
+    fn half_done_failed_move_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let st = MessageState::new("m1", "relay", &envelope(), 1, 1);
+        fs::write(spool.failed_dir().join("m1.eml"), b"x").unwrap();
+        spool.write_state(&st).unwrap();
+        spool.recover().unwrap();
+        assert!(spool.queued_ids().unwrap().is_empty());
+        assert_eq!(spool.failed_ids().unwrap(), vec!["m1".to_string()]);
+    }
+
+    #[test]
+    fn delivery_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.eml");
+        fs::write(&path, b"x").unwrap();
+        let held = try_lock_data(&path).unwrap();
+        assert!(held.is_some());
+        assert!(try_lock_data(&path).unwrap().is_none());
+        drop(held);
+        assert!(try_lock_data(&path).unwrap().is_some());
+        assert_eq!(
+            try_lock_data(&dir.path().join("gone.eml"))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! Per-channel state kept in `spool_dir/state/`: health (ok / held / broken) and the
+//! send events that feed the rate and quota windows, so both survive a restart.
+//!
+//! `<name>.health.json` is rewritten atomically. `<name>.events` is an append-only log
+//! of `"<unix-ms> <recipients>\n"` lines, one per upstream transaction started; at load
+//! it is pruned to the last 24 hours (or the rate window, if longer) and replayed into a
+//! fresh [`ChannelLimiter`]. A torn last line (crash mid-append) is ignored.
+
+use std::collections::VecDeque;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Limits;
+use crate::ratelimit::ChannelLimiter;
+
+use super::spool::{Spool, to_json};
+
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+const HOUR_MS: u64 = 60 * 60 * 1000;
+/// Events kept in memory at most (only reached by very busy channels; the limiter windows
+/// of every preset need far fewer).
+const MAX_EVENTS: usize = 200_000;
+
+/// The health of a channel, as `queue list` and `check` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum Health {
+    /// Delivering.
+    #[default]
+    Ok,
+    /// The provider's quota was reached: nothing is sent before `until_ms`.
+    Held {
+        /// Unix ms at which the channel resumes.
+        until_ms: u64,
+        /// The upstream reply that caused it.
+        reason: String,
+    },
+    /// The credentials were refused: nothing is sent until `queue retry` or a restart.
+    Broken {
+        /// Unix ms when it broke.
+        since_ms: u64,
+        /// The upstream reply or error that caused it.
+        reason: String,
+    },
+}
+
+impl Health {
+    /// One line for `queue list` / `check`.
+    pub fn describe(&self, now_ms: u64) -> String {
+        match self {
+            Health::Ok => "ok".to_string(),
+            Health::Held { until_ms, reason } if *until_ms > now_ms => {
+                format!(
+                    "limited until {} (provider quota: {reason})",
+                    super::format_time(*until_ms)
+                )
+            }
+            Health::Held { .. } => "ok".to_string(),
+            Health::Broken { since_ms, reason } => {
+                format!("broken since {}: {reason}", super::format_time(*since_ms))
+            }
+        }
+    }
+}
+
+/// A channel name as a file name: anything but `[A-Za-z0-9._-]` becomes `%XX`.
+pub fn file_stem(channel: &str) -> String {
+    let mut out = String::new();
+    for b in channel.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && !out.is_empty()) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `state/<name>.health.json`.
+pub fn health_path(spool: &Spool, channel: &str) -> PathBuf {
+    spool
+        .state_dir()
+        .join(format!("{}.health.json", file_stem(channel)))
+}
+
+/// `state/<name>.events`.
+pub fn events_path(spool: &Spool, channel: &str) -> PathBuf {
+    spool
+        .state_dir()
+        .join(format!("{}.events", file_stem(channel)))
+}
+
+/// The persisted health of a channel (`Ok` when there is none or it is unreadable).
+pub fn read_health(spool: &Spool, channel: &str) -> Health {
+    fs::read(health_path(spool, channel))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Persists the health of a channel atomically.
+pub fn write_health(spool: &Spool, channel: &str, health: &Health) -> io::Result<()> {
+    spool.write_atomic(&health_path(spool, channel), &to_json(health))
+}
+
+/// The rate and quota windows of one channel, backed by its events log.
+pub struct Counters {
+    limits: Limits,
+    limiter: Option<ChannelLimiter>,
+    events: VecDeque<(u64, u64)>,
+    path: PathBuf,
+    lines_in_file: usize,
+}
+
+impl Counters {
+    /// Loads the events log of `channel`, drops what is older than the windows, and
+    /// rebuilds the limiter from the rest.
+    pub fn load(spool: &Spool, channel: &str, limits: &Limits, now_ms: u64) -> io::Result<Self> {
+        let path = events_path(spool, channel);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let events = parse_events(&text, limits, now_ms);
+        let mut counters = Counters {
+            limits: limits.clone(),
+            limiter: has_windows(limits).then(|| ChannelLimiter::new(limits)),
+            events: VecDeque::new(),
+            path,
+            lines_in_file: text.lines().count(),
+        };
+        for (t, n) in events {
+            counters.remember(t, n);
+        }
+        if counters.lines_in_file != counters.events.len() {
+            counters.compact(spool)?;
+        }
+        Ok(counters)
+    }
+
+    /// `Ok` if a transaction with `recipients` recipients may start now, else the unix ms
+    /// at which it may (`u64::MAX`: never).
+    pub fn check(&self, now_ms: u64, recipients: u64) -> Result<(), u64> {
+        match &self.limiter {
+            Some(limiter) => limiter.check(now_ms, recipients),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a transaction started now, in memory and in the log.
+    pub fn record(&mut self, spool: &Spool, now_ms: u64, recipients: u64) -> io::Result<()> {
+        self.remember(now_ms, recipients);
+        // O_APPEND of one short line: other lines are never torn; the page cache keeps it
+        // across a kill -9 (only a power loss can lose the last few events).
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        file.write_all(format!("{now_ms} {recipients}\n").as_bytes())?;
+        self.lines_in_file += 1;
+        if self.lines_in_file > 2 * self.events.len() + 1024 {
+            self.compact(spool)?;
+        }
+        Ok(())
+    }
+
+    /// The counted transactions still inside the windows, oldest first, as (unix ms, recipients).
+    pub fn events(&self) -> Vec<(u64, u64)> {
+        self.events.iter().copied().collect()
+    }
+
+    /// When a channel held for quota may try again: when the oldest send of the rolling
+    /// day leaves the window, but at most one hour from now (one message then probes) and
+    /// at least one minute.
+    pub fn hold_until(&self, now_ms: u64) -> u64 {
+        let oldest = self
+            .events
+            .iter()
+            .find(|(t, _)| t + DAY_MS > now_ms)
+            .map(|(t, _)| t + DAY_MS);
+        oldest
+            .unwrap_or(u64::MAX)
+            .min(now_ms + HOUR_MS)
+            .max(now_ms + 60_000)
+    }
+
+    fn remember(&mut self, t: u64, n: u64) {
+        if let Some(limiter) = &mut self.limiter {
+            limiter.record(t, n);
+        }
+        self.events.push_back((t, n));
+        let horizon = horizon_ms(&self.limits);
+        while self
+            .events
+            .front()
+            .is_some_and(|(old, _)| old + horizon <= t)
+            || self.events.len() > MAX_EVENTS
+        {
+            self.events.pop_front();
+        }
+    }
+
+    fn compact(&mut self, spool: &Spool) -> io::Result<()> {
+        let text: String = self
+            .events
+            .iter()
+            .map(|(t, n)| format!("{t} {n}\n"))
+            .collect();
+        spool.write_atomic(&self.path, text.as_bytes())?;
+        self.lines_in_file = self.events.len();
+        Ok(())
+    }
+}
+
+/// Whether the channel has a rate or a daily quota at all.
+pub fn has_windows(limits: &Limits) -> bool {
+    limits.rate.is_some() || limits.recipients_per_day.is_some()
+}
+
+fn horizon_ms(limits: &Limits) -> u64 {
+    let rate = limits.rate.map(|r| r.per.as_millis() as u64).unwrap_or(0);
+    rate.max(DAY_MS)
+}
+
+/// The events of a log still inside the windows, oldest first. A line `"<ms> <n> -"`
+/// takes back an earlier `"<ms> <n>"` (relay mode: a reservation the upstream refused).
+fn parse_events(text: &str, limits: &Limits, now_ms: u64) -> Vec<(u64, u64)> {
+    let horizon = horizon_ms(limits);
+    let mut events: Vec<(u64, u64)> = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split(' ');
+        let (Some(Ok(t)), Some(Ok(n))) =
+            (fields.next().map(str::parse), fields.next().map(str::parse))
+        else {
+            continue; // a torn line
+        };
+        match fields.next() {
+            None => events.push((t, n)),
+            Some("-") => {
+                if let Some(i) = events.iter().rposition(|e| *e == (t, n)) {
+                    events.remove(i);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    events.retain(|(t, _)| t + horizon > now_ms && *t <= now_ms);
+    events.sort_unstable();
+    events
+}
+
+/// Appends one event to a channel's log without a [`Counters`] (relay mode keeps its own
+/// limiter): a transaction counted at `at_ms`, or with `taken_back` its cancellation.
+pub fn append_event(
+    spool: &Spool,
+    channel: &str,
+    at_ms: u64,
+    recipients: u64,
+    taken_back: bool,
+) -> io::Result<()> {
+    let line = if taken_back {
+        format!("{at_ms} {recipients} -\n")
+    } else {
+        format!("{at_ms} {recipients}\n")
+    };
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(events_path(spool, channel))?
+        .write_all(line.as_bytes())
+}
+
+/// Reads the events of a channel without touching the file (for `queue list`).
+pub fn peek_counters(path: &Path, limits: &Limits, now_ms: u64) -> Option<ChannelLimiter> {
+    if !has_windows(limits) {
+        return None;
+    }
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let events = parse_events(&text, limits, now_ms);
+    let mut limiter = ChannelLimiter::new(limits);
+    for (t, n) in events {
+        limiter.record(t, n);
+    }
+    Some(limiter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_become_safe_file_names() {
+        assert_eq!(file_stem("alice"), "alice");
+        assert_eq!(file_stem("a.b-c_d"), "a.b-c_d");
+        assert_eq!(file_stem("../x"), "%2E.%2Fx");
+        assert_eq!(file_stem("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn health_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        assert_eq!(read_health(&spool, "c"), Health::Ok);
+        let broken = Health::Broken {
+            since_ms: 5,
+            reason: "535 5.7.3 Authentication unsuccessful".into(),
+        };
+        write_health(&spool, "c", &broken).unwrap();
+        assert_eq!(read_health(&spool, "c"), broken);
+        assert!(broken.describe(10).starts_with("broken since"));
+        let held = Health::Held {
+            until_ms: 100,
+            reason: "quota".into(),
+        };
+        assert!(held.describe(50).starts_with("limited until"));
+        assert_eq!(held.describe(150), "ok");
+    }
+
+    #[test]
+    fn events_are_pruned_and_torn_lines_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let now = 10 * DAY_MS;
+        let path = events_path(&spool, "c");
+        fs::write(
+            &path,
+            format!(
+                "{} 3\n{} 2\n{} 1\n123",
+                now - 2 * DAY_MS,
+                now - HOUR_MS,
+                now - 1000
+            ),
+        )
+        .unwrap();
+        let counters = Counters::load(&spool, "c", &Limits::default(), now).unwrap();
+        assert_eq!(
+            counters.events,
+            VecDeque::from(vec![(now - HOUR_MS, 2), (now - 1000, 1)])
+        );
+        // The file was compacted to what is still in the window.
+        assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), 2);
+        // Held until the oldest send of the day leaves the window, capped at an hour.
+        assert_eq!(counters.hold_until(now), now + HOUR_MS);
+        let fresh = Counters::load(&spool, "empty", &Limits::default(), now).unwrap();
+        assert_eq!(fresh.hold_until(now), now + HOUR_MS);
+    }
+
+    #[test]
+    fn taken_back_events_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let now = 10 * DAY_MS;
+        append_event(&spool, "c", now - 3000, 1, false).unwrap();
+        append_event(&spool, "c", now - 2000, 2, false).unwrap();
+        append_event(&spool, "c", now - 2000, 2, true).unwrap();
+        let counters = Counters::load(&spool, "c", &Limits::default(), now).unwrap();
+        assert_eq!(counters.events(), vec![(now - 3000, 1)]);
+    }
+
+    #[test]
+    fn hold_ends_when_the_oldest_send_leaves_the_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let now = 10 * DAY_MS;
+        fs::write(
+            events_path(&spool, "c"),
+            format!("{} 1\n", now - DAY_MS + 10 * 60_000),
+        )
+        .unwrap();
+        let counters = Counters::load(&spool, "c", &Limits::default(), now).unwrap();
+        assert_eq!(counters.hold_until(now), now + 10 * 60_000);
+    }
+}

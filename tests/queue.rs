@@ -1,0 +1,922 @@
+//! Queue mode end to end, in process: a real spool on disk, the real channel workers,
+//! and a scripted fake transport standing in for the upstream servers.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mailgate::config::{
+    BareLf, Channel, ChannelId, ChannelKind, Config, DeliveryMode, Limits, Rate, SenderPattern,
+    Server,
+};
+use mailgate::message::Envelope;
+use mailgate::queue::{Queue, Transport, admin};
+use mailgate::smtp::reply::Reply;
+use mailgate::upstream::{Body, Outcome, UpstreamError};
+use tokio_util::sync::CancellationToken;
+
+/// One transaction the fake upstream saw.
+#[derive(Debug, Clone)]
+struct Sent {
+    at: Instant,
+    id: String,
+    channel: ChannelId,
+    envelope: Envelope,
+    body: Vec<u8>,
+}
+
+type Script = dyn Fn(ChannelId, &Envelope, usize) -> Outcome + Send + Sync;
+
+/// A fake upstream: answers by a script (channel, envelope, how many transactions this
+/// channel saw before) and records every transaction.
+struct Fake {
+    script: Box<Script>,
+    sent: Mutex<Vec<Sent>>,
+    delay: Duration,
+}
+
+impl Fake {
+    fn new(
+        script: impl Fn(ChannelId, &Envelope, usize) -> Outcome + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Fake {
+            script: Box::new(script),
+            sent: Mutex::new(Vec::new()),
+            delay: Duration::ZERO,
+        })
+    }
+    fn slow(
+        delay: Duration,
+        script: impl Fn(ChannelId, &Envelope, usize) -> Outcome + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Fake {
+            script: Box::new(script),
+            sent: Mutex::new(Vec::new()),
+            delay,
+        })
+    }
+    fn sent(&self) -> Vec<Sent> {
+        self.sent.lock().unwrap().clone()
+    }
+    fn accepted_on(&self, channel: ChannelId) -> Vec<Sent> {
+        self.sent()
+            .into_iter()
+            .filter(|s| s.channel == channel)
+            .collect()
+    }
+}
+
+impl Transport for Fake {
+    fn send<'a>(
+        &'a self,
+        channel: ChannelId,
+        id: &'a str,
+        envelope: &'a Envelope,
+        body: Body<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(async move {
+            let bytes = match body {
+                Body::Bytes(b) => b.to_vec(),
+                Body::File(p) => std::fs::read(p).expect("spooled file readable during delivery"),
+            };
+            tokio::time::sleep(self.delay).await;
+            let before = self
+                .sent
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.channel == channel)
+                .count();
+            let outcome = (self.script)(channel, envelope, before);
+            self.sent.lock().unwrap().push(Sent {
+                at: Instant::now(),
+                id: id.to_string(),
+                channel,
+                envelope: envelope.clone(),
+                body: bytes,
+            });
+            outcome
+        })
+    }
+}
+
+fn ok() -> Outcome {
+    Outcome {
+        refused: vec![],
+        result: Ok(Reply::new(250, (2, 0, 0), "OK")),
+    }
+}
+
+fn refused(code: u16, enhanced: (u8, u16, u16), text: &str) -> Outcome {
+    Outcome {
+        refused: vec![],
+        result: Err(UpstreamError::Refused(Reply::new(code, enhanced, text))),
+    }
+}
+
+fn channel(name: &str, limits: Limits) -> Channel {
+    Channel {
+        name: name.into(),
+        scope: vec![SenderPattern::Any],
+        address_scoped: false,
+        preset: None,
+        kind: ChannelKind::File {
+            dir: "unused".into(),
+        },
+        limits,
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        connections: 4,
+        ..Default::default()
+    }
+}
+
+fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
+    Config {
+        path: "proxy.toml".into(),
+        server: Server {
+            listen: vec![],
+            tls_listen: vec![],
+            hostname: "mx.test".into(),
+            tls: None,
+            max_message_size: 1 << 20,
+            max_recipients: 1000,
+            max_connections: 10,
+            delivery: DeliveryMode::Queue,
+            spool_dir: spool.to_path_buf(),
+            retry_first: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            give_up_after: Duration::from_secs(86400),
+            require_auth: false,
+            allow_networks: vec![],
+            check_header_from: false,
+            bare_lf: BareLf::Normalize,
+            idle_timeout: Duration::from_secs(300),
+        },
+        users: vec![],
+        channels,
+        routing: Default::default(),
+        has_literal_secrets: false,
+    }
+}
+
+/// A running queue: its handle, the worker task and the shutdown switch.
+struct Running {
+    queue: Arc<Queue>,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Running {
+    fn start(config: &Config, transport: Arc<dyn Transport>) -> Running {
+        let queue = Queue::open(Arc::new(config.clone())).expect("spool opens");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(queue.clone().run(transport, shutdown.clone()));
+        Running {
+            queue,
+            task,
+            shutdown,
+        }
+    }
+
+    async fn submit(
+        &self,
+        channel: ChannelId,
+        sender: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> Reply {
+        let mut draft = self.queue.begin().await.expect("draft");
+        // In pieces, as the session streams it.
+        for piece in body.chunks(7) {
+            draft.write(piece).await.unwrap();
+        }
+        let envelope = Envelope {
+            sender: sender.into(),
+            recipients: rcpts.to_vec(),
+            ..Default::default()
+        };
+        self.queue.finish(draft, channel, &envelope).await
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(40), self.task)
+            .await
+            .expect("queue stops")
+            .unwrap();
+        assert_eq!(
+            Arc::strong_count(&self.queue),
+            1,
+            "no task keeps the queue alive"
+        );
+    }
+}
+
+fn rcpts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("r{i}@example.org")).collect()
+}
+
+const MESSAGE: &[u8] =
+    b"From: a@example.com\r\nTo: r0@example.org\r\nSubject: test\r\n\r\nHello\r\n";
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+fn queued(config: &Config) -> usize {
+    std::fs::read_dir(config.server.spool_dir.join("queue"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn deferred_twice_then_delivered_on_the_third_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), vec![channel("c", limits())]);
+    let fake = Fake::new(|_, _, before| {
+        if before < 2 {
+            refused(451, (4, 7, 0), "try again later")
+        } else {
+            ok()
+        }
+    });
+    let q = Running::start(&config, fake.clone());
+    let reply = q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
+    assert_eq!(reply.code, 250);
+    assert!(reply.text.starts_with("queued as "), "{reply}");
+    assert!(
+        wait_for(Duration::from_secs(10), || fake.sent().len() == 3
+            && queued(&config) == 0)
+        .await
+    );
+    let sent = fake.sent();
+    assert_eq!(sent[2].body, MESSAGE, "exact bytes");
+    assert_eq!(
+        format!("queued as {}", sent[2].id),
+        reply.text,
+        "the upstream is told the queue id"
+    );
+    // retry_first = 1s, doubling: 1 s then 2 s.
+    let first = sent[1].at - sent[0].at;
+    let second = sent[2].at - sent[1].at;
+    assert!(
+        first >= Duration::from_millis(950) && first < Duration::from_millis(1900),
+        "{first:?}"
+    );
+    assert!(
+        second >= Duration::from_millis(1900) && second < Duration::from_millis(3500),
+        "{second:?}"
+    );
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn permanent_failure_goes_to_failed_with_a_dsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), vec![channel("c", limits())]);
+    let fake = Fake::new(|_, env, _| {
+        if env.sender.is_empty() {
+            ok()
+        } else {
+            refused(550, (5, 1, 1), "no such user here")
+        }
+    });
+    let q = Running::start(&config, fake.clone());
+    let reply = q.submit(0, "a@example.com", &rcpts(2), MESSAGE).await;
+    let id = reply.text.trim_start_matches("queued as ").to_string();
+    assert!(
+        wait_for(Duration::from_secs(10), || fake.sent().len() == 2
+            && queued(&config) == 0)
+        .await
+    );
+    let failed =
+        std::fs::read_to_string(dir.path().join("failed").join(format!("{id}.json"))).unwrap();
+    assert!(failed.contains("550 5.1.1 no such user here"), "{failed}");
+    assert!(dir.path().join("failed").join(format!("{id}.eml")).exists());
+    let dsn = &fake.sent()[1];
+    assert_eq!(dsn.envelope.sender, "", "null sender on the DSN");
+    assert_eq!(dsn.envelope.recipients, vec!["a@example.com".to_string()]);
+    let text = String::from_utf8(dsn.body.clone()).unwrap();
+    assert!(text.contains("multipart/report; report-type=delivery-status"));
+    assert!(
+        text.contains("Final-Recipient: rfc822; r0@example.org\r\nAction: failed\r\nStatus: 5.1.1")
+    );
+    assert!(text.contains("Final-Recipient: rfc822; r1@example.org"));
+    assert!(text.contains("Subject: test"), "original headers attached");
+    let shown = admin::show(&config, &id).unwrap();
+    assert!(shown.contains("status:       failed"), "{shown}");
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn no_dsn_for_a_null_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), vec![channel("c", limits())]);
+    let fake = Fake::new(|_, _, _| refused(554, (5, 0, 0), "rejected"));
+    let q = Running::start(&config, fake.clone());
+    q.submit(0, "", &rcpts(1), MESSAGE).await;
+    assert!(wait_for(Duration::from_secs(5), || queued(&config) == 0).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.sent().len(), 1, "the bounce of a bounce is never sent");
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn partial_success_fails_only_the_refused_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), vec![channel("c", limits())]);
+    let fake = Fake::new(|_, env, _| {
+        if env.sender.is_empty() {
+            return ok();
+        }
+        Outcome {
+            refused: vec![(
+                "r1@example.org".into(),
+                Reply::new(550, (5, 1, 1), "unknown"),
+            )],
+            result: Ok(Reply::new(250, (2, 0, 0), "OK")),
+        }
+    });
+    let q = Running::start(&config, fake.clone());
+    q.submit(0, "a@example.com", &rcpts(3), MESSAGE).await;
+    assert!(
+        wait_for(Duration::from_secs(5), || fake.sent().len() == 2
+            && queued(&config) == 0)
+        .await
+    );
+    let sent = fake.sent();
+    assert_eq!(
+        sent[0].envelope.recipients.len(),
+        3,
+        "one transaction, every recipient"
+    );
+    let dsn = String::from_utf8(sent[1].body.clone()).unwrap();
+    assert!(dsn.contains("Final-Recipient: rfc822; r1@example.org"));
+    assert!(!dsn.contains("Final-Recipient: rfc822; r0@example.org"));
+    assert!(!dsn.contains("Final-Recipient: rfc822; r2@example.org"));
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn rate_spreads_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let rate = Limits {
+        rate: Some(Rate {
+            count: 5,
+            per: Duration::from_secs(1),
+        }),
+        ..limits()
+    };
+    let config = config(dir.path(), vec![channel("c", rate)]);
+    let fake = Fake::new(|_, _, _| ok());
+    let q = Running::start(&config, fake.clone());
+    for _ in 0..20 {
+        assert_eq!(
+            q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await.code,
+            250
+        );
+    }
+    assert!(wait_for(Duration::from_secs(15), || fake.sent().len() == 20).await);
+    let sent = fake.sent();
+    let span = sent[19].at - sent[0].at;
+    assert!(
+        span >= Duration::from_millis(2900),
+        "20 messages at 5/s took only {span:?}"
+    );
+    // No one-second window ever held more than five.
+    for (i, s) in sent.iter().enumerate() {
+        let in_window = sent[i..]
+            .iter()
+            .filter(|t| t.at - s.at < Duration::from_millis(990))
+            .count();
+        assert!(in_window <= 5, "{in_window} sends within a second");
+    }
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn daily_recipient_quota_holds_the_fourth_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let quota = Limits {
+        recipients_per_day: Some(3),
+        ..limits()
+    };
+    let config = config(dir.path(), vec![channel("c", quota)]);
+    let fake = Fake::new(|_, _, _| ok());
+    let q = Running::start(&config, fake.clone());
+    for _ in 0..4 {
+        q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
+    }
+    assert!(wait_for(Duration::from_secs(5), || fake.sent().len() == 3).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fake.sent().len(),
+        3,
+        "the 4th recipient waits for the window"
+    );
+    assert_eq!(queued(&config), 1, "held, not dropped");
+    let listing = admin::list(&config).unwrap();
+    assert!(listing.contains("limited until"), "{listing}");
+    q.stop().await;
+
+    // The counters come back after a restart: still held.
+    let fake2 = Fake::new(|_, _, _| ok());
+    let q = Running::start(&config, fake2.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        fake2.sent().is_empty(),
+        "a restart does not reset the daily quota"
+    );
+    assert_eq!(queued(&config), 1);
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn broken_channel_keeps_mail_while_another_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        vec![channel("broken", limits()), channel("fine", limits())],
+    );
+    let fixed = Arc::new(Mutex::new(false));
+    let fixed2 = fixed.clone();
+    let fake = Fake::new(move |ch, _, _| {
+        if ch == 0 && !*fixed2.lock().unwrap() {
+            Outcome {
+                refused: vec![],
+                result: Err(UpstreamError::Auth(Reply::new(
+                    535,
+                    (5, 7, 3),
+                    "Authentication unsuccessful",
+                ))),
+            }
+        } else {
+            ok()
+        }
+    });
+    let q = Running::start(&config, fake.clone());
+    for _ in 0..3 {
+        q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
+    }
+    assert!(wait_for(Duration::from_secs(5), || !fake.accepted_on(0).is_empty()).await);
+    for _ in 0..3 {
+        q.submit(1, "b@example.com", &rcpts(1), MESSAGE).await;
+    }
+    assert!(wait_for(Duration::from_secs(5), || fake.accepted_on(1).len() == 3).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        fake.accepted_on(0).len() <= 3,
+        "a broken channel stops trying"
+    );
+    assert_eq!(queued(&config), 3, "its mail stays queued");
+    let listing = admin::list(&config).unwrap();
+    assert!(listing.contains("broken since"), "{listing}");
+    assert!(listing.contains("535 5.7.3"), "{listing}");
+    let health = admin::channel_health(&config);
+    assert!(health[0].1.starts_with("broken"), "{health:?}");
+    assert_eq!(health[1].1, "ok");
+
+    // The operator fixes the credentials and runs `queue retry --all`.
+    *fixed.lock().unwrap() = true;
+    let before = fake.accepted_on(0).len();
+    admin::retry(&config, None).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || queued(&config) == 0).await);
+    assert_eq!(fake.accepted_on(0).len(), before + 3);
+    assert_eq!(admin::channel_health(&config)[0].1, "ok");
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn quota_reply_holds_the_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), vec![channel("c", limits())]);
+    let fake = Fake::new(|_, _, _| {
+        refused(
+            554,
+            (5, 2, 0),
+            "STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
+        )
+    });
+    let q = Running::start(&config, fake.clone());
+    for _ in 0..3 {
+        q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
+    }
+    assert!(wait_for(Duration::from_secs(5), || !fake.sent().is_empty()).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(fake.sent().len() <= 3);
+    assert_eq!(queued(&config), 3, "held, nothing fails");
+    let health = admin::channel_health(&config);
+    assert!(health[0].1.starts_with("limited until"), "{health:?}");
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn six_hundred_recipients_go_as_500_plus_100() {
+    let dir = tempfile::tempdir().unwrap();
+    // The office365 preset's limits.
+    let o365 = Limits {
+        rate: Some(Rate {
+            count: 30,
+            per: Duration::from_secs(60),
+        }),
+        recipients_per_day: Some(10_000),
+        max_recipients: Some(500),
+        connections: 3,
+        max_message_size: Some(35_000_000),
+    };
+    let config = config(dir.path(), vec![channel("o365", o365)]);
+    let fake = Fake::new(|_, _, _| ok());
+    let q = Running::start(&config, fake.clone());
+    let all = rcpts(600);
+    q.submit(0, "alice@example.com", &all, MESSAGE).await;
+    assert!(wait_for(Duration::from_secs(5), || queued(&config) == 0).await);
+    let sent = fake.sent();
+    let sizes: Vec<usize> = sent.iter().map(|s| s.envelope.recipients.len()).collect();
+    assert_eq!(sizes, vec![500, 100]);
+    let mut seen: Vec<String> = sent
+        .iter()
+        .flat_map(|s| s.envelope.recipients.clone())
+        .collect();
+    seen.sort();
+    let mut want = all.clone();
+    want.sort();
+    assert_eq!(seen, want, "each recipient exactly once");
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_between_transactions_does_not_resend_done_recipients() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = Limits {
+        max_recipients: Some(2),
+        connections: 1,
+        ..Default::default()
+    };
+    let config = config(dir.path(), vec![channel("c", small)]);
+    // The first transaction succeeds, the next ones are deferred; then the proxy stops.
+    let fake = Fake::new(|_, _, before| {
+        if before == 0 {
+            ok()
+        } else {
+            refused(451, (4, 3, 0), "later")
+        }
+    });
+    let q = Running::start(&config, fake.clone());
+    q.submit(0, "a@example.com", &rcpts(5), MESSAGE).await;
+    assert!(wait_for(Duration::from_secs(5), || fake.sent().len() >= 2).await);
+    q.stop().await;
+
+    let fake2 = Fake::new(|_, _, _| ok());
+    let q = Running::start(&config, fake2.clone());
+    assert!(wait_for(Duration::from_secs(10), || queued(&config) == 0).await);
+    let mut again: Vec<String> = fake2
+        .sent()
+        .iter()
+        .flat_map(|s| s.envelope.recipients.clone())
+        .collect();
+    again.sort();
+    assert_eq!(
+        again,
+        vec!["r2@example.org", "r3@example.org", "r4@example.org"]
+    );
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn connections_cap_concurrent_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = Limits {
+        connections: 2,
+        ..Default::default()
+    };
+    let config = config(dir.path(), vec![channel("c", two)]);
+    let live = Arc::new(Mutex::new((0usize, 0usize)));
+    let fake = Arc::new(Counting {
+        live: live.clone(),
+        inner: Fake::slow(Duration::from_millis(200), |_, _, _| ok()),
+    });
+    let q = Running::start(&config, fake.clone());
+    for _ in 0..8 {
+        q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
+    }
+    assert!(wait_for(Duration::from_secs(10), || queued(&config) == 0).await);
+    assert_eq!(
+        live.lock().unwrap().1,
+        2,
+        "at most two at once, and two were used"
+    );
+    q.stop().await;
+}
+
+/// Counts transactions in flight (current, highest).
+struct Counting {
+    live: Arc<Mutex<(usize, usize)>>,
+    inner: Arc<Fake>,
+}
+
+impl Transport for Counting {
+    fn send<'a>(
+        &'a self,
+        channel: ChannelId,
+        id: &'a str,
+        envelope: &'a Envelope,
+        body: Body<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(async move {
+            {
+                let mut live = self.live.lock().unwrap();
+                live.0 += 1;
+                live.1 = live.1.max(live.0);
+            }
+            let outcome = self.inner.send(channel, id, envelope, body).await;
+            self.live.lock().unwrap().0 -= 1;
+            outcome
+        })
+    }
+}
+
+#[tokio::test]
+async fn delete_and_retry_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), vec![channel("c", limits())]);
+    config.server.retry_first = Duration::from_secs(3600);
+    config.server.retry_max = Duration::from_secs(3600);
+    let fake = Fake::new(|_, _, _| refused(451, (4, 3, 0), "later"));
+    let q = Running::start(&config, fake.clone());
+    let a = q
+        .submit(0, "a@example.com", &rcpts(1), MESSAGE)
+        .await
+        .text
+        .trim_start_matches("queued as ")
+        .to_string();
+    let b = q
+        .submit(0, "b@example.com", &rcpts(1), MESSAGE)
+        .await
+        .text
+        .trim_start_matches("queued as ")
+        .to_string();
+    assert!(wait_for(Duration::from_secs(5), || fake.sent().len() == 2).await);
+    let listing = admin::list(&config).unwrap();
+    assert!(
+        listing.contains(&a) && listing.contains(&b) && listing.contains("451 4.3.0"),
+        "{listing}"
+    );
+    assert!(
+        admin::show(&config, &a)
+            .unwrap()
+            .contains("attempts:     1")
+    );
+
+    // Retry one: it goes again within about a second, the other does not.
+    admin::retry(&config, Some(&a)).unwrap();
+    assert!(wait_for(Duration::from_secs(3), || fake.sent().len() == 3).await);
+    assert_eq!(fake.sent()[2].envelope.sender, "a@example.com");
+
+    admin::delete(&config, &b).unwrap();
+    assert_eq!(queued(&config), 1);
+    assert!(admin::show(&config, &b).is_err());
+    assert!(admin::delete(&config, "../x").is_err());
+    q.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Through the real upstream client: queue-mode `Delivery` and an in-process SMTP server.
+// ---------------------------------------------------------------------------
+
+/// What the fake SMTP server saw in one completed transaction.
+#[derive(Debug, Clone)]
+struct Txn {
+    from: String,
+    rcpts: Vec<String>,
+    data: Vec<u8>,
+}
+
+/// A tiny SMTP server on 127.0.0.1:0. `data_replies` answers the DATA of successive
+/// transactions (then `250`); every received transaction is recorded (accepted or not).
+struct SmtpFake {
+    port: u16,
+    txns: Arc<Mutex<Vec<Txn>>>,
+    accepted: Arc<Mutex<Vec<Txn>>>,
+}
+
+impl SmtpFake {
+    async fn start(data_replies: Vec<&'static str>) -> SmtpFake {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let txns: Arc<Mutex<Vec<Txn>>> = Arc::default();
+        let accepted: Arc<Mutex<Vec<Txn>>> = Arc::default();
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(data_replies)));
+        let (t, a) = (txns.clone(), accepted.clone());
+        tokio::spawn(async move {
+            for _ in 0..1000 {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (t, a, script) = (t.clone(), a.clone(), script.clone());
+                tokio::spawn(async move {
+                    let (rd, mut wr) = sock.into_split();
+                    let mut rd = BufReader::new(rd);
+                    wr.write_all(b"220 fake ESMTP\r\n").await.unwrap();
+                    let mut cur = Txn {
+                        from: String::new(),
+                        rcpts: vec![],
+                        data: vec![],
+                    };
+                    let mut line = String::new();
+                    for _ in 0..100_000 {
+                        line.clear();
+                        if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let upper = line.to_ascii_uppercase();
+                        let reply: String = if upper.starts_with("EHLO") {
+                            "250-fake\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n".into()
+                        } else if upper.starts_with("MAIL FROM:") {
+                            cur = Txn {
+                                from: addr(&line),
+                                rcpts: vec![],
+                                data: vec![],
+                            };
+                            "250 2.1.0 OK\r\n".into()
+                        } else if upper.starts_with("RCPT TO:") {
+                            cur.rcpts.push(addr(&line));
+                            "250 2.1.5 OK\r\n".into()
+                        } else if upper.starts_with("DATA") {
+                            wr.write_all(b"354 go ahead\r\n").await.unwrap();
+                            let mut data = Vec::new();
+                            loop {
+                                let mut l = Vec::new();
+                                if rd.read_until(b'\n', &mut l).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if l == b".\r\n" {
+                                    break;
+                                }
+                                // Undo dot-stuffing.
+                                data.extend_from_slice(if l.starts_with(b".") {
+                                    &l[1..]
+                                } else {
+                                    &l
+                                });
+                            }
+                            cur.data = data;
+                            t.lock().unwrap().push(cur.clone());
+                            let scripted = script.lock().unwrap().pop_front();
+                            match scripted {
+                                Some(r) => format!("{r}\r\n"),
+                                None => {
+                                    a.lock().unwrap().push(cur.clone());
+                                    "250 2.0.0 OK accepted\r\n".into()
+                                }
+                            }
+                        } else if upper.starts_with("QUIT") {
+                            let _ = wr.write_all(b"221 2.0.0 bye\r\n").await;
+                            return;
+                        } else if upper.starts_with("RSET") || upper.starts_with("NOOP") {
+                            "250 2.0.0 OK\r\n".into()
+                        } else {
+                            "502 5.5.2 unknown\r\n".into()
+                        };
+                        if wr.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = rd.read_u8().await;
+                });
+            }
+        });
+        SmtpFake {
+            port,
+            txns,
+            accepted,
+        }
+    }
+
+    fn accepted(&self) -> Vec<Txn> {
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+fn addr(line: &str) -> String {
+    let start = line.find('<').map_or(0, |i| i + 1);
+    let end = line[start..].find('>').map_or(line.len(), |i| start + i);
+    line[start..end].to_string()
+}
+
+fn smtp_channel(name: &str, port: u16, limits: Limits) -> Channel {
+    Channel {
+        kind: ChannelKind::Smtp(mailgate::config::SmtpTarget {
+            host: "127.0.0.1".into(),
+            port,
+            tls: mailgate::config::TlsMode::None,
+            ca_file: None,
+            username: None,
+            password: None,
+        }),
+        ..channel(name, limits)
+    }
+}
+
+async fn submit_via(
+    delivery: &mailgate::delivery::Delivery,
+    sender: &str,
+    rcpts: &[String],
+    body: &[u8],
+) -> Reply {
+    let mut draft = delivery.begin().await.unwrap();
+    draft.write(body).await.unwrap();
+    let envelope = Envelope {
+        sender: sender.into(),
+        recipients: rcpts.to_vec(),
+        ..Default::default()
+    };
+    delivery.finish(draft, 0, &envelope).await
+}
+
+#[tokio::test]
+async fn queue_mode_delivery_through_a_real_smtp_upstream() {
+    mailgate::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = SmtpFake::start(vec!["451 4.7.0 busy", "451 4.7.0 busy"]).await;
+    let config = Arc::new(config(
+        dir.path(),
+        vec![smtp_channel("up", fake.port, limits())],
+    ));
+    let delivery = Arc::new(mailgate::delivery::Delivery::new(config.clone()).unwrap());
+    let shutdown = CancellationToken::new();
+    let workers = {
+        let (d, s) = (delivery.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run_queue(s).await })
+    };
+    // A body with a leading dot and no final CRLF trouble: exact bytes must arrive.
+    let body = b"From: a@example.com\r\nSubject: x\r\n\r\n.leading dot\r\nline\r\n";
+    let reply = submit_via(&delivery, "a@example.com", &rcpts(1), body).await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (250, Some((2, 0, 0))),
+        "{reply}"
+    );
+    assert!(reply.text.starts_with("queued as "));
+    assert!(
+        wait_for(Duration::from_secs(15), || fake.accepted().len() == 1
+            && queued(&config) == 0)
+        .await
+    );
+    assert_eq!(fake.txns.lock().unwrap().len(), 3, "451, 451, then 250");
+    let got = &fake.accepted()[0];
+    assert_eq!(got.data, body);
+    assert_eq!(got.from, "a@example.com");
+
+    // 600 recipients on a channel taking 500 per transaction.
+    let config600 = Arc::new(self::config(
+        &dir.path().join("spool600"),
+        vec![smtp_channel(
+            "o365",
+            fake.port,
+            Limits {
+                max_recipients: Some(500),
+                connections: 3,
+                ..Default::default()
+            },
+        )],
+    ));
+    let delivery600 = Arc::new(mailgate::delivery::Delivery::new(config600.clone()).unwrap());
+    let workers600 = {
+        let (d, s) = (delivery600.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run_queue(s).await })
+    };
+    let all = rcpts(600);
+    assert_eq!(
+        submit_via(&delivery600, "alice@example.com", &all, body)
+            .await
+            .code,
+        250
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || fake.accepted().len() == 3
+            && queued(&config600) == 0)
+        .await
+    );
+    let sizes: Vec<usize> = fake.accepted()[1..].iter().map(|t| t.rcpts.len()).collect();
+    assert_eq!(sizes, vec![500, 100]);
+
+    shutdown.cancel();
+    workers.await.unwrap();
+    workers600.await.unwrap();
+}
