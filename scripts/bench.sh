@@ -9,7 +9,8 @@
 # only the processes this script started are stopped, by PID.
 #
 # usage: scripts/bench.sh [RUNS]     (default 5 measured runs per configuration)
-# env:   SMTP_BENCH=path/to/smtp-bench.sh, BENCH_SINK_PORT (2690), BENCH_PORT (2695)
+# env:   SMTP_BENCH=path/to/smtp-bench.sh, BENCH_SINK_PORT (2690), BENCH_PORT (2695),
+#        MAILGATE_BIN=path (bench that binary instead of building target/release/mailgate)
 # needs: postfix's smtp-source/smtp-sink, python3, cargo
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +39,12 @@ SINK=127.0.0.1:$SINK_PORT
 WORK=$(mktemp -d /tmp/mailgate-bench.XXXXXX)
 export SMTP_BENCH_STATE=$WORK/state SMTP_BENCH_SINK=$SINK SMTP_BENCH_FROM=sender@bench.test
 
-cargo build --release --quiet
-BIN=$PWD/target/release/mailgate
+if [[ -n ${MAILGATE_BIN:-} ]]; then
+    BIN=$(readlink -f "$MAILGATE_BIN")        # compare another build
+else
+    cargo build --release --quiet
+    BIN=$PWD/target/release/mailgate
+fi
 
 cat > "$WORK/bench.toml" <<TOML
 [server]
