@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Benchmarks mailgate's queue mode against a Postfix relay, in one run (issue 4; see
+# BENCHMARKS.md, "Queue mode vs Postfix"):
+#   direct:   smtp-source -> smtp-sink                              (reference)
+#   postfix:  smtp-source -> Postfix smtpd 127.0.0.1:2527 -> smtp-sink
+#   mailgate: smtp-source -> mailgate (delivery = "queue") -> smtp-sink
+# at 1 KB, 20 sessions x 10 messages ("deliver" = until the sink has every message),
+# then 20 sessions each sending one 10 MB message to mailgate while sampling its memory.
+# Prints the smtp-bench tables and a summary with ratios and pass/fail; exits 1 when a
+# target is missed, 2 when the bench cannot run.
+#
+# Postfix: configured idempotently as ../shared/bench/README.md says (postconf -e of the
+# relay settings, one `127.0.0.1:2527 inet ... smtpd` line in master.cf). If Postfix was
+# not running it is started and stopped again at the end; if it was, it is reloaded.
+# Loopback only; every run and wait is bounded; only processes this script started are
+# stopped, by PID (Postfix through `postfix stop`, only when this script started it).
+#
+# usage: scripts/bench-queue.sh [RUNS]    (default 5 measured runs for the 1 KB lines, 3 for 10 MB)
+# env:   SMTP_BENCH=path/to/smtp-bench.sh, BENCH_SINK_PORT (2790), BENCH_PORT (2796),
+#        MAILGATE_BIN=path (bench that binary instead of building target/release/mailgate)
+# needs: root (Postfix configuration), postfix with smtp-source/smtp-sink, cargo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-5}
+BIG_RUNS=3
+SINK_PORT=${BENCH_SINK_PORT:-2790}
+PORT=${BENCH_PORT:-2796}
+PF_PORT=2527            # Postfix smtpd for the bench (the bench README's port)
+
+die() { echo "bench-queue: $*" >&2; exit 2; }
+
+BENCH=${SMTP_BENCH:-}
+if [[ -z $BENCH ]]; then
+    for candidate in ../shared/bench/smtp-bench.sh ../../shared/bench/smtp-bench.sh /work/shared/bench/smtp-bench.sh; do
+        [[ -f $candidate ]] && { BENCH=$candidate; break; }
+    done
+fi
+[[ -n $BENCH && -f $BENCH ]] || die "smtp-bench.sh not found; set SMTP_BENCH"
+for tool in smtp-source smtp-sink postfix postconf postqueue; do
+    command -v "$tool" >/dev/null || die "$tool not installed (apt-get install postfix)"
+done
+[[ $(id -u) == 0 ]] || die "must run as root (configures and starts the system Postfix)"
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in "$SINK_PORT" "$PORT"; do
+    port_open "$p" && die "127.0.0.1:$p is already in use; set BENCH_SINK_PORT / BENCH_PORT"
+done
+
+SINK=127.0.0.1:$SINK_PORT
+WORK=$(mktemp -d /tmp/mailgate-bench-queue.XXXXXX)
+export SMTP_BENCH_STATE=$WORK/state SMTP_BENCH_SINK=$SINK SMTP_BENCH_FROM=sender@bench.test
+
+if [[ -n ${MAILGATE_BIN:-} ]]; then
+    BIN=$(readlink -f "$MAILGATE_BIN")        # compare another build
+else
+    cargo build --release --quiet
+    BIN=$PWD/target/release/mailgate
+fi
+
+cat > "$WORK/bench.toml" <<TOML
+[server]
+listen = ["127.0.0.1:$PORT"]
+delivery = "queue"
+spool_dir = "$WORK/spool"
+max_message_size = "50MB"
+max_connections = 2000
+check_header_from = false
+
+[channels.sink]
+host = "127.0.0.1"
+port = $SINK_PORT
+tls = "none"
+senders = ["*"]
+connections = 20
+TOML
+
+# ---- Postfix -------------------------------------------------------------------
+PF_STARTED=0
+configure_postfix() {
+    postconf -e "relayhost = [127.0.0.1]:$SINK_PORT" 'default_transport = smtp' \
+        'relay_transport = relay' 'message_size_limit = 52428800' \
+        'inet_interfaces = loopback-only' 'mynetworks = 127.0.0.0/8 [::1]/128'
+    local cf; cf=$(postconf -h config_directory)/master.cf
+    grep -q "^127\.0\.0\.1:$PF_PORT[[:space:]]" "$cf" ||
+        printf '%s\n' "127.0.0.1:$PF_PORT inet n - y - - smtpd" >> "$cf"
+    # Copies resolv.conf, hosts, ... into the chroot, as the Debian service does.
+    [[ -x /usr/lib/postfix/configure-instance.sh ]] && /usr/lib/postfix/configure-instance.sh - >/dev/null
+    postfix check
+    if postfix status >/dev/null 2>&1; then
+        postfix reload >/dev/null 2>&1
+    else
+        port_open "$PF_PORT" && die "127.0.0.1:$PF_PORT is in use by something other than Postfix"
+        postfix start >/dev/null 2>&1 || die "postfix start failed"
+        PF_STARTED=1
+    fi
+    for _ in $(seq 100); do port_open "$PF_PORT" && return 0; sleep 0.1; done
+    die "Postfix does not listen on 127.0.0.1:$PF_PORT"
+}
+postfix_queue_empty() { [[ $(postqueue -j 2>/dev/null | wc -l) == 0 ]]; }
+
+# ---- mailgate ------------------------------------------------------------------
+MG=""
+stop_mailgate() {  # SIGTERM by PID, bounded wait, then SIGKILL
+    [[ -n $MG ]] || return 0
+    kill "$MG" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$MG" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$MG" 2>/dev/null || true
+    wait "$MG" 2>/dev/null || true
+    MG=""
+}
+start_mailgate() {  # sets MG; waits (bounded) until the port answers
+    MAILGATE_LOG=warn "$BIN" -c "$WORK/bench.toml" run 2>> "$WORK/mailgate.log" &
+    MG=$!
+    for _ in $(seq 100); do port_open "$PORT" && return 0; kill -0 "$MG" 2>/dev/null || break; sleep 0.1; done
+    cat "$WORK/mailgate.log" >&2; die "mailgate did not start"
+}
+cleanup() {
+    stop_mailgate
+    bash "$BENCH" sink stop >/dev/null 2>&1 || true
+    if (( PF_STARTED )); then postfix stop >/dev/null 2>&1 || true; fi
+    [[ -s $WORK/mailgate.log ]] && { echo "bench-queue: mailgate log:" >&2; tail -20 "$WORK/mailgate.log" >&2; }
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Runs one smtp-bench matrix line; the table goes to stdout and to $WORK/$1.out.
+bench() {
+    local name=$1; shift
+    bash "$BENCH" -x -k "$SINK" "$@" | tee "$WORK/$name.out"
+}
+# One message through TARGET must reach the sink (run1 waits for it, bounded).
+check_delivers() {
+    bash "$BENCH" run1 -T 60 -l 1000 -s 1 -m 1 -r 1 "$2" >&2 ||
+        die "$1 did not deliver a test message to the sink at $SINK"
+}
+
+bash "$BENCH" sink start >&2
+configure_postfix
+postfix_queue_empty || die "the Postfix queue is not empty (postqueue -p); its mail would count at the sink"
+start_mailgate
+check_delivers Postfix "127.0.0.1:$PF_PORT"
+check_delivers mailgate "127.0.0.1:$PORT"
+
+echo "## mailgate queue mode vs Postfix $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d" " -f1-3 /proc/loadavg), $RUNS runs per 1 KB line"
+echo "# $(postconf -h mail_version | sed 's/^/Postfix /'), mailgate $("$BIN" --version 2>/dev/null || echo '?')"
+echo "### 1 KB, 20 sessions x 10 messages: direct, Postfix, mailgate (queue)"
+bench direct_1k -n "$RUNS" -L 1000 -S 20 -M 10 -R 1 "$SINK"
+bench postfix_1k -n "$RUNS" -L 1000 -S 20 -M 10 -R 1 "127.0.0.1:$PF_PORT"
+bench queue_1k -n "$RUNS" -L 1000 -S 20 -M 10 -R 1 "127.0.0.1:$PORT"
+stop_mailgate
+
+echo "### 20 sessions x one 10 MB message to a freshly started mailgate (queue), memory sampled"
+start_mailgate
+bench queue_10m -n "$BIG_RUNS" -L 10000000 -S 20 -M 1 -R 1 -W "$MG" "127.0.0.1:$PORT"
+stop_mailgate
+
+# ---- summary -------------------------------------------------------------------
+# column 1 of the matrix line's 4th |-field is msg/s (smtp-bench README).
+rate() { awk -F'|' '/^  / {split($4, a, " "); print a[1]}' "$WORK/$1.out"; }
+failed() { grep -q FAILED_RUNS "$WORK/$1.out" && echo 1 || echo 0; }
+hwm=$(sed -n 's/.*tree_max_hwm=\([0-9]*\)kB.*/\1/p' "$WORK/queue_10m.out")
+awk -v d="$(rate direct_1k)" -v p="$(rate postfix_1k)" -v q="$(rate queue_1k)" \
+    -v f1="$(( $(failed direct_1k) + $(failed postfix_1k) + $(failed queue_1k) ))" \
+    -v f2="$(failed queue_10m)" -v hwm="${hwm:-0}" 'BEGIN {
+    miss = 0
+    printf "\n### summary\n"
+    printf "| target | direct | Postfix | mailgate (queue) | measured | required | result |\n"
+    printf "|---|---|---|---|---|---|---|\n"
+    r = (p > 0) ? q / p : 0; ok = (r >= 2 && !f1); miss += !ok
+    printf "| 1 KB, 20 sess x 10 msgs, delivered | %.1f msg/s | %.1f msg/s | %.1f msg/s | %.2f x Postfix (%.2f x direct) | >= 2 x Postfix | %s |\n", d, p, q, r, (d > 0) ? q / d : 0, ok ? "pass" : "FAIL"
+    mb = hwm / 1024; ok = (hwm > 0 && mb <= 100 && !f2); miss += !ok
+    printf "| peak RSS, 20 sess x one 10 MB msg | | | %.1f MB | %.1f MB | <= 100 MB | %s |\n", mb, mb, ok ? "pass" : "FAIL"
+    exit (miss > 0)
+}' || { echo "bench-queue: a target was missed" >&2; exit 1; }
