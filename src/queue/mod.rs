@@ -166,7 +166,7 @@ impl Queue {
         }
         let state = MessageState::new(&id, &name, envelope, draft.len(), spool::now_ms());
         let committed = async {
-            let tmp = draft.sync().await?.to_path_buf();
+            let tmp = draft.close().await?.to_path_buf();
             let spool = self.spool.clone();
             let state = state.clone();
             tokio::task::spawn_blocking(move || spool.commit(&tmp, &state))

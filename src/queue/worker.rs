@@ -741,7 +741,8 @@ fn queue_dsn(
     let write = || -> std::io::Result<()> {
         let mut file = File::create(&tmp)?;
         std::io::Write::write_all(&mut file, &bytes)?;
-        file.sync_all()?;
+        drop(file);
+        // commit fsyncs the data.
         queue.spool.commit(
             &tmp,
             &MessageState::new(&id, &ch.name, &envelope, bytes.len() as u64, now),
