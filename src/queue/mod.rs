@@ -166,12 +166,15 @@ impl Queue {
         }
         let state = MessageState::new(&id, &name, envelope, draft.len(), spool::now_ms());
         let committed = async {
-            let tmp = draft.close().await?.to_path_buf();
+            let closed = draft.close().await?;
             let spool = self.spool.clone();
             let state = state.clone();
-            tokio::task::spawn_blocking(move || spool.commit(&tmp, &state))
-                .await
-                .map_err(io::Error::other)?
+            tokio::task::spawn_blocking(move || {
+                closed.write_out(&spool)?;
+                spool.commit(&closed.path, &state)
+            })
+            .await
+            .map_err(io::Error::other)?
         }
         .await;
         drop(draft);

@@ -16,7 +16,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -149,11 +150,18 @@ impl MessageState {
     }
 }
 
-/// Paths of a spool directory.
+/// How many emptied files of delivered messages a spool keeps for reuse.
+pub const SPARES_MAX: usize = 256;
+
+/// Paths of a spool directory, and the spare files its clones share.
 #[derive(Debug, Clone)]
 pub struct Spool {
     /// `spool_dir`.
     pub root: PathBuf,
+    /// Emptied files in `tmp/` that new messages reuse (see [`Spool::remove_delivered`]).
+    spares: Arc<Mutex<Vec<PathBuf>>>,
+    /// Concurrent commits share their fsyncs of `queue/`.
+    queue_sync: Arc<GroupSync>,
 }
 
 impl Spool {
@@ -161,7 +169,56 @@ impl Spool {
     pub fn new(root: &Path) -> Self {
         Spool {
             root: root.to_path_buf(),
+            spares: Arc::default(),
+            queue_sync: Arc::default(),
         }
+    }
+
+    /// Creates `path` (a new name in `tmp/`) for writing. A spare file is renamed there
+    /// when there is one: reusing an inode is much cheaper than allocating one on a
+    /// filesystem that has just freed many (ext4 scans past recently freed inodes).
+    pub fn create_file(&self, path: &Path) -> io::Result<File> {
+        let spare = self.spares_lock().pop();
+        if let Some(spare) = spare
+            && fs::rename(&spare, path).is_ok()
+        {
+            return OpenOptions::new().write(true).truncate(true).open(path);
+        }
+        OpenOptions::new().write(true).create_new(true).open(path)
+    }
+
+    /// Removes a delivered message like [`Spool::remove`], but keeps its files, renamed to
+    /// `tmp/` and emptied, as spares for [`Spool::create_file`] (at most [`SPARES_MAX`]).
+    /// `lock` is the message's delivery lock: released once the state file (the commit
+    /// marker) is gone, before the data file, locked through it, can be reused.
+    pub fn remove_delivered(&self, id: &str, lock: File) -> io::Result<()> {
+        self.retire(&self.state_path(id))?;
+        drop(lock);
+        self.retire(&self.data_path(id))
+    }
+
+    fn spares_lock(&self) -> MutexGuard<'_, Vec<PathBuf>> {
+        self.spares.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn retire(&self, path: &Path) -> io::Result<()> {
+        if self.spares_lock().len() >= SPARES_MAX {
+            return remove_if_exists(path);
+        }
+        let spare = self
+            .tmp_dir()
+            .join(format!("spare.{:016x}", rand::random::<u64>()));
+        match fs::rename(path, &spare) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        // Emptied at once: a delivered message's bytes do not linger in the spool.
+        match OpenOptions::new().write(true).truncate(true).open(&spare) {
+            Ok(_) => self.spares_lock().push(spare),
+            Err(_) => remove_if_exists(&spare)?,
+        }
+        Ok(())
     }
 
     /// `tmp/`.
@@ -231,7 +288,7 @@ impl Spool {
 
     /// Reads a state file; `None` if it does not exist.
     pub fn read_state_file(path: &Path) -> io::Result<Option<MessageState>> {
-        let text = match fs::read(path) {
+        let text = match read_current(path, u64::MAX) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
@@ -257,8 +314,7 @@ impl Spool {
     /// Moves a received message from `tmp/<id>` into the queue and returns once it is
     /// durable: the data and a new state file are fsync'd in `tmp/`, renamed into `queue/`
     /// (data first: a reader never sees a state file without its data), and `queue/` is
-    /// fsync'd once for both renames. Both files are written before either is fsync'd so
-    /// that one journal commit usually covers both (3 fsyncs, the second nearly free).
+    /// fsync'd once for both renames, a sync shared with concurrent commits ([`GroupSync`]).
     /// A crash before the directory fsync (never acknowledged) may leave the state file in
     /// `queue/` with the data still in `tmp/`: [`Spool::recover`] discards that message.
     pub fn commit(&self, tmp_data: &Path, state: &MessageState) -> io::Result<()> {
@@ -266,19 +322,21 @@ impl Spool {
         let data = self.data_path(&state.id);
         let mut data_moved = false;
         let result = (|| {
-            let mut file = File::create(&tmp_state)?;
+            let mut file = self.create_file(&tmp_state)?;
             file.write_all(&to_json(state))?;
             File::open(tmp_data)?.sync_all()?;
             file.sync_all()?;
             fs::rename(tmp_data, &data)?;
             data_moved = true;
             fs::rename(&tmp_state, self.state_path(&state.id))?;
-            sync_dir(&self.queue_dir())
+            let queue = self.queue_dir();
+            self.queue_sync.sync(|| sync_dir(&queue))
         })();
         if result.is_err() {
-            // Not acknowledged: leave no half-committed message behind.
+            // Not acknowledged: leave nothing behind that could be delivered later.
             let _ = fs::remove_file(&tmp_state);
-            if data_moved && !self.state_path(&state.id).exists() {
+            if data_moved {
+                let _ = remove_if_exists(&self.state_path(&state.id));
                 let _ = fs::remove_file(&data);
             }
         }
@@ -367,6 +425,75 @@ impl Spool {
     }
 }
 
+/// Longest a commit waits for directory fsyncs run by other commits.
+const GROUP_SYNC_WAIT: Duration = Duration::from_secs(60);
+
+/// Group commit of one directory's fsync: a caller that arrives while a sync runs waits
+/// for the next one, which covers every caller waiting by then, so N concurrent commits
+/// cost about two directory fsyncs instead of N.
+#[derive(Debug, Default)]
+pub struct GroupSync {
+    state: Mutex<GroupState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    /// Tickets handed out, one per call, in order.
+    issued: u64,
+    /// Every ticket up to this one is covered by a successful sync.
+    synced: u64,
+    /// A sync is running.
+    running: bool,
+}
+
+impl GroupSync {
+    /// Returns once a successful `sync`, started after this call began, has finished:
+    /// the caller's earlier changes are then durable. A failed sync is reported to the
+    /// caller that ran it; the others try again themselves.
+    pub fn sync(&self, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let deadline = Instant::now() + GROUP_SYNC_WAIT;
+        let mut state = self.lock();
+        state.issued += 1;
+        let ticket = state.issued;
+        loop {
+            if state.synced >= ticket {
+                return Ok(());
+            }
+            if !state.running {
+                state.running = true;
+                let covers = state.issued;
+                drop(state);
+                let result = sync();
+                let mut state = self.lock();
+                state.running = false;
+                if result.is_ok() {
+                    state.synced = state.synced.max(covers);
+                }
+                drop(state);
+                self.changed.notify_all();
+                return result;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "waited too long for a directory fsync",
+                ));
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The JSON text of a state file (pretty, so an operator can read it).
 pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(value).expect("state serializes");
@@ -413,8 +540,7 @@ pub fn try_lock_data(path: &Path) -> io::Result<Option<File>> {
 
 /// The header section of a message file (up to the empty line; at most `max` bytes).
 pub fn read_headers(path: &Path, max: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    File::open(path)?.take(max as u64).read_to_end(&mut buf)?;
+    let mut buf = read_current(path, max as u64)?;
     if let Some(end) = find(&buf, b"\r\n\r\n") {
         buf.truncate(end + 2);
     } else if let Some(end) = find(&buf, b"\n\n") {
@@ -423,32 +549,87 @@ pub fn read_headers(path: &Path, max: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Reads up to `max` bytes of `path`; `NotFound` if the file left that name meanwhile.
+/// A reader without the delivery lock (`mailgate queue list`/`show`) may open a file just
+/// as it is retired and reused for another message ([`Spool::remove_delivered`]): this
+/// keeps it from taking that message's bytes for this one's.
+fn read_current(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let mut file = File::open(path)?;
+    let mut buf = Vec::new();
+    (&mut file).take(max).read_to_end(&mut buf)?;
+    if !still_at(&file, path)? {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{}: removed while being read", path.display()),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Whether `path` still names the file `file` is open on.
+fn still_at(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match fs::metadata(path) {
+        Ok(now) => Ok(now.dev() == open.dev() && now.ino() == open.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// A queue-mode message being received: bytes go straight to `tmp/<id>` (memory stays
-/// bounded by the write buffer). Dropped without commit, the file is removed.
+/// Messages up to this size stay in memory until they are committed, so that writing one
+/// costs a single thread hop; larger ones stream to `tmp/<id>` as they arrive.
+pub const INLINE_MAX: usize = 64 * 1024;
+
+/// A queue-mode message being received: its first [`INLINE_MAX`] bytes are kept in
+/// memory, beyond that everything goes to `tmp/<id>` (memory stays bounded). Dropped
+/// without commit, the file is removed.
 pub struct SpoolDraft {
     id: String,
     path: PathBuf,
-    file: Option<BufWriter<tokio::fs::File>>,
+    spool: Spool,
+    /// The message, while it is small and has no file yet.
+    inline: Vec<u8>,
+    /// Boxed: only large messages have one.
+    file: Option<Box<BufWriter<tokio::fs::File>>>,
+    closed: bool,
     len: u64,
 }
 
+/// A draft that has been written completely ([`SpoolDraft::close`]).
+#[derive(Debug)]
+pub struct ClosedDraft {
+    /// The temp file the message is (or is to be) in.
+    pub path: PathBuf,
+    /// The message itself when it never left memory.
+    pub inline: Option<Vec<u8>>,
+}
+
+impl ClosedDraft {
+    /// Blocking: makes sure the message is in its temp file (writes an in-memory one out).
+    /// Not fsync'd here: [`Spool::commit`] does that.
+    pub fn write_out(&self, spool: &Spool) -> io::Result<()> {
+        match &self.inline {
+            Some(bytes) => spool.create_file(&self.path)?.write_all(bytes),
+            None => Ok(()),
+        }
+    }
+}
+
 impl SpoolDraft {
-    /// Creates `tmp/<id>` for a new message.
+    /// Starts a new message; its file `tmp/<id>` is created only if it outgrows memory.
     pub async fn create(spool: &Spool, id: String) -> io::Result<Self> {
-        let path = spool.tmp_dir().join(&id);
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await?;
         Ok(SpoolDraft {
+            path: spool.tmp_dir().join(&id),
             id,
-            path,
-            file: Some(BufWriter::with_capacity(64 * 1024, file)),
+            spool: spool.clone(),
+            inline: Vec::new(),
+            file: None,
+            closed: false,
             len: 0,
         })
     }
@@ -460,10 +641,27 @@ impl SpoolDraft {
 
     /// Appends message bytes.
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("draft already closed"))?;
+        if self.closed {
+            return Err(io::Error::other("draft already closed"));
+        }
+        if self.file.is_none() {
+            if self.inline.len() + data.len() <= INLINE_MAX {
+                self.inline.extend_from_slice(data);
+                self.len += data.len() as u64;
+                return Ok(());
+            }
+            let (spool, path) = (self.spool.clone(), self.path.clone());
+            let file = tokio::task::spawn_blocking(move || spool.create_file(&path))
+                .await
+                .map_err(io::Error::other)??;
+            let mut file = Box::new(BufWriter::with_capacity(
+                INLINE_MAX,
+                tokio::fs::File::from_std(file),
+            ));
+            file.write_all(&std::mem::take(&mut self.inline)).await?;
+            self.file = Some(file);
+        }
+        let file = self.file.as_mut().expect("draft file");
         file.write_all(data).await?;
         self.len += data.len() as u64;
         Ok(())
@@ -479,13 +677,24 @@ impl SpoolDraft {
         self.len == 0
     }
 
-    /// Flushes the data to its file and closes it; returns the temp path (still owned by
-    /// the draft until dropped). Not fsync'd here: [`Spool::commit`] does that.
-    pub async fn close(&mut self) -> io::Result<&Path> {
-        if let Some(mut file) = self.file.take() {
-            file.flush().await?;
+    /// Ends the writing: flushes the file, or hands over the in-memory message. The temp
+    /// path stays owned by the draft (removed when it is dropped) until committed.
+    pub async fn close(&mut self) -> io::Result<ClosedDraft> {
+        if self.closed {
+            return Err(io::Error::other("draft already closed"));
         }
-        Ok(&self.path)
+        self.closed = true;
+        let inline = match self.file.take() {
+            Some(mut file) => {
+                file.flush().await?;
+                None
+            }
+            None => Some(std::mem::take(&mut self.inline)),
+        };
+        Ok(ClosedDraft {
+            path: self.path.clone(),
+            inline,
+        })
     }
 }
 
@@ -529,15 +738,16 @@ mod tests {
         // A committed message survives recovery.
         let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
         draft.write(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
-        let tmp = draft.close().await.unwrap().to_path_buf();
+        let closed = draft.close().await.unwrap();
+        closed.write_out(&spool).unwrap();
         let st = MessageState::new("m1", "relay", &envelope(), draft.len(), now_ms());
-        spool.commit(&tmp, &st).unwrap();
+        spool.commit(&closed.path, &st).unwrap();
         drop(draft);
 
         // A draft never committed, and data whose marker never got written, are removed.
         let mut orphan = SpoolDraft::create(&spool, "m2".into()).await.unwrap();
         orphan.write(b"x").await.unwrap();
-        orphan.close().await.unwrap();
+        orphan.close().await.unwrap().write_out(&spool).unwrap();
         std::mem::forget(orphan); // as if the process died here
         fs::write(spool.data_path("m3"), b"half committed").unwrap();
 
@@ -562,7 +772,7 @@ mod tests {
         // The state file's rename reached the disk, the data's did not: never acknowledged.
         let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
         draft.write(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
-        draft.close().await.unwrap();
+        draft.close().await.unwrap().write_out(&spool).unwrap();
         std::mem::forget(draft);
         let st = MessageState::new("m1", "relay", &envelope(), 20, now_ms());
         fs::write(spool.state_path("m1"), to_json(&st)).unwrap();
@@ -580,7 +790,9 @@ mod tests {
         spool.create_dirs().unwrap();
         let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
         draft.write(b"x").await.unwrap();
-        let tmp = draft.close().await.unwrap().to_path_buf();
+        let closed = draft.close().await.unwrap();
+        closed.write_out(&spool).unwrap();
+        let tmp = closed.path;
         let st = MessageState::new("m1", "relay", &envelope(), 1, now_ms());
         spool.commit(&tmp, &st).unwrap();
         drop(draft);
@@ -591,6 +803,201 @@ mod tests {
         assert!(spool.commit(&tmp, &st).is_err());
         assert_eq!(spool.read_state("m1").unwrap().unwrap(), st);
         assert_eq!(fs::read_dir(spool.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn small_messages_stay_in_memory_until_written_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
+        draft.write(b"Subject: x\r\n").await.unwrap();
+        draft.write(b"\r\nbody\r\n").await.unwrap();
+        assert_eq!(fs::read_dir(spool.tmp_dir()).unwrap().count(), 0);
+        let closed = draft.close().await.unwrap();
+        assert!(draft.write(b"more").await.is_err());
+        assert_eq!(
+            closed.inline.as_deref(),
+            Some(&b"Subject: x\r\n\r\nbody\r\n"[..])
+        );
+        closed.write_out(&spool).unwrap();
+        assert_eq!(
+            fs::read(&closed.path).unwrap(),
+            b"Subject: x\r\n\r\nbody\r\n"
+        );
+        drop(draft);
+        assert!(!closed.path.exists());
+
+        // An empty message still gets its (empty) file.
+        let mut empty = SpoolDraft::create(&spool, "m2".into()).await.unwrap();
+        let closed = empty.close().await.unwrap();
+        closed.write_out(&spool).unwrap();
+        assert_eq!(fs::read(&closed.path).unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn large_messages_stream_to_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let half = vec![b'x'; INLINE_MAX / 2 + 1];
+        let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
+        draft.write(&half).await.unwrap();
+        let path = spool.tmp_dir().join("m1");
+        assert!(!path.exists());
+        draft.write(&half).await.unwrap();
+        assert!(path.exists());
+        draft.write(b"end").await.unwrap();
+        assert_eq!(draft.len(), 2 * half.len() as u64 + 3);
+        let closed = draft.close().await.unwrap();
+        assert!(closed.inline.is_none());
+        closed.write_out(&spool).unwrap();
+        let mut want = [half.as_slice(), half.as_slice()].concat();
+        want.extend_from_slice(b"end");
+        assert_eq!(fs::read(&path).unwrap(), want);
+        drop(draft);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn delivered_files_are_emptied_and_reused() {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        fs::write(spool.data_path("m1"), b"Subject: secret\r\n\r\n").unwrap();
+        spool
+            .write_state(&MessageState::new("m1", "relay", &envelope(), 21, 1))
+            .unwrap();
+        let mut before = vec![ino(&spool.data_path("m1")), ino(&spool.state_path("m1"))];
+        let lock = try_lock_data(&spool.data_path("m1")).unwrap().unwrap();
+
+        spool.remove_delivered("m1", lock).unwrap();
+        assert!(spool.queued_ids().unwrap().is_empty());
+        assert!(!spool.data_path("m1").exists());
+        let spares: Vec<PathBuf> = fs::read_dir(spool.tmp_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(spares.len(), 2);
+        assert!(spares.iter().all(|p| fs::metadata(p).unwrap().len() == 0));
+
+        // The next two files are those two; the data file is no longer locked.
+        let mut reused = Vec::new();
+        for name in ["a", "b"] {
+            let path = spool.tmp_dir().join(name);
+            spool.create_file(&path).unwrap().write_all(b"new").unwrap();
+            assert_eq!(fs::read(&path).unwrap(), b"new");
+            assert!(try_lock_data(&path).unwrap().is_some());
+            reused.push(ino(&path));
+        }
+        before.sort();
+        reused.sort();
+        assert_eq!(reused, before);
+        let fresh = spool.tmp_dir().join("c");
+        spool.create_file(&fresh).unwrap();
+        assert!(!before.contains(&ino(&fresh)));
+
+        // A message already gone is no error.
+        spool
+            .remove_delivered("gone", File::open(&fresh).unwrap())
+            .unwrap();
+        // Spares removed behind the spool's back (recovery empties tmp/) are skipped.
+        fs::write(spool.data_path("m2"), b"x").unwrap();
+        let lock = try_lock_data(&spool.data_path("m2")).unwrap().unwrap();
+        spool.remove_delivered("m2", lock).unwrap();
+        spool.recover().unwrap();
+        let path = spool.tmp_dir().join("d");
+        spool.create_file(&path).unwrap().write_all(b"ok").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"ok");
+    }
+
+    #[test]
+    fn a_file_replaced_while_read_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        fs::write(&path, b"one").unwrap();
+        let file = File::open(&path).unwrap();
+        assert!(still_at(&file, &path).unwrap());
+        fs::write(dir.path().join("other"), b"two").unwrap();
+        fs::rename(dir.path().join("other"), &path).unwrap();
+        assert!(!still_at(&file, &path).unwrap());
+        fs::remove_file(&path).unwrap();
+        assert!(!still_at(&file, &path).unwrap());
+        assert_eq!(Spool::read_state_file(&path).unwrap(), None);
+    }
+
+    #[test]
+    fn group_sync_runs_for_a_lone_caller_and_reports_failures() {
+        let group = GroupSync::default();
+        let mut runs = 0;
+        for _ in 0..3 {
+            group
+                .sync(|| {
+                    runs += 1;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        assert_eq!(runs, 3);
+        let err = group
+            .sync(|| Err(io::Error::other("disk on fire")))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "disk on fire");
+        group
+            .sync(|| {
+                runs += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(runs, 4);
+    }
+
+    #[test]
+    fn concurrent_callers_share_a_sync() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const CALLERS: u64 = 8;
+        let group = GroupSync::default();
+        let runs = AtomicUsize::new(0);
+        // Bounded wait for a condition another thread makes true.
+        let wait_for = |what: &dyn Fn(&GroupState) -> bool| {
+            for _ in 0..10_000 {
+                if what(&group.lock()) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            panic!("group sync never got there");
+        };
+        std::thread::scope(|s| {
+            // The first caller's sync lasts until every other caller is waiting: it
+            // covers only itself, and the next sync covers all the others.
+            let first = s.spawn(|| {
+                group.sync(|| {
+                    wait_for(&|st| st.issued == CALLERS);
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                })
+            });
+            wait_for(&|st| st.running);
+            let others: Vec<_> = (1..CALLERS)
+                .map(|_| {
+                    s.spawn(|| {
+                        group.sync(|| {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            Ok(())
+                        })
+                    })
+                })
+                .collect();
+            first.join().unwrap().unwrap();
+            for other in others {
+                other.join().unwrap().unwrap();
+            }
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(group.lock().synced, CALLERS);
     }
 
     #[test]

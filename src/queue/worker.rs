@@ -460,9 +460,8 @@ impl Step {
         let queue = self.queue.clone();
         let channel = self.channel;
         let finished = tokio::task::spawn_blocking(move || {
-            let result = settle(&queue, channel, state);
-            drop(lock);
-            result
+            // settle releases the message's delivery lock when it is done with the message.
+            settle(&queue, channel, state, lock)
         })
         .await;
         match finished {
@@ -619,6 +618,7 @@ fn settle(
     queue: &Queue,
     channel: ChannelId,
     mut state: MessageState,
+    lock: File,
 ) -> std::io::Result<(Option<(u64, usize)>, Option<(String, usize)>)> {
     let spool = &queue.spool;
     let pending = state.pending();
@@ -627,7 +627,7 @@ fn settle(
         return Ok((Some((state.next_attempt_ms, pending)), None));
     }
     if state.failed() == 0 {
-        spool.remove(&state.id)?;
+        spool.remove_delivered(&state.id, lock)?;
         tracing::info!(
             id = state.id,
             channel = state.channel,
