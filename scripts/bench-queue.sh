@@ -143,7 +143,7 @@ check_delivers Postfix "127.0.0.1:$PF_PORT"
 check_delivers mailgate "127.0.0.1:$PORT"
 
 echo "## mailgate queue mode vs Postfix $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d" " -f1-3 /proc/loadavg), $RUNS runs per 1 KB line"
-echo "# $(postconf -h mail_version | sed 's/^/Postfix /'), mailgate $("$BIN" --version 2>/dev/null || echo '?')"
+echo "# Postfix $(postconf -h mail_version), $("$BIN" --version 2>/dev/null || echo "mailgate ?")"
 echo "### 1 KB, 20 sessions x 10 messages: direct, Postfix, mailgate (queue)"
 bench direct_1k -n "$RUNS" -L 1000 -S 20 -M 10 -R 1 "$SINK"
 bench postfix_1k -n "$RUNS" -L 1000 -S 20 -M 10 -R 1 "127.0.0.1:$PF_PORT"
