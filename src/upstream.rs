@@ -11,7 +11,11 @@
 //!   final CRLF is dropped before sending (otherwise the upstream gets one extra line);
 //! - every stream we hand to lettre is a [`GuardedStream`] with a kill switch: if the
 //!   spool file cannot be read in the middle of DATA, all further writes fail, so the
-//!   final dot never goes out and the upstream never accepts a truncated message.
+//!   final dot never goes out and the upstream never accepts a truncated message;
+//! - to an upstream that offers PIPELINING (RFC 2920), MAIL, RCPT… and DATA go out
+//!   together and their replies are read in order afterwards. In all-or-nothing mode a
+//!   refused recipient may then meet an accepted DATA (`354`): the connection is closed
+//!   without an end of data, so the upstream discards the transaction.
 
 use std::fmt;
 use std::fs;
@@ -31,7 +35,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{
     AsyncSmtpConnection, AsyncTokioStream, Certificate, CertificateStore, TlsParameters,
 };
-use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt, Rset};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Quit, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -124,6 +128,11 @@ pub const TRUSTED_IDLE: Duration = Duration::from_secs(2);
 /// Size of the pieces a message is written in.
 const CHUNK: usize = 64 * 1024;
 
+/// Most bytes of commands sent in one pipelined group before their replies are read
+/// (RFC 2920 §3.1: a group must fit the TCP window, or client and server could both
+/// block writing). Equal to [`HOLD`], so a group goes out as one send.
+const PIPELINE_GROUP: usize = HOLD;
+
 /// Slowest upstream we wait for while writing DATA: the DATA timeout is
 /// [`COMMAND_TIMEOUT`] plus one second per this many bytes.
 const MIN_DATA_RATE: u64 = 32 * 1024;
@@ -184,6 +193,8 @@ struct Conn {
     unchecked: bool,
     /// Unchecked, and found closed at MAIL: nothing reached the upstream.
     stale: bool,
+    /// The upstream offers PIPELINING (in its EHLO reply after TLS).
+    pipelining: bool,
     /// Held for the life of the connection: frees the slot when dropped.
     _permit: OwnedSemaphorePermit,
 }
@@ -427,40 +438,15 @@ impl Upstreams {
         }
 
         let mail = Mail::new(envelope.sender.clone(), parameters);
-        if let Err(fail) = self.call(ch, self.timeout, conn.smtp.command(mail)).await {
-            let closed = matches!(&fail, Fail::Net(_))
-                || matches!(&fail, Fail::Reply(reply) if reply.code == 421);
-            if conn.unchecked && closed {
-                conn.stale = true;
-                return (Err(fail.into()), false);
-            }
-            return self.abort(ch, conn, fail).await;
-        }
-        let mut accepted = 0;
-        let mut last_refusal = None;
-        for (raw, address) in &envelope.recipients {
-            match self
-                .call(
-                    ch,
-                    self.timeout,
-                    conn.smtp.command(Rcpt::new(address.clone(), Vec::new())),
-                )
+        let opened = if conn.pipelining {
+            self.open_pipelined(ch, conn, mail, envelope, all_or_nothing, refused)
                 .await
-            {
-                Ok(_) => accepted += 1,
-                Err(Fail::Reply(reply)) if !all_or_nothing && reply.code != 421 => {
-                    refused.push((raw.clone(), reply.clone()));
-                    last_refusal = Some(reply);
-                }
-                Err(fail) => return self.abort(ch, conn, fail).await,
-            }
-        }
-        if accepted == 0 {
-            let reply = last_refusal.unwrap_or_else(|| Reply::bad_sequence("no valid recipients"));
-            return self.abort(ch, conn, Fail::Reply(reply)).await;
-        }
-        if let Err(fail) = self.call(ch, self.timeout, conn.smtp.command(Data)).await {
-            return self.abort(ch, conn, fail).await;
+        } else {
+            self.open_one_by_one(ch, conn, mail, envelope, all_or_nothing, refused)
+                .await
+        };
+        if let Err(ended) = opened {
+            return ended;
         }
 
         let data_timeout = self.timeout + Duration::from_secs(body.len / MIN_DATA_RATE);
@@ -506,13 +492,164 @@ impl Upstreams {
         }
     }
 
-    /// Ends a transaction that failed before the message went out.
-    async fn abort(
+    /// MAIL, RCPT…, DATA one command at a time, stopping at the first failure. `Ok`
+    /// once the upstream waits for the message (`354`).
+    async fn open_one_by_one(
         &self,
         ch: &SmtpChannel,
         conn: &mut Conn,
-        fail: Fail,
-    ) -> (Result<Reply, UpstreamError>, bool) {
+        mail: Mail,
+        envelope: &PreparedEnvelope,
+        all_or_nothing: bool,
+        refused: &mut Vec<(String, Reply)>,
+    ) -> Result<(), Ended> {
+        if let Err(fail) = self.call(ch, self.timeout, conn.smtp.command(mail)).await {
+            if conn.unchecked && closes(&fail) {
+                conn.stale = true;
+                return Err((Err(fail.into()), false));
+            }
+            return Err(self.abort(ch, conn, fail).await);
+        }
+        let mut accepted = 0;
+        let mut last_refusal = None;
+        for (raw, address) in &envelope.recipients {
+            match self
+                .call(
+                    ch,
+                    self.timeout,
+                    conn.smtp.command(Rcpt::new(address.clone(), Vec::new())),
+                )
+                .await
+            {
+                Ok(_) => accepted += 1,
+                Err(Fail::Reply(reply)) if !all_or_nothing && reply.code != 421 => {
+                    refused.push((raw.clone(), reply.clone()));
+                    last_refusal = Some(reply);
+                }
+                Err(fail) => return Err(self.abort(ch, conn, fail).await),
+            }
+        }
+        if accepted == 0 {
+            let reply = last_refusal.unwrap_or_else(|| Reply::bad_sequence("no valid recipients"));
+            return Err(self.abort(ch, conn, Fail::Reply(reply)).await);
+        }
+        if let Err(fail) = self.call(ch, self.timeout, conn.smtp.command(Data)).await {
+            return Err(self.abort(ch, conn, fail).await);
+        }
+        Ok(())
+    }
+
+    /// MAIL, RCPT… and DATA sent together (RFC 2920), then every reply read in order,
+    /// negative ones too. `Ok` once the upstream waits for the message (`354`) and the
+    /// transaction may go ahead.
+    async fn open_pipelined(
+        &self,
+        ch: &SmtpChannel,
+        conn: &mut Conn,
+        mail: Mail,
+        envelope: &PreparedEnvelope,
+        all_or_nothing: bool,
+        refused: &mut Vec<(String, Reply)>,
+    ) -> Result<(), Ended> {
+        let mut commands = Vec::with_capacity(envelope.recipients.len() + 2);
+        commands.push(mail.to_string());
+        for (_, address) in &envelope.recipients {
+            commands.push(Rcpt::new(address.clone(), Vec::new()).to_string());
+        }
+        commands.push(Data.to_string());
+        let (replies, broken) = self.pipeline(ch, conn, &commands).await;
+        if let Some(fail) = broken {
+            // Stopped before DATA's reply: no message went out. A connection reused on
+            // trust and closed at MAIL is replaced and the message sent again.
+            if replies.is_empty() && conn.unchecked && closes(&fail) {
+                conn.stale = true;
+            }
+            return Err((Err(fail.into()), false));
+        }
+        // Without `broken`, there is one reply per command.
+        let [mail_reply, rcpt_replies @ .., data_reply] = &replies[..] else {
+            return Err((Err(UpstreamError::Connect("replies missing".into())), false));
+        };
+        let mut accepted = 0;
+        let (mut first_refusal, mut last_refusal) = (None, None);
+        if mail_reply.is_ok() {
+            for ((raw, _), reply) in envelope.recipients.iter().zip(rcpt_replies) {
+                match reply {
+                    Ok(()) => accepted += 1,
+                    Err(reply) => {
+                        if !all_or_nothing {
+                            refused.push((raw.clone(), reply.clone()));
+                        }
+                        first_refusal.get_or_insert(reply);
+                        last_refusal = Some(reply);
+                    }
+                }
+            }
+        }
+        // Why the transaction must not go ahead, if it must not.
+        let stop = match mail_reply {
+            Err(reply) => Some(reply),
+            Ok(()) if all_or_nothing => first_refusal,
+            Ok(()) if accepted == 0 => last_refusal,
+            Ok(()) => None,
+        };
+        match (stop, data_reply) {
+            (None, Ok(())) => Ok(()),
+            (None, Err(reply)) | (Some(reply), Err(_)) => {
+                Err(self.abort(ch, conn, Fail::Reply(reply.clone())).await)
+            }
+            // The upstream waits for a message it must not get: closing the connection
+            // without the end of data makes it discard the transaction (RFC 5321 §3.3).
+            (Some(reply), Ok(())) => {
+                tracing::debug!(
+                    channel = %ch.name,
+                    "transaction refused after DATA was accepted; closing the connection"
+                );
+                Err((Err(UpstreamError::Refused(reply.clone())), false))
+            }
+        }
+    }
+
+    /// Sends `commands` in groups of at most [`PIPELINE_GROUP`] bytes and reads each
+    /// one's reply in order: `Ok` for a positive one, the reply for a negative one.
+    /// Stops at a timeout, a network error or a `421` (the upstream is closing), which
+    /// comes back as the second value.
+    async fn pipeline(
+        &self,
+        ch: &SmtpChannel,
+        conn: &mut Conn,
+        commands: &[String],
+    ) -> (Vec<Result<(), Reply>>, Option<Fail>) {
+        let mut replies = Vec::with_capacity(commands.len());
+        let mut start = 0;
+        while start < commands.len() {
+            let mut end = start + 1;
+            let mut size = commands[start].len();
+            while end < commands.len() && size + commands[end].len() <= PIPELINE_GROUP {
+                size += commands[end].len();
+                end += 1;
+            }
+            let group = commands[start..end].concat();
+            for i in start..end {
+                // The group is written with the first read; the others only read.
+                let reply = if i == start {
+                    self.call(ch, self.timeout, conn.smtp.command(&group)).await
+                } else {
+                    self.call(ch, self.timeout, conn.smtp.read_response()).await
+                };
+                match reply {
+                    Ok(_) => replies.push(Ok(())),
+                    Err(Fail::Reply(reply)) if reply.code != 421 => replies.push(Err(reply)),
+                    Err(fail) => return (replies, Some(fail)),
+                }
+            }
+            start = end;
+        }
+        (replies, None)
+    }
+
+    /// Ends a transaction that failed before the message went out.
+    async fn abort(&self, ch: &SmtpChannel, conn: &mut Conn, fail: Fail) -> Ended {
         match fail {
             Fail::Reply(reply) if reply.code != 421 => {
                 let reset = self
@@ -639,6 +776,20 @@ impl Upstreams {
             }
         }
 
+        // lettre keeps no trace of PIPELINING, so ask once more, after TLS (what the
+        // server said before STARTTLS no longer counts) and before AUTH: one round
+        // trip per connection, which the pool amortizes.
+        let ehlo = self
+            .call(ch, self.timeout, smtp.command(Ehlo::new(ch.hello.clone())))
+            .await
+            .map_err(UpstreamError::from)?;
+        let pipelining = offers_pipelining(&ehlo);
+        step(if pipelining {
+            "PIPELINING offered: commands of a transaction go out together"
+        } else {
+            "no PIPELINING: one command at a time"
+        });
+
         if let Some((username, credentials)) = &ch.auth {
             let Some(mechanism) = smtp.server_info().get_auth_mechanism(&MECHANISMS) else {
                 return Err(UpstreamError::Auth(Reply::upstream_no_auth_mechanism(
@@ -660,6 +811,7 @@ impl Upstreams {
             since: Instant::now(),
             unchecked: false,
             stale: false,
+            pipelining,
             _permit: permit,
         })
     }
@@ -691,6 +843,14 @@ impl Upstreams {
             }),
         }
     }
+}
+
+/// How a transaction ended: its result, and whether the connection may be reused.
+type Ended = (Result<Reply, UpstreamError>, bool);
+
+/// The failure means the upstream closed (or is closing) the connection.
+fn closes(fail: &Fail) -> bool {
+    matches!(fail, Fail::Net(_)) || matches!(fail, Fail::Reply(reply) if reply.code == 421)
 }
 
 /// A failed lettre call.
@@ -738,6 +898,16 @@ fn upstream_response(response: &Response, channel: &str) -> Reply {
         text.push_str(line);
     }
     Reply::from_upstream(u16::from(response.code()), enhanced, &text, channel)
+}
+
+/// The EHLO reply has a `PIPELINING` line (RFC 2920).
+fn offers_pipelining(ehlo: &Response) -> bool {
+    // The first line is the server's name.
+    ehlo.message().skip(1).any(|line| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
+    })
 }
 
 /// The extensions we care about, for `test-channel` and debug logs.

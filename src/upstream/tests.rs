@@ -21,13 +21,16 @@ use crate::config::{BareLf, Channel, DeliveryMode, Limits, Routing, Secret, Serv
 pub(crate) struct Fake {
     /// EHLO keywords (STARTTLS is added when `starttls` is set).
     pub(crate) extensions: Vec<&'static str>,
+    /// More EHLO keywords, offered only before STARTTLS.
+    pub(crate) before_tls: Vec<&'static str>,
     /// Offer STARTTLS with this server config.
     pub(crate) starttls: Option<Arc<ServerConfig>>,
     /// TLS from the first byte with this server config.
     pub(crate) implicit: Option<Arc<ServerConfig>>,
     /// Accepted AUTH user and password.
     pub(crate) credentials: Option<(&'static str, &'static str)>,
-    /// `(prefix, reply)`: a command line starting with `prefix` gets `reply`.
+    /// `(prefix, reply)`: a command line starting with `prefix` gets `reply` (and
+    /// changes no state: a refused RCPT is not a recipient).
     pub(crate) replies: Vec<(&'static str, &'static str)>,
     /// Reply to the end of data (default `250 2.0.0 Ok: queued as FAKE1`).
     pub(crate) data_reply: Option<&'static str>,
@@ -37,6 +40,10 @@ pub(crate) struct Fake {
     pub(crate) close_after_data: bool,
     /// Never send the greeting.
     pub(crate) silent: bool,
+    /// Before answering MAIL, wait this long for more command lines (up to a DATA
+    /// line) and record those that came in [`Record::ahead`]: a client that pipelines
+    /// has sent them already, one that does not cannot have.
+    pub(crate) lookahead: Option<Duration>,
 }
 
 /// One completed message as the fake saw it.
@@ -58,6 +65,11 @@ pub(crate) struct Record {
     pub(crate) sessions: AtomicUsize,
     pub(crate) live: AtomicUsize,
     pub(crate) max_live: AtomicUsize,
+    /// Per MAIL (with [`Fake::lookahead`]): the command lines that had arrived before
+    /// it was answered.
+    pub(crate) ahead: Mutex<Vec<Vec<String>>>,
+    /// Per DATA cut off by the end of the connection: the bytes after `354`.
+    pub(crate) unfinished: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Record {
@@ -66,6 +78,12 @@ impl Record {
     }
     pub(crate) fn commands(&self) -> Vec<String> {
         self.commands.lock().unwrap().clone()
+    }
+    pub(crate) fn ahead(&self) -> Vec<Vec<String>> {
+        self.ahead.lock().unwrap().clone()
+    }
+    pub(crate) fn unfinished(&self) -> Vec<Vec<u8>> {
+        self.unfinished.lock().unwrap().clone()
     }
 }
 
@@ -153,9 +171,39 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         ..Txn::default()
     };
     let mut user = None;
-    while let Some(cmd) = line(io).await? {
+    // Like Postfix: RCPT needs a MAIL, DATA an accepted RCPT, so pipelined commands
+    // after a refusal get the answers a real server gives.
+    let (mut have_mail, mut accepted) = (false, 0);
+    // Lines read ahead (see `Fake::lookahead`), answered before reading more.
+    let mut pending = std::collections::VecDeque::new();
+    loop {
+        let cmd = match pending.pop_front() {
+            Some(cmd) => cmd,
+            None => match line(io).await? {
+                Some(cmd) => cmd,
+                None => break,
+            },
+        };
         rec.commands.lock().unwrap().push(cmd.clone());
         let verb = cmd.split(' ').next().unwrap_or("").to_ascii_uppercase();
+        if let (Some(wait), "MAIL") = (fake.lookahead, verb.as_str()) {
+            // Dropping a half-read line at the deadline is fine here: a client that
+            // does not pipeline sends nothing before the answer.
+            let deadline = tokio::time::Instant::now() + wait;
+            while !pending
+                .back()
+                .is_some_and(|l: &String| l.eq_ignore_ascii_case("DATA"))
+            {
+                match tokio::time::timeout_at(deadline, line(io)).await {
+                    Ok(Ok(Some(next))) => pending.push_back(next),
+                    _ => break,
+                }
+            }
+            rec.ahead
+                .lock()
+                .unwrap()
+                .push(pending.iter().cloned().collect());
+        }
         if let Some((_, reply)) = fake
             .replies
             .iter()
@@ -169,9 +217,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         }
         match verb.as_str() {
             "EHLO" => {
+                (have_mail, accepted) = (false, 0);
                 let mut lines = vec![format!("fake.test greets {}", &cmd[5..])];
                 lines.extend(fake.extensions.iter().map(|e| e.to_string()));
                 if fake.starttls.is_some() && !tls {
+                    lines.extend(fake.before_tls.iter().map(|e| e.to_string()));
                     lines.push("STARTTLS".into());
                 }
                 let last = lines.len() - 1;
@@ -235,19 +285,32 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     user: user.clone(),
                     ..Txn::default()
                 };
+                (have_mail, accepted) = (true, 0);
                 send(io, "250 2.1.0 Ok").await?;
             }
+            "RCPT" if !have_mail => send(io, "503 5.5.1 Error: need MAIL command").await?,
             "RCPT" => {
                 txn.rcpts
                     .push(cmd[8..].trim_matches(|c| c == '<' || c == '>').to_string());
+                accepted += 1;
                 send(io, "250 2.1.5 Ok").await?;
+            }
+            "DATA" if accepted == 0 => {
+                let reply = if have_mail {
+                    "554 5.5.1 Error: no valid recipients"
+                } else {
+                    "503 5.5.1 Error: need RCPT command"
+                };
+                send(io, reply).await?;
             }
             "DATA" => {
                 send(io, "354 End data with <CR><LF>.<CR><LF>").await?;
+                (have_mail, accepted) = (false, 0);
                 let mut wire = Vec::new();
                 loop {
                     let mut buf = Vec::new();
                     if io.read_until(b'\n', &mut buf).await? == 0 {
+                        rec.unfinished.lock().unwrap().push(wire);
                         return Ok(Next::Done);
                     }
                     if buf == b".\r\n" {
@@ -270,6 +333,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             "RSET" => {
                 txn = Txn::default();
+                (have_mail, accepted) = (false, 0);
                 send(io, "250 2.0.0 Ok").await?;
             }
             "NOOP" => send(io, "250 2.0.0 Ok").await?,
@@ -439,6 +503,14 @@ pub(crate) fn plain_fake() -> Fake {
     }
 }
 
+/// [`plain_fake`] without PIPELINING: mailgate sends one command at a time.
+fn one_by_one_fake() -> Fake {
+    Fake {
+        extensions: vec!["8BITMIME", "ENHANCEDSTATUSCODES"],
+        ..Fake::default()
+    }
+}
+
 // ---- tests ------------------------------------------------------------------
 
 #[tokio::test]
@@ -573,9 +645,10 @@ async fn hundred_recipients_arrive() {
 
 #[tokio::test]
 async fn all_or_nothing_refusal_resets_and_reuses_the_connection() {
+    // One command at a time (see the pipelined_* tests for the other way).
     let fake = Fake {
         replies: vec![("RCPT TO:<bad@", "550 5.1.1 <bad@example.org>: no such user")],
-        ..plain_fake()
+        ..one_by_one_fake()
     };
     let (port, rec) = start(fake).await;
     let up = upstreams(smtp_channel(port, TlsMode::None), 2);
@@ -649,47 +722,51 @@ async fn a_connection_idle_past_the_trusted_time_is_checked_with_noop() {
 async fn a_reused_connection_found_closed_at_mail_is_replaced_and_the_message_sent_once() {
     // The fake closes after every message; the pooled connection is reused on trust,
     // MAIL finds it closed, and the message goes out once on a new connection.
-    let (port, rec) = start(Fake {
-        close_after_data: true,
-        ..plain_fake()
-    })
-    .await;
-    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
-    send_n(&up, 3).await;
-    assert_eq!(rec.sessions.load(Ordering::SeqCst), 3);
-    let rcpts: Vec<Vec<String>> = rec.txns().into_iter().map(|t| t.rcpts).collect();
-    assert_eq!(
-        rcpts,
-        [["r0@example.org"], ["r1@example.org"], ["r2@example.org"]]
-    );
-    assert!(!rec.commands().contains(&"NOOP".to_string()));
+    for fake in [plain_fake(), one_by_one_fake()] {
+        let (port, rec) = start(Fake {
+            close_after_data: true,
+            ..fake
+        })
+        .await;
+        let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+        send_n(&up, 3).await;
+        assert_eq!(rec.sessions.load(Ordering::SeqCst), 3);
+        let rcpts: Vec<Vec<String>> = rec.txns().into_iter().map(|t| t.rcpts).collect();
+        assert_eq!(
+            rcpts,
+            [["r0@example.org"], ["r1@example.org"], ["r2@example.org"]]
+        );
+        assert!(!rec.commands().contains(&"NOOP".to_string()));
+    }
 }
 
 #[tokio::test]
 async fn a_reused_connection_answering_421_at_mail_is_replaced() {
     // A server that says 421 at MAIL (it is closing the connection): the message is
     // sent on a new connection, which gets the same answer; the client hears it, once.
-    let (port, rec) = start(Fake {
-        replies: vec![("MAIL FROM:<late@", "421 4.4.2 timeout, closing")],
-        ..plain_fake()
-    })
-    .await;
-    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
-    send_n(&up, 1).await;
-    let env = envelope("late@example.com", &["b@example.org"]);
-    let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
-    let Err(UpstreamError::Refused(reply)) = out.result else {
-        panic!("{:?}", out.result)
-    };
-    assert_eq!(reply.code, 421);
-    // The first connection (reused on trust) and one new one: no more.
-    assert_eq!(rec.sessions.load(Ordering::SeqCst), 2);
-    let mails = rec
-        .commands()
-        .iter()
-        .filter(|c| c.starts_with("MAIL FROM:<late@"))
-        .count();
-    assert_eq!(mails, 2);
+    for fake in [plain_fake(), one_by_one_fake()] {
+        let (port, rec) = start(Fake {
+            replies: vec![("MAIL FROM:<late@", "421 4.4.2 timeout, closing")],
+            ..fake
+        })
+        .await;
+        let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+        send_n(&up, 1).await;
+        let env = envelope("late@example.com", &["b@example.org"]);
+        let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
+        let Err(UpstreamError::Refused(reply)) = out.result else {
+            panic!("{:?}", out.result)
+        };
+        assert_eq!(reply.code, 421);
+        // The first connection (reused on trust) and one new one: no more.
+        assert_eq!(rec.sessions.load(Ordering::SeqCst), 2);
+        let mails = rec
+            .commands()
+            .iter()
+            .filter(|c| c.starts_with("MAIL FROM:<late@"))
+            .count();
+        assert_eq!(mails, 2);
+    }
 }
 
 #[tokio::test]
@@ -714,12 +791,13 @@ async fn partial_refusal_delivers_to_the_others() {
 
 #[tokio::test]
 async fn partial_mode_with_every_recipient_refused_fails_with_the_last_reply() {
+    // One command at a time (see the pipelined_* tests for the other way).
     let fake = Fake {
         replies: vec![
             ("RCPT TO:<bad1@", "550 5.1.1 first"),
             ("RCPT TO:<bad2@", "452 4.2.2 mailbox full"),
         ],
-        ..plain_fake()
+        ..one_by_one_fake()
     };
     let (port, rec) = start(fake).await;
     let up = upstreams(smtp_channel(port, TlsMode::None), 2);
@@ -738,6 +816,338 @@ async fn partial_mode_with_every_recipient_refused_fails_with_the_last_reply() {
     assert_eq!(out.refused.len(), 2);
     assert!(!rec.commands().contains(&"DATA".to_string()));
     assert!(rec.commands().contains(&"RSET".to_string()));
+}
+
+// ---- pipelining (RFC 2920) ----------------------------------------------------
+
+/// [`plain_fake`] that records which commands arrived before it answered MAIL.
+fn watching_fake(replies: Vec<(&'static str, &'static str)>) -> Fake {
+    Fake {
+        replies,
+        lookahead: Some(Duration::from_secs(5)),
+        ..plain_fake()
+    }
+}
+
+/// Waits (bounded) until the fake has seen `n` DATA commands cut off by a closed connection.
+async fn unfinished_data(rec: &Record, n: usize) -> Vec<Vec<u8>> {
+    for _ in 0..100 {
+        if rec.unfinished().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rec.unfinished()
+}
+
+#[test]
+fn pipelining_is_read_from_the_ehlo_keywords() {
+    let offers = |text: &str| offers_pipelining(&text.parse::<Response>().unwrap());
+    assert!(offers(
+        "250-fake.test\r\n250-SIZE 1000\r\n250 PIPELINING\r\n"
+    ));
+    assert!(offers(
+        "250-fake.test\r\n250-pipelining\r\n250 8BITMIME\r\n"
+    ));
+    assert!(!offers(
+        "250-fake.test\r\n250-8BITMIME\r\n250 SIZE 1000\r\n"
+    ));
+    assert!(!offers("250-fake.test\r\n250 PIPELININGX\r\n"));
+    // The first line is the server's name, not a keyword.
+    assert!(!offers("250-PIPELINING\r\n250 8BITMIME\r\n"));
+    assert!(!offers("250 fake.test\r\n"));
+}
+
+#[tokio::test]
+async fn pipelined_mail_rcpt_and_data_are_sent_before_any_reply_is_read() {
+    let (port, rec) = start(watching_fake(Vec::new())).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    for sender in ["a@example.com", "b@example.com"] {
+        let env = envelope(sender, &["one@example.org", "two@example.org"]);
+        let out = up
+            .send(0, &env, Body::Bytes(b"Subject: p\r\n\r\nhi\r\n"), true)
+            .await;
+        assert!(out.result.unwrap().is_positive());
+    }
+    let batch = [
+        "RCPT TO:<one@example.org>",
+        "RCPT TO:<two@example.org>",
+        "DATA",
+    ];
+    assert_eq!(rec.ahead(), [batch, batch]);
+    let txns = rec.txns();
+    assert_eq!(txns.len(), 2);
+    assert_eq!(txns[1].mail, "MAIL FROM:<b@example.com>");
+    assert_eq!(txns[1].rcpts, ["one@example.org", "two@example.org"]);
+    assert_eq!(txns[1].wire, b"Subject: p\r\n\r\nhi\r\n");
+    // One connection, opened with one more EHLO (the one that tells PIPELINING).
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
+    let ehlos = rec
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("EHLO"))
+        .count();
+    assert_eq!(ehlos, 2);
+}
+
+#[tokio::test]
+async fn without_pipelining_each_command_waits_for_its_reply() {
+    let (port, rec) = start(Fake {
+        lookahead: Some(Duration::from_millis(300)),
+        ..one_by_one_fake()
+    })
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let env = envelope("a@example.com", &["one@example.org", "two@example.org"]);
+    let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
+    assert!(out.result.unwrap().is_positive());
+    assert_eq!(rec.ahead(), [Vec::<String>::new()]);
+    assert_eq!(rec.txns()[0].rcpts, ["one@example.org", "two@example.org"]);
+}
+
+#[tokio::test]
+async fn pipelining_offered_only_before_starttls_is_not_used() {
+    let pki = make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    for (offered, pipelined) in [(vec![], false), (vec!["PIPELINING"], true)] {
+        let (port, rec) = start(Fake {
+            extensions: offered,
+            before_tls: vec!["PIPELINING"],
+            starttls: Some(pki.server.clone()),
+            lookahead: Some(Duration::from_millis(300)),
+            ..Fake::default()
+        })
+        .await;
+        let mut target = smtp_channel(port, TlsMode::Starttls);
+        target.ca_file = Some(ca_file(&dir, &pki.ca_pem));
+        let up = upstreams(target, 1);
+        let env = envelope("a@example.com", &["b@example.org"]);
+        let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
+        assert!(out.result.unwrap().is_positive());
+        let txn = &rec.txns()[0];
+        assert!(txn.tls);
+        assert_eq!(txn.wire, b"x\r\n");
+        let expected: Vec<String> = if pipelined {
+            vec!["RCPT TO:<b@example.org>".into(), "DATA".into()]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(rec.ahead(), [expected], "PIPELINING after TLS: {pipelined}");
+    }
+}
+
+#[tokio::test]
+async fn pipelined_all_or_nothing_refusal_sends_no_body_and_drops_the_connection() {
+    // DATA is accepted (354) because one recipient was; the refused one must stop the
+    // message: no byte after DATA, no end of data, the connection closed.
+    let (port, rec) = start(watching_fake(vec![
+        ("RCPT TO:<bad@", "550 5.1.1 <bad@example.org>: no such user"),
+        ("RCPT TO:<full@", "452 4.2.2 mailbox full"),
+    ]))
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let env = envelope(
+        "a@example.com",
+        &["good@example.org", "bad@example.org", "full@example.org"],
+    );
+    let out = up
+        .send(0, &env, Body::Bytes(b"secret body\r\n"), true)
+        .await;
+    let Err(UpstreamError::Refused(reply)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert_eq!((reply.code, reply.enhanced), (550, Some((5, 1, 1))));
+    assert_eq!(
+        reply.text,
+        "Channel relay: upstream said: <bad@example.org>: no such user"
+    );
+    assert!(out.refused.is_empty());
+    assert_eq!(unfinished_data(&rec, 1).await, [Vec::<u8>::new()]);
+    assert!(rec.txns().is_empty());
+    assert!(!rec.commands().iter().any(|c| c == "RSET" || c == "QUIT"));
+
+    // The next message goes out on a new connection (the only slot was freed).
+    let ok = up
+        .send(
+            0,
+            &envelope("a@example.com", &["good@example.org"]),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    assert!(ok.result.unwrap().is_positive());
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 2);
+    assert_eq!(rec.txns().len(), 1);
+}
+
+#[tokio::test]
+async fn pipelined_refusal_of_every_recipient_resets_and_reuses_the_connection() {
+    // No recipient accepted: the upstream refuses DATA, so RSET and the connection
+    // serves the next message. All-or-nothing reports the first refusal, partial
+    // mode the last one and every refused recipient.
+    for all_or_nothing in [true, false] {
+        let (port, rec) = start(watching_fake(vec![
+            ("RCPT TO:<bad1@", "550 5.1.1 first"),
+            ("RCPT TO:<bad2@", "452 4.2.2 mailbox full"),
+        ]))
+        .await;
+        let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+        let env = envelope("a@example.com", &["bad1@example.org", "bad2@example.org"]);
+        let out = up
+            .send(0, &env, Body::Bytes(b"x\r\n"), all_or_nothing)
+            .await;
+        let Err(UpstreamError::Refused(reply)) = out.result else {
+            panic!("{:?}", out.result)
+        };
+        if all_or_nothing {
+            assert_eq!((reply.code, reply.enhanced), (550, Some((5, 1, 1))));
+            assert!(out.refused.is_empty());
+        } else {
+            assert_eq!((reply.code, reply.enhanced), (452, Some((4, 2, 2))));
+            let refused: Vec<(&str, u16)> = out
+                .refused
+                .iter()
+                .map(|(r, reply)| (r.as_str(), reply.code))
+                .collect();
+            assert_eq!(
+                refused,
+                [("bad1@example.org", 550), ("bad2@example.org", 452)]
+            );
+        }
+        let commands = rec.commands();
+        let data = commands.iter().position(|c| c == "DATA").unwrap();
+        assert_eq!(commands[data + 1], "RSET");
+        send_n(&up, 1).await;
+        assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
+        assert!(rec.unfinished().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn pipelined_mail_refusal_reads_every_reply_then_resets() {
+    let (port, rec) = start(watching_fake(vec![(
+        "MAIL FROM:<refused@",
+        "550 5.7.1 Sender rejected",
+    )]))
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    for all_or_nothing in [true, false] {
+        let env = envelope("refused@example.com", &["b@example.org", "c@example.org"]);
+        let out = up
+            .send(0, &env, Body::Bytes(b"x\r\n"), all_or_nothing)
+            .await;
+        let Err(UpstreamError::Refused(reply)) = out.result else {
+            panic!("{:?}", out.result)
+        };
+        assert_eq!((reply.code, reply.enhanced), (550, Some((5, 7, 1))));
+        // The RCPTs' 503s are about the missing MAIL, not about the recipients.
+        assert!(out.refused.is_empty());
+    }
+    // The fake answered RCPT and DATA with 503 (no MAIL); each reply was read, so the
+    // RSET's answer is the RSET's and the connection carries the next message.
+    send_n(&up, 1).await;
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
+    assert_eq!(rec.txns()[0].mail, "MAIL FROM:<a@example.com>");
+    let tail: Vec<String> = rec.commands()[2..7].to_vec();
+    assert_eq!(
+        tail,
+        [
+            "MAIL FROM:<refused@example.com>",
+            "RCPT TO:<b@example.org>",
+            "RCPT TO:<c@example.org>",
+            "DATA",
+            "RSET"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn pipelined_partial_refusal_delivers_to_the_others() {
+    let (port, rec) = start(watching_fake(vec![(
+        "RCPT TO:<bad@",
+        "550 5.1.1 no such user",
+    )]))
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let env = envelope(
+        "a@example.com",
+        &["one@example.org", "bad@example.org", "two@example.org"],
+    );
+    let out = up.send(0, &env, Body::Bytes(b"x\r\n"), false).await;
+    assert!(out.result.unwrap().is_positive());
+    assert_eq!(out.refused.len(), 1);
+    assert_eq!(out.refused[0].0, "bad@example.org");
+    assert_eq!(out.refused[0].1.code, 550);
+    assert_eq!(
+        rec.ahead()[0].len(),
+        4,
+        "three RCPTs and DATA came together"
+    );
+    assert_eq!(rec.txns()[0].rcpts, ["one@example.org", "two@example.org"]);
+    assert_eq!(rec.txns()[0].wire, b"x\r\n");
+    send_n(&up, 1).await;
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn pipelined_data_refusal_resets_and_reuses_the_connection() {
+    let (port, rec) = start(watching_fake(vec![("DATA", "451 4.3.0 try again later")])).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let env = envelope("a@example.com", &["b@example.org"]);
+    let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
+    let Err(UpstreamError::Refused(reply)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert_eq!((reply.code, reply.enhanced), (451, Some((4, 3, 0))));
+    assert!(rec.commands().contains(&"RSET".to_string()));
+    assert!(rec.txns().is_empty());
+    assert!(rec.unfinished().is_empty());
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn pipelined_421_ends_the_transaction_and_the_connection() {
+    let (port, rec) = start(watching_fake(vec![(
+        "RCPT TO:<b@",
+        "421 4.3.2 shutting down",
+    )]))
+    .await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let env = envelope("a@example.com", &["b@example.org"]);
+    let out = up.send(0, &env, Body::Bytes(b"x\r\n"), false).await;
+    let Err(UpstreamError::Refused(reply)) = out.result else {
+        panic!("{:?}", out.result)
+    };
+    assert_eq!(reply.code, 421);
+    assert!(
+        out.refused.is_empty(),
+        "421 is about the connection, not the recipient"
+    );
+    send_n(&up, 1).await;
+    assert_eq!(rec.sessions.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn thousands_of_recipients_go_out_in_several_pipelined_groups() {
+    // ~60 KiB of RCPT lines: more than one group of PIPELINE_GROUP bytes.
+    let (port, rec) = start(plain_fake()).await;
+    let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+    let rcpts: Vec<String> = (0..2000)
+        .map(|i| format!("recipient-number-{i:05}@example.org"))
+        .collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let bytes: usize = rcpts.iter().map(|r| r.len() + 12).sum();
+    assert!(bytes > 3 * PIPELINE_GROUP);
+    let out = up
+        .send(
+            0,
+            &envelope("a@example.com", &refs),
+            Body::Bytes(b"x\r\n"),
+            true,
+        )
+        .await;
+    assert!(out.result.unwrap().is_positive());
+    assert_eq!(rec.txns()[0].rcpts, rcpts);
 }
 
 #[tokio::test]
