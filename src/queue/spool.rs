@@ -549,21 +549,24 @@ pub fn read_headers(path: &Path, max: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Reads up to `max` bytes of `path`; `NotFound` if the file left that name meanwhile.
-/// A reader without the delivery lock (`mailgate queue list`/`show`) may open a file just
-/// as it is retired and reused for another message ([`Spool::remove_delivered`]): this
-/// keeps it from taking that message's bytes for this one's.
+/// Reads up to `max` bytes of the file at `path`, making sure it is still the file at
+/// `path` when the read is done. A reader without the delivery lock (`mailgate queue
+/// list`/`show`) may open a file just as it is replaced (a state rewrite: read the new
+/// one) or retired and reused for another message ([`Spool::remove_delivered`]: the
+/// message is gone, and the bytes read belong to another one).
 fn read_current(path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    let mut file = File::open(path)?;
-    let mut buf = Vec::new();
-    (&mut file).take(max).read_to_end(&mut buf)?;
-    if !still_at(&file, path)? {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{}: removed while being read", path.display()),
-        ));
+    for _ in 0..3 {
+        let mut file = File::open(path)?;
+        let mut buf = Vec::new();
+        (&mut file).take(max).read_to_end(&mut buf)?;
+        if still_at(&file, path)? {
+            return Ok(buf);
+        }
     }
-    Ok(buf)
+    Err(io::Error::other(format!(
+        "{}: changed while being read",
+        path.display()
+    )))
 }
 
 /// Whether `path` still names the file `file` is open on.
@@ -923,6 +926,7 @@ mod tests {
         fs::write(dir.path().join("other"), b"two").unwrap();
         fs::rename(dir.path().join("other"), &path).unwrap();
         assert!(!still_at(&file, &path).unwrap());
+        assert_eq!(read_current(&path, 100).unwrap(), b"two");
         fs::remove_file(&path).unwrap();
         assert!(!still_at(&file, &path).unwrap());
         assert_eq!(Spool::read_state_file(&path).unwrap(), None);
