@@ -16,6 +16,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+
+// The same whole-input model the decoder's unit tests check against.
+#[path = "../../src/smtp/data/model.rs"]
+mod model;
+use model::assert_normalized;
 use mailgate::smtp::data::Decoder;
 
 /// What one decoding run produced.
@@ -126,90 +131,22 @@ fn chunks<'a>(input: &'a [u8], lengths: &[usize]) -> Vec<&'a [u8]> {
     pieces
 }
 
-/// Whole-input DATA model: the end is the first literal `CRLF . CRLF` (the start of
-/// the message counts as a CRLF); the body before it is split on real CRLFs; each line
-/// loses one leading dot, then its (necessarily bare) CRs and LFs become CRLF.
+/// The decoder's unit-test model, as an [`Outcome`].
 fn model_data(input: &[u8]) -> Option<Outcome> {
-    let stream = [b"\r\n", input].concat();
-    let p = stream.windows(5).position(|w| w == b"\r\n.\r\n")?;
-    let consumed = Some(p + 3);
-    if p == 0 {
-        return Some(Outcome {
-            out: Vec::new(),
-            consumed,
-            saw_bare: false,
-        });
-    }
-    // The body's lines, without the CRLF that precedes the terminating dot.
-    let body = &stream[2..p];
-    let (mut out, saw_bare) = normalize_lines(body, true);
-    out.extend_from_slice(b"\r\n");
-    Some(Outcome {
+    model::reference_data(input).map(|(out, consumed, saw_bare)| Outcome {
         out,
-        consumed,
+        consumed: Some(consumed),
         saw_bare,
     })
 }
 
-/// Whole-input BDAT model: split on real CRLFs, every other CR or LF is bare.
+/// The BDAT model, as an [`Outcome`].
 fn model_bdat(input: &[u8]) -> Outcome {
-    let (out, saw_bare) = normalize_lines(input, false);
+    let (out, saw_bare) = model::reference_bdat(input);
     Outcome {
         out,
         consumed: None,
         saw_bare,
-    }
-}
-
-fn normalize_lines(body: &[u8], unstuff: bool) -> (Vec<u8>, bool) {
-    let mut out = Vec::with_capacity(body.len());
-    let mut bare = false;
-    for (n, line) in split_crlf(body).into_iter().enumerate() {
-        if n > 0 {
-            out.extend_from_slice(b"\r\n");
-        }
-        let line = match line {
-            [b'.', rest @ ..] if unstuff => rest,
-            _ => line,
-        };
-        for &b in line {
-            if b == b'\r' || b == b'\n' {
-                bare = true;
-                out.extend_from_slice(b"\r\n");
-            } else {
-                out.push(b);
-            }
-        }
-    }
-    (out, bare)
-}
-
-fn split_crlf(body: &[u8]) -> Vec<&[u8]> {
-    let mut lines = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i + 1 < body.len() {
-        if body[i] == b'\r' && body[i + 1] == b'\n' {
-            lines.push(&body[start..i]);
-            i += 2;
-            start = i;
-        } else {
-            i += 1;
-        }
-    }
-    lines.push(&body[start..]);
-    lines
-}
-
-/// Every CR is followed by LF and every LF preceded by CR.
-fn assert_normalized(out: &[u8]) {
-    for (i, &b) in out.iter().enumerate() {
-        if b == b'\r' {
-            assert_eq!(out.get(i + 1), Some(&b'\n'), "bare CR at {i} in the output");
-        }
-        if b == b'\n' {
-            assert!(i > 0 && out[i - 1] == b'\r', "bare LF at {i} in the output");
-        }
     }
 }
 
