@@ -16,7 +16,7 @@ use crate::config::{ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
 use crate::queue::{Queue, Spool, SpoolDraft, state};
 use crate::ratelimit::ChannelLimiter;
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use crate::upstream::{Body, Upstreams};
 
 /// The delivery side of a running proxy.

@@ -31,6 +31,7 @@ pub mod listener;
 pub mod message;
 pub mod queue;
 pub mod ratelimit;
+pub mod reply;
 pub mod routing;
 pub mod smtp;
 pub mod tls;

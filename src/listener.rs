@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::delivery::Delivery;
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use crate::smtp::session::{self, BoxStream, SessionCtx};
 
 /// How long an implicit-TLS handshake may take.

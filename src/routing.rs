@@ -12,7 +12,7 @@
 use mail_parser::{HeaderName, HeaderValue, MessageParser};
 
 use crate::config::{Channel, ChannelId, Config, SenderPattern, User};
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 
 /// The routing-relevant headers of a message, parsed with mail-parser.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

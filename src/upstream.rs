@@ -45,7 +45,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{ChannelId, ChannelKind, Config, SmtpTarget, TlsMode};
 use crate::message::Envelope;
-use crate::smtp::reply::{Reply, split_enhanced};
+use crate::reply::{Reply, split_enhanced};
 
 /// The message bytes to send: as received (after dot-unstuffing and bare-LF
 /// normalization), normally ending in CRLF.

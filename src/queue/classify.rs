@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use crate::upstream::UpstreamError;
 
 /// What to do after an upstream answer.

@@ -1,7 +1,7 @@
 //! Pure: builds an RFC 3464 delivery status notification (a "bounce") for the failed
 //! recipients of a message.
 
-use crate::smtp::reply::split_enhanced;
+use crate::reply::split_enhanced;
 
 /// What a DSN reports.
 #[derive(Debug, Clone)]

@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ChannelId, Config};
 use crate::message::Envelope;
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use crate::upstream::{Body, Outcome, Upstreams};
 
 pub use spool::{MessageState, Spool, SpoolDraft};

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Channel, ChannelId, Config};
 use crate::message::Envelope;
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use crate::upstream::{Body, Outcome, UpstreamError};
 
 use super::classify::{Verdict, backoff, classify_error, classify_reply};

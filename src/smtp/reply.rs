@@ -1,67 +1,12 @@
-//! Every reply mailgate gives a client, from one catalogue (SPEC §5).
+//! Every reply mailgate gives a client about the conversation itself, from one
+//! catalogue (SPEC §5). The type and the delivery replies live in [`crate::reply`].
 //!
 //! Internal error text never reaches the client: a refusal is one of these
 //! constructors, and the detail goes to the log.
 
-use std::fmt;
-
-/// An SMTP reply: code, enhanced status code (RFC 3463) and text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// Three-digit reply code.
-    pub code: u16,
-    /// Enhanced status code `class.subject.detail`, when the reply has one.
-    pub enhanced: Option<(u8, u16, u16)>,
-    /// Human-readable text (one line; multi-line replies are built by the session).
-    pub text: String,
-}
+pub use crate::reply::Reply;
 
 impl Reply {
-    /// A reply with an enhanced status code.
-    pub fn new(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Self {
-        Reply {
-            code,
-            enhanced: Some(enhanced),
-            text: text.into(),
-        }
-    }
-
-    /// A reply without enhanced status code (greeting, EHLO lines).
-    pub fn plain(code: u16, text: impl Into<String>) -> Self {
-        Reply {
-            code,
-            enhanced: None,
-            text: text.into(),
-        }
-    }
-
-    /// 2xx.
-    pub fn is_positive(&self) -> bool {
-        (200..300).contains(&self.code)
-    }
-
-    /// 4xx: the client should try again later.
-    pub fn is_transient(&self) -> bool {
-        (400..500).contains(&self.code)
-    }
-
-    /// 5xx.
-    pub fn is_permanent(&self) -> bool {
-        self.code >= 500
-    }
-
-    /// The enhanced code as text, e.g. `"5.7.1"`.
-    pub fn enhanced_text(&self) -> Option<String> {
-        self.enhanced.map(|(a, b, c)| format!("{a}.{b}.{c}"))
-    }
-
-    /// The reply as it goes on the wire, CRLF-terminated.
-    pub fn to_wire(&self) -> String {
-        format!("{self}\r\n")
-    }
-
-    // ---- catalogue -------------------------------------------------------
-
     /// `220 <hostname> ESMTP mailgate`.
     pub fn greeting(hostname: &str) -> Self {
         Reply::plain(220, format!("{hostname} ESMTP mailgate"))
@@ -89,10 +34,6 @@ impl Reply {
     /// `250 2.0.0` BDAT chunk taken (not the last).
     pub fn chunk_ok(size: usize) -> Self {
         Reply::new(250, (2, 0, 0), format!("{size} octets received"))
-    }
-    /// `250 2.0.0 queued as <id>`: the message is on disk (queue mode).
-    pub fn queued(id: &str) -> Self {
-        Reply::new(250, (2, 0, 0), format!("queued as {id}"))
     }
     /// `252 2.5.0` VRFY: mailgate does not verify addresses.
     pub fn cannot_vrfy() -> Self {
@@ -126,7 +67,6 @@ impl Reply {
     pub fn not_implemented() -> Self {
         Reply::new(502, (5, 5, 1), "Command not implemented")
     }
-
     /// `550 5.7.1` the sender has no authorized channel.
     pub fn sender_not_authorized(sender: &str) -> Self {
         Reply::new(
@@ -145,22 +85,6 @@ impl Reply {
             550,
             (5, 7, 1),
             format!("User {user} may not send as <{sender}>"),
-        )
-    }
-    /// `552 5.3.4` message (or announced SIZE) over the limit.
-    pub fn too_big(max: u64) -> Self {
-        Reply::new(
-            552,
-            (5, 3, 4),
-            format!("Message size exceeds fixed maximum of {max} bytes"),
-        )
-    }
-    /// `452 4.5.3` too many recipients.
-    pub fn too_many_recipients(max: usize) -> Self {
-        Reply::new(
-            452,
-            (4, 5, 3),
-            format!("Too many recipients (at most {max} per message)"),
         )
     }
     /// `500 5.5.2` unknown command or syntax error.
@@ -233,50 +157,6 @@ impl Reply {
             "Bare CR or LF in message data is not allowed; use CRLF",
         )
     }
-    /// `451 4.4.1` upstream unreachable (relay mode).
-    pub fn upstream_unreachable(channel: &str) -> Self {
-        Reply::new(
-            451,
-            (4, 4, 1),
-            format!("Channel {channel}: upstream unreachable, try again later"),
-        )
-    }
-    /// `454 4.7.0` upstream TLS failed (relay mode).
-    pub fn upstream_tls_failed(channel: &str) -> Self {
-        Reply::new(
-            454,
-            (4, 7, 0),
-            format!("Channel {channel}: upstream TLS failed, try again later"),
-        )
-    }
-    /// `454 4.7.0` upstream refused our credentials (relay mode).
-    pub fn upstream_auth_failed(channel: &str) -> Self {
-        Reply::new(
-            454,
-            (4, 7, 0),
-            format!("Channel {channel}: upstream authentication failed, try again later"),
-        )
-    }
-    /// `451 4.4.2` upstream stopped answering.
-    pub fn upstream_timeout(channel: &str) -> Self {
-        Reply::new(
-            451,
-            (4, 4, 2),
-            format!("Channel {channel}: upstream timed out, try again later"),
-        )
-    }
-    /// `451 4.7.0` channel rate or quota reached (relay mode).
-    pub fn channel_limited(channel: &str) -> Self {
-        Reply::new(
-            451,
-            (4, 7, 0),
-            format!("Channel {channel}: rate or quota reached, try again later"),
-        )
-    }
-    /// `451 4.3.0` local failure (disk, internal error); detail goes to the log.
-    pub fn local_error() -> Self {
-        Reply::new(451, (4, 3, 0), "Local error in processing, try again later")
-    }
     /// `421 4.4.2` idle too long.
     pub fn idle_timeout() -> Self {
         Reply::new(421, (4, 4, 2), "Idle timeout, closing connection")
@@ -292,93 +172,6 @@ impl Reply {
     /// `554 5.7.1` greeting for a client outside `allow_networks`.
     pub fn network_not_allowed() -> Self {
         Reply::new(554, (5, 7, 1), "Access denied for your network")
-    }
-    /// The upstream's own reply, passed on with text naming the channel. An upstream
-    /// reply without an enhanced code gets its class's generic one (`X.0.0`), as Postfix
-    /// does: we advertise ENHANCEDSTATUSCODES, so every reply must carry one (RFC 2034).
-    pub fn from_upstream(
-        code: u16,
-        enhanced: Option<(u8, u16, u16)>,
-        text: &str,
-        channel: &str,
-    ) -> Self {
-        let class = u8::try_from(code / 100)
-            .ok()
-            .filter(|c| (2..=5).contains(c));
-        Reply {
-            code,
-            enhanced: enhanced.or(class.map(|c| (c, 0, 0))),
-            text: format!("Channel {channel}: upstream said: {text}"),
-        }
-    }
-    /// `553 5.6.7` the message needs SMTPUTF8 and the channel's upstream lacks it.
-    pub fn upstream_no_smtputf8(channel: &str) -> Self {
-        Reply::new(
-            553,
-            (5, 6, 7),
-            format!("Channel {channel}: upstream does not support SMTPUTF8"),
-        )
-    }
-    /// `454 4.7.0` the upstream offers none of the AUTH mechanisms we can use.
-    pub fn upstream_no_auth_mechanism(channel: &str) -> Self {
-        Reply::new(
-            454,
-            (4, 7, 0),
-            format!("Channel {channel}: upstream offers no usable AUTH mechanism"),
-        )
-    }
-    /// `553 5.1.7` the sender address cannot be put in an upstream `MAIL FROM`.
-    pub fn bad_sender_syntax(sender: &str) -> Self {
-        Reply::new(
-            553,
-            (5, 1, 7),
-            format!("Sender address <{sender}> has invalid syntax"),
-        )
-    }
-    /// `553 5.1.3` a recipient address cannot be put in an upstream `RCPT TO`.
-    pub fn bad_recipient_syntax(recipient: &str) -> Self {
-        Reply::new(
-            553,
-            (5, 1, 3),
-            format!("Recipient address <{recipient}> has invalid syntax"),
-        )
-    }
-    /// `250 2.0.0` the `file` channel stored the message.
-    pub fn stored_in_file(channel: &str, file: &str) -> Self {
-        Reply::new(
-            250,
-            (2, 0, 0),
-            format!("Channel {channel}: stored as {file}"),
-        )
-    }
-}
-
-impl fmt::Display for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.enhanced {
-            Some((a, b, c)) => write!(f, "{} {a}.{b}.{c} {}", self.code, self.text),
-            None => write!(f, "{} {}", self.code, self.text),
-        }
-    }
-}
-
-/// Splits `"5.7.1 Relaying denied"` into the enhanced code and the rest.
-pub fn split_enhanced(text: &str) -> (Option<(u8, u16, u16)>, &str) {
-    let text = text.trim_start();
-    let (first, rest) = text.split_once(' ').unwrap_or((text, ""));
-    let mut parts = first.split('.');
-    let parsed = (|| {
-        let a: u8 = parts.next()?.parse().ok()?;
-        let b: u16 = parts.next()?.parse().ok()?;
-        let c: u16 = parts.next()?.parse().ok()?;
-        if parts.next().is_some() || !(2..=5).contains(&a) {
-            return None;
-        }
-        Some((a, b, c))
-    })();
-    match parsed {
-        Some(code) => (Some(code), rest.trim_start()),
-        None => (None, text),
     }
 }
 
@@ -427,34 +220,5 @@ mod tests {
                 "{reply} should start with {want}"
             );
         }
-    }
-
-    #[test]
-    fn upstream_replies_always_carry_an_enhanced_code() {
-        let kept = Reply::from_upstream(550, Some((5, 1, 1)), "no such user", "up");
-        assert_eq!(
-            kept.to_wire(),
-            "550 5.1.1 Channel up: upstream said: no such user\r\n"
-        );
-        for (code, want) in [
-            (250, "250 2.0.0 "),
-            (451, "451 4.0.0 "),
-            (554, "554 5.0.0 "),
-        ] {
-            let reply = Reply::from_upstream(code, None, "text", "up");
-            assert!(reply.to_wire().starts_with(want), "{reply}");
-        }
-    }
-
-    #[test]
-    fn split_enhanced_parses_and_rejects() {
-        assert_eq!(
-            split_enhanced("5.7.1 Relaying denied"),
-            (Some((5, 7, 1)), "Relaying denied")
-        );
-        assert_eq!(split_enhanced("4.3.2"), (Some((4, 3, 2)), ""));
-        assert_eq!(split_enhanced("OK queued"), (None, "OK queued"));
-        assert_eq!(split_enhanced("1.2.3 no"), (None, "1.2.3 no"));
-        assert_eq!(split_enhanced("5.7 x"), (None, "5.7 x"));
     }
 }
