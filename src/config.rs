@@ -11,6 +11,7 @@
 //! bytes); rates `"5/s"`, `"30/min"`, `"100/h"`, `"2000/day"`. Relative paths resolve
 //! against the configuration file's folder.
 
+pub mod oauth;
 pub mod presets;
 
 use std::collections::BTreeMap;
@@ -176,6 +177,9 @@ pub struct SmtpTarget {
     pub username: Option<String>,
     /// AUTH password.
     pub password: Option<Secret>,
+    /// `auth = "xoauth2"`: AUTH XOAUTH2 with a token from these settings (and `username`
+    /// as the XOAUTH2 user) instead of a password.
+    pub oauth: Option<oauth::OAuth>,
 }
 
 /// `tls` of a channel.
@@ -1677,6 +1681,7 @@ impl Ctx {
             ca_file,
             username,
             password,
+            oauth: None,
         }
     }
 

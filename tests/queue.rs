@@ -828,6 +828,7 @@ fn smtp_channel(name: &str, port: u16, limits: Limits) -> Channel {
             ca_file: None,
             username: None,
             password: None,
+            oauth: None,
         }),
         ..channel(name, limits)
     }

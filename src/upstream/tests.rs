@@ -436,6 +436,7 @@ pub(crate) fn smtp_channel(port: u16, tls: TlsMode) -> SmtpTarget {
         ca_file: None,
         username: None,
         password: None,
+        oauth: None,
     }
 }
 
