@@ -69,6 +69,13 @@ pub enum Command {
     },
     /// Read a password on stdin, print its argon2id hash for [[users]]
     HashPassword,
+    /// The /usr/sbin/sendmail interface: submit one message read on stdin
+    #[command(after_help = crate::sendmail::USAGE)]
+    Sendmail {
+        /// sendmail options, then recipients: [-t] [-i] [-oi] [-f SENDER] [-F NAME] [RCPT...]
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true, num_args = 0.., value_name = "ARGS")]
+        args: Vec<String>,
+    },
     /// Inspect and act on the spool (queue mode); safe while the proxy runs
     Queue {
         /// What to do with the queue
@@ -116,8 +123,21 @@ pub enum CertAction {
 
 /// Parses the command line, runs the subcommand, returns the exit code.
 pub fn main() -> ExitCode {
+    let mut argv = std::env::args_os();
+    if argv
+        .next()
+        .is_some_and(|argv0| crate::sendmail::invoked_as_sendmail(&argv0))
+    {
+        // A symlink named sendmail: every argument is a sendmail argument.
+        let args: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
+        return crate::sendmail::main_as_sendmail(&args);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Some(Command::Sendmail { args }) = &cli.command {
+        let program = "mailgate sendmail";
+        return crate::sendmail::main(args, config_path(cli.config), program);
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -147,6 +167,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
         }
         Command::HashPassword => hash_password(),
         Command::Queue { action } => queue_command(&path, action),
+        Command::Sendmail { .. } => unreachable!("handled in main: it has its own exit codes"),
     }
 }
 

@@ -21,6 +21,7 @@
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
+//! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod reply;
 pub mod routing;
+pub mod sendmail;
 pub mod smtp;
 pub mod tls;
 pub mod upstream;
