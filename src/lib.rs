@@ -21,6 +21,7 @@
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
+//! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod delivery;
 pub mod listener;
 pub mod message;
+pub mod oauth;
 pub mod queue;
 pub mod ratelimit;
 pub mod reply;
@@ -36,6 +38,9 @@ pub mod routing;
 pub mod smtp;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 use std::sync::Arc;
 
