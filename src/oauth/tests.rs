@@ -786,3 +786,25 @@ async fn authorize_a_client_credentials_channel_only_proves_the_credentials() {
     assert_eq!(ep.requests("client_credentials"), 1);
     assert_no_secret(&output.text(), &ep.secrets());
 }
+
+#[tokio::test]
+async fn https_endpoints_go_through_rustls_on_ring_and_verify_the_certificate() {
+    // A local TLS server with a self-signed certificate: the handshake runs (no missing
+    // crypto provider, no panic) and the unknown issuer is refused, which is transient.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::tls::generate(dir.path()).unwrap();
+    let acceptor = crate::tls::acceptor(&cert, &key).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        acceptor.accept(stream).await.is_err()
+    });
+    let ep = TokenEndpoint::start().await;
+    let mut oauth = settings(&ep, Provider::Microsoft, Grant::RefreshToken);
+    oauth.token_url = format!("https://localhost:{port}/token");
+    let err = cache(oauth, dir.path()).access_token().await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(server.await.unwrap(), "the client refused the certificate");
+    assert_eq!(ep.requests("refresh_token"), 0);
+}
