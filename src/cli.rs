@@ -82,6 +82,22 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// OAuth 2.0 for channels that send with XOAUTH2
+    Oauth {
+        /// What to do
+        #[command(subcommand)]
+        action: OauthAction,
+    },
+}
+
+/// `oauth` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OauthAction {
+    /// Sign in for channel NAME (Microsoft: device code; Google: browser + loopback) and store its refresh token
+    Authorize {
+        /// Channel name ([channels.NAME])
+        name: String,
+    },
 }
 
 /// `queue` subcommands.
@@ -168,6 +184,9 @@ fn dispatch(cli: Cli) -> Result<(), String> {
         Command::HashPassword => hash_password(),
         Command::Queue { action } => queue_command(&path, action),
         Command::Sendmail { .. } => unreachable!("handled in main: it has its own exit codes"),
+        Command::Oauth {
+            action: OauthAction::Authorize { name },
+        } => oauth_authorize(&path, &name),
     }
 }
 
@@ -388,6 +407,30 @@ fn test_channel(path: &Path, name: &str) -> Result<(), String> {
             Err(e) => Err(format!("channel {name}: {e}")),
         }
     })
+}
+
+/// `oauth authorize NAME`: the flow talks to the terminal (stdin, stdout).
+fn oauth_authorize(path: &Path, name: &str) -> Result<(), String> {
+    let config = load(path)?;
+    let id = config
+        .channel_id(name)
+        .ok_or_else(|| format!("no channel named {name:?} in {}", path.display()))?;
+    let settings = match &config.channels[id].kind {
+        config::ChannelKind::Smtp(target) => target.oauth.clone(),
+        _ => None,
+    }
+    .ok_or_else(|| format!("channel {name} has no oauth settings: nothing to authorize"))?;
+    let http = crate::oauth::Http::new()?;
+    let store = crate::oauth::LocalTokenStore::new(config.server.spool_dir.join("state"));
+    let runtime = runtime()?;
+    let done = runtime.block_on(async {
+        let input = tokio::io::BufReader::new(tokio::io::stdin());
+        let mut output = std::io::stdout();
+        crate::oauth::authorize(name, &settings, &http, &store, input, &mut output).await
+    });
+    // A read of stdin may still be pending (the browser's redirect won): do not wait for it.
+    runtime.shutdown_background();
+    done.map(|_| ())
 }
 
 fn hash_password() -> Result<(), String> {

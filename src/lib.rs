@@ -22,6 +22,7 @@
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
+//! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod config;
 pub mod delivery;
 pub mod listener;
 pub mod message;
+pub mod oauth;
 pub mod queue;
 pub mod ratelimit;
 pub mod reply;
@@ -38,6 +40,9 @@ pub mod sendmail;
 pub mod smtp;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 use std::sync::Arc;
 

@@ -1,0 +1,296 @@
+//! The access-token cache: one per OAuth channel, shared by all its connections and both
+//! delivery modes. Refreshes happen one at a time per channel (single flight).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::endpoint::{self, Failure};
+use super::store::{self, LocalTokenStore, TokenStore};
+use super::{AccessToken, Error, Http};
+use crate::config::oauth::{Grant, OAuth};
+use crate::config::{ChannelId, ChannelKind, Config, Secret};
+
+/// A cached token is refreshed when it expires within this margin (SPEC §7).
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(600);
+
+/// When a refresh fails transiently, a cached token with at least this much life left is
+/// still handed out (the refresh was early, the token still works).
+const STILL_USABLE: Duration = Duration::from_secs(60);
+
+/// The token caches of every OAuth channel of a config. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens {
+    by_channel: Arc<Vec<Option<ChannelToken>>>,
+}
+
+impl Tokens {
+    /// A cache for each channel with `oauth` settings, one HTTP client for all, and the
+    /// local token store in `<spool_dir>/state`.
+    pub fn new(config: &Config) -> Result<Tokens, String> {
+        let store = Arc::new(LocalTokenStore::new(config.server.spool_dir.join("state")));
+        Ok(Tokens::with_store(config, Http::new()?, store))
+    }
+
+    /// As [`Tokens::new`], with this client and store.
+    pub fn with_store(config: &Config, http: Http, store: Arc<dyn TokenStore>) -> Tokens {
+        let by_channel = config
+            .channels
+            .iter()
+            .map(|channel| match &channel.kind {
+                ChannelKind::Smtp(target) => target.oauth.as_ref().map(|settings| {
+                    ChannelToken::new(&channel.name, settings.clone(), http.clone(), store.clone())
+                }),
+                _ => None,
+            })
+            .collect();
+        Tokens {
+            by_channel: Arc::new(by_channel),
+        }
+    }
+
+    /// The cache of channel `id`; `None` when it does not use OAuth.
+    pub fn get(&self, id: ChannelId) -> Option<&ChannelToken> {
+        self.by_channel.get(id).and_then(Option::as_ref)
+    }
+}
+
+/// One channel's access token, shared by all its connections. Cheap to clone.
+#[derive(Clone)]
+pub struct ChannelToken {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    channel: String,
+    settings: OAuth,
+    http: Http,
+    store: Arc<dyn TokenStore>,
+    margin: Duration,
+    /// Held across a refresh: concurrent callers wait for it, then find the new token.
+    state: tokio::sync::Mutex<State>,
+    refreshed: AtomicU64,
+    failed: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    current: Option<Cached>,
+    /// The last refresh's failure and when it ended: callers that were already waiting
+    /// for that refresh get its answer instead of asking the endpoint again.
+    last_failure: Option<(Instant, Error)>,
+    /// A rotated refresh token that could not be stored: used until a later store works.
+    unsaved_refresh_token: Option<Secret>,
+}
+
+struct Cached {
+    token: AccessToken,
+    expires_at: Instant,
+}
+
+impl Cached {
+    fn lasts(&self, at_least: Duration) -> bool {
+        self.expires_at.saturating_duration_since(Instant::now()) > at_least
+    }
+}
+
+impl fmt::Debug for ChannelToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChannelToken")
+            .field("channel", &self.inner.channel)
+            .field("provider", &self.inner.settings.provider)
+            .field("grant", &self.inner.settings.grant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChannelToken {
+    /// The cache of channel `channel` with these settings.
+    pub fn new(channel: &str, settings: OAuth, http: Http, store: Arc<dyn TokenStore>) -> Self {
+        ChannelToken::with_margin(channel, settings, http, store, REFRESH_MARGIN)
+    }
+
+    /// As [`ChannelToken::new`] with another refresh margin (tests).
+    pub(crate) fn with_margin(
+        channel: &str,
+        settings: OAuth,
+        http: Http,
+        store: Arc<dyn TokenStore>,
+        margin: Duration,
+    ) -> Self {
+        ChannelToken {
+            inner: Arc::new(Inner {
+                channel: channel.to_string(),
+                settings,
+                http,
+                store,
+                margin,
+                state: tokio::sync::Mutex::new(State::default()),
+                refreshed: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The channel's name.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// The channel's OAuth settings.
+    pub fn settings(&self) -> &OAuth {
+        &self.inner.settings
+    }
+
+    /// Token-endpoint requests so far: (succeeded, failed), for
+    /// `mailgate_oauth_token_refreshes_total{channel,result}`.
+    pub fn refresh_counts(&self) -> (u64, u64) {
+        (
+            self.inner.refreshed.load(Ordering::Relaxed),
+            self.inner.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The cached access token, or a new one when it expires within 10 minutes.
+    /// Concurrent callers share one refresh.
+    pub async fn access_token(&self) -> Result<AccessToken, Error> {
+        let asked = Instant::now();
+        let mut state = self.inner.state.lock().await;
+        if let Some(cached) = &state.current
+            && cached.lasts(self.inner.margin)
+        {
+            return Ok(cached.token.clone());
+        }
+        if let Some(answer) = Self::answered_meanwhile(&state, asked) {
+            return answer;
+        }
+        self.refresh(&mut state).await
+    }
+
+    /// The upstream refused `stale` (SMTP 535, Graph 401): a new token, unless another
+    /// caller already replaced `stale`, then that one. Call it once per refusal and retry
+    /// AUTH once with its answer; never loop.
+    pub async fn force_refresh(&self, stale: &AccessToken) -> Result<AccessToken, Error> {
+        let asked = Instant::now();
+        let mut state = self.inner.state.lock().await;
+        if let Some(cached) = &state.current {
+            if cached.token != *stale && cached.lasts(Duration::ZERO) {
+                return Ok(cached.token.clone());
+            }
+            if cached.token == *stale {
+                // Refused upstream: useless even as a fall-back.
+                state.current = None;
+            }
+        }
+        if let Some(answer) = Self::answered_meanwhile(&state, asked) {
+            return answer;
+        }
+        self.refresh(&mut state).await
+    }
+
+    /// A refresh that failed after `asked` answers this caller too.
+    fn answered_meanwhile(state: &State, asked: Instant) -> Option<Result<AccessToken, Error>> {
+        let (at, error) = state.last_failure.as_ref()?;
+        if *at < asked {
+            return None;
+        }
+        match &state.current {
+            Some(cached) if error.is_transient() && cached.lasts(STILL_USABLE) => {
+                Some(Ok(cached.token.clone()))
+            }
+            _ => Some(Err(error.clone())),
+        }
+    }
+
+    /// Asks the endpoint (the caller holds the state lock).
+    async fn refresh(&self, state: &mut State) -> Result<AccessToken, Error> {
+        let inner = &*self.inner;
+        let started = Instant::now();
+        match self.fetch(state).await {
+            Ok(issued) => {
+                inner.refreshed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    channel = %inner.channel,
+                    expires_in_s = issued.expires_in.as_secs(),
+                    "OAuth access token refreshed"
+                );
+                state.last_failure = None;
+                state.current = Some(Cached {
+                    token: issued.access_token.clone(),
+                    expires_at: started + issued.expires_in,
+                });
+                Ok(issued.access_token)
+            }
+            Err(error) => {
+                inner.failed.fetch_add(1, Ordering::Relaxed);
+                state.last_failure = Some((Instant::now(), error.clone()));
+                match &state.current {
+                    Some(cached) if error.is_transient() && cached.lasts(STILL_USABLE) => {
+                        tracing::warn!("{error}; the cached token is still valid and stays in use");
+                        Ok(cached.token.clone())
+                    }
+                    _ => {
+                        if error.is_transient() {
+                            tracing::warn!("{error}");
+                        } else {
+                            tracing::error!("{error}");
+                        }
+                        Err(error)
+                    }
+                }
+            }
+        }
+    }
+
+    /// One grant request, and the rotated refresh token stored back.
+    async fn fetch(&self, state: &mut State) -> Result<endpoint::Issued, Error> {
+        let inner = &*self.inner;
+        let (channel, settings) = (inner.channel.as_str(), &inner.settings);
+        let client_secret = settings.client_secret.as_ref().map(Secret::expose);
+        let broken = |code: &str, description: String| Error::Broken {
+            channel: channel.to_string(),
+            code: code.to_string(),
+            description,
+            hint: endpoint::hint(channel, settings, code),
+        };
+        let refresh_token = match settings.grant {
+            Grant::ClientCredentials => {
+                return endpoint::client_credentials_grant(&inner.http, settings)
+                    .await
+                    .map_err(|f| f.into_error(channel, settings, &[client_secret.unwrap_or("")]));
+            }
+            Grant::RefreshToken => match state.unsaved_refresh_token.clone() {
+                Some(token) => token,
+                None => store::load_refresh_token(channel, settings, &*inner.store)
+                    .await
+                    .map_err(|e| broken("token_unreadable", e))?
+                    .ok_or_else(|| broken("no_refresh_token", String::new()))?,
+            },
+        };
+        let secrets = [client_secret.unwrap_or(""), refresh_token.expose()];
+        let issued = endpoint::refresh_grant(&inner.http, settings, &refresh_token)
+            .await
+            .map_err(|f: Failure| f.into_error(channel, settings, &secrets))?;
+        if let Some(rotated) = &issued.refresh_token
+            && *rotated != refresh_token
+        {
+            match store::save_refresh_token(channel, settings, &*inner.store, rotated).await {
+                Ok(location) => {
+                    state.unsaved_refresh_token = None;
+                    tracing::info!(channel, "rotated OAuth refresh token stored in {location}");
+                }
+                Err(e) => {
+                    state.unsaved_refresh_token = Some(rotated.clone());
+                    tracing::error!(
+                        channel,
+                        "cannot store the rotated OAuth refresh token ({e}); it is kept in \
+                         memory only: fix this before mailgate restarts or re-run \
+                         `mailgate oauth authorize {channel}` then"
+                    );
+                }
+            }
+        }
+        Ok(issued)
+    }
+}
