@@ -274,4 +274,65 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn summary_shows_how_each_oauth_channel_gets_its_token_but_never_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("alice.token"), "rt-from-the-file\n").unwrap();
+        let channel = |name: &str, oauth: &str| {
+            format!(
+                "[channels.{name}]\npreset = \"office365\"\nusername = \"{name}@example.com\"\n\
+                 oauth = {{ provider = \"microsoft\", client_id = \"id-{name}\", {oauth} }}\n\
+                 senders = [\"{name}@example.com\"]\n"
+            )
+        };
+        let text = [
+            channel("alice", "refresh_token_file = \"alice.token\""),
+            channel("bob", "refresh_token_env = \"PATH\""),
+            channel("carol", "refresh_token = \"rt-literal-carol\""),
+            channel("dave", "client_secret = \"cs-literal-dave\""),
+            channel(
+                "erin",
+                "grant = \"client_credentials\", client_secret = \"cs-literal-erin\"",
+            ),
+            "[channels.relay]\nhost = \"h.example\"\nusername = \"u\"\npassword = \"hunter2\"\ndomains = [\"example.org\"]\n"
+                .to_owned(),
+        ]
+        .concat();
+        let config = config::parse(&text, &dir.path().join("proxy.toml")).unwrap();
+        let shown = summary(&config);
+        for secret in [
+            "rt-from-the-file",
+            "rt-literal-carol",
+            "cs-literal-dave",
+            "cs-literal-erin",
+            "hunter2",
+            std::env::var("PATH").unwrap().as_str(),
+        ] {
+            assert!(!shown.contains(secret), "{secret:?} shown in:\n{shown}");
+        }
+        let token = dir.path().join("alice.token");
+        for expected in [
+            "    auth xoauth2: alice@example.com".to_owned(),
+            "    oauth: provider microsoft, grant refresh_token, client_id id-alice".to_owned(),
+            format!("    token: refresh_token_file {}", token.display()),
+            "    token: refresh_token_env PATH".to_owned(),
+            "    token: literal".to_owned(),
+            "    token: none (run: mailgate oauth authorize dave)".to_owned(),
+            "    oauth: provider microsoft, grant client_credentials, client_id id-erin".to_owned(),
+            "    token: none (client credentials)".to_owned(),
+            "    auth: u (password set)".to_owned(),
+        ] {
+            assert!(shown.contains(&expected), "{expected:?} not in:\n{shown}");
+        }
+
+        // A token file that `oauth authorize` has not written yet.
+        std::fs::remove_file(&token).unwrap();
+        let config = config::parse(&text, &dir.path().join("proxy.toml")).unwrap();
+        let shown = summary(&config);
+        assert!(
+            shown.contains("(not there yet: run mailgate oauth authorize alice)"),
+            "{shown}"
+        );
+    }
 }

@@ -8,7 +8,9 @@ use serde_spanned::Spanned;
 use super::reader::{Expect, Keys, RawSize, Reader, Section, Strings};
 use super::secrets::{self, RawSecret, Resolved};
 use super::server::MAX_RECIPIENTS;
-use super::values::{default_port, is_loopback_host, parse_domain, parse_rate, parse_sender_pattern};
+use super::values::{
+    default_port, is_loopback_host, parse_domain, parse_rate, parse_sender_pattern,
+};
 use super::{Channel, ChannelKind, Limits, SenderPattern, SmtpTarget, TlsMode, oauth, presets};
 
 /// SPEC §9: most upstream connections of one channel.
@@ -215,7 +217,12 @@ fn channel(r: &mut Reader, name: &str, s: &Section) -> Draft {
 }
 
 /// The preset's limits, then the explicit keys.
-fn limits(r: &mut Reader, s: &Section, raw: &RawChannel, preset: Option<&presets::Preset>) -> Limits {
+fn limits(
+    r: &mut Reader,
+    s: &Section,
+    raw: &RawChannel,
+    preset: Option<&presets::Preset>,
+) -> Limits {
     let mut limits = preset.map_or_else(
         || Limits {
             connections: presets::DEFAULT_CONNECTIONS,
@@ -263,7 +270,10 @@ fn smtp_target(
         let line = raw.region.as_ref().and_then(|at| r.at(at));
         if !needs_region {
             r.bad(s, "region", line, "only used with preset = \"ses\"");
-        } else if !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        } else if !region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
             let why = format!("{region:?} is not a region name like \"eu-west-1\"");
             r.bad(s, "region", line, why);
         }
@@ -317,7 +327,12 @@ fn smtp_target(
             Ok(port) => Some(port),
             Err(_) => {
                 let line = r.key_line(s, "port");
-                r.bad(s, "port", line, format!("{n} is not a TCP port (1 to 65535)"));
+                r.bad(
+                    s,
+                    "port",
+                    line,
+                    format!("{n} is not a TCP port (1 to 65535)"),
+                );
                 None
             }
         })
@@ -366,7 +381,9 @@ fn smtp_target(
             if !s.has("username") {
                 r.problem(
                     s.line,
-                    format!("{label} uses XOAUTH2 and needs username = \"...\", the mailbox that sends"),
+                    format!(
+                        "{label} uses XOAUTH2 and needs username = \"...\", the mailbox that sends"
+                    ),
                 );
             }
             if tls == TlsMode::None {
@@ -382,7 +399,9 @@ fn smtp_target(
                 let line = r.key_line(s, "oauth");
                 r.problem(
                     line,
-                    format!("{label} has oauth = {{ ... }} but auth = \"password\": remove one of them"),
+                    format!(
+                        "{label} has oauth = {{ ... }} but auth = \"password\": remove one of them"
+                    ),
                 );
             }
             let secret = RawSecret {

@@ -136,6 +136,8 @@ pub struct Channel {
 }
 
 /// What a channel is.
+// A handful of channels, built once at load: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ChannelKind {
     /// An upstream SMTP server.

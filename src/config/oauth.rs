@@ -168,7 +168,10 @@ pub(super) fn read(r: &mut Reader, s: &Section, label: &str) -> Option<OAuth> {
         );
     }
 
-    let providers = [("microsoft", Provider::Microsoft), ("google", Provider::Google)];
+    let providers = [
+        ("microsoft", Provider::Microsoft),
+        ("google", Provider::Google),
+    ];
     let provider = r.choice(s, "provider", &raw.provider, &providers);
     if !s.has("provider") {
         r.problem(
@@ -257,12 +260,14 @@ pub(super) fn read(r: &mut Reader, s: &Section, label: &str) -> Option<OAuth> {
                 Ok(text.to_owned())
             }
         })
-        .unwrap_or_else(|| match (provider, grant) {
-            (Some(Provider::Google), _) => defaults::GOOGLE_SCOPE,
-            (_, Grant::ClientCredentials) => defaults::MICROSOFT_SMTP_APP_SCOPE,
-            (_, Grant::RefreshToken) => defaults::MICROSOFT_SMTP_DELEGATED_SCOPE,
-        }
-        .to_owned());
+        .unwrap_or_else(|| {
+            match (provider, grant) {
+                (Some(Provider::Google), _) => defaults::GOOGLE_SCOPE,
+                (_, Grant::ClientCredentials) => defaults::MICROSOFT_SMTP_APP_SCOPE,
+                (_, Grant::RefreshToken) => defaults::MICROSOFT_SMTP_DELEGATED_SCOPE,
+            }
+            .to_owned()
+        });
     let mut endpoint = |key: &str, raw: &Option<Spanned<String>>, google: &str, microsoft: &str| {
         r.parsed(s, key, raw, parse_endpoint)
             .unwrap_or_else(|| match provider {
@@ -270,8 +275,18 @@ pub(super) fn read(r: &mut Reader, s: &Section, label: &str) -> Option<OAuth> {
                 _ => defaults::microsoft_url(&tenant, microsoft),
             })
     };
-    let token_url = endpoint("token_url", &raw.token_url, defaults::GOOGLE_TOKEN_URL, "token");
-    let auth_url = endpoint("auth_url", &raw.auth_url, defaults::GOOGLE_AUTH_URL, "authorize");
+    let token_url = endpoint(
+        "token_url",
+        &raw.token_url,
+        defaults::GOOGLE_TOKEN_URL,
+        "token",
+    );
+    let auth_url = endpoint(
+        "auth_url",
+        &raw.auth_url,
+        defaults::GOOGLE_AUTH_URL,
+        "authorize",
+    );
     let device_url = endpoint(
         "device_url",
         &raw.device_url,
@@ -326,7 +341,9 @@ fn refresh_token(
         None => (None, TokenSource::None),
         Some((form, resolved)) => {
             let name = |raw: &Option<Spanned<String>>| {
-                raw.as_ref().map(|at| at.get_ref().clone()).unwrap_or_default()
+                raw.as_ref()
+                    .map(|at| at.get_ref().clone())
+                    .unwrap_or_default()
             };
             let (value, path) = match resolved {
                 Resolved::Value(secret) => (Some(secret), None),

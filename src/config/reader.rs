@@ -353,7 +353,10 @@ impl Reader {
             if path.is_file() {
                 Ok(path)
             } else {
-                Err(format!("{} does not exist or is not a file", path.display()))
+                Err(format!(
+                    "{} does not exist or is not a file",
+                    path.display()
+                ))
             }
         })
     }

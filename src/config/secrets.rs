@@ -92,7 +92,10 @@ pub(super) fn resolve(
                 Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
                 // A FIFO or a device (/dev/stdin, /dev/zero) could block or never end.
                 Ok(meta) if !meta.is_file() => {
-                    return Err(format!("cannot read {}: not a regular file", path.display()));
+                    return Err(format!(
+                        "cannot read {}: not a regular file",
+                        path.display()
+                    ));
                 }
                 Ok(_) => {}
             }

@@ -103,7 +103,8 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
         let line = r.key_line(s, given);
         r.problem(line, format!("{given:?} {} needs {missing:?} too", s.place));
     }
-    if !tls_listen.is_empty() && !(has_cert && has_key) {
+    let tls_configured = has_cert && has_key;
+    if !tls_listen.is_empty() && !tls_configured {
         let line = r.key_line(s, "tls_listen");
         r.problem(
             line,

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::*;
 
-
 const OUTBOX: &str = "[channels.outbox]\nkind = \"file\"\ndir = \"out\"\nsenders = [\"*\"]\n";
 /// A well-formed argon2 PHC string (the reference implementation's example).
 const HASH: &str = "$argon2i$v=19$m=65536,t=2,p=4$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
@@ -194,9 +193,8 @@ fn a_wrong_type_names_key_and_line() {
         r#""require_auth" in [server]: expected true or false, found string"#
     );
 
-    let p = problem(
-        "[channels.outbox]\nkind = \"file\"\ndir = \"out\"\nsenders = [\"*\",\n  42]\n",
-    );
+    let p =
+        problem("[channels.outbox]\nkind = \"file\"\ndir = \"out\"\nsenders = [\"*\",\n  42]\n");
     assert_eq!(p.line, Some(5));
     assert!(
         p.message
@@ -260,9 +258,7 @@ fn the_same_pattern_at_the_same_specificity_names_both_channels() {
     );
 
     let mailbox = |name: &str, sender: &str| {
-        format!(
-            "[channels.{name}]\nkind = \"file\"\ndir = \"{name}\"\nsenders = [\"{sender}\"]\n"
-        )
+        format!("[channels.{name}]\nkind = \"file\"\ndir = \"{name}\"\nsenders = [\"{sender}\"]\n")
     };
     let p = problem(&format!(
         "{}{}",
@@ -445,15 +441,13 @@ fn only_one_password_form_and_username_goes_with_password() {
     );
     assert_eq!(p.line, Some(4));
     assert!(p.message.contains("give only one of"), "{}", p.message);
-    let p =
-        problem("[channels.r]\nhost = \"h.example\"\nusername = \"u\"\nsenders = [\"*\"]\n");
+    let p = problem("[channels.r]\nhost = \"h.example\"\nusername = \"u\"\nsenders = [\"*\"]\n");
     assert!(
         p.message.contains("username but no password"),
         "{}",
         p.message
     );
-    let p =
-        problem("[channels.r]\nhost = \"h.example\"\npassword = \"a\"\nsenders = [\"*\"]\n");
+    let p = problem("[channels.r]\nhost = \"h.example\"\npassword = \"a\"\nsenders = [\"*\"]\n");
     assert!(
         p.message.contains("password but no username"),
         "{}",
@@ -627,7 +621,6 @@ fn ses_needs_a_region() {
     );
 }
 
-
 #[test]
 fn channel_kinds_need_their_own_keys() {
     let p = problem("[channels.r]\nsenders = [\"*\"]\n");
@@ -645,8 +638,7 @@ fn channel_kinds_need_their_own_keys() {
         "{}",
         p.message
     );
-    let p =
-        problem("[channels.r]\nkind = \"pigeon\"\nhost = \"h.example\"\nsenders = [\"*\"]\n");
+    let p = problem("[channels.r]\nkind = \"pigeon\"\nhost = \"h.example\"\nsenders = [\"*\"]\n");
     assert!(
         p.message
             .contains("\"pigeon\" is not one of \"smtp\", \"file\""),
@@ -738,7 +730,6 @@ fn secrets_print_as_stars() {
     assert!(!format!("{config:?}").contains("hunter2"));
 }
 
-
 #[test]
 fn the_shipped_proxy_toml_is_valid() {
     let config = parse(include_str!("../../proxy.toml"), Path::new("proxy.toml")).unwrap();
@@ -795,5 +786,375 @@ fn the_shipped_examples_are_valid_once_uncommented() {
             .problems
             .iter()
             .any(|p| p.message.contains("[channels.ses]"))
+    );
+}
+
+#[test]
+fn every_listed_key_is_a_field_of_its_raw_struct() {
+    use super::reader::{Expect, Keys};
+    let sample = |expect: Expect| match expect {
+        Expect::Str => "\"x\"",
+        Expect::Duration => "\"1s\"",
+        Expect::Bool => "true",
+        Expect::Count | Expect::Size => "1",
+        Expect::Strings => "[]",
+        Expect::Table => "{}",
+    };
+    let body = |keys: Keys| -> String {
+        keys.iter()
+            .filter(|(_, e)| *e != Expect::Table)
+            .map(|(k, e)| format!("{k} = {}\n", sample(*e)))
+            .collect()
+    };
+    let oauth: Vec<String> = super::oauth::OAUTH_KEYS
+        .iter()
+        .map(|(k, e)| format!("{k} = {}", sample(*e)))
+        .collect();
+    let text = format!(
+        "[server]\n{}[[users]]\n{}[channels.c]\n{}oauth = {{ {} }}\n[routing]\n{}",
+        body(super::server::SERVER_KEYS),
+        body(super::users::USER_KEYS),
+        body(super::channels::CHANNEL_KEYS),
+        oauth.join(", "),
+        body(super::routing::ROUTING_KEYS),
+    );
+    for p in problems(&text) {
+        assert!(!p.message.contains("unknown key"), "{p:?}");
+        assert!(!p.message.contains(", found "), "{p:?}");
+    }
+}
+
+#[test]
+fn numbers_too_large_to_use_are_problems_with_their_line() {
+    let p = problem(&format!("[server]\nmax_connections = 1000001\n{OUTBOX}"));
+    assert_eq!(p.line, Some(2));
+    assert!(
+        p.message.starts_with(
+            r#""max_connections" in [server]: 1000001 is too large (at most 1000000)"#
+        ),
+        "{}",
+        p.message
+    );
+    let config = ok(&format!(
+        "[server]\nmax_connections = 1000000\nmax_recipients = 100000\n{OUTBOX}connections = 1000\nmax_recipients = 100000\n"
+    ));
+    assert_eq!(config.server.max_connections, 1_000_000);
+    assert_eq!(config.channels[0].limits.connections, 1000);
+
+    let p = problem(&format!(
+        "[server]\nmax_connections = 9223372036854775807\n{OUTBOX}"
+    ));
+    assert!(p.message.contains("too large"), "{}", p.message);
+    let p = problem(&format!("[server]\nmax_recipients = 100001\n{OUTBOX}"));
+    assert!(p.message.contains("at most 100000"), "{}", p.message);
+
+    let all = problems(&format!(
+        "{OUTBOX}connections = 1001\nmax_recipients = 100001\n[channels.b]\nkind = \"file\"\ndir = \"b\"\nsenders = [\"b@example.com\"]\nconnections = 0\n"
+    ));
+    let lines: Vec<Option<usize>> = all.iter().map(|p| p.line).collect();
+    assert_eq!(lines, [Some(5), Some(6), Some(11)], "{all:#?}");
+    assert!(
+        all[0]
+            .message
+            .contains("\"connections\" in [channels.outbox]: 1001 is too large (at most 1000)")
+    );
+    assert!(all[2].message.contains("must be more than zero, not 0"));
+
+    let all = problems(&format!(
+        "[server]\nmax_message_size = \"99999999999999GB\"\nretry_first = \"99999999999999999999d\"\n\
+         give_up_after = \"40000d\"\nidle_timeout = \"18446744073709551615s\"\n{OUTBOX}max_message_size = 9223372036854775807\n"
+    ));
+    let lines: Vec<Option<usize>> = all.iter().map(|p| p.line).collect();
+    assert_eq!(
+        lines,
+        [Some(2), Some(3), Some(4), Some(5), Some(10)],
+        "{all:#?}"
+    );
+    assert!(all.iter().all(|p| p.message.contains("too")), "{all:#?}");
+}
+
+/// A Microsoft delegated OAuth channel; line 4 is the `oauth` table.
+const ALICE: &str = "[channels.alice]\npreset = \"office365\"\nusername = \"alice@example.com\"\n\
+                     oauth = { provider = \"microsoft\", tenant = \"example.com\", client_id = \"app-id\", refresh_token_file = \"alice.token\" }\n\
+                     senders = [\"alice@example.com\"]\n";
+
+fn oauth_of(config: &Config, name: &str) -> oauth::OAuth {
+    smtp(config, name).oauth.expect("an OAuth channel")
+}
+
+#[test]
+fn oauth_settings_are_read_with_the_provider_defaults() {
+    use oauth::{Grant, Provider, TokenSource};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("alice.token"), "rt-alice-1\n").unwrap();
+    let config = parse(ALICE, &dir.path().join("proxy.toml")).unwrap();
+    let t = smtp(&config, "alice");
+    assert_eq!(t.username.as_deref(), Some("alice@example.com"));
+    assert!(t.password.is_none());
+    let o = t.oauth.unwrap();
+    assert_eq!(
+        (o.provider, o.grant),
+        (Provider::Microsoft, Grant::RefreshToken)
+    );
+    assert_eq!(
+        (o.tenant.as_str(), o.client_id.as_str()),
+        ("example.com", "app-id")
+    );
+    assert!(o.client_secret.is_none());
+    assert_eq!(
+        o.refresh_token.as_ref().map(Secret::expose),
+        Some("rt-alice-1")
+    );
+    assert_eq!(
+        o.refresh_token_source,
+        TokenSource::File(dir.path().join("alice.token"))
+    );
+    assert_eq!(
+        o.scope,
+        "https://outlook.office.com/SMTP.Send offline_access"
+    );
+    assert_eq!(
+        o.token_url,
+        "https://login.microsoftonline.com/example.com/oauth2/v2.0/token"
+    );
+    assert_eq!(
+        o.auth_url,
+        "https://login.microsoftonline.com/example.com/oauth2/v2.0/authorize"
+    );
+    assert_eq!(
+        o.device_url,
+        "https://login.microsoftonline.com/example.com/oauth2/v2.0/devicecode"
+    );
+    assert!(!config.has_literal_secrets);
+
+    // Not authorized yet: no file, or no token at all. Both are fine.
+    let o = oauth_of(&ok(ALICE), "alice");
+    assert!(o.refresh_token.is_none());
+    assert_eq!(
+        o.refresh_token_source,
+        TokenSource::File(Path::new("conf/alice.token").to_path_buf())
+    );
+    let text = ALICE.replace(", refresh_token_file = \"alice.token\"", "");
+    let o = oauth_of(&ok(&text), "alice");
+    assert_eq!(o.refresh_token_source, TokenSource::None);
+    // The tenant defaults to "common"; an explicit auth = "xoauth2" is the same.
+    let text = ALICE
+        .replace("tenant = \"example.com\", ", "")
+        .replace("oauth =", "auth = \"xoauth2\"\noauth =");
+    let o = oauth_of(&ok(&text), "alice");
+    assert_eq!(o.tenant, "common");
+    assert!(
+        o.token_url.contains("/common/oauth2/v2.0/token"),
+        "{}",
+        o.token_url
+    );
+
+    // App-only: client credentials with the app scope and no user token.
+    let text = ALICE.replace(
+        "refresh_token_file = \"alice.token\"",
+        "grant = \"client_credentials\", client_secret_env = \"PATH\"",
+    );
+    let o = oauth_of(&ok(&text), "alice");
+    assert_eq!(o.grant, Grant::ClientCredentials);
+    assert_eq!(o.scope, "https://outlook.office365.com/.default");
+    assert_eq!(
+        o.client_secret.as_ref().map(Secret::expose),
+        std::env::var("PATH").ok().as_deref()
+    );
+    assert_eq!(o.refresh_token_source, TokenSource::None);
+
+    // Google: its own endpoints and scope; overrides win; loopback http is allowed.
+    let text = "[channels.bob]\npreset = \"gmail\"\nusername = \"bob@example.org\"\n\
+                oauth = { provider = \"google\", client_id = \"gid\", client_secret = \"gsecret\", refresh_token_env = \"PATH\", \
+                token_url = \"http://127.0.0.1:8080/token\", auth_url = \"http://localhost:9/auth\", device_url = \"http://[::1]:9/device\" }\n\
+                senders = [\"bob@example.org\"]\n";
+    let config = ok(text);
+    let o = oauth_of(&config, "bob");
+    assert_eq!(o.provider, Provider::Google);
+    assert_eq!(o.tenant, "");
+    assert_eq!(o.scope, "https://mail.google.com/");
+    assert_eq!(
+        o.client_secret.as_ref().map(Secret::expose),
+        Some("gsecret")
+    );
+    assert_eq!(o.refresh_token_source, TokenSource::Env("PATH".into()));
+    assert_eq!(o.token_url, "http://127.0.0.1:8080/token");
+    assert_eq!(o.auth_url, "http://localhost:9/auth");
+    assert_eq!(o.device_url, "http://[::1]:9/device");
+    assert!(config.has_literal_secrets);
+    assert!(!format!("{config:?}").contains("gsecret"));
+    let o = oauth_of(
+        &ok(&text
+            .replace(", token_url = \"http://127.0.0.1:8080/token\"", "")
+            .replace(", auth_url = \"http://localhost:9/auth\"", "")
+            .replace(", device_url = \"http://[::1]:9/device\"", "")),
+        "bob",
+    );
+    assert_eq!(o.token_url, "https://oauth2.googleapis.com/token");
+    assert_eq!(o.auth_url, "https://accounts.google.com/o/oauth2/v2/auth");
+
+    // A literal refresh token counts as a literal secret.
+    let text = ALICE.replace(
+        "refresh_token_file = \"alice.token\"",
+        "refresh_token = \"rt-lit\"",
+    );
+    let config = ok(&text);
+    assert!(config.has_literal_secrets);
+    assert_eq!(
+        oauth_of(&config, "alice").refresh_token_source,
+        TokenSource::Literal
+    );
+}
+
+#[test]
+fn oauth_rules_are_problems_with_their_line() {
+    let one = |text: &str, line: usize, needle: &str| {
+        let p = problem(text);
+        assert_eq!(p.line, Some(line), "{p:?}");
+        assert!(
+            p.message.contains(needle),
+            "{needle:?} not in {:?}",
+            p.message
+        );
+    };
+    let password_channel = "[channels.r]\nhost = \"h.example\"\nusername = \"u\"\nauth = \"xoauth2\"\nsenders = [\"*\"]\n";
+    one(password_channel, 4, "auth = \"xoauth2\" but no oauth");
+    // (The username without a password is a problem of its own there.)
+    let all = problems(&ALICE.replace("oauth =", "auth = \"password\"\noauth ="));
+    assert!(
+        all.iter()
+            .any(|p| p.line == Some(5) && p.message.contains("but auth = \"password\"")),
+        "{all:#?}"
+    );
+    one(
+        &ALICE.replace("senders", "password_env = \"PATH\"\nsenders"),
+        5,
+        "\"password_env\" in [channels.alice]: not used with auth = \"xoauth2\"",
+    );
+    one(
+        &ALICE.replace("username = \"alice@example.com\"\n", ""),
+        1,
+        "needs username",
+    );
+    one(
+        &ALICE.replace(
+            "preset = \"office365\"",
+            "host = \"127.0.0.1\"\ntls = \"none\"",
+        ),
+        3,
+        "tokens never travel in plaintext",
+    );
+    one(
+        &ALICE.replace("provider = \"microsoft\", ", ""),
+        4,
+        "needs provider",
+    );
+    one(
+        &ALICE.replace("client_id = \"app-id\", ", ""),
+        4,
+        "needs client_id",
+    );
+    one(
+        &ALICE.replace("provider = \"microsoft\"", "provider = \"yahoo\""),
+        4,
+        "\"yahoo\" is not one of \"microsoft\", \"google\"",
+    );
+    one(
+        &ALICE.replace(
+            "refresh_token_file = \"alice.token\"",
+            "grant = \"client_credentials\"",
+        ),
+        4,
+        "needs client_secret_env, client_secret_file or client_secret",
+    );
+    one(
+        &ALICE.replace(", refresh_token_file = \"alice.token\"", ", grant = \"client_credentials\", client_secret_env = \"PATH\", refresh_token_env = \"PATH\""),
+        4,
+        "\"refresh_token_env\" in [channels.alice] oauth: not used with grant = \"client_credentials\"",
+    );
+    let google = ALICE.replace("\"microsoft\", tenant = \"example.com\"", "\"google\"");
+    one(&google, 4, "provider = \"google\" needs client_secret_env");
+    one(
+        &google.replace(
+            "client_id",
+            "tenant = \"example.com\", client_secret_env = \"PATH\", client_id",
+        ),
+        4,
+        "\"tenant\" in [channels.alice] oauth: only for provider = \"microsoft\"",
+    );
+    let all = problems(&google.replace(
+        "client_id",
+        "grant = \"client_credentials\", client_secret_env = \"PATH\", client_id",
+    ));
+    assert!(
+        all.iter()
+            .any(|p| p.message.contains("is for provider = \"microsoft\" only")),
+        "{all:#?}"
+    );
+    one(
+        &ALICE.replace(
+            "client_id",
+            "token_url = \"http://login.example.com/token\", client_id",
+        ),
+        4,
+        "must be https://",
+    );
+    one(
+        &ALICE.replace("client_id", "device_url = \"login.example.com\", client_id"),
+        4,
+        "is not a URL",
+    );
+    one(
+        &ALICE.replace(
+            "client_id",
+            "graph_url = \"https://graph.microsoft.com\", client_id",
+        ),
+        4,
+        "only for kind = \"graph\"",
+    );
+    one(
+        &ALICE.replace("refresh_token_file", "refresh_tokn_file"),
+        4,
+        "unknown key \"refresh_tokn_file\" in [channels.alice] oauth (did you mean \"refresh_token_file\"?)",
+    );
+    one(
+        &ALICE.replace(
+            "refresh_token_file = \"alice.token\"",
+            "refresh_token_env = \"PATH\", refresh_token = \"x\"",
+        ),
+        4,
+        "give only one of refresh_token_env, refresh_token_file or refresh_token",
+    );
+    one(
+        &ALICE.replace(
+            "refresh_token_file = \"alice.token\"",
+            "client_secret_file = \"nowhere.secret\"",
+        ),
+        4,
+        "\"client_secret_file\" in [channels.alice] oauth: cannot read",
+    );
+    one(
+        &ALICE.replace("oauth = {", "oauth = \"microsoft\"\n#{"),
+        4,
+        "\"oauth\" in [channels.alice]: expected a table, found string",
+    );
+
+    // Several OAuth problems of one channel are all listed, each on its line.
+    let text = "[channels.c]\nhost = \"127.0.0.1\"\ntls = \"none\"\nauth = \"xoauth2\"\npassword = \"pw\"\n\
+                oauth = { provider = \"google\", grant = \"client_credentials\", scope = 7 }\nsenders = [\"*\"]\n";
+    let all = problems(text);
+    let lines: Vec<Option<usize>> = all.iter().map(|p| p.line).collect();
+    assert_eq!(
+        lines,
+        [
+            Some(1),
+            Some(3),
+            Some(5),
+            Some(6),
+            Some(6),
+            Some(6),
+            Some(6)
+        ],
+        "{all:#?}"
     );
 }

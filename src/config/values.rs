@@ -210,9 +210,11 @@ pub(super) fn default_port(tls: TlsMode) -> u16 {
     }
 }
 
-
 /// The allowed key nearest to a misspelt one, if it is close enough to be a typo.
-pub(super) fn nearest<'k>(key: &str, allowed: impl IntoIterator<Item = &'k str>) -> Option<&'k str> {
+pub(super) fn nearest<'k>(
+    key: &str,
+    allowed: impl IntoIterator<Item = &'k str>,
+) -> Option<&'k str> {
     allowed
         .into_iter()
         .map(|k| (strsim::levenshtein(key, k), k))
