@@ -3,6 +3,8 @@
 //! Every failure is one clear line on stderr (config problems: one line each) and a
 //! non-zero exit.
 
+pub mod check;
+
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -326,7 +328,7 @@ fn check(path: &Path) -> Result<(), String> {
         let s = if n == 1 { "" } else { "s" };
         return Err(format!("{}: {n} problem{s} found", path.display()));
     }
-    print!("{}", config::summary(&config));
+    print!("{}", check::summary(&config));
     if config.server.spool_dir.join("state").is_dir() {
         println!("channel health (from the spool):");
         for (name, state) in crate::queue::admin::channel_health(&config) {

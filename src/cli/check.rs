@@ -1,0 +1,338 @@
+//! The summary `mailgate check` prints: channels, the routing table (most specific first),
+//! listeners and delivery mode. Never shows a secret.
+
+use std::fmt::{self, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::config::oauth::{Grant, TokenSource};
+use crate::config::{ChannelKind, Config, DeliveryMode, Limits, Rate, SenderPattern, SmtpTarget};
+
+/// One kilobyte, megabyte, gigabyte: sizes print in the binary units the file uses.
+const KB: u64 = 1024;
+const MB: u64 = 1024 * KB;
+const GB: u64 = 1024 * MB;
+
+/// A human-readable account of `config` for `mailgate check`.
+pub fn summary(config: &Config) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_summary(&mut out, config);
+    out
+}
+
+fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
+    writeln!(out, "channels:")?;
+    for c in &config.channels {
+        match &c.kind {
+            ChannelKind::Smtp(t) => {
+                let host = if t.host.contains(':') {
+                    format!("[{}]", t.host)
+                } else {
+                    t.host.clone()
+                };
+                writeln!(
+                    out,
+                    "  {}: smtp {host}:{} tls {}",
+                    c.name,
+                    t.port,
+                    t.tls.name()
+                )?;
+                if let Some(ca) = &t.ca_file {
+                    writeln!(out, "    extra trust root: {}", ca.display())?;
+                }
+                write_auth(out, &c.name, t)?;
+            }
+            ChannelKind::File { dir } => writeln!(out, "  {}: file {}", c.name, dir.display())?,
+        }
+        if let Some(preset) = &c.preset {
+            writeln!(out, "    preset: {preset}")?;
+        }
+        let patterns: Vec<String> = c
+            .scope
+            .iter()
+            .map(|p| match p {
+                SenderPattern::Domain(d) => format!("domain {d}"),
+                other => other.text(),
+            })
+            .collect();
+        let scoping = if c.address_scoped {
+            "address-scoped"
+        } else {
+            "shared"
+        };
+        writeln!(out, "    scope ({scoping}): {}", patterns.join(", "))?;
+        writeln!(out, "    limits: {}", limits_text(&c.limits))?;
+    }
+
+    writeln!(out, "routing (most specific first):")?;
+    let mut table: Vec<(&SenderPattern, &str)> = config
+        .channels
+        .iter()
+        .flat_map(|c| c.scope.iter().map(move |p| (p, c.name.as_str())))
+        .collect();
+    table.sort_by(|a, b| a.0.key().cmp(&b.0.key()).then(a.1.cmp(b.1)));
+    table.dedup();
+    let width = table.iter().map(|(p, _)| p.text().len()).max().unwrap_or(0);
+    for (pattern, channel) in &table {
+        let text = pattern.text();
+        let kind = pattern.specificity_name();
+        writeln!(out, "  {text:<width$}  {kind:<13}  -> {channel}")?;
+    }
+    if let Some(id) = config.routing.bulk_channel {
+        let name = &config.channels[id].name;
+        match config.routing.bulk_recipients {
+            Some(n) => writeln!(
+                out,
+                "  bulk (more than {n} recipients, or Precedence: bulk/list/junk) -> {name}"
+            )?,
+            None => writeln!(out, "  bulk (Precedence: bulk/list/junk) -> {name}")?,
+        }
+    }
+
+    let s = &config.server;
+    let addrs = |list: &[SocketAddr]| -> String {
+        if list.is_empty() {
+            "none".to_owned()
+        } else {
+            list.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    writeln!(out, "server:")?;
+    writeln!(out, "  listen: {}", addrs(&s.listen))?;
+    writeln!(out, "  tls_listen: {}", addrs(&s.tls_listen))?;
+    writeln!(out, "  hostname: {}", s.hostname)?;
+    match &s.tls {
+        Some(tls) => writeln!(out, "  tls: {} / {}", tls.cert.display(), tls.key.display())?,
+        None => writeln!(out, "  tls: off")?,
+    }
+    let delivery = match s.delivery {
+        DeliveryMode::Queue => format!("queue (spool {})", s.spool_dir.display()),
+        DeliveryMode::Relay => "relay".to_owned(),
+    };
+    writeln!(out, "  delivery: {delivery}")?;
+    writeln!(out, "  require_auth: {}", s.require_auth)?;
+    let networks: Vec<String> = s.allow_networks.iter().map(|n| n.to_string()).collect();
+    if networks.is_empty() {
+        writeln!(out, "  allow_networks: any")?;
+    } else {
+        writeln!(out, "  allow_networks: {}", networks.join(", "))?;
+    }
+    let users: Vec<&str> = config.users.iter().map(|u| u.name.as_str()).collect();
+    if !users.is_empty() {
+        writeln!(out, "  users: {}", users.join(", "))?;
+    }
+    Ok(())
+}
+
+/// How the channel logs in: the user, and for OAuth where its token comes from.
+fn write_auth(out: &mut String, channel: &str, t: &SmtpTarget) -> fmt::Result {
+    match (&t.username, &t.password, &t.oauth) {
+        (Some(user), _, Some(oauth)) => {
+            writeln!(out, "    auth xoauth2: {user}")?;
+            writeln!(
+                out,
+                "    oauth: provider {}, grant {}, client_id {}",
+                oauth.provider.name(),
+                oauth.grant.name(),
+                oauth.client_id
+            )?;
+            let source = match &oauth.refresh_token_source {
+                TokenSource::File(path) if oauth.refresh_token.is_some() => {
+                    format!("refresh_token_file {}", path.display())
+                }
+                TokenSource::File(path) => format!(
+                    "refresh_token_file {} (not there yet: run mailgate oauth authorize {channel})",
+                    path.display()
+                ),
+                TokenSource::Env(name) => format!("refresh_token_env {name}"),
+                TokenSource::Literal => "literal".to_owned(),
+                TokenSource::None if oauth.grant == Grant::ClientCredentials => {
+                    "none (client credentials)".to_owned()
+                }
+                TokenSource::None => format!("none (run: mailgate oauth authorize {channel})"),
+            };
+            writeln!(out, "    token: {source}")
+        }
+        (Some(user), Some(_), None) => writeln!(out, "    auth: {user} (password set)"),
+        _ => writeln!(out, "    auth: none"),
+    }
+}
+
+fn limits_text(l: &Limits) -> String {
+    let mut parts = Vec::new();
+    if let Some(rate) = l.rate {
+        parts.push(format!("{} messages", rate_text(rate)));
+    }
+    if let Some(n) = l.recipients_per_day {
+        parts.push(format!("{n} recipients/day"));
+    }
+    if let Some(n) = l.max_recipients {
+        parts.push(format!("{n} recipients/message"));
+    }
+    parts.push(format!("{} connections", l.connections));
+    if let Some(size) = l.max_message_size {
+        parts.push(format!("messages up to {}", size_text(size)));
+    }
+    parts.join(", ")
+}
+
+fn rate_text(rate: Rate) -> String {
+    let per = match rate.per.as_millis() {
+        1_000 => "s".to_owned(),
+        60_000 => "min".to_owned(),
+        3_600_000 => "h".to_owned(),
+        86_400_000 => "day".to_owned(),
+        _ => duration_text(rate.per),
+    };
+    format!("{}/{per}", rate.count)
+}
+
+fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, len) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms.is_multiple_of(len) && ms > 0 {
+            return format!("{}{unit}", ms / len);
+        }
+    }
+    format!("{ms}ms")
+}
+
+fn size_text(bytes: u64) -> String {
+    for (unit, len) in [("GB", GB), ("MB", MB), ("KB", KB)] {
+        if bytes.is_multiple_of(len) && bytes > 0 {
+            return format!("{}{unit}", bytes / len);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config;
+
+    const OUTBOX: &str = "[channels.outbox]\nkind = \"file\"\ndir = \"out\"\nsenders = [\"*\"]\n";
+
+    fn ok(text: &str) -> Config {
+        match config::parse(text, Path::new("conf/proxy.toml")) {
+            Ok(config) => config,
+            Err(e) => panic!("expected a valid config, got:\n{e}"),
+        }
+    }
+
+    #[test]
+    fn summary_lists_channels_and_the_routing_table_most_specific_first() {
+        let config = ok(&format!(
+            "{OUTBOX}[channels.alice]\npreset = \"office365\"\nusername = \"alice@example.com\"\npassword = \"pw\"\n\
+             senders = [\"alice@example.com\"]\n[channels.team]\nhost = \"relay.example\"\nport = 25\n\
+             senders = [\"*@example.com\"]\ndomains = [\"example.org\"]\nrate = \"100/h\"\n[routing]\nbulk_channel = \"team\"\n"
+        ));
+        let text = summary(&config);
+        assert!(
+            text.contains("  alice: smtp smtp.office365.com:587 tls starttls"),
+            "{text}"
+        );
+        assert!(
+            text.contains("scope (address-scoped): alice@example.com"),
+            "{text}"
+        );
+        assert!(text.contains("30/min messages, 10000 recipients/day, 500 recipients/message, 3 connections, messages up to 35MB"), "{text}");
+        assert!(
+            text.contains("  team: smtp relay.example:25 tls starttls"),
+            "{text}"
+        );
+        assert!(text.contains("100/h messages"), "{text}");
+        assert!(text.contains("  outbox: file conf/out"), "{text}");
+        let routes: Vec<&str> = text.lines().filter(|l| l.contains(" -> ")).collect();
+        assert_eq!(routes.len(), 5, "{text}");
+        assert!(routes[0].contains("alice@example.com") && routes[0].ends_with("-> alice"));
+        assert!(
+            routes[1].contains("example.org")
+                && routes[1].contains("domain")
+                && routes[1].ends_with("-> team")
+        );
+        assert!(routes[2].contains("*@example.com") && routes[2].ends_with("-> team"));
+        assert!(routes[3].trim_start().starts_with('*') && routes[3].ends_with("-> outbox"));
+        assert!(routes[4].starts_with("  bulk") && routes[4].ends_with("-> team"));
+        assert!(
+            text.contains("listen: 127.0.0.1:2525, [::1]:2525"),
+            "{text}"
+        );
+        assert!(
+            text.contains("delivery: queue (spool conf/spool)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn summary_shows_how_each_oauth_channel_gets_its_token_but_never_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("alice.token"), "rt-from-the-file\n").unwrap();
+        let channel = |name: &str, oauth: &str| {
+            format!(
+                "[channels.{name}]\npreset = \"office365\"\nusername = \"{name}@example.com\"\n\
+                 oauth = {{ provider = \"microsoft\", client_id = \"id-{name}\", {oauth} }}\n\
+                 senders = [\"{name}@example.com\"]\n"
+            )
+        };
+        let text = [
+            channel("alice", "refresh_token_file = \"alice.token\""),
+            channel("bob", "refresh_token_env = \"PATH\""),
+            channel("carol", "refresh_token = \"rt-literal-carol\""),
+            channel("dave", "client_secret = \"cs-literal-dave\""),
+            channel(
+                "erin",
+                "grant = \"client_credentials\", client_secret = \"cs-literal-erin\"",
+            ),
+            "[channels.relay]\nhost = \"h.example\"\nusername = \"u\"\npassword = \"hunter2\"\ndomains = [\"example.org\"]\n"
+                .to_owned(),
+        ]
+        .concat();
+        let config = config::parse(&text, &dir.path().join("proxy.toml")).unwrap();
+        let shown = summary(&config);
+        for secret in [
+            "rt-from-the-file",
+            "rt-literal-carol",
+            "cs-literal-dave",
+            "cs-literal-erin",
+            "hunter2",
+            std::env::var("PATH").unwrap().as_str(),
+        ] {
+            assert!(!shown.contains(secret), "{secret:?} shown in:\n{shown}");
+        }
+        let token = dir.path().join("alice.token");
+        for expected in [
+            "    auth xoauth2: alice@example.com".to_owned(),
+            "    oauth: provider microsoft, grant refresh_token, client_id id-alice".to_owned(),
+            format!("    token: refresh_token_file {}", token.display()),
+            "    token: refresh_token_env PATH".to_owned(),
+            "    token: literal".to_owned(),
+            "    token: none (run: mailgate oauth authorize dave)".to_owned(),
+            "    oauth: provider microsoft, grant client_credentials, client_id id-erin".to_owned(),
+            "    token: none (client credentials)".to_owned(),
+            "    auth: u (password set)".to_owned(),
+        ] {
+            assert!(shown.contains(&expected), "{expected:?} not in:\n{shown}");
+        }
+
+        // A token file that `oauth authorize` has not written yet.
+        std::fs::remove_file(&token).unwrap();
+        let config = config::parse(&text, &dir.path().join("proxy.toml")).unwrap();
+        let shown = summary(&config);
+        assert!(
+            shown.contains("(not there yet: run mailgate oauth authorize alice)"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,303 @@
+//! The configuration's types: what every other module takes as given.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Secret;
+use super::oauth;
+use super::values::MB;
+
+/// Index of a channel in [`Config::channels`].
+pub type ChannelId = usize;
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Path the configuration was read from (relative paths inside it are already resolved).
+    pub path: PathBuf,
+    /// `[server]`.
+    pub server: Server,
+    /// `[[users]]`: accounts for clients that AUTH to mailgate.
+    pub users: Vec<User>,
+    /// `[channels.NAME]`, sorted by name; [`ChannelId`] indexes this.
+    pub channels: Vec<Channel>,
+    /// `[routing]`.
+    pub routing: Routing,
+    /// True when the file holds a literal secret (password or token) rather than `*_env`/`*_file`.
+    pub has_literal_secrets: bool,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Plain listeners (STARTTLS offered when `tls` is set).
+    pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listeners.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Name in the greeting and EHLO reply.
+    pub hostname: String,
+    /// Certificate and key for STARTTLS / implicit TLS.
+    pub tls: Option<TlsFiles>,
+    /// Largest message accepted, in bytes.
+    pub max_message_size: u64,
+    /// Most recipients per message.
+    pub max_recipients: usize,
+    /// Most client connections at once.
+    pub max_connections: usize,
+    /// Store-and-forward or synchronous forwarding.
+    pub delivery: DeliveryMode,
+    /// Spool directory (queue mode).
+    pub spool_dir: PathBuf,
+    /// Queue mode: first retry delay.
+    pub retry_first: Duration,
+    /// Queue mode: longest retry delay.
+    pub retry_max: Duration,
+    /// Queue mode: a message fails after this long.
+    pub give_up_after: Duration,
+    /// Clients must AUTH before MAIL.
+    pub require_auth: bool,
+    /// Client networks allowed to connect; empty = any.
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// `From:`/`Sender:` must be allowed on the chosen channel.
+    pub check_header_from: bool,
+    /// What to do with a bare CR or LF in message data.
+    pub bare_lf: BareLf,
+    /// Session idle timeout (SPEC: 5 minutes; `idle_timeout` overrides it).
+    pub idle_timeout: Duration,
+}
+
+/// Certificate and key files (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+}
+
+/// `server.delivery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// Store-and-forward through the spool.
+    Queue,
+    /// Forward during the client's session.
+    Relay,
+}
+
+/// `server.bare_lf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BareLf {
+    /// Turn a bare CR or LF into CRLF.
+    Normalize,
+    /// Refuse the message with 550 5.6.11.
+    Reject,
+}
+
+/// `[[users]]`.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// argon2 PHC string.
+    pub password_hash: Secret,
+    /// Envelope senders this user may use.
+    pub senders: Vec<SenderPattern>,
+}
+
+/// One entry of a scope list, already parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderPattern {
+    /// `alice@example.com` (stored lower-cased in the domain part; local part as written).
+    Exact(String),
+    /// `example.com` from `domains = [...]`: every sender of that domain.
+    Domain(String),
+    /// `*@example.com`.
+    AnyAtDomain(String),
+    /// `*`.
+    Any,
+}
+
+/// `[channels.NAME]`.
+#[derive(Debug, Clone)]
+pub struct Channel {
+    /// The NAME in `[channels.NAME]`.
+    pub name: String,
+    /// Who may send over it (`senders` and `domains` together).
+    pub scope: Vec<SenderPattern>,
+    /// Credentials belong to mailboxes: exact addresses only (office365, gmail, `scope = "address"`).
+    pub address_scoped: bool,
+    /// Preset the channel was built from, if any (for display).
+    pub preset: Option<String>,
+    /// Where the messages go.
+    pub kind: ChannelKind,
+    /// Provider limits.
+    pub limits: Limits,
+}
+
+/// What a channel is.
+// A handful of channels, built once at load: their size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum ChannelKind {
+    /// An upstream SMTP server.
+    Smtp(SmtpTarget),
+    /// A local folder: one file per message.
+    File {
+        /// Target folder.
+        dir: PathBuf,
+    },
+}
+
+/// An upstream SMTP server and how to log in to it.
+#[derive(Debug, Clone)]
+pub struct SmtpTarget {
+    /// Host name (also the TLS server name).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Transport security.
+    pub tls: TlsMode,
+    /// Extra trust root (PEM) besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// AUTH user name; `None` = no AUTH.
+    pub username: Option<String>,
+    /// AUTH password.
+    pub password: Option<Secret>,
+    /// `auth = "xoauth2"`: AUTH XOAUTH2 with a token from these settings (and `username`
+    /// as the XOAUTH2 user) instead of a password.
+    pub oauth: Option<oauth::OAuth>,
+}
+
+/// `tls` of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// STARTTLS, required (never falls back to plaintext).
+    Starttls,
+    /// TLS from the first byte.
+    Implicit,
+    /// Plaintext; loopback hosts only.
+    None,
+}
+
+/// Limits of a channel; `None` = unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Messages per time window.
+    pub rate: Option<Rate>,
+    /// Recipients per rolling 24 hours.
+    pub recipients_per_day: Option<u64>,
+    /// Recipients per upstream transaction.
+    pub max_recipients: Option<usize>,
+    /// Most upstream connections at once (default 4).
+    pub connections: usize,
+    /// Largest message the provider takes.
+    pub max_message_size: Option<u64>,
+}
+
+/// `"30/min"`: `count` messages per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Messages allowed in one window.
+    pub count: u64,
+    /// Window length.
+    pub per: Duration,
+}
+
+/// `[routing]`.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// Where bulk mail goes instead of a mailbox channel.
+    pub bulk_channel: Option<ChannelId>,
+    /// More recipients than this = bulk.
+    pub bulk_recipients: Option<usize>,
+}
+
+impl Default for Server {
+    /// The documented defaults (SPEC §3): loopback on 2525, queue mode, 35MB, 500
+    /// recipients, 1000 connections, retries from 1m doubling to 1h, giving up after 5d.
+    fn default() -> Self {
+        Server {
+            listen: vec![
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 2525)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, 2525)),
+            ],
+            tls_listen: Vec::new(),
+            hostname: "localhost".to_owned(),
+            tls: None,
+            max_message_size: 35 * MB,
+            max_recipients: 500,
+            max_connections: 1000,
+            delivery: DeliveryMode::Queue,
+            spool_dir: PathBuf::from("spool"),
+            retry_first: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            give_up_after: Duration::from_secs(5 * 86_400),
+            require_auth: false,
+            allow_networks: Vec::new(),
+            check_header_from: true,
+            bare_lf: BareLf::Normalize,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Config {
+    /// The channel with this name.
+    pub fn channel_id(&self, name: &str) -> Option<ChannelId> {
+        self.channels.iter().position(|c| c.name == name)
+    }
+}
+
+impl SenderPattern {
+    /// How the pattern is written in the file (`domains` entries as the bare domain).
+    pub fn text(&self) -> String {
+        match self {
+            SenderPattern::Exact(a) => a.clone(),
+            SenderPattern::Domain(d) => d.clone(),
+            SenderPattern::AnyAtDomain(d) => format!("*@{d}"),
+            SenderPattern::Any => "*".to_owned(),
+        }
+    }
+
+    /// The pattern named in a sentence: domains are marked as such.
+    pub fn phrase(&self) -> String {
+        match self {
+            SenderPattern::Domain(d) => format!("domain {d:?}"),
+            other => format!("{:?}", other.text()),
+        }
+    }
+
+    /// What kind of pattern it is, from most to least specific.
+    pub fn specificity_name(&self) -> &'static str {
+        match self {
+            SenderPattern::Exact(_) => "exact address",
+            SenderPattern::Domain(_) => "domain",
+            SenderPattern::AnyAtDomain(_) => "*@domain",
+            SenderPattern::Any => "catch-all",
+        }
+    }
+
+    /// Sort key and identity: specificity rank (most specific first), then the text.
+    /// Letter case is ignored throughout, local part included, as routing matches that way.
+    pub fn key(&self) -> (u8, String) {
+        let rank = match self {
+            SenderPattern::Exact(_) => 0,
+            SenderPattern::Domain(_) => 1,
+            SenderPattern::AnyAtDomain(_) => 2,
+            SenderPattern::Any => 3,
+        };
+        (rank, self.text().to_lowercase())
+    }
+}
+
+impl TlsMode {
+    /// The name used in `proxy.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsMode::Starttls => "starttls",
+            TlsMode::Implicit => "implicit",
+            TlsMode::None => "none",
+        }
+    }
+}
