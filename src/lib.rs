@@ -33,6 +33,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod reply;
 pub mod routing;
+pub mod scope;
 pub mod smtp;
 pub mod tls;
 pub mod upstream;
