@@ -383,3 +383,6 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
