@@ -3,7 +3,8 @@
 //!
 //! The session reads into a buffer, answers every complete command in it, and writes
 //! the replies in one batch when the buffer is drained (so pipelining clients are
-//! fast). DATA and BDAT stream through [`Decoder`] into a delivery [`Draft`];
+//! fast). DATA and BDAT stream through [`crate::smtp::data::Decoder`] into a delivery
+//! [`crate::delivery::Draft`];
 //! the session itself keeps only the header section (for routing).
 //! Every read waits at most `idle_timeout`; a shutdown is noticed while waiting for
 //! a command (a message being received is finished first).
