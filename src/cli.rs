@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
 use crate::routing;
+use crate::smtp::reply::Reply;
 
 /// mailgate: a local SMTP submission proxy that sends each message over the channel its sender is authorized for.
 #[derive(Debug, Parser)]
@@ -358,7 +359,7 @@ fn file_problems(config: &Config) -> Vec<String> {
 fn route(path: &Path, sender: &str, from: Option<&str>, rcpts: usize) -> Result<(), String> {
     let config = load(path)?;
     let sender = sender.trim().trim_start_matches('<').trim_end_matches('>');
-    let first = match routing::route_sender(&config, sender) {
+    let first = match routing::route_sender(&config, sender).map_err(Reply::from) {
         Ok(decision) => decision,
         Err(reply) => {
             println!("MAIL FROM:<{sender}> is refused: {reply}");
@@ -375,7 +376,7 @@ fn route(path: &Path, sender: &str, from: Option<&str>, rcpts: usize) -> Result<
         has_from: true,
         ..Default::default()
     };
-    match routing::route_message(&config, sender, rcpts, &headers) {
+    match routing::route_message(&config, sender, rcpts, &headers).map_err(Reply::from) {
         Ok(decision) => {
             println!(
                 "message with From: {header_from} and {rcpts} recipient(s) → channel {} ({})",

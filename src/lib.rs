@@ -15,9 +15,10 @@
 //! | [`config`] | `proxy.toml` → validated [`config::Config`]; [`config::Secret`]; presets |
 //! | [`listener`] | accept loop, connection limit, allow-list, TLS acceptors, graceful shutdown |
 //! | [`tls`] | rustls server config, `cert generate` |
-//! | [`smtp`] | the SMTP server: [`smtp::session`] state machine, [`smtp::data`] DATA/BDAT decoder, [`smtp::reply`] catalogue, [`smtp::auth`] client AUTH |
+//! | [`smtp`] | the SMTP server: [`smtp::session`] state machine (read/write loop, one file per verb group), [`smtp::data`] DATA/BDAT decoder, [`smtp::reply`] catalogue, [`smtp::auth`] client AUTH |
 //! | [`message`] | the envelope of a message, message ids |
-//! | [`routing`] | pure: envelope + headers → channel or a refusal [`smtp::reply::Reply`] |
+//! | [`routing`] | pure: envelope + headers → channel or a [`routing::Refusal`] (the session words it from the catalogue) |
+//! | [`scope`] | pure: sender-scope patterns: does one take an address, how specific is it (routing and the queue) |
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
@@ -36,6 +37,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod reply;
 pub mod routing;
+pub mod scope;
 pub mod sendmail;
 pub mod smtp;
 pub mod tls;

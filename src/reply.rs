@@ -179,6 +179,14 @@ impl Reply {
             format!("Recipient address <{recipient}> has invalid syntax"),
         )
     }
+    /// `503 5.5.1` the upstream refused every recipient without saying why (no reply to pass on).
+    pub fn no_valid_recipients() -> Self {
+        Reply::new(
+            503,
+            (5, 5, 1),
+            "Bad sequence of commands: no valid recipients",
+        )
+    }
     /// `250 2.0.0` the `file` channel stored the message.
     pub fn stored_in_file(channel: &str, file: &str) -> Self {
         Reply::new(

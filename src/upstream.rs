@@ -530,7 +530,7 @@ impl Upstreams {
             }
         }
         if accepted == 0 {
-            let reply = last_refusal.unwrap_or_else(|| Reply::bad_sequence("no valid recipients"));
+            let reply = last_refusal.unwrap_or_else(Reply::no_valid_recipients);
             return Err(self.abort(ch, conn, Fail::Reply(reply)).await);
         }
         if let Err(fail) = self.call(ch, self.timeout, conn.smtp.command(Data)).await {
@@ -1101,7 +1101,7 @@ impl PreparedEnvelope {
             }
         }
         if recipients.is_empty() {
-            let reply = last_refusal.unwrap_or_else(|| Reply::bad_sequence("no valid recipients"));
+            let reply = last_refusal.unwrap_or_else(Reply::no_valid_recipients);
             return Err(UpstreamError::Refused(reply));
         }
         let non_ascii =

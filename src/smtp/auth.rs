@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use crate::config::{Secret, User};
-use crate::smtp::reply::Reply;
+use crate::smtp::reply::{Reply, Syntax};
 
 /// The SASL mechanisms mailgate offers to its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,11 +132,11 @@ fn decode(line: &str) -> Result<Vec<u8>, Reply> {
     }
     STANDARD
         .decode(line)
-        .map_err(|_| Reply::bad_parameters("invalid base64 in AUTH response"))
+        .map_err(|_| Reply::bad_parameters(Syntax::AuthBase64))
 }
 
 fn utf8(bytes: Vec<u8>) -> Result<String, Reply> {
-    String::from_utf8(bytes).map_err(|_| Reply::bad_parameters("AUTH response is not UTF-8"))
+    String::from_utf8(bytes).map_err(|_| Reply::bad_parameters(Syntax::AuthNotUtf8))
 }
 
 /// `authzid NUL authcid NUL password`; an authzid other than the user's own is refused.
@@ -145,7 +145,7 @@ fn parse_plain(decoded: &[u8]) -> Result<Credentials, Reply> {
     let (Some(authzid), Some(authcid), Some(password), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(Reply::bad_parameters("malformed AUTH PLAIN response"));
+        return Err(Reply::bad_parameters(Syntax::AuthPlainMalformed));
     };
     if !authzid.is_empty() && authzid != authcid {
         return Err(Reply::auth_failed());

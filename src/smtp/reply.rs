@@ -2,9 +2,186 @@
 //! catalogue (SPEC §5). The type and the delivery replies live in [`crate::reply`].
 //!
 //! Internal error text never reaches the client: a refusal is one of these
-//! constructors, and the detail goes to the log.
+//! constructors, and the detail goes to the log. Call sites name what went wrong
+//! ([`Sequence`], [`Syntax`], a routing [`Refusal`]); the words are chosen here.
+
+use std::fmt;
 
 pub use crate::reply::Reply;
+use crate::routing::{HeaderProblem, Refusal};
+
+/// What a `503 5.5.1 Bad sequence of commands` is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sequence {
+    /// MAIL before HELO/EHLO.
+    NeedHello,
+    /// MAIL inside a transaction.
+    NestedMail,
+    /// RCPT, DATA or BDAT without MAIL.
+    NeedMail(Verb),
+    /// DATA or BDAT without an accepted RCPT.
+    NeedRcpt(Verb),
+    /// RCPT once BDAT chunks have started.
+    RcptAfterBdat,
+    /// DATA once BDAT chunks have started.
+    DataAfterBdat,
+    /// AUTH without `[[users]]`.
+    AuthNotEnabled,
+    /// AUTH before EHLO.
+    NeedEhlo,
+    /// AUTH a second time.
+    AlreadyAuthenticated,
+    /// AUTH inside a transaction.
+    AuthInTransaction,
+    /// STARTTLS inside a transaction.
+    StartTlsInTransaction,
+}
+
+/// A command that needs an earlier one (named in a [`Sequence`] reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// `RCPT`.
+    Rcpt,
+    /// `DATA`.
+    Data,
+    /// `BDAT`.
+    Bdat,
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verb::Rcpt => "RCPT",
+            Verb::Data => "DATA",
+            Verb::Bdat => "BDAT",
+        })
+    }
+}
+
+impl fmt::Display for Sequence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sequence::NeedHello => f.write_str("send HELO or EHLO first"),
+            Sequence::NestedMail => f.write_str("nested MAIL command"),
+            Sequence::NeedMail(verb) => write!(f, "need MAIL before {verb}"),
+            Sequence::NeedRcpt(verb) => write!(f, "need RCPT before {verb}"),
+            Sequence::RcptAfterBdat => f.write_str("RCPT after BDAT"),
+            Sequence::DataAfterBdat => f.write_str("DATA may not follow BDAT"),
+            Sequence::AuthNotEnabled => f.write_str("authentication not enabled"),
+            Sequence::NeedEhlo => f.write_str("send EHLO first"),
+            Sequence::AlreadyAuthenticated => f.write_str("already authenticated"),
+            Sequence::AuthInTransaction => {
+                f.write_str("AUTH not allowed during a mail transaction")
+            }
+            Sequence::StartTlsInTransaction => {
+                f.write_str("STARTTLS not allowed during a mail transaction")
+            }
+        }
+    }
+}
+
+/// What a `501 5.5.4 Syntax error in parameters` is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Syntax {
+    /// The MAIL FROM address.
+    InvalidSender,
+    /// The RCPT TO address.
+    InvalidRecipient,
+    /// The command's syntax, as smtp-proto words it.
+    Use(&'static str),
+    /// A parameter's value (smtp-proto's name for it).
+    InvalidParameter(&'static str),
+    /// A parameter mailgate does not know, as the client wrote it.
+    UnsupportedParameter(String),
+    /// The line ended early.
+    Incomplete,
+    /// `BODY=BINARYMIME` (we do not offer BINARYMIME).
+    BinaryMime,
+    /// An AUTH answer that is not base64.
+    AuthBase64,
+    /// An AUTH answer that does not decode to UTF-8.
+    AuthNotUtf8,
+    /// An AUTH PLAIN answer without its three parts.
+    AuthPlainMalformed,
+}
+
+impl fmt::Display for Syntax {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Syntax::InvalidSender => f.write_str("invalid sender address"),
+            Syntax::InvalidRecipient => f.write_str("invalid recipient address"),
+            Syntax::Use(syntax) => write!(f, "use {syntax}"),
+            Syntax::InvalidParameter(param) => write!(f, "invalid {param} parameter"),
+            Syntax::UnsupportedParameter(param) => {
+                write!(f, "unsupported parameter {}", printable(param))
+            }
+            Syntax::Incomplete => f.write_str("incomplete command"),
+            Syntax::BinaryMime => f.write_str("BODY=BINARYMIME is not supported"),
+            Syntax::AuthBase64 => f.write_str("invalid base64 in AUTH response"),
+            Syntax::AuthNotUtf8 => f.write_str("AUTH response is not UTF-8"),
+            Syntax::AuthPlainMalformed => f.write_str("malformed AUTH PLAIN response"),
+        }
+    }
+}
+
+/// Text from the client, safe to echo in a reply (one line, printable ASCII, short).
+fn printable(text: &str) -> String {
+    text.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect()
+}
+
+/// What an EHLO reply offers besides the extensions mailgate always has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offer {
+    /// `SIZE`: `max_message_size`.
+    pub max_size: u64,
+    /// `STARTTLS`: a certificate is configured and the connection is not TLS yet.
+    pub starttls: bool,
+    /// `AUTH PLAIN LOGIN`: there are users, and the connection is TLS or loopback.
+    pub auth: bool,
+}
+
+/// The `250` answer to EHLO (`offer` given) or HELO, on the wire. Its lines are the
+/// only multi-line reply mailgate gives, so it is built here as text, not as a [`Reply`].
+pub fn hello(hostname: &str, offer: Option<Offer>) -> String {
+    let Some(offer) = offer else {
+        return Reply::plain(250, hostname).to_wire();
+    };
+    let mut lines = vec![
+        hostname.to_string(),
+        "PIPELINING".to_string(),
+        format!("SIZE {}", offer.max_size),
+        "8BITMIME".to_string(),
+        "SMTPUTF8".to_string(),
+        "ENHANCEDSTATUSCODES".to_string(),
+        "CHUNKING".to_string(),
+    ];
+    if offer.starttls {
+        lines.push("STARTTLS".to_string());
+    }
+    if offer.auth {
+        lines.push("AUTH PLAIN LOGIN".to_string());
+    }
+    let last = lines.len() - 1;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| format!("250{}{line}\r\n", if i == last { ' ' } else { '-' }))
+        .collect()
+}
+
+impl From<Refusal> for Reply {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::SenderNotAuthorized { sender } => Reply::sender_not_authorized(&sender),
+            Refusal::SenderNotOwned { user, sender } => Reply::sender_not_owned(&user, &sender),
+            Refusal::BulkNotAllowed { channel } => Reply::bulk_not_allowed(&channel),
+            Refusal::HeaderFromNotAllowed(problem) => Reply::header_from_not_allowed(&problem),
+        }
+    }
+}
 
 impl Reply {
     /// `220 <hostname> ESMTP mailgate`.
@@ -96,7 +273,7 @@ impl Reply {
         Reply::new(500, (5, 5, 2), "Line too long")
     }
     /// `501 5.5.4` bad parameters.
-    pub fn bad_parameters(what: &str) -> Self {
+    pub fn bad_parameters(what: Syntax) -> Self {
         Reply::new(
             501,
             (5, 5, 4),
@@ -104,7 +281,7 @@ impl Reply {
         )
     }
     /// `503 5.5.1` bad sequence of commands.
-    pub fn bad_sequence(what: &str) -> Self {
+    pub fn bad_sequence(what: Sequence) -> Self {
         Reply::new(503, (5, 5, 1), format!("Bad sequence of commands: {what}"))
     }
     /// `504 5.5.4` unsupported AUTH mechanism.
@@ -136,8 +313,22 @@ impl Reply {
         Reply::new(421, (4, 7, 0), "Too many errors, closing connection")
     }
     /// `550 5.7.1` header `From:`/`Sender:` not allowed on the channel.
-    pub fn header_from_not_allowed(detail: &str) -> Self {
-        Reply::new(550, (5, 7, 1), detail.to_string())
+    pub fn header_from_not_allowed(problem: &HeaderProblem) -> Self {
+        let text = match problem {
+            HeaderProblem::NoFrom => "message has no From: header".to_string(),
+            HeaderProblem::NoAddress { field } => {
+                format!("{}: header has no valid address", field.name())
+            }
+            HeaderProblem::NotAllowed {
+                field,
+                address,
+                channel,
+            } => format!(
+                "{}: address <{address}> is not allowed on channel {channel}",
+                field.name()
+            ),
+        };
+        Reply::new(550, (5, 7, 1), text)
     }
     /// `550 5.7.1` bulk mail would go over a mailbox channel.
     pub fn bulk_not_allowed(channel: &str) -> Self {
@@ -200,10 +391,13 @@ mod tests {
             (Reply::too_big(10), "552 5.3.4"),
             (Reply::too_many_recipients(5), "452 4.5.3"),
             (Reply::unknown_command(), "500 5.5.2"),
-            (Reply::bad_parameters("x"), "501 5.5.4"),
-            (Reply::bad_sequence("x"), "503 5.5.1"),
+            (Reply::bad_parameters(Syntax::Incomplete), "501 5.5.4"),
+            (Reply::bad_sequence(Sequence::NestedMail), "503 5.5.1"),
             (Reply::too_many_errors(), "421 4.7.0"),
-            (Reply::header_from_not_allowed("x"), "550 5.7.1"),
+            (
+                Reply::header_from_not_allowed(&HeaderProblem::NoFrom),
+                "550 5.7.1",
+            ),
             (Reply::bare_lf(), "550 5.6.11"),
             (Reply::queued("abc"), "250 2.0.0"),
             (Reply::upstream_unreachable("c"), "451 4.4.1"),
@@ -220,5 +414,167 @@ mod tests {
                 "{reply} should start with {want}"
             );
         }
+    }
+
+    #[test]
+    fn named_refusals_keep_their_wire_text() {
+        use crate::routing::HeaderField;
+        let table: Vec<(Reply, &str)> = vec![
+            (
+                Reply::bad_sequence(Sequence::NeedHello),
+                "503 5.5.1 Bad sequence of commands: send HELO or EHLO first",
+            ),
+            (
+                Reply::bad_sequence(Sequence::NestedMail),
+                "503 5.5.1 Bad sequence of commands: nested MAIL command",
+            ),
+            (
+                Reply::bad_sequence(Sequence::NeedMail(Verb::Rcpt)),
+                "503 5.5.1 Bad sequence of commands: need MAIL before RCPT",
+            ),
+            (
+                Reply::bad_sequence(Sequence::NeedMail(Verb::Data)),
+                "503 5.5.1 Bad sequence of commands: need MAIL before DATA",
+            ),
+            (
+                Reply::bad_sequence(Sequence::NeedRcpt(Verb::Bdat)),
+                "503 5.5.1 Bad sequence of commands: need RCPT before BDAT",
+            ),
+            (
+                Reply::bad_sequence(Sequence::RcptAfterBdat),
+                "503 5.5.1 Bad sequence of commands: RCPT after BDAT",
+            ),
+            (
+                Reply::bad_sequence(Sequence::DataAfterBdat),
+                "503 5.5.1 Bad sequence of commands: DATA may not follow BDAT",
+            ),
+            (
+                Reply::bad_sequence(Sequence::AuthNotEnabled),
+                "503 5.5.1 Bad sequence of commands: authentication not enabled",
+            ),
+            (
+                Reply::bad_sequence(Sequence::NeedEhlo),
+                "503 5.5.1 Bad sequence of commands: send EHLO first",
+            ),
+            (
+                Reply::bad_sequence(Sequence::AlreadyAuthenticated),
+                "503 5.5.1 Bad sequence of commands: already authenticated",
+            ),
+            (
+                Reply::bad_sequence(Sequence::AuthInTransaction),
+                "503 5.5.1 Bad sequence of commands: AUTH not allowed during a mail transaction",
+            ),
+            (
+                Reply::bad_sequence(Sequence::StartTlsInTransaction),
+                "503 5.5.1 Bad sequence of commands: STARTTLS not allowed during a mail transaction",
+            ),
+            (
+                Reply::bad_parameters(Syntax::InvalidSender),
+                "501 5.5.4 Syntax error in parameters: invalid sender address",
+            ),
+            (
+                Reply::bad_parameters(Syntax::InvalidRecipient),
+                "501 5.5.4 Syntax error in parameters: invalid recipient address",
+            ),
+            (
+                Reply::bad_parameters(Syntax::Use("MAIL FROM:<address>")),
+                "501 5.5.4 Syntax error in parameters: use MAIL FROM:<address>",
+            ),
+            (
+                Reply::bad_parameters(Syntax::InvalidParameter("SIZE")),
+                "501 5.5.4 Syntax error in parameters: invalid SIZE parameter",
+            ),
+            (
+                Reply::bad_parameters(Syntax::UnsupportedParameter("X=\r\n\u{7f}é1".into())),
+                "501 5.5.4 Syntax error in parameters: unsupported parameter X=1",
+            ),
+            (
+                Reply::bad_parameters(Syntax::Incomplete),
+                "501 5.5.4 Syntax error in parameters: incomplete command",
+            ),
+            (
+                Reply::bad_parameters(Syntax::BinaryMime),
+                "501 5.5.4 Syntax error in parameters: BODY=BINARYMIME is not supported",
+            ),
+            (
+                Reply::bad_parameters(Syntax::AuthBase64),
+                "501 5.5.4 Syntax error in parameters: invalid base64 in AUTH response",
+            ),
+            (
+                Reply::bad_parameters(Syntax::AuthNotUtf8),
+                "501 5.5.4 Syntax error in parameters: AUTH response is not UTF-8",
+            ),
+            (
+                Reply::bad_parameters(Syntax::AuthPlainMalformed),
+                "501 5.5.4 Syntax error in parameters: malformed AUTH PLAIN response",
+            ),
+            (
+                Refusal::SenderNotAuthorized {
+                    sender: "a@b.c".into(),
+                }
+                .into(),
+                "550 5.7.1 Sender <a@b.c> is not authorized on any channel",
+            ),
+            (
+                Refusal::SenderNotOwned {
+                    user: "app".into(),
+                    sender: "a@b.c".into(),
+                }
+                .into(),
+                "550 5.7.1 User app may not send as <a@b.c>",
+            ),
+            (
+                Refusal::BulkNotAllowed {
+                    channel: "alice".into(),
+                }
+                .into(),
+                "550 5.7.1 Bulk mail may not go over mailbox channel alice and no bulk channel takes this sender",
+            ),
+            (
+                Refusal::HeaderFromNotAllowed(HeaderProblem::NoFrom).into(),
+                "550 5.7.1 message has no From: header",
+            ),
+            (
+                Refusal::HeaderFromNotAllowed(HeaderProblem::NoAddress {
+                    field: HeaderField::Sender,
+                })
+                .into(),
+                "550 5.7.1 Sender: header has no valid address",
+            ),
+            (
+                Refusal::HeaderFromNotAllowed(HeaderProblem::NotAllowed {
+                    field: HeaderField::From,
+                    address: "m@evil.net".into(),
+                    channel: "alice".into(),
+                })
+                .into(),
+                "550 5.7.1 From: address <m@evil.net> is not allowed on channel alice",
+            ),
+        ];
+        for (reply, want) in table {
+            assert_eq!(reply.to_wire(), format!("{want}\r\n"));
+        }
+    }
+
+    #[test]
+    fn hello_replies() {
+        assert_eq!(hello("mx.test", None), "250 mx.test\r\n");
+        let mut offer = Offer {
+            max_size: 1000,
+            starttls: false,
+            auth: false,
+        };
+        let fixed = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n\
+                     250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n";
+        assert_eq!(
+            hello("mx.test", Some(offer)),
+            format!("{fixed}250 CHUNKING\r\n")
+        );
+        offer.starttls = true;
+        offer.auth = true;
+        assert_eq!(
+            hello("mx.test", Some(offer)),
+            format!("{fixed}250-CHUNKING\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n")
+        );
     }
 }

@@ -1,0 +1,281 @@
+//! DATA and BDAT: a message streams through the decoder into a delivery draft; at its
+//! end it is checked, routed and handed to delivery. The session keeps only the header
+//! section (for routing).
+
+use tracing::{debug, info, warn};
+
+use super::{DATA_READ, Session, Stop};
+use crate::config::BareLf;
+use crate::delivery::Draft;
+use crate::routing;
+use crate::smtp::data::Decoder;
+use crate::smtp::reply::{Reply, Sequence, Verb};
+
+/// Most header bytes kept for routing.
+const HEADER_CAP: usize = 64 * 1024;
+
+/// A message streaming in.
+pub(super) struct Body {
+    draft: Draft,
+    decoder: Decoder,
+    headers: HeaderCapture,
+    /// Writing the draft failed: the reply to give at the end.
+    failed: Option<Reply>,
+}
+
+impl Body {
+    fn new(draft: Draft, decoder: Decoder) -> Self {
+        Body {
+            draft,
+            decoder,
+            headers: HeaderCapture::default(),
+            failed: None,
+        }
+    }
+
+    /// Takes decoded bytes: keeps the headers, writes to the draft unless the message is
+    /// already over `max` (then it is only counted) or a write failed.
+    async fn take(&mut self, out: &[u8], max: u64) {
+        self.headers.push(out);
+        if self.decoder.size() > max || self.failed.is_some() || out.is_empty() {
+            return;
+        }
+        if let Err(e) = self.draft.write(out).await {
+            warn!(id = self.draft.id(), error = %e, "writing message failed");
+            self.failed = Some(Reply::local_error());
+        }
+    }
+}
+
+/// Keeps a message's header section (up to the first empty line, at most
+/// [`HEADER_CAP`] bytes) as the decoded bytes go by.
+#[derive(Default)]
+struct HeaderCapture {
+    bytes: Vec<u8>,
+    done: bool,
+}
+
+impl HeaderCapture {
+    fn push(&mut self, out: &[u8]) {
+        if self.done {
+            return;
+        }
+        // The empty line may straddle two pushes.
+        let search_from = self.bytes.len().saturating_sub(3);
+        let room = HEADER_CAP - self.bytes.len();
+        self.bytes.extend_from_slice(&out[..out.len().min(room)]);
+        if self.bytes.starts_with(b"\r\n") {
+            self.bytes.clear();
+            self.done = true;
+        } else if let Some(p) = self.bytes[search_from..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+        {
+            self.bytes.truncate(search_from + p + 2);
+            self.done = true;
+        } else if self.bytes.len() >= HEADER_CAP {
+            self.done = true;
+        }
+    }
+}
+
+impl Session {
+    /// Why this transaction may not take a message yet, if it may not.
+    fn body_refusal(&self, verb: Verb) -> Option<Reply> {
+        match &self.tx {
+            None => Some(Reply::bad_sequence(Sequence::NeedMail(verb))),
+            Some(tx) if tx.envelope.recipients.is_empty() => {
+                Some(Reply::bad_sequence(Sequence::NeedRcpt(verb)))
+            }
+            _ => None,
+        }
+    }
+
+    /// DATA: `354`, then the dot-terminated message.
+    pub(super) async fn data(&mut self) -> Result<(), Stop> {
+        if let Some(refusal) = self.body_refusal(Verb::Data) {
+            return self.reply(&refusal);
+        }
+        if self.tx.as_ref().is_some_and(|tx| tx.bdat.is_some()) {
+            return self.reply(&Reply::bad_sequence(Sequence::DataAfterBdat));
+        }
+        let draft = match self.ctx.delivery.begin().await {
+            Ok(draft) => draft,
+            Err(refusal) => return self.reply(&refusal),
+        };
+        self.reply(&Reply::start_data())?;
+        let max = self.config.server.max_message_size;
+        let mut body = Body::new(draft, Decoder::data());
+        let mut out = Vec::with_capacity(DATA_READ);
+        loop {
+            let input = &self.rbuf[self.rpos..];
+            let end = body.decoder.feed(input, &mut out);
+            self.rpos += end.unwrap_or(input.len());
+            body.take(&out, max).await;
+            out.clear();
+            if end.is_some() {
+                break;
+            }
+            self.fill(false).await?;
+        }
+        let reply = self.complete(body).await;
+        self.reply(&reply)
+    }
+
+    /// BDAT: one chunk of `size` octets; the `last` one ends the message.
+    pub(super) async fn bdat(&mut self, size: usize, last: bool) -> Result<(), Stop> {
+        let refusal = self.body_refusal(Verb::Bdat);
+        if let Some(refusal) = refusal {
+            // The chunk follows the command whatever the answer: it must not be read as commands.
+            self.skip(size).await?;
+            return self.reply(&refusal);
+        }
+        let pending = self.tx.as_mut().and_then(|tx| tx.bdat.take());
+        let mut body = match pending {
+            Some(body) => body,
+            None => match self.ctx.delivery.begin().await {
+                Ok(draft) => Body::new(draft, Decoder::bdat()),
+                Err(refusal) => {
+                    self.skip(size).await?;
+                    self.tx = None;
+                    return self.reply(&refusal);
+                }
+            },
+        };
+        let max = self.config.server.max_message_size;
+        let mut out = Vec::new();
+        let mut left = size;
+        loop {
+            let available = &self.rbuf[self.rpos..];
+            let n = available.len().min(left);
+            body.decoder.feed(&available[..n], &mut out);
+            self.rpos += n;
+            left -= n;
+            if left == 0 && last {
+                body.decoder.finish(&mut out);
+            }
+            body.take(&out, max).await;
+            out.clear();
+            if left == 0 {
+                break;
+            }
+            self.fill(false).await?;
+        }
+        if last {
+            let reply = self.complete(body).await;
+            return self.reply(&reply);
+        }
+        if let Some(tx) = self.tx.as_mut() {
+            tx.bdat = Some(body);
+        }
+        self.reply(&Reply::chunk_ok(size))
+    }
+
+    /// Reads and drops `size` bytes of a refused BDAT chunk.
+    async fn skip(&mut self, mut size: usize) -> Result<(), Stop> {
+        loop {
+            let n = (self.rbuf.len() - self.rpos).min(size);
+            self.rpos += n;
+            size -= n;
+            if size == 0 {
+                return Ok(());
+            }
+            self.fill(false).await?;
+        }
+    }
+
+    /// The end of a message: checks it, routes it, hands it to delivery; ends the transaction.
+    async fn complete(&mut self, body: Body) -> Reply {
+        let Some(tx) = self.tx.take() else {
+            return Reply::local_error();
+        };
+        let envelope = tx.envelope;
+        let id = body.draft.id().to_string();
+        let server = &self.config.server;
+        let refusal = if body.decoder.size() > server.max_message_size {
+            Some(Reply::too_big(server.max_message_size))
+        } else if let Some(failed) = body.failed {
+            Some(failed)
+        } else if body.decoder.saw_bare() && server.bare_lf == BareLf::Reject {
+            Some(Reply::bare_lf())
+        } else {
+            None
+        };
+        let decision = match refusal {
+            Some(r) => Err(r),
+            None => {
+                let headers = routing::parse_headers(&body.headers.bytes);
+                routing::route_message(
+                    &self.config,
+                    &envelope.sender,
+                    envelope.recipients.len(),
+                    &headers,
+                )
+                .map_err(Reply::from)
+            }
+        };
+        let decision = match decision {
+            Ok(decision) => decision,
+            Err(refusal) => {
+                info!(
+                    id,
+                    peer = %self.peer,
+                    sender = %envelope.sender,
+                    rcpts = envelope.recipients.len(),
+                    size = body.decoder.size(),
+                    reply = %refusal,
+                    "message refused"
+                );
+                return refusal;
+            }
+        };
+        let size = body.decoder.size();
+        let channel = self.config.channels[decision.channel].name.clone();
+        // Boxed: the delivery future is large and would otherwise be part of every
+        // session's future, idle or not. Delivery logs the message line itself.
+        let finish = self
+            .ctx
+            .delivery
+            .finish(body.draft, decision.channel, &envelope);
+        let reply = Box::pin(finish).await;
+        debug!(
+            id,
+            peer = %self.peer,
+            sender = %envelope.sender,
+            rcpts = envelope.recipients.len(),
+            size,
+            channel,
+            reason = %decision.reason,
+            reply = %reply,
+            "message handed to delivery"
+        );
+        reply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_capture_stops_at_the_empty_line() {
+        let mut capture = HeaderCapture::default();
+        for chunk in [
+            &b"From: a@b\r"[..],
+            b"\nTo: c@d\r\n\r",
+            b"\nbody\r\n\r\nmore",
+        ] {
+            capture.push(chunk);
+        }
+        assert_eq!(capture.bytes, b"From: a@b\r\nTo: c@d\r\n");
+        let mut empty = HeaderCapture::default();
+        empty.push(b"\r");
+        empty.push(b"\nbody\r\n");
+        assert!(empty.done && empty.bytes.is_empty());
+        let mut huge = HeaderCapture::default();
+        for _ in 0..100 {
+            huge.push(&[b'h'; 1000]);
+        }
+        assert!(huge.done && huge.bytes.len() == HEADER_CAP);
+    }
+}

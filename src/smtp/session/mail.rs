@@ -1,0 +1,117 @@
+//! MAIL and RCPT: the envelope of a transaction.
+
+use smtp_proto::{MailFrom, RcptTo};
+use tracing::{debug, info};
+
+use super::{Session, Transaction};
+use crate::config::DeliveryMode;
+use crate::message::Envelope;
+use crate::routing;
+use crate::smtp::reply::{Reply, Sequence, Syntax, Verb};
+
+impl Session {
+    /// MAIL FROM: checks the sender and routes it; opens the transaction.
+    pub(super) fn mail(&mut self, from: MailFrom<String>) -> Reply {
+        if self.helo.is_none() {
+            return Reply::bad_sequence(Sequence::NeedHello);
+        }
+        if self.tx.is_some() {
+            return Reply::bad_sequence(Sequence::NestedMail);
+        }
+        let server = &self.config.server;
+        if server.require_auth && self.user.is_none() {
+            return Reply::auth_required();
+        }
+        let sender = from.address.as_str();
+        if !sender.is_empty() && !valid_address(sender) {
+            return Reply::bad_parameters(Syntax::InvalidSender);
+        }
+        if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
+            return Reply::bad_parameters(Syntax::BinaryMime);
+        }
+        if let Some(user) = &self.user
+            && let Err(refusal) = routing::authorize_user(&self.config, user, sender)
+        {
+            return refusal.into();
+        }
+        if from.size as u64 > server.max_message_size {
+            return Reply::too_big(server.max_message_size);
+        }
+        match routing::route_sender(&self.config, sender) {
+            Err(refusal) => {
+                let refusal = Reply::from(refusal);
+                info!(peer = %self.peer, sender, reply = %refusal, "sender refused");
+                refusal
+            }
+            Ok(decision) => {
+                debug!(sender, channel = %self.config.channels[decision.channel].name, reason = %decision.reason, "sender routed");
+                self.tx = Some(Transaction {
+                    envelope: Envelope {
+                        sender: sender.to_string(),
+                        recipients: Vec::new(),
+                        smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
+                        eightbit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+                    },
+                    channel: decision.channel,
+                    bdat: None,
+                });
+                Reply::sender_ok()
+            }
+        }
+    }
+
+    /// RCPT TO: adds a recipient within the limit.
+    pub(super) fn rcpt(&mut self, to: RcptTo<String>) -> Reply {
+        let limit = self.recipient_limit();
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::bad_sequence(Sequence::NeedMail(Verb::Rcpt));
+        };
+        if tx.bdat.is_some() {
+            return Reply::bad_sequence(Sequence::RcptAfterBdat);
+        }
+        if !valid_address(&to.address) {
+            return Reply::bad_parameters(Syntax::InvalidRecipient);
+        }
+        if tx.envelope.recipients.len() >= limit {
+            return Reply::too_many_recipients(limit);
+        }
+        tx.envelope.recipients.push(to.address);
+        Reply::recipient_ok()
+    }
+
+    /// `max_recipients`, and in relay mode also the channel's own per-message limit.
+    fn recipient_limit(&self) -> usize {
+        let server = self.config.server.max_recipients;
+        match (&self.tx, self.config.server.delivery) {
+            (Some(tx), DeliveryMode::Relay) => {
+                let channel = self.config.channels[tx.channel].limits.max_recipients;
+                channel.map_or(server, |c| c.min(server))
+            }
+            _ => server,
+        }
+    }
+}
+
+/// A mailbox `local@domain` with both parts present and no blanks or control characters.
+fn valid_address(address: &str) -> bool {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.is_empty()
+        && !address.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_validity() {
+        assert!(valid_address("a@b"));
+        assert!(valid_address("jörg@exämple.org"));
+        for bad in ["", "a", "@b", "a@", "a b@c", "a@b\tc"] {
+            assert!(!valid_address(bad), "{bad:?}");
+        }
+    }
+}

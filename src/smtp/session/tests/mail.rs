@@ -1,0 +1,152 @@
+//! MAIL and RCPT: the envelope, its checks and refusals (SPEC §5 table).
+
+use super::*;
+
+#[tokio::test]
+async fn legacy_syntax_is_accepted() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    assert_code(&c.cmd("ehlo client.test").await, "250");
+    assert_code(&c.cmd("mail from: <alice@example.com>").await, "250 2.1.0");
+    assert_code(&c.cmd("rcpt to:bob@example.org").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO: carol@example.org  ").await, "250 2.1.5");
+    assert_code(&c.cmd("rset").await, "250");
+    assert_code(
+        &c.cmd("MAIL FROM:alice@example.com SIZE=100").await,
+        "250 2.1.0",
+    );
+    assert_code(&c.cmd("Rcpt To: <bob@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("data").await, "354");
+    c.send(&format!("{MESSAGE}.\r\n")).await;
+    assert_code(&c.reply().await, "250");
+    assert_eq!(h.delivered().len(), 1);
+}
+
+#[tokio::test]
+async fn sender_without_channel_is_refused() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_code(&c.cmd("MAIL FROM:<x@elsewhere.test>").await, "550 5.7.1");
+    assert_code(&c.cmd("MAIL FROM:<x@partner.test>").await, "250 2.1.0");
+}
+
+#[tokio::test]
+async fn require_auth_refuses_mail_until_authenticated() {
+    let h = Harness::with("", |config| {
+        let mut config = with_user(config);
+        config.server.require_auth = true;
+        config
+    });
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_code(&c.cmd("MAIL FROM:<app@example.com>").await, "530 5.7.0");
+    assert_code(
+        &c.cmd(&format!("AUTH PLAIN {}", STANDARD.encode("\0app\0pw")))
+            .await,
+        "235 2.7.0",
+    );
+    assert_code(&c.cmd("MAIL FROM:<app@example.com>").await, "250 2.1.0");
+}
+
+#[tokio::test]
+async fn authenticated_user_may_only_use_own_senders() {
+    let h = Harness::with("", with_user);
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_code(
+        &c.cmd(&format!("AUTH PLAIN {}", STANDARD.encode("\0app\0pw")))
+            .await,
+        "235 2.7.0",
+    );
+    assert_code(&c.cmd("MAIL FROM:<alice@example.com>").await, "550 5.7.1");
+    assert_code(&c.cmd("MAIL FROM:<app@example.com>").await, "250 2.1.0");
+}
+
+#[tokio::test]
+async fn size_parameter_over_the_limit() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_code(
+        &c.cmd("MAIL FROM:<alice@example.com> SIZE=2001").await,
+        "552 5.3.4",
+    );
+    // Too long for 64 bits: smtp-proto alone would read this as a small size.
+    assert_code(
+        &c.cmd("MAIL FROM:<alice@example.com> SIZE=99999999999999999999999")
+            .await,
+        "552 5.3.4",
+    );
+    assert_code(
+        &c.cmd("MAIL FROM:<alice@example.com> SIZE=2000").await,
+        "250 2.1.0",
+    );
+}
+
+#[tokio::test]
+async fn too_many_recipients() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<alice@example.com>").await;
+    for n in 0..3 {
+        assert_code(
+            &c.cmd(&format!("RCPT TO:<r{n}@example.org>")).await,
+            "250 2.1.5",
+        );
+    }
+    // Not counted against the error budget: a client may send the rest later.
+    for n in 3..20 {
+        assert_code(
+            &c.cmd(&format!("RCPT TO:<r{n}@example.org>")).await,
+            "452 4.5.3",
+        );
+    }
+    assert_code(&c.cmd("DATA").await, "354");
+}
+
+#[tokio::test]
+async fn relay_channel_recipient_limit_applies() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<x@partner.test>").await;
+    assert_code(&c.cmd("RCPT TO:<a@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<b@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<c@example.org>").await, "452 4.5.3");
+}
+
+#[tokio::test]
+async fn unknown_bad_parameters_and_bad_order() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    assert_code(&c.cmd("FROBNICATE").await, "500 5.5.2");
+    assert_code(&c.cmd("MAIL FROM:<alice@example.com>").await, "503 5.5.1");
+    c.cmd("EHLO a").await;
+    assert_code(&c.cmd("RCPT TO:<bob@example.org>").await, "503 5.5.1");
+    assert_code(&c.cmd("DATA").await, "503 5.5.1");
+    assert_code(&c.cmd("MAIL FROM:<not an address>").await, "501 5.5.4");
+    assert_code(
+        &c.cmd("MAIL FROM:<alice@example.com> FROB=1").await,
+        "501 5.5.4",
+    );
+    assert_code(&c.cmd("MAIL FROM:<alice@example.com>").await, "250 2.1.0");
+    assert_code(&c.cmd("MAIL FROM:<alice@example.com>").await, "503 5.5.1");
+    assert_code(&c.cmd("DATA").await, "503 5.5.1");
+    assert_code(&c.cmd("RCPT TO:<>").await, "501 5.5.4");
+}
+
+#[tokio::test]
+async fn tenth_error_closes_the_session() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    for _ in 0..9 {
+        assert_code(&c.cmd("BOGUS").await, "500 5.5.2");
+    }
+    assert_code(&c.cmd("NOOP").await, "250");
+    c.send("BOGUS\r\n").await;
+    assert_code(&c.reply().await, "500 5.5.2");
+    assert_code(&c.reply().await, "421 4.7.0");
+    c.assert_closed().await;
+}
