@@ -290,15 +290,15 @@ mod tests {
 
     use super::*;
     use crate::config::{ChannelKind, Rate, TlsMode};
-    use crate::upstream::tests::{
-        Fake, channel, config, envelope, plain_fake, provider, smtp_channel, start,
-    };
+    use crate::testkit::config::{channel, config, envelope, smtp_target as smtp_channel};
+    use crate::testkit::fake_smtp::{Fake, Record, plain_fake, start};
+    use crate::testkit::pki::provider;
 
     /// A relay-mode delivery with one SMTP channel "relay" (id 0) at a fake upstream.
     async fn delivery(
         fake: Fake,
         limits: impl FnOnce(&mut crate::config::Limits),
-    ) -> (Delivery, Arc<crate::upstream::tests::Record>) {
+    ) -> (Delivery, Arc<Record>) {
         provider();
         let (port, record) = start(fake).await;
         let mut relay = channel(

@@ -27,6 +27,7 @@
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod fsutil;
 pub mod listener;
 pub mod message;
 pub mod queue;
@@ -34,6 +35,8 @@ pub mod ratelimit;
 pub mod reply;
 pub mod routing;
 pub mod smtp;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod tls;
 pub mod upstream;
 

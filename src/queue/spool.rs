@@ -95,6 +95,9 @@ pub struct MessageState {
     /// Why the message failed (set when it moves to `failed/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The channel refused the sender itself (SendAsDenied): no DSN through it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sender_denied: bool,
 }
 
 impl MessageState {
@@ -130,6 +133,7 @@ impl MessageState {
                 .collect(),
             dsn: None,
             failure: None,
+            sender_denied: false,
         }
     }
 

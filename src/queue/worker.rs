@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Channel, ChannelId, Config};
 use crate::message::Envelope;
 use crate::reply::Reply;
-use crate::upstream::{Body, Outcome, UpstreamError};
+use crate::upstream::{self, Body, Error, Outcome};
 
-use super::classify::{Verdict, backoff, classify_error, classify_reply};
+use super::classify::{Verdict, backoff, classify_error, classify_refusal};
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
 use super::state::{self, Counters, Health};
 use super::{Queue, Transport, dsn};
@@ -435,7 +435,9 @@ impl Step {
                 Ok(outcome) => outcome,
                 Err(_) => Outcome {
                     refused: Vec::new(),
-                    result: Err(UpstreamError::Timeout),
+                    result: Err(Error::Timeout {
+                        step: upstream::Step::Transaction,
+                    }),
                 },
             };
             let now = now_ms();
@@ -528,7 +530,7 @@ pub fn apply_outcome(
 ) -> Applied {
     let (overall, reply) = match &outcome.result {
         Ok(reply) => (Verdict::Delivered, reply.clone()),
-        Err(error) => (classify_error(error), error_reply(error, channel)),
+        Err(error) => (classify_error(error), error.record_reply(channel)),
     };
     let mut effect = ChannelEffect::None;
     let mut deferred = false;
@@ -548,12 +550,16 @@ pub fn apply_outcome(
             .find(|(addr, _)| *addr == rcpt.addr)
             .map(|(_, r)| r);
         let (verdict, why) = match refused {
-            Some(r) => (classify_reply(r), r),
+            Some(r) => (classify_refusal(r), r),
             None => (overall, &reply),
         };
         match verdict {
             Verdict::Delivered => rcpt.status = RcptStatus::Delivered,
             Verdict::Fail => rcpt.status = RcptStatus::Failed,
+            Verdict::SenderDenied => {
+                rcpt.status = RcptStatus::Failed;
+                state.sender_denied = true;
+            }
             Verdict::Defer | Verdict::Hold | Verdict::Broken => {}
         }
         rcpt.reply = Some(why.to_string());
@@ -587,26 +593,6 @@ pub fn apply_outcome(
     Applied {
         reply: reply.to_string(),
         effect,
-    }
-}
-
-/// A failed transaction as a reply (for the state file, the log and the DSN).
-fn error_reply(error: &UpstreamError, channel: &str) -> Reply {
-    match error {
-        UpstreamError::Auth(reply) | UpstreamError::Refused(reply) => reply.clone(),
-        other => {
-            let mut reply = other.client_reply(channel);
-            let detail = match other {
-                UpstreamError::Connect(d) | UpstreamError::Tls(d) | UpstreamError::Local(d) => {
-                    d.as_str()
-                }
-                _ => "",
-            };
-            if !detail.is_empty() {
-                reply.text = format!("{} ({detail})", reply.text);
-            }
-            reply
-        }
     }
 }
 
@@ -692,14 +678,10 @@ fn queue_dsn(
             )
         })
         .collect();
-    let sender_refused = failed.iter().any(|(_, reply)| {
-        let lower = reply.to_ascii_lowercase();
-        lower.contains("sendasdenied") || lower.contains(" 5.7.60 ")
-    });
     let ch = &queue.config.channels[channel];
     let domain = state.sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
     let daemon = format!("MAILER-DAEMON@{domain}");
-    let from = if sender_refused {
+    let from = if state.sender_denied {
         None
     } else if !domain.is_empty() && crate::routing::channel_allows(ch, &daemon) {
         Some(daemon)
@@ -875,7 +857,10 @@ mod tests {
         let mut st = state(&["b@x"]);
         let outcome = Outcome {
             refused: vec![],
-            result: Err(UpstreamError::Connect("refused".into())),
+            result: Err(Error::Connect {
+                target: "h:25".into(),
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            }),
         };
         apply_outcome(&mut st, &[0], &outcome, "c", 1_000_000 + 1000, &config);
         assert_eq!(statuses(&st), vec![Pending]);
@@ -908,11 +893,10 @@ mod tests {
         let mut st = state(&["b@x", "c@x", "d@x"]);
         let outcome = Outcome {
             refused: vec![],
-            result: Err(UpstreamError::Refused(reply(
-                554,
-                (5, 6, 0),
-                "content rejected",
-            ))),
+            result: Err(Error::Rejected {
+                step: upstream::Step::EndOfData,
+                reply: reply(554, (5, 6, 0), "content rejected"),
+            }),
         };
         apply_outcome(&mut st, &[0, 1], &outcome, "c", 2_000_000, &config);
         assert_eq!(statuses(&st), vec![Failed, Failed, Pending]);
@@ -926,11 +910,10 @@ mod tests {
         let mut st = state(&["b@x"]);
         let broken = Outcome {
             refused: vec![],
-            result: Err(UpstreamError::Auth(reply(
-                535,
-                (5, 7, 3),
-                "Authentication unsuccessful",
-            ))),
+            result: Err(Error::Rejected {
+                step: upstream::Step::Auth,
+                reply: reply(535, (5, 7, 3), "Authentication unsuccessful"),
+            }),
         };
         let applied = apply_outcome(&mut st, &[0], &broken, "c", 2_000_000, &config);
         assert_eq!(
@@ -941,11 +924,10 @@ mod tests {
         assert_eq!((st.deferrals, st.next_attempt_ms), (0, 2_000_000));
         let quota = Outcome {
             refused: vec![],
-            result: Err(UpstreamError::Refused(reply(
-                554,
-                (5, 2, 0),
-                "SubmissionQuotaExceededException",
-            ))),
+            result: Err(Error::Rejected {
+                step: upstream::Step::EndOfData,
+                reply: reply(554, (5, 2, 0), "SubmissionQuotaExceededException"),
+            }),
         };
         let applied = apply_outcome(&mut st, &[0], &quota, "c", 2_000_000, &config);
         assert!(matches!(applied.effect, ChannelEffect::Hold(_)));

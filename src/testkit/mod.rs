@@ -1,0 +1,6 @@
+//! Test fixtures shared by unit tests and `tests/*.rs` (feature `testkit`): a fake SMTP
+//! upstream, a test PKI, configuration builders.
+
+pub mod config;
+pub mod fake_smtp;
+pub mod pki;
