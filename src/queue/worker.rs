@@ -904,6 +904,40 @@ mod tests {
     }
 
     #[test]
+    fn a_rcpt_refusal_never_holds_or_breaks_the_channel_whatever_its_text() {
+        use RcptStatus::*;
+        let config = config(60, 3600, 86400);
+        // The upstream echoes the recipient address in its RCPT refusal.
+        let quota = "SubmissionQuotaExceeded@x";
+        let denied = "SendAsDenied@x";
+        let mut st = state(&[quota, denied, "ok@x"]);
+        let echo = |addr: &str, code, e| reply(code, e, &format!("<{addr}>: rejected"));
+        let outcome = Outcome {
+            refused: vec![
+                (quota.into(), echo(quota, 554, (5, 2, 0))),
+                (denied.into(), echo(denied, 554, (5, 2, 0))),
+            ],
+            result: Ok(reply(250, (2, 0, 0), "OK")),
+        };
+        let applied = apply_outcome(&mut st, &[0, 1, 2], &outcome, "c", 2_000_000, &config);
+        assert_eq!(applied.effect, ChannelEffect::None);
+        assert_eq!(statuses(&st), vec![Failed, Failed, Delivered]);
+        assert!(!st.sender_denied, "a DSN may still go out");
+        // Every recipient refused: the last refusal stands for the transaction.
+        let mut st = state(&[quota]);
+        let outcome = Outcome {
+            refused: vec![(quota.into(), echo(quota, 535, (5, 7, 3)))],
+            result: Err(Error::Rejected {
+                step: upstream::Step::Rcpt,
+                reply: echo(quota, 535, (5, 7, 3)),
+            }),
+        };
+        let applied = apply_outcome(&mut st, &[0], &outcome, "c", 2_000_000, &config);
+        assert_eq!(applied.effect, ChannelEffect::None);
+        assert_eq!(statuses(&st), vec![Failed]);
+    }
+
+    #[test]
     fn broken_and_held_channels_keep_the_message_pending() {
         use RcptStatus::*;
         let config = config(60, 3600, 86400);

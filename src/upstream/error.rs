@@ -74,13 +74,18 @@ pub enum Class {
 /// Classifies a negative upstream reply given at `step`: enhanced codes plus the
 /// provider's documented text, never text alone. A reply to RCPT is about that
 /// recipient only, whatever it says.
-pub fn classify(_step: Step, reply: &Reply) -> Class {
+pub fn classify(step: Step, reply: &Reply) -> Class {
     let by_code = if reply.is_permanent() {
         Class::Permanent
     } else {
         // 4xx, or 1xx/3xx where a final answer was due (a protocol hiccup).
         Class::Transient
     };
+    // A RCPT refusal may echo the recipient's address (`SubmissionQuotaExceeded@…`):
+    // only replies about the session or the message itself speak for the channel.
+    if !step.may_affect_channel() {
+        return by_code;
+    }
     let text = reply.text.to_ascii_lowercase();
     let enhanced =
         |s: u16, d: u16| matches!(reply.enhanced, Some((5, es, ed)) if es == s && ed == d);
@@ -443,6 +448,23 @@ mod tests {
                 assert_eq!(classify(step, reply), *want, "{step}: {reply}");
             }
         }
+    }
+
+    #[test]
+    fn only_auth_mail_and_end_of_data_replies_speak_for_the_channel() {
+        let quota = r(
+            554,
+            Some((5, 2, 0)),
+            "<SubmissionQuotaExceeded@example.org>: Recipient address rejected",
+        );
+        let auth = r(535, Some((5, 7, 3)), "Authentication unsuccessful");
+        for step in [Step::Connect, Step::Tls, Step::Rcpt, Step::Data] {
+            assert_eq!(classify(step, &quota), Class::Permanent, "{step}");
+            assert_eq!(classify(step, &auth), Class::Permanent, "{step}");
+        }
+        let busy = r(451, Some((4, 3, 0)), "SubmissionQuotaExceeded");
+        assert_eq!(classify(Step::Rcpt, &busy), Class::Transient);
+        assert_eq!(classify(Step::Mail, &quota), Class::Quota);
     }
 
     #[test]
