@@ -277,17 +277,7 @@ impl Spool {
         let tmp = self
             .tmp_dir()
             .join(format!("{name}.{:016x}.part", rand::random::<u64>()));
-        let result = (|| {
-            let mut file = File::create(&tmp)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            fs::rename(&tmp, target)?;
-            sync_dir(target.parent().unwrap_or(Path::new(".")))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        crate::fsutil::write_atomic(target, &tmp, bytes)
     }
 
     /// Reads a state file; `None` if it does not exist.
@@ -505,10 +495,7 @@ pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     bytes
 }
 
-/// fsync a directory so that the renames and removals in it are durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use crate::fsutil::sync_dir;
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {

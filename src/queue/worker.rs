@@ -25,8 +25,8 @@ use crate::upstream::{self, Body, Error, Outcome};
 
 use super::classify::{Verdict, backoff, classify_error, classify_refusal};
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
-use super::state::{self, Counters, Health};
 use super::{Queue, Transport, dsn};
+use crate::state::{Counters, Health, format_time};
 
 /// Longest a single upstream transaction may take, on top of the upstream's own
 /// per-command timeouts (a large message on a slow link).
@@ -159,22 +159,21 @@ impl ChannelTask {
 
     fn load_state(&mut self) {
         let queue = self.queue.clone();
-        let spool = &queue.spool;
         let now = now_ms();
-        match state::read_health(spool, &self.name) {
+        match queue.state.read_health(&self.name) {
             Health::Broken { reason, .. } => {
                 // A restart is one of the ways to resume a broken channel.
                 tracing::warn!(channel = %self.name, reason, "queue: channel was broken; trying it again");
                 self.set_health(Health::Ok);
             }
             Health::Held { until_ms, reason } if until_ms > now => {
-                tracing::warn!(channel = %self.name, until = %super::format_time(until_ms), reason, "queue: channel held for provider quota");
+                tracing::warn!(channel = %self.name, until = %format_time(until_ms), reason, "queue: channel held for provider quota");
                 self.health = Health::Held { until_ms, reason };
             }
             _ => {}
         }
         let limits = &queue.config.channels[self.channel].limits;
-        match Counters::load(spool, &self.name, limits, now) {
+        match Counters::load(&queue.state, &self.name, limits, now) {
             Ok(counters) => self.counters = Some(counters),
             Err(e) => {
                 // Without its counters the channel could overrun the provider's limits: stop it.
@@ -188,7 +187,7 @@ impl ChannelTask {
     }
 
     fn set_health(&mut self, health: Health) {
-        if let Err(e) = state::write_health(&self.queue.spool, &self.name, &health) {
+        if let Err(e) = self.queue.state.write_health(&self.name, &health) {
             tracing::error!(channel = %self.name, error = %e, "queue: cannot persist channel state");
         }
         self.health = health;
@@ -268,7 +267,7 @@ impl ChannelTask {
                     }
                     Err(at) => return Some(at.max(now + 1)),
                 }
-                if let Err(e) = counters.record(&self.queue.spool, now, rcpts as u64) {
+                if let Err(e) = counters.record(&self.queue.state, now, rcpts as u64) {
                     tracing::error!(channel = %self.name, error = %e, "queue: cannot persist rate counters; channel stopped");
                     self.set_health(Health::Broken {
                         since_ms: now,
@@ -310,7 +309,7 @@ impl ChannelTask {
                     .unwrap_or(now + 3_600_000);
                 tracing::warn!(
                     channel = %self.name,
-                    until = %super::format_time(until_ms),
+                    until = %format_time(until_ms),
                     reason,
                     "queue: provider quota reached; channel held"
                 );
@@ -452,7 +451,7 @@ impl Step {
                     pending,
                     reply = %applied.reply,
                     duration_ms = started.elapsed().as_millis() as u64,
-                    next_attempt = %super::format_time(state.next_attempt_ms),
+                    next_attempt = %format_time(state.next_attempt_ms),
                     "queue: recipients still pending"
                 );
             }
