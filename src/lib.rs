@@ -22,9 +22,9 @@
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop; [`upstream::Error`] and its SPEC §7 class |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
-| [`state`] | below the flow: channel health and rate/quota counters (files beside the spool) |
-| [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
-| `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, test PKI, config builders |
+//! | [`state`] | below the flow: channel health and rate/quota counters (files beside the spool) |
+//! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
+//! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, test PKI, config builders |
 #![forbid(unsafe_code)]
 
 pub mod cli;
