@@ -13,7 +13,9 @@
 //! between the upstream's 250 and the spool update that records it (at-least-once).
 
 pub mod admin;
+mod attempt;
 pub mod classify;
+pub mod draft;
 pub mod dsn;
 pub mod spool;
 pub mod worker;
@@ -36,7 +38,8 @@ use crate::state::LocalState;
 use crate::upstream::{Body, Outcome, Upstreams};
 
 pub use crate::state::format_time;
-pub use spool::{MessageState, Spool, SpoolDraft};
+pub use draft::SpoolDraft;
+pub use spool::{MessageState, Spool};
 use worker::Event;
 
 /// Sends one upstream transaction; [`Upstreams`] in the proxy, a fake in tests.
