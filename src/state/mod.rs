@@ -348,7 +348,7 @@ pub fn format_time(ms: u64) -> String {
 }
 
 /// Year, month and day of a count of days since 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     // Howard Hinnant's algorithm.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
