@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
-use crate::queue::{Queue, Spool, SpoolDraft, state};
+use crate::queue::{Queue, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;
+use crate::state::{self, Counters, LocalState};
 use crate::upstream::{Body, Upstreams};
 
 /// The delivery side of a running proxy.
@@ -28,7 +29,7 @@ pub struct Delivery {
     /// Queue mode: the spool and its workers.
     queue: Option<Arc<Queue>>,
     /// Relay mode: where the limiters' counts are kept across restarts.
-    counters: Option<Spool>,
+    counters: Option<LocalState>,
 }
 
 /// A message being received: written to as the data streams in.
@@ -109,7 +110,7 @@ impl Delivery {
                 let saved = counters
                     .as_ref()
                     .filter(|_| state::has_windows(&c.limits))
-                    .and_then(|spool| state::Counters::load(spool, &c.name, &c.limits, now).ok())
+                    .and_then(|st| Counters::load(st, &c.name, &c.limits, now).ok())
                     .map(|counters| counters.events())
                     .unwrap_or_default();
                 Mutex::new(ChannelLimiter::restore(&c.limits, saved, now))
@@ -243,19 +244,19 @@ impl Delivery {
 impl Delivery {
     /// Relay mode: logs a counted (or taken back) message so the windows survive a restart.
     fn persist(&self, channel: &str, at_ms: u64, rcpts: u64, taken_back: bool) {
-        let Some(spool) = &self.counters else { return };
+        let Some(store) = &self.counters else { return };
         let limited = self
             .config
             .channel_id(channel)
             .is_some_and(|id| state::has_windows(&self.config.channels[id].limits));
-        if limited && let Err(e) = state::append_event(spool, channel, at_ms, rcpts, taken_back) {
+        if limited && let Err(e) = store.append_event(channel, at_ms, rcpts, taken_back) {
             tracing::warn!(channel, error = %e, "cannot persist rate counters");
         }
     }
 }
 
 /// Relay mode: the spool's `state/` for rate counters, when some channel has limits.
-fn relay_counters(config: &Config) -> Option<Spool> {
+fn relay_counters(config: &Config) -> Option<LocalState> {
     if !config
         .channels
         .iter()
@@ -263,11 +264,11 @@ fn relay_counters(config: &Config) -> Option<Spool> {
     {
         return None;
     }
-    let spool = Spool::new(&config.server.spool_dir);
-    match spool.create_dirs() {
-        Ok(()) => Some(spool),
+    let spool_dir = &config.server.spool_dir;
+    match LocalState::open(spool_dir) {
+        Ok(store) => Some(store),
         Err(e) => {
-            tracing::warn!(spool = %spool.root.display(), error = %e, "rate counters will not survive a restart");
+            tracing::warn!(spool = %spool_dir.display(), error = %e, "rate counters will not survive a restart");
             None
         }
     }
@@ -290,15 +291,15 @@ mod tests {
 
     use super::*;
     use crate::config::{ChannelKind, Rate, TlsMode};
-    use crate::upstream::tests::{
-        Fake, channel, config, envelope, plain_fake, provider, smtp_channel, start,
-    };
+    use crate::testkit::config::{channel, config, envelope, smtp_target as smtp_channel};
+    use crate::testkit::fake_smtp::{Fake, Record, plain_fake, start};
+    use crate::testkit::pki::provider;
 
     /// A relay-mode delivery with one SMTP channel "relay" (id 0) at a fake upstream.
     async fn delivery(
         fake: Fake,
         limits: impl FnOnce(&mut crate::config::Limits),
-    ) -> (Delivery, Arc<crate::upstream::tests::Record>) {
+    ) -> (Delivery, Arc<Record>) {
         provider();
         let (port, record) = start(fake).await;
         let mut relay = channel(

@@ -21,15 +21,19 @@
 //! | [`scope`] | pure: sender-scope patterns: does one take an address, how specific is it (routing and the queue) |
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
-//! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop |
+//! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop; [`upstream::Error`] and its SPEC §7 class |
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
+//! | [`state`] | below the flow: channel health and rate/quota counters (files beside the spool) |
+//! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
+//! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, test PKI, config builders |
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod fsutil;
 pub mod listener;
 pub mod message;
 pub mod oauth;
@@ -40,11 +44,11 @@ pub mod routing;
 pub mod scope;
 pub mod sendmail;
 pub mod smtp;
-pub mod tls;
-pub mod upstream;
-
+pub mod state;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod tls;
+pub mod upstream;
 
 use std::sync::Arc;
 

@@ -10,8 +10,7 @@ use mail_parser::{HeaderName, HeaderValue, MessageParser};
 
 use crate::config::{Channel, ChannelId, Config, SenderPattern};
 // The queue still imports `channel_allows` from here; `crate::scope` is its home.
-pub use crate::scope::channel_allows;
-use crate::scope::{best_match, describe, specificity, user_allows};
+use crate::scope::{best_match, channel_allows, describe, specificity, user_allows};
 
 /// The routing-relevant headers of a message, parsed with mail-parser.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -11,7 +11,8 @@ use mailgate::config::{
 use mailgate::message::Envelope;
 use mailgate::queue::{Queue, Transport, admin};
 use mailgate::smtp::reply::Reply;
-use mailgate::upstream::{Body, Outcome, UpstreamError};
+use mailgate::testkit::fake_smtp;
+use mailgate::upstream::{Body, Error, Outcome, Step};
 use tokio_util::sync::CancellationToken;
 
 /// One transaction the fake upstream saw.
@@ -109,7 +110,10 @@ fn ok() -> Outcome {
 fn refused(code: u16, enhanced: (u8, u16, u16), text: &str) -> Outcome {
     Outcome {
         refused: vec![],
-        result: Err(UpstreamError::Refused(Reply::new(code, enhanced, text))),
+        result: Err(Error::Rejected {
+            step: Step::EndOfData,
+            reply: Reply::new(code, enhanced, text),
+        }),
     }
 }
 
@@ -459,11 +463,10 @@ async fn broken_channel_keeps_mail_while_another_delivers() {
         if ch == 0 && !*fixed2.lock().unwrap() {
             Outcome {
                 refused: vec![],
-                result: Err(UpstreamError::Auth(Reply::new(
-                    535,
-                    (5, 7, 3),
-                    "Authentication unsuccessful",
-                ))),
+                result: Err(Error::Rejected {
+                    step: Step::Auth,
+                    reply: Reply::new(535, (5, 7, 3), "Authentication unsuccessful"),
+                }),
             }
         } else {
             ok()
@@ -698,127 +701,6 @@ async fn delete_and_retry_from_the_command_line() {
 // Through the real upstream client: queue-mode `Delivery` and an in-process SMTP server.
 // ---------------------------------------------------------------------------
 
-/// What the fake SMTP server saw in one completed transaction.
-#[derive(Debug, Clone)]
-struct Txn {
-    from: String,
-    rcpts: Vec<String>,
-    data: Vec<u8>,
-}
-
-/// A tiny SMTP server on 127.0.0.1:0. `data_replies` answers the DATA of successive
-/// transactions (then `250`); every received transaction is recorded (accepted or not).
-struct SmtpFake {
-    port: u16,
-    txns: Arc<Mutex<Vec<Txn>>>,
-    accepted: Arc<Mutex<Vec<Txn>>>,
-}
-
-impl SmtpFake {
-    async fn start(data_replies: Vec<&'static str>) -> SmtpFake {
-        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let txns: Arc<Mutex<Vec<Txn>>> = Arc::default();
-        let accepted: Arc<Mutex<Vec<Txn>>> = Arc::default();
-        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(data_replies)));
-        let (t, a) = (txns.clone(), accepted.clone());
-        tokio::spawn(async move {
-            for _ in 0..1000 {
-                let Ok((sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (t, a, script) = (t.clone(), a.clone(), script.clone());
-                tokio::spawn(async move {
-                    let (rd, mut wr) = sock.into_split();
-                    let mut rd = BufReader::new(rd);
-                    wr.write_all(b"220 fake ESMTP\r\n").await.unwrap();
-                    let mut cur = Txn {
-                        from: String::new(),
-                        rcpts: vec![],
-                        data: vec![],
-                    };
-                    let mut line = String::new();
-                    for _ in 0..100_000 {
-                        line.clear();
-                        if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let upper = line.to_ascii_uppercase();
-                        let reply: String = if upper.starts_with("EHLO") {
-                            "250-fake\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n".into()
-                        } else if upper.starts_with("MAIL FROM:") {
-                            cur = Txn {
-                                from: addr(&line),
-                                rcpts: vec![],
-                                data: vec![],
-                            };
-                            "250 2.1.0 OK\r\n".into()
-                        } else if upper.starts_with("RCPT TO:") {
-                            cur.rcpts.push(addr(&line));
-                            "250 2.1.5 OK\r\n".into()
-                        } else if upper.starts_with("DATA") {
-                            wr.write_all(b"354 go ahead\r\n").await.unwrap();
-                            let mut data = Vec::new();
-                            loop {
-                                let mut l = Vec::new();
-                                if rd.read_until(b'\n', &mut l).await.unwrap_or(0) == 0 {
-                                    return;
-                                }
-                                if l == b".\r\n" {
-                                    break;
-                                }
-                                // Undo dot-stuffing.
-                                data.extend_from_slice(if l.starts_with(b".") {
-                                    &l[1..]
-                                } else {
-                                    &l
-                                });
-                            }
-                            cur.data = data;
-                            t.lock().unwrap().push(cur.clone());
-                            let scripted = script.lock().unwrap().pop_front();
-                            match scripted {
-                                Some(r) => format!("{r}\r\n"),
-                                None => {
-                                    a.lock().unwrap().push(cur.clone());
-                                    "250 2.0.0 OK accepted\r\n".into()
-                                }
-                            }
-                        } else if upper.starts_with("QUIT") {
-                            let _ = wr.write_all(b"221 2.0.0 bye\r\n").await;
-                            return;
-                        } else if upper.starts_with("RSET") || upper.starts_with("NOOP") {
-                            "250 2.0.0 OK\r\n".into()
-                        } else {
-                            "502 5.5.2 unknown\r\n".into()
-                        };
-                        if wr.write_all(reply.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = rd.read_u8().await;
-                });
-            }
-        });
-        SmtpFake {
-            port,
-            txns,
-            accepted,
-        }
-    }
-
-    fn accepted(&self) -> Vec<Txn> {
-        self.accepted.lock().unwrap().clone()
-    }
-}
-
-fn addr(line: &str) -> String {
-    let start = line.find('<').map_or(0, |i| i + 1);
-    let end = line[start..].find('>').map_or(line.len(), |i| start + i);
-    line[start..end].to_string()
-}
-
 fn smtp_channel(name: &str, port: u16, limits: Limits) -> Channel {
     Channel {
         kind: ChannelKind::Smtp(mailgate::config::SmtpTarget {
@@ -854,11 +736,12 @@ async fn submit_via(
 async fn queue_mode_delivery_through_a_real_smtp_upstream() {
     mailgate::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let fake = SmtpFake::start(vec!["451 4.7.0 busy", "451 4.7.0 busy"]).await;
-    let config = Arc::new(config(
-        dir.path(),
-        vec![smtp_channel("up", fake.port, limits())],
-    ));
+    let (port, fake) = fake_smtp::start(fake_smtp::Fake {
+        data_script: vec!["451 4.7.0 busy", "451 4.7.0 busy"],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let config = Arc::new(config(dir.path(), vec![smtp_channel("up", port, limits())]));
     let delivery = Arc::new(mailgate::delivery::Delivery::new(config.clone()).unwrap());
     let shutdown = CancellationToken::new();
     let workers = {
@@ -875,21 +758,25 @@ async fn queue_mode_delivery_through_a_real_smtp_upstream() {
     );
     assert!(reply.text.starts_with("queued as "));
     assert!(
-        wait_for(Duration::from_secs(15), || fake.accepted().len() == 1
+        wait_for(Duration::from_secs(15), || fake.txns().len() == 1
             && queued(&config) == 0)
         .await
     );
-    assert_eq!(fake.txns.lock().unwrap().len(), 3, "451, 451, then 250");
-    let got = &fake.accepted()[0];
-    assert_eq!(got.data, body);
-    assert_eq!(got.from, "a@example.com");
+    assert_eq!(
+        fake.ended.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "451, 451, then 250"
+    );
+    let got = &fake.txns()[0];
+    assert_eq!(got.unstuffed(), body);
+    assert_eq!(got.mail, "MAIL FROM:<a@example.com>");
 
     // 600 recipients on a channel taking 500 per transaction.
     let config600 = Arc::new(self::config(
         &dir.path().join("spool600"),
         vec![smtp_channel(
             "o365",
-            fake.port,
+            port,
             Limits {
                 max_recipients: Some(500),
                 connections: 3,
@@ -910,11 +797,11 @@ async fn queue_mode_delivery_through_a_real_smtp_upstream() {
         250
     );
     assert!(
-        wait_for(Duration::from_secs(15), || fake.accepted().len() == 3
+        wait_for(Duration::from_secs(15), || fake.txns().len() == 3
             && queued(&config600) == 0)
         .await
     );
-    let sizes: Vec<usize> = fake.accepted()[1..].iter().map(|t| t.rcpts.len()).collect();
+    let sizes: Vec<usize> = fake.txns()[1..].iter().map(|t| t.rcpts.len()).collect();
     assert_eq!(sizes, vec![500, 100]);
 
     shutdown.cancel();

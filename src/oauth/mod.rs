@@ -27,7 +27,7 @@ use base64::Engine as _;
 
 pub use authorize::{Authorized, authorize};
 pub use cache::{ChannelToken, Tokens};
-pub use store::{LocalTokenStore, TokenStore, write_private_atomic};
+pub use store::{LocalTokenStore, TokenStore};
 
 /// An OAuth access token. Prints as `***`.
 #[derive(Clone, PartialEq, Eq)]

@@ -4,8 +4,7 @@
 use std::fmt;
 use std::fs;
 use std::future::Future;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
@@ -42,7 +41,8 @@ impl LocalTokenStore {
 
     /// The file holding `channel`'s token.
     pub fn path(&self, channel: &str) -> PathBuf {
-        self.dir.join(format!("{}.oauth.json", file_stem(channel)))
+        self.dir
+            .join(format!("{}.oauth.json", crate::state::file_stem(channel)))
     }
 }
 
@@ -69,7 +69,7 @@ impl TokenStore for LocalTokenStore {
         Box::pin(async move {
             let body = serde_json::json!({ "refresh_token": refresh_token.expose() });
             let path = self.path(channel);
-            write_private_atomic(&path, format!("{body}\n").as_bytes())
+            crate::fsutil::write_private(&path, format!("{body}\n").as_bytes())
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))
         })
     }
@@ -77,20 +77,6 @@ impl TokenStore for LocalTokenStore {
     fn location(&self, channel: &str) -> String {
         self.path(channel).display().to_string()
     }
-}
-
-/// A channel name as a file name: `[A-Za-z0-9_-]` and inner dots kept, the rest `%XX`
-/// (the same rule as the queue's state files, so one channel's files sort together).
-fn file_stem(channel: &str) -> String {
-    let mut out = String::new();
-    for b in channel.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && !out.is_empty()) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Reads a `refresh_token_file`: the token is its content, surrounding whitespace trimmed;
@@ -105,7 +91,7 @@ pub(crate) fn read_token_file(path: &Path) -> Result<Option<Secret>, String> {
 
 /// Writes a `refresh_token_file`: the token and a newline.
 pub(crate) fn write_token_file(path: &Path, token: &Secret) -> Result<(), String> {
-    write_private_atomic(path, format!("{}\n", token.expose()).as_bytes())
+    crate::fsutil::write_private(path, format!("{}\n", token.expose()).as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
@@ -145,45 +131,6 @@ pub(crate) async fn save_refresh_token(
     }
 }
 
-/// Replaces `path` with `bytes` so that a reader sees the old or the new content, never a
-/// mix, and a crash leaves one of them: a mode-0600 temporary file in the same directory,
-/// fsync, rename over `path`, fsync of the directory. Missing parent directories are
-/// created with mode 0700.
-pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.{:x}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let written = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,10 +140,10 @@ mod tests {
     fn atomic_write_replaces_with_mode_0600_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/alice.token");
-        write_private_atomic(&path, b"one\n").unwrap();
+        crate::fsutil::write_private(&path, b"one\n").unwrap();
         // An existing file with loose permissions is replaced by a private one.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        write_private_atomic(&path, b"two\n").unwrap();
+        crate::fsutil::write_private(&path, b"two\n").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two\n");
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,

@@ -12,7 +12,7 @@ use crate::config::Config;
 
 use super::format_time;
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
-use super::state::{self, Health};
+use crate::state::{Health, LocalState};
 
 /// How long `delete` and `retry ID` wait for a message in flight.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -51,19 +51,19 @@ fn io_err(what: &str, e: io::Error) -> String {
 /// Each channel's state line: `ok`, `limited until …`, `broken since …: reason`
 /// (for `queue list` and `check`).
 pub fn channel_health(config: &Config) -> Vec<(String, String)> {
-    let spool = Spool::new(&config.server.spool_dir);
+    let state = LocalState::new(&config.server.spool_dir);
     let now = now_ms();
     config
         .channels
         .iter()
         .map(|channel| {
-            let health = state::read_health(&spool, &channel.name);
+            let health = state.read_health(&channel.name);
             let line = match &health {
                 Health::Broken { .. } => health.describe(now),
                 Health::Held { until_ms, .. } if *until_ms > now => health.describe(now),
                 _ => {
-                    let events = state::events_path(&spool, &channel.name);
-                    match state::peek_counters(&events, &channel.limits, now)
+                    match state
+                        .peek_counters(&channel.name, &channel.limits, now)
                         .map(|l| l.check(now, 1))
                     {
                         Some(Err(at)) if at != u64::MAX => {
@@ -362,9 +362,11 @@ pub fn retry(config: &Config, id: Option<&str>) -> Result<String, String> {
     };
     if !running {
         // Nobody to read the control files: resume the channels here; a restart also would.
+        let state = LocalState::new(&spool.root);
         for channel in &config.channels {
-            if state::read_health(&spool, &channel.name) != Health::Ok {
-                state::write_health(&spool, &channel.name, &Health::Ok)
+            if state.read_health(&channel.name) != Health::Ok {
+                state
+                    .write_health(&channel.name, &Health::Ok)
                     .map_err(|e| io_err(&channel.name, e))?;
             }
         }

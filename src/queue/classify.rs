@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::reply::Reply;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Class, Error, Step, classify};
 
 /// What to do after an upstream answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,50 +19,31 @@ pub enum Verdict {
     Broken,
     /// Permanent failure of this message (or recipient) only.
     Fail,
+    /// The channel refused the sender itself: the message fails, and no DSN goes back
+    /// through that channel.
+    SenderDenied,
 }
 
-/// Classifies an upstream reply.
-pub fn classify_reply(reply: &Reply) -> Verdict {
-    let text = reply.text.to_ascii_lowercase();
-    let enhanced = reply.enhanced;
-    let detail = |subject: u16, detail: u16| matches!(enhanced, Some((_, s, d)) if s == subject && d == detail);
-    if reply.is_positive() {
-        Verdict::Delivered
-    } else if text.contains("submissionquotaexceeded") || (reply.code == 550 && detail(4, 5)) {
-        Verdict::Hold
-    } else if text.contains("sendasdenied") || detail(7, 60) {
-        Verdict::Fail
-    } else if reply.code == 535
-        || (reply.is_permanent()
-            && (detail(7, 3) || detail(7, 8) || detail(7, 139) || detail(7, 30)))
-        || detail(7, 57)
-    {
-        Verdict::Broken
-    } else if reply.is_transient() {
-        Verdict::Defer
-    } else if reply.is_permanent() {
-        Verdict::Fail
-    } else {
-        // 1xx/3xx where a final answer was due: a protocol hiccup, try again.
-        Verdict::Defer
+impl From<Class> for Verdict {
+    fn from(class: Class) -> Self {
+        match class {
+            Class::Transient => Verdict::Defer,
+            Class::Quota => Verdict::Hold,
+            Class::CredentialsBroken => Verdict::Broken,
+            Class::SenderDenied => Verdict::SenderDenied,
+            Class::Permanent => Verdict::Fail,
+        }
     }
+}
+
+/// Classifies the upstream's reply to a recipient's `RCPT`.
+pub fn classify_refusal(reply: &Reply) -> Verdict {
+    classify(Step::Rcpt, reply).into()
 }
 
 /// Classifies a failed transaction.
-pub fn classify_error(error: &UpstreamError) -> Verdict {
-    match error {
-        UpstreamError::Connect(_)
-        | UpstreamError::Tls(_)
-        | UpstreamError::Timeout
-        | UpstreamError::Local(_) => Verdict::Defer,
-        // A temporary AUTH failure (454 4.7.0) is not a broken credential.
-        UpstreamError::Auth(reply) if reply.is_transient() => Verdict::Defer,
-        UpstreamError::Auth(_) => Verdict::Broken,
-        UpstreamError::Refused(reply) => match classify_reply(reply) {
-            Verdict::Delivered => Verdict::Defer,
-            verdict => verdict,
-        },
-    }
+pub fn classify_error(error: &Error) -> Verdict {
+    error.class().into()
 }
 
 /// Delay before the next try after `deferrals` temporary failures (1 = the first):
@@ -76,141 +57,50 @@ pub fn backoff(first: Duration, max: Duration, deferrals: u32) -> Duration {
 mod tests {
     use super::*;
 
-    fn r(code: u16, enhanced: Option<(u8, u16, u16)>, text: &str) -> Reply {
-        Reply {
-            code,
-            enhanced,
-            text: text.to_string(),
-        }
+    #[test]
+    fn rcpt_refusals_concern_the_recipient_only() {
+        let r = |code, e, text: &str| Reply::new(code, e, text);
+        assert_eq!(
+            classify_refusal(&r(550, (5, 1, 1), "no such user")),
+            Verdict::Fail
+        );
+        assert_eq!(classify_refusal(&r(450, (4, 2, 1), "busy")), Verdict::Defer);
     }
 
     #[test]
-    fn spec_table() {
-        use Verdict::*;
+    fn errors_map_to_verdicts() {
+        let rejected = |step, code, e, text: &str| Error::Rejected {
+            step,
+            reply: Reply::new(code, e, text),
+        };
         let table = [
-            (r(250, Some((2, 0, 0)), "OK queued"), Delivered),
-            (r(421, Some((4, 3, 2)), "Service not available"), Defer),
+            (Error::Timeout { step: Step::Mail }, Verdict::Defer),
+            (Error::local("disk full"), Verdict::Defer),
+            (rejected(Step::Auth, 535, (5, 7, 3), "no"), Verdict::Broken),
             (
-                r(
-                    432,
-                    Some((4, 3, 2)),
-                    "STOREDRV.ClientSubmit; sender thread limit exceeded",
-                ),
-                Defer,
-            ),
-            (r(451, Some((4, 7, 0)), "Temporary server error"), Defer),
-            (r(452, Some((4, 5, 3)), "Too many recipients"), Defer),
-            (r(421, None, "too many connections"), Defer),
-            (
-                r(
-                    554,
-                    Some((5, 2, 0)),
-                    "STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed",
-                ),
-                Hold,
+                rejected(Step::Auth, 454, (4, 7, 0), "later"),
+                Verdict::Defer,
             ),
             (
-                r(550, Some((5, 4, 5)), "Daily user sending limit exceeded"),
-                Hold,
+                rejected(Step::Mail, 451, (4, 3, 0), "later"),
+                Verdict::Defer,
             ),
             (
-                r(535, Some((5, 7, 3)), "Authentication unsuccessful"),
-                Broken,
+                rejected(Step::Mail, 550, (5, 7, 1), "relay denied"),
+                Verdict::Fail,
             ),
             (
-                r(535, Some((5, 7, 8)), "Username and Password not accepted"),
-                Broken,
+                rejected(Step::EndOfData, 550, (5, 4, 5), "quota"),
+                Verdict::Hold,
             ),
             (
-                r(
-                    535,
-                    Some((5, 7, 139)),
-                    "Authentication unsuccessful, SmtpClientAuthentication is disabled",
-                ),
-                Broken,
+                rejected(Step::EndOfData, 554, (5, 2, 0), "SendAsDeniedException"),
+                Verdict::SenderDenied,
             ),
-            (r(535, None, "auth failed"), Broken),
-            (
-                r(
-                    550,
-                    Some((5, 7, 30)),
-                    "Basic authentication is not supported",
-                ),
-                Broken,
-            ),
-            (
-                r(
-                    530,
-                    Some((5, 7, 57)),
-                    "Client not authenticated to send mail",
-                ),
-                Broken,
-            ),
-            (
-                r(
-                    554,
-                    Some((5, 2, 0)),
-                    "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
-                ),
-                Fail,
-            ),
-            (
-                r(
-                    550,
-                    Some((5, 7, 60)),
-                    "Client does not have permissions to send as this sender",
-                ),
-                Fail,
-            ),
-            (r(550, Some((5, 1, 1)), "User unknown"), Fail),
-            (r(552, Some((5, 3, 4)), "Message too big"), Fail),
-            (r(554, None, "Transaction failed"), Fail),
         ];
-        for (reply, want) in table {
-            assert_eq!(classify_reply(&reply), want, "{reply}");
+        for (error, want) in table {
+            assert_eq!(classify_error(&error), want, "{error}");
         }
-    }
-
-    #[test]
-    fn errors() {
-        use Verdict::*;
-        assert_eq!(
-            classify_error(&UpstreamError::Connect("refused".into())),
-            Defer
-        );
-        assert_eq!(
-            classify_error(&UpstreamError::Tls("bad cert".into())),
-            Defer
-        );
-        assert_eq!(classify_error(&UpstreamError::Timeout), Defer);
-        assert_eq!(
-            classify_error(&UpstreamError::Local("disk full".into())),
-            Defer
-        );
-        assert_eq!(
-            classify_error(&UpstreamError::Auth(r(535, Some((5, 7, 3)), "no"))),
-            Broken
-        );
-        assert_eq!(
-            classify_error(&UpstreamError::Auth(r(454, Some((4, 7, 0)), "temporary"))),
-            Defer
-        );
-        assert_eq!(
-            classify_error(&UpstreamError::Refused(r(451, Some((4, 3, 0)), "later"))),
-            Defer
-        );
-        assert_eq!(
-            classify_error(&UpstreamError::Refused(r(
-                550,
-                Some((5, 7, 1)),
-                "relay denied"
-            ))),
-            Fail
-        );
-        assert_eq!(
-            classify_error(&UpstreamError::Refused(r(550, Some((5, 4, 5)), "quota"))),
-            Hold
-        );
     }
 
     #[test]

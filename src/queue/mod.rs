@@ -13,10 +13,11 @@
 //! between the upstream's 250 and the spool update that records it (at-least-once).
 
 pub mod admin;
+mod attempt;
 pub mod classify;
+pub mod draft;
 pub mod dsn;
 pub mod spool;
-pub mod state;
 pub mod worker;
 
 use std::fs::File;
@@ -33,9 +34,12 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ChannelId, Config};
 use crate::message::Envelope;
 use crate::reply::Reply;
+use crate::state::LocalState;
 use crate::upstream::{Body, Outcome, Upstreams};
 
-pub use spool::{MessageState, Spool, SpoolDraft};
+pub use crate::state::format_time;
+pub use draft::SpoolDraft;
+pub use spool::{MessageState, Spool};
 use worker::Event;
 
 /// Sends one upstream transaction; [`Upstreams`] in the proxy, a fake in tests.
@@ -77,6 +81,8 @@ pub const CONTROL_POLL: Duration = Duration::from_millis(500);
 pub struct Queue {
     config: Arc<Config>,
     spool: Spool,
+    /// Channel health and rate counters, beside the spool.
+    state: LocalState,
     senders: Vec<mpsc::UnboundedSender<Event>>,
     receivers: Mutex<Vec<mpsc::UnboundedReceiver<Event>>>,
     /// Held for the life of the queue: one proxy per spool.
@@ -118,9 +124,11 @@ impl Queue {
             .iter()
             .map(|_| mpsc::unbounded_channel())
             .unzip();
+        let state = LocalState::new(&spool.root);
         Ok(Arc::new(Queue {
             config,
             spool,
+            state,
             senders,
             receivers: Mutex::new(receivers),
             _lock: lock,
@@ -311,29 +319,5 @@ impl Queue {
                 }
             }
         }
-    }
-}
-
-/// `"2026-11-03 14:05:09Z"` for a unix-ms time (UTC).
-pub fn format_time(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (y, m, d) = dsn::civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn times_are_readable() {
-        assert_eq!(
-            super::format_time(1_709_210_096_789),
-            "2024-02-29 12:34:56Z"
-        );
     }
 }

@@ -10,23 +10,18 @@
 //! attempt counts too).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fs::File;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Channel, ChannelId, Config};
-use crate::message::Envelope;
-use crate::reply::Reply;
-use crate::upstream::{Body, Outcome, UpstreamError};
-
-use super::classify::{Verdict, backoff, classify_error, classify_reply};
-use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
-use super::state::{self, Counters, Health};
-use super::{Queue, Transport, dsn};
+use super::attempt::Attempt;
+use super::spool::now_ms;
+use super::{Queue, Transport};
+use crate::config::{Channel, ChannelId};
+use crate::state::{Counters, Health, format_time};
 
 /// Longest a single upstream transaction may take, on top of the upstream's own
 /// per-command timeouts (a large message on a slow link).
@@ -34,7 +29,7 @@ pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How long shutdown waits for transactions in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// A message someone else holds the lock on (the CLI, briefly) is tried again after this.
-const BUSY_RETRY_MS: u64 = 1000;
+pub(super) const BUSY_RETRY_MS: u64 = 1000;
 
 /// What a channel task hears.
 #[derive(Debug)]
@@ -65,13 +60,15 @@ pub enum ChannelEffect {
 
 /// The result of one delivery step, back to the channel task.
 #[derive(Debug)]
-struct Report {
-    id: String,
+pub(super) struct Report {
+    /// The message.
+    pub(super) id: String,
     /// The message stays queued: due time and pending recipients.
-    next: Option<(u64, usize)>,
-    effect: ChannelEffect,
+    pub(super) next: Option<(u64, usize)>,
+    /// What the channel must do.
+    pub(super) effect: ChannelEffect,
     /// A DSN was queued on this channel: its id and recipient count.
-    dsn: Option<(String, usize)>,
+    pub(super) dsn: Option<(String, usize)>,
 }
 
 /// The scheduler of one channel.
@@ -159,22 +156,21 @@ impl ChannelTask {
 
     fn load_state(&mut self) {
         let queue = self.queue.clone();
-        let spool = &queue.spool;
         let now = now_ms();
-        match state::read_health(spool, &self.name) {
+        match queue.state.read_health(&self.name) {
             Health::Broken { reason, .. } => {
                 // A restart is one of the ways to resume a broken channel.
                 tracing::warn!(channel = %self.name, reason, "queue: channel was broken; trying it again");
                 self.set_health(Health::Ok);
             }
             Health::Held { until_ms, reason } if until_ms > now => {
-                tracing::warn!(channel = %self.name, until = %super::format_time(until_ms), reason, "queue: channel held for provider quota");
+                tracing::warn!(channel = %self.name, until = %format_time(until_ms), reason, "queue: channel held for provider quota");
                 self.health = Health::Held { until_ms, reason };
             }
             _ => {}
         }
         let limits = &queue.config.channels[self.channel].limits;
-        match Counters::load(spool, &self.name, limits, now) {
+        match Counters::load(&queue.state, &self.name, limits, now) {
             Ok(counters) => self.counters = Some(counters),
             Err(e) => {
                 // Without its counters the channel could overrun the provider's limits: stop it.
@@ -188,7 +184,7 @@ impl ChannelTask {
     }
 
     fn set_health(&mut self, health: Health) {
-        if let Err(e) = state::write_health(&self.queue.spool, &self.name, &health) {
+        if let Err(e) = self.queue.state.write_health(&self.name, &health) {
             tracing::error!(channel = %self.name, error = %e, "queue: cannot persist channel state");
         }
         self.health = health;
@@ -268,7 +264,7 @@ impl ChannelTask {
                     }
                     Err(at) => return Some(at.max(now + 1)),
                 }
-                if let Err(e) = counters.record(&self.queue.spool, now, rcpts as u64) {
+                if let Err(e) = counters.record(&self.queue.state, now, rcpts as u64) {
                     tracing::error!(channel = %self.name, error = %e, "queue: cannot persist rate counters; channel stopped");
                     self.set_health(Health::Broken {
                         since_ms: now,
@@ -280,13 +276,13 @@ impl ChannelTask {
             self.due.remove(&(due, id.clone()));
             self.entries.remove(&id);
             self.in_flight.insert(id.clone());
-            let step = Step {
+            let attempt = Attempt {
                 queue: self.queue.clone(),
                 transport: self.transport.clone(),
                 channel: self.channel,
                 rcpts,
             };
-            deliveries.spawn(step.run(id));
+            deliveries.spawn(attempt.run(id));
         }
         None
     }
@@ -310,7 +306,7 @@ impl ChannelTask {
                     .unwrap_or(now + 3_600_000);
                 tracing::warn!(
                     channel = %self.name,
-                    until = %super::format_time(until_ms),
+                    until = %format_time(until_ms),
                     reason,
                     "queue: provider quota reached; channel held"
                 );
@@ -344,611 +340,23 @@ pub fn chunk_size(channel: &Channel) -> usize {
     per_message.min(per_day).max(1)
 }
 
-/// One delivery step: one upstream transaction for up to `rcpts` pending recipients of
-/// one message, under the message's lock.
-struct Step {
-    queue: Arc<Queue>,
-    transport: Arc<dyn Transport>,
-    channel: ChannelId,
-    rcpts: usize,
-}
-
-enum Prepared {
-    Ready(File, Box<MessageState>),
-    Busy,
-    Gone,
-}
-
-impl Step {
-    async fn run(self, id: String) -> Report {
-        let spool = self.queue.spool.clone();
-        let lock_id = id.clone();
-        let prepared = tokio::task::spawn_blocking(move || prepare(&spool, &lock_id)).await;
-        let (lock, mut state) = match prepared {
-            Ok(Ok(Prepared::Ready(lock, state))) => (lock, *state),
-            Ok(Ok(Prepared::Gone)) => {
-                return Report {
-                    id,
-                    next: None,
-                    effect: ChannelEffect::None,
-                    dsn: None,
-                };
-            }
-            Ok(Ok(Prepared::Busy)) => {
-                return Report {
-                    id,
-                    next: Some((now_ms() + BUSY_RETRY_MS, self.rcpts)),
-                    effect: ChannelEffect::None,
-                    dsn: None,
-                };
-            }
-            Ok(Err(e)) => {
-                tracing::error!(id, error = %e, "queue: cannot read message state; retrying in a minute");
-                return Report {
-                    id,
-                    next: Some((now_ms() + 60_000, self.rcpts)),
-                    effect: ChannelEffect::None,
-                    dsn: None,
-                };
-            }
-            Err(e) => {
-                tracing::error!(id, error = %e, "queue: preparing delivery failed");
-                return Report {
-                    id,
-                    next: Some((now_ms() + 60_000, self.rcpts)),
-                    effect: ChannelEffect::None,
-                    dsn: None,
-                };
-            }
-        };
-        let config = self.queue.config.clone();
-        let channel_name = config.channels[self.channel].name.clone();
-
-        let mut effect = ChannelEffect::None;
-        let chunk: Vec<usize> = state
-            .recipients
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.status == RcptStatus::Pending)
-            .map(|(i, _)| i)
-            .take(self.rcpts)
-            .collect();
-        if !chunk.is_empty() {
-            let envelope = Envelope {
-                sender: state.sender.clone(),
-                recipients: chunk
-                    .iter()
-                    .map(|&i| state.recipients[i].addr.clone())
-                    .collect(),
-                smtputf8: state.smtputf8,
-                eightbit: state.eightbit,
-            };
-            let data = self.queue.spool.data_path(&id);
-            let started = Instant::now();
-            let outcome = match tokio::time::timeout(
-                TRANSACTION_TIMEOUT,
-                self.transport
-                    .send(self.channel, &id, &envelope, Body::File(&data)),
-            )
-            .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Outcome {
-                    refused: Vec::new(),
-                    result: Err(UpstreamError::Timeout),
-                },
-            };
-            let now = now_ms();
-            let applied = apply_outcome(&mut state, &chunk, &outcome, &channel_name, now, &config);
-            let pending = state.pending();
-            if pending > 0 {
-                // The upstream logged the attempt itself; this is what the queue makes of it.
-                tracing::info!(
-                    id,
-                    channel = %channel_name,
-                    attempt = state.attempts,
-                    pending,
-                    reply = %applied.reply,
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    next_attempt = %super::format_time(state.next_attempt_ms),
-                    "queue: recipients still pending"
-                );
-            }
-            effect = applied.effect;
-        }
-
-        let queue = self.queue.clone();
-        let channel = self.channel;
-        let finished = tokio::task::spawn_blocking(move || {
-            // settle releases the message's delivery lock when it is done with the message.
-            settle(&queue, channel, state, lock)
-        })
-        .await;
-        match finished {
-            Ok(Ok((next, dsn))) => Report {
-                id,
-                next,
-                effect,
-                dsn,
-            },
-            Ok(Err(e)) => {
-                tracing::error!(id, error = %e, "queue: cannot update message state; it will be tried again");
-                Report {
-                    id,
-                    next: Some((now_ms() + 60_000, self.rcpts)),
-                    effect,
-                    dsn: None,
-                }
-            }
-            Err(e) => {
-                tracing::error!(id, error = %e, "queue: updating message state failed");
-                Report {
-                    id,
-                    next: Some((now_ms() + 60_000, self.rcpts)),
-                    effect,
-                    dsn: None,
-                }
-            }
-        }
-    }
-}
-
-fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
-    let lock = match spool::try_lock_data(&spool.data_path(id)) {
-        Ok(Some(lock)) => lock,
-        Ok(None) => return Ok(Prepared::Busy),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Prepared::Gone),
-        Err(e) => return Err(e),
-    };
-    // Read under the lock: `queue retry` and `queue delete` change the file only while holding it.
-    match spool.read_state(id)? {
-        Some(state) => Ok(Prepared::Ready(lock, Box::new(state))),
-        None => Ok(Prepared::Gone),
-    }
-}
-
-/// What one transaction did to a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    /// The reply to log (the upstream's, or the error as a reply).
-    pub reply: String,
-    /// What the channel must do.
-    pub effect: ChannelEffect,
-}
-
-/// Pure: applies the outcome of one transaction (to the recipients at `chunk`) to the
-/// message's state: recipient statuses, attempts, backoff, giving up.
-pub fn apply_outcome(
-    state: &mut MessageState,
-    chunk: &[usize],
-    outcome: &Outcome,
-    channel: &str,
-    now: u64,
-    config: &Config,
-) -> Applied {
-    let (overall, reply) = match &outcome.result {
-        Ok(reply) => (Verdict::Delivered, reply.clone()),
-        Err(error) => (classify_error(error), error_reply(error, channel)),
-    };
-    let mut effect = ChannelEffect::None;
-    let mut deferred = false;
-    let mut note = |verdict: Verdict, reply: &Reply, effect: &mut ChannelEffect| match verdict {
-        Verdict::Hold if *effect == ChannelEffect::None => {
-            *effect = ChannelEffect::Hold(reply.to_string())
-        }
-        Verdict::Broken => *effect = ChannelEffect::Broken(reply.to_string()),
-        Verdict::Defer => deferred = true,
-        _ => {}
-    };
-    for &i in chunk {
-        let rcpt = &mut state.recipients[i];
-        let refused = outcome
-            .refused
-            .iter()
-            .find(|(addr, _)| *addr == rcpt.addr)
-            .map(|(_, r)| r);
-        let (verdict, why) = match refused {
-            Some(r) => (classify_reply(r), r),
-            None => (overall, &reply),
-        };
-        match verdict {
-            Verdict::Delivered => rcpt.status = RcptStatus::Delivered,
-            Verdict::Fail => rcpt.status = RcptStatus::Failed,
-            Verdict::Defer | Verdict::Hold | Verdict::Broken => {}
-        }
-        rcpt.reply = Some(why.to_string());
-        note(verdict, why, &mut effect);
-    }
-    state.attempts += 1;
-    state.last_reply = Some(reply.to_string());
-    state.next_attempt_ms = now;
-    if deferred {
-        state.deferrals += 1;
-        let server = &config.server;
-        state.next_attempt_ms =
-            now + backoff(server.retry_first, server.retry_max, state.deferrals).as_millis() as u64;
-        let age = Duration::from_millis(now.saturating_sub(state.created_ms));
-        if age >= server.give_up_after {
-            for rcpt in state
-                .recipients
-                .iter_mut()
-                .filter(|r| r.status == RcptStatus::Pending)
-            {
-                rcpt.status = RcptStatus::Failed;
-                let last = rcpt.reply.clone().unwrap_or_else(|| reply.to_string());
-                rcpt.reply = Some(last);
-            }
-            state.failure = Some(format!(
-                "gave up after {}s in the queue; last reply: {reply}",
-                server.give_up_after.as_secs()
-            ));
-        }
-    }
-    Applied {
-        reply: reply.to_string(),
-        effect,
-    }
-}
-
-/// A failed transaction as a reply (for the state file, the log and the DSN).
-fn error_reply(error: &UpstreamError, channel: &str) -> Reply {
-    match error {
-        UpstreamError::Auth(reply) | UpstreamError::Refused(reply) => reply.clone(),
-        other => {
-            let mut reply = other.client_reply(channel);
-            let detail = match other {
-                UpstreamError::Connect(d) | UpstreamError::Tls(d) | UpstreamError::Local(d) => {
-                    d.as_str()
-                }
-                _ => "",
-            };
-            if !detail.is_empty() {
-                reply.text = format!("{} ({detail})", reply.text);
-            }
-            reply
-        }
-    }
-}
-
-/// After a transaction: saves the state, and when no recipient is pending any more,
-/// removes the message (all delivered) or queues a DSN and moves it to `failed/`.
-/// Returns the next schedule of the message and the DSN queued, if any.
-#[allow(clippy::type_complexity)]
-fn settle(
-    queue: &Queue,
-    channel: ChannelId,
-    mut state: MessageState,
-    lock: File,
-) -> std::io::Result<(Option<(u64, usize)>, Option<(String, usize)>)> {
-    let spool = &queue.spool;
-    let pending = state.pending();
-    if pending > 0 {
-        spool.write_state(&state)?;
-        return Ok((Some((state.next_attempt_ms, pending)), None));
-    }
-    if state.failed() == 0 {
-        spool.remove_delivered(&state.id, lock)?;
-        tracing::info!(
-            id = state.id,
-            channel = state.channel,
-            "delivered; removed from the spool"
-        );
-        return Ok((None, None));
-    }
-    let mut dsn = None;
-    if state.dsn.is_none() {
-        // Record the outcome before queuing the DSN, so that a crash cannot lose it.
-        spool.write_state(&state)?;
-        if let Some(queued) = queue_dsn(queue, channel, &state)? {
-            state.dsn = Some(queued.0.clone());
-            dsn = Some(queued);
-        }
-    }
-    if state.failure.is_none() {
-        let first = state
-            .recipients
-            .iter()
-            .find(|r| r.status == RcptStatus::Failed);
-        let reason = first.and_then(|r| r.reply.clone()).unwrap_or_default();
-        state.failure = Some(format!(
-            "{} of {} recipients failed: {reason}",
-            state.failed(),
-            state.recipients.len()
-        ));
-    }
-    spool.move_to_failed(&state)?;
-    tracing::warn!(
-        id = state.id,
-        channel = state.channel,
-        failed = state.failed(),
-        dsn = state.dsn.as_deref().unwrap_or("none"),
-        reason = state.failure.as_deref().unwrap_or(""),
-        "message failed; moved to failed/"
-    );
-    Ok((None, dsn))
-}
-
-/// Queues a DSN for the failed recipients of `state`, through the same channel, when
-/// that is allowed: never for a null sender, never when the channel refused the sender
-/// itself (SendAsDenied), and only with a `From:` the channel may use.
-fn queue_dsn(
-    queue: &Queue,
-    channel: ChannelId,
-    state: &MessageState,
-) -> std::io::Result<Option<(String, usize)>> {
-    if state.sender.is_empty() {
-        return Ok(None);
-    }
-    let failed: Vec<(String, String)> = state
-        .recipients
-        .iter()
-        .filter(|r| r.status == RcptStatus::Failed)
-        .map(|r| {
-            (
-                r.addr.clone(),
-                r.reply
-                    .clone()
-                    .unwrap_or_else(|| "554 5.0.0 failed".to_string()),
-            )
-        })
-        .collect();
-    let sender_refused = failed.iter().any(|(_, reply)| {
-        let lower = reply.to_ascii_lowercase();
-        lower.contains("sendasdenied") || lower.contains(" 5.7.60 ")
-    });
-    let ch = &queue.config.channels[channel];
-    let domain = state.sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-    let daemon = format!("MAILER-DAEMON@{domain}");
-    let from = if sender_refused {
-        None
-    } else if !domain.is_empty() && crate::routing::channel_allows(ch, &daemon) {
-        Some(daemon)
-    } else if crate::routing::channel_allows(ch, &state.sender) {
-        Some(state.sender.clone())
-    } else {
-        None
-    };
-    let Some(from) = from else {
-        tracing::warn!(
-            id = state.id,
-            channel = ch.name,
-            "no DSN: the channel may not carry one for this sender"
-        );
-        return Ok(None);
-    };
-    let headers = spool::read_headers(&queue.spool.data_path(&state.id), 64 * 1024)?;
-    let now = now_ms();
-    let boundary = format!("{:016x}", rand::random::<u64>());
-    let bytes = dsn::build(&dsn::DsnInput {
-        hostname: &queue.config.server.hostname,
-        original_id: &state.id,
-        to: &state.sender,
-        from: &from,
-        arrival_ms: state.created_ms,
-        now_ms: now,
-        failed: &failed,
-        headers: &headers,
-        boundary: &boundary,
-    });
-    let id = crate::message::new_id();
-    let envelope = Envelope {
-        sender: String::new(),
-        recipients: vec![state.sender.clone()],
-        smtputf8: !state.sender.is_ascii(),
-        eightbit: !bytes.is_ascii(),
-    };
-    let tmp = queue.spool.tmp_dir().join(&id);
-    let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        std::io::Write::write_all(&mut file, &bytes)?;
-        drop(file);
-        // commit fsyncs the data.
-        queue.spool.commit(
-            &tmp,
-            &MessageState::new(&id, &ch.name, &envelope, bytes.len() as u64, now),
-        )
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    tracing::info!(id, original = state.id, to = %state.sender, channel = ch.name, "DSN queued");
-    Ok(Some((id, 1)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ChannelKind, DeliveryMode, Limits, Server};
+    use crate::config::{ChannelKind, Limits};
 
-    pub(crate) fn config(retry_first: u64, retry_max: u64, give_up: u64) -> Config {
-        Config {
-            path: "proxy.toml".into(),
-            server: Server {
-                listen: vec![],
-                tls_listen: vec![],
-                hostname: "mx.test".into(),
-                tls: None,
-                max_message_size: 1 << 20,
-                max_recipients: 1000,
-                max_connections: 10,
-                delivery: DeliveryMode::Queue,
-                spool_dir: "spool".into(),
-                retry_first: Duration::from_secs(retry_first),
-                retry_max: Duration::from_secs(retry_max),
-                give_up_after: Duration::from_secs(give_up),
-                require_auth: false,
-                allow_networks: vec![],
-                check_header_from: false,
-                bare_lf: crate::config::BareLf::Normalize,
-                idle_timeout: Duration::from_secs(300),
-            },
-            users: vec![],
-            channels: vec![Channel {
-                name: "c".into(),
-                scope: vec![],
-                address_scoped: false,
-                preset: None,
-                kind: ChannelKind::File { dir: "out".into() },
-                limits: Limits {
-                    connections: 2,
-                    max_recipients: Some(2),
-                    ..Default::default()
-                },
-            }],
-            routing: Default::default(),
-            has_literal_secrets: false,
-        }
-    }
-
-    fn state(rcpts: &[&str]) -> MessageState {
-        let envelope = Envelope {
-            sender: "a@example.com".into(),
-            recipients: rcpts.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        };
-        MessageState::new("m", "c", &envelope, 10, 1_000_000)
-    }
-
-    fn reply(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
-        Reply::new(code, e, text)
-    }
-
-    fn statuses(st: &MessageState) -> Vec<RcptStatus> {
-        st.recipients.iter().map(|r| r.status).collect()
+    fn channel() -> Channel {
+        crate::testkit::config::channel("c", ChannelKind::File { dir: "out".into() }, 2)
     }
 
     #[test]
     fn chunk_respects_max_recipients_and_daily_quota() {
-        let mut ch = config(1, 1, 1).channels.remove(0);
+        let mut ch = channel();
         ch.limits.max_recipients = Some(500);
         assert_eq!(chunk_size(&ch), 500);
         ch.limits.recipients_per_day = Some(3);
         assert_eq!(chunk_size(&ch), 3);
         ch.limits = Limits::default();
         assert_eq!(chunk_size(&ch), usize::MAX);
-    }
-
-    #[test]
-    fn partial_success_fails_only_refused_recipients() {
-        use RcptStatus::*;
-        let config = config(60, 3600, 86400);
-        let mut st = state(&["b@x", "c@x", "d@x", "e@x"]);
-        let outcome = Outcome {
-            refused: vec![
-                ("c@x".into(), reply(550, (5, 1, 1), "no such user")),
-                ("d@x".into(), reply(450, (4, 2, 1), "mailbox busy")),
-            ],
-            result: Ok(reply(250, (2, 0, 0), "OK")),
-        };
-        let applied = apply_outcome(&mut st, &[0, 1, 2], &outcome, "c", 2_000_000, &config);
-        assert_eq!(applied.effect, ChannelEffect::None);
-        assert_eq!(statuses(&st), vec![Delivered, Failed, Pending, Pending]);
-        assert_eq!(
-            st.recipients[1].reply.as_deref(),
-            Some("550 5.1.1 no such user")
-        );
-        // d@x was deferred: the message backs off.
-        assert_eq!(st.deferrals, 1);
-        assert_eq!(st.next_attempt_ms, 2_000_000 + 60_000);
-        assert_eq!(st.attempts, 1);
-    }
-
-    #[test]
-    fn success_of_a_chunk_leaves_the_rest_due_now() {
-        use RcptStatus::*;
-        let config = config(60, 3600, 86400);
-        let mut st = state(&["b@x", "c@x", "d@x"]);
-        let outcome = Outcome {
-            refused: vec![],
-            result: Ok(reply(250, (2, 0, 0), "OK")),
-        };
-        apply_outcome(&mut st, &[0, 1], &outcome, "c", 2_000_000, &config);
-        assert_eq!(statuses(&st), vec![Delivered, Delivered, Pending]);
-        assert_eq!((st.deferrals, st.next_attempt_ms), (0, 2_000_000));
-    }
-
-    #[test]
-    fn temporary_failures_back_off_then_give_up() {
-        use RcptStatus::*;
-        let config = config(60, 3600, 3600);
-        let mut st = state(&["b@x"]);
-        let outcome = Outcome {
-            refused: vec![],
-            result: Err(UpstreamError::Connect("refused".into())),
-        };
-        apply_outcome(&mut st, &[0], &outcome, "c", 1_000_000 + 1000, &config);
-        assert_eq!(statuses(&st), vec![Pending]);
-        assert_eq!(st.next_attempt_ms, 1_001_000 + 60_000);
-        apply_outcome(&mut st, &[0], &outcome, "c", 1_100_000, &config);
-        assert_eq!(st.next_attempt_ms, 1_100_000 + 120_000);
-        assert_eq!(
-            st.last_reply.as_deref().map(|r| r.starts_with("451 4.4.1")),
-            Some(true)
-        );
-        // An hour after acceptance the message gives up.
-        apply_outcome(&mut st, &[0], &outcome, "c", 1_000_000 + 3_600_000, &config);
-        assert_eq!(statuses(&st), vec![Failed]);
-        assert!(
-            st.failure
-                .as_deref()
-                .unwrap()
-                .starts_with("gave up after 3600s")
-        );
-        assert_eq!(
-            dsn::status_of(st.recipients[0].reply.as_deref().unwrap()),
-            "5.4.7"
-        );
-    }
-
-    #[test]
-    fn permanent_failure_fails_the_transaction_recipients() {
-        use RcptStatus::*;
-        let config = config(60, 3600, 86400);
-        let mut st = state(&["b@x", "c@x", "d@x"]);
-        let outcome = Outcome {
-            refused: vec![],
-            result: Err(UpstreamError::Refused(reply(
-                554,
-                (5, 6, 0),
-                "content rejected",
-            ))),
-        };
-        apply_outcome(&mut st, &[0, 1], &outcome, "c", 2_000_000, &config);
-        assert_eq!(statuses(&st), vec![Failed, Failed, Pending]);
-        assert_eq!(st.deferrals, 0);
-    }
-
-    #[test]
-    fn broken_and_held_channels_keep_the_message_pending() {
-        use RcptStatus::*;
-        let config = config(60, 3600, 86400);
-        let mut st = state(&["b@x"]);
-        let broken = Outcome {
-            refused: vec![],
-            result: Err(UpstreamError::Auth(reply(
-                535,
-                (5, 7, 3),
-                "Authentication unsuccessful",
-            ))),
-        };
-        let applied = apply_outcome(&mut st, &[0], &broken, "c", 2_000_000, &config);
-        assert_eq!(
-            applied.effect,
-            ChannelEffect::Broken("535 5.7.3 Authentication unsuccessful".into())
-        );
-        assert_eq!(statuses(&st), vec![Pending]);
-        assert_eq!((st.deferrals, st.next_attempt_ms), (0, 2_000_000));
-        let quota = Outcome {
-            refused: vec![],
-            result: Err(UpstreamError::Refused(reply(
-                554,
-                (5, 2, 0),
-                "SubmissionQuotaExceededException",
-            ))),
-        };
-        let applied = apply_outcome(&mut st, &[0], &quota, "c", 2_000_000, &config);
-        assert!(matches!(applied.effect, ChannelEffect::Hold(_)));
-        assert_eq!(statuses(&st), vec![Pending]);
     }
 }

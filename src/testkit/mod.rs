@@ -1,3 +1,7 @@
-//! Test helpers shared by this crate's tests and the integration tests (feature `testkit`).
+//! Test fixtures shared by unit tests and `tests/*.rs` (feature `testkit`): a fake SMTP
+//! upstream, a local OAuth token endpoint, a test PKI, configuration builders.
 
+pub mod config;
+pub mod fake_smtp;
+pub mod pki;
 pub mod token_endpoint;

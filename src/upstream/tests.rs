@@ -1,460 +1,31 @@
-//! Upstream transport tests against an in-process fake SMTP server on 127.0.0.1:0.
+//! Upstream transport tests against the in-process fake SMTP server of
+//! [`crate::testkit::fake_smtp`] on 127.0.0.1:0.
 
+use std::fs;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use base64::Engine;
-use rustls::ServerConfig;
-use rustls::pki_types::PrivateKeyDer;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufStream};
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
+use std::sync::atomic::AtomicBool;
 
+use lettre::transport::smtp::response::Response;
+use std::io::Write;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::body::{CHUNK, PreparedBody, Scan, Source};
+use super::connect::{offers_pipelining, open_tcp};
+use super::file::write_atomically;
+use super::stream::{GuardedStream, HOLD, Inner};
+use super::transaction::{PIPELINE_GROUP, PreparedEnvelope, upstream_response};
 use super::*;
-use crate::config::{BareLf, Channel, DeliveryMode, Limits, Routing, Secret, Server};
+use crate::config::{ChannelKind, Secret, SmtpTarget, TlsMode};
+use crate::testkit::config::{channel, config, envelope, smtp_target as smtp_channel};
+use crate::testkit::fake_smtp::{Fake, Record, one_by_one_fake, plain_fake, start};
+use crate::testkit::pki::{make_pki, provider};
 
-// ---- fake upstream ----------------------------------------------------------
-
-/// How the fake upstream behaves.
-#[derive(Clone, Default)]
-pub(crate) struct Fake {
-    /// EHLO keywords (STARTTLS is added when `starttls` is set).
-    pub(crate) extensions: Vec<&'static str>,
-    /// More EHLO keywords, offered only before STARTTLS.
-    pub(crate) before_tls: Vec<&'static str>,
-    /// Offer STARTTLS with this server config.
-    pub(crate) starttls: Option<Arc<ServerConfig>>,
-    /// TLS from the first byte with this server config.
-    pub(crate) implicit: Option<Arc<ServerConfig>>,
-    /// Accepted AUTH user and password.
-    pub(crate) credentials: Option<(&'static str, &'static str)>,
-    /// `(prefix, reply)`: a command line starting with `prefix` gets `reply` (and
-    /// changes no state: a refused RCPT is not a recipient).
-    pub(crate) replies: Vec<(&'static str, &'static str)>,
-    /// Reply to the end of data (default `250 2.0.0 Ok: queued as FAKE1`).
-    pub(crate) data_reply: Option<&'static str>,
-    /// Wait this long before answering the end of data.
-    pub(crate) delay: Duration,
-    /// Close the connection after each message.
-    pub(crate) close_after_data: bool,
-    /// Never send the greeting.
-    pub(crate) silent: bool,
-    /// Before answering MAIL, wait this long for more command lines (up to a DATA
-    /// line) and record those that came in [`Record::ahead`]: a client that pipelines
-    /// has sent them already, one that does not cannot have.
-    pub(crate) lookahead: Option<Duration>,
-}
-
-/// One completed message as the fake saw it.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Txn {
-    pub(crate) mail: String,
-    pub(crate) rcpts: Vec<String>,
-    /// Exactly the bytes between `354` and the final `.CRLF` (still dot-stuffed).
-    pub(crate) wire: Vec<u8>,
-    pub(crate) tls: bool,
-    pub(crate) user: Option<String>,
-}
-
-#[derive(Default)]
-pub(crate) struct Record {
-    pub(crate) txns: Mutex<Vec<Txn>>,
-    /// Every command line, in order, across sessions.
-    pub(crate) commands: Mutex<Vec<String>>,
-    pub(crate) sessions: AtomicUsize,
-    pub(crate) live: AtomicUsize,
-    pub(crate) max_live: AtomicUsize,
-    /// Per MAIL (with [`Fake::lookahead`]): the command lines that had arrived before
-    /// it was answered.
-    pub(crate) ahead: Mutex<Vec<Vec<String>>>,
-    /// Per DATA cut off by the end of the connection: the bytes after `354`.
-    pub(crate) unfinished: Mutex<Vec<Vec<u8>>>,
-}
-
-impl Record {
-    pub(crate) fn txns(&self) -> Vec<Txn> {
-        self.txns.lock().unwrap().clone()
-    }
-    pub(crate) fn commands(&self) -> Vec<String> {
-        self.commands.lock().unwrap().clone()
-    }
-    pub(crate) fn ahead(&self) -> Vec<Vec<String>> {
-        self.ahead.lock().unwrap().clone()
-    }
-    pub(crate) fn unfinished(&self) -> Vec<Vec<u8>> {
-        self.unfinished.lock().unwrap().clone()
-    }
-}
-
-/// Starts the fake upstream; returns its port and what it records.
-pub(crate) async fn start(fake: Fake) -> (u16, Arc<Record>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let record = Arc::new(Record::default());
-    let (fake, rec) = (Arc::new(fake), record.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let (fake, rec) = (fake.clone(), rec.clone());
-            tokio::spawn(async move {
-                rec.sessions.fetch_add(1, Ordering::SeqCst);
-                let live = rec.live.fetch_add(1, Ordering::SeqCst) + 1;
-                rec.max_live.fetch_max(live, Ordering::SeqCst);
-                let _ = serve(&fake, &rec, tcp).await;
-                rec.live.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (port, record)
-}
-
-enum Next {
-    Done,
-    StartTls,
-}
-
-async fn serve(fake: &Fake, rec: &Record, tcp: TcpStream) -> io::Result<()> {
-    if fake.silent {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        return Ok(());
-    }
-    if let Some(config) = &fake.implicit {
-        let tls = TlsAcceptor::from(config.clone()).accept(tcp).await?;
-        session(fake, rec, &mut BufStream::new(tls), true, true).await?;
-        return Ok(());
-    }
-    let mut plain = BufStream::new(tcp);
-    if let Next::StartTls = session(fake, rec, &mut plain, false, true).await? {
-        let config = fake.starttls.clone().unwrap();
-        let tls = TlsAcceptor::from(config).accept(plain.into_inner()).await?;
-        session(fake, rec, &mut BufStream::new(tls), true, false).await?;
-    }
-    Ok(())
-}
-
-async fn session<S: AsyncRead + AsyncWrite + Unpin>(
-    fake: &Fake,
-    rec: &Record,
-    io: &mut BufStream<S>,
-    tls: bool,
-    greet: bool,
-) -> io::Result<Next> {
-    async fn send<S: AsyncRead + AsyncWrite + Unpin>(
-        io: &mut BufStream<S>,
-        text: &str,
-    ) -> io::Result<()> {
-        io.write_all(text.as_bytes()).await?;
-        io.write_all(b"\r\n").await?;
-        io.flush().await
-    }
-    async fn line<S: AsyncRead + AsyncWrite + Unpin>(
-        io: &mut BufStream<S>,
-    ) -> io::Result<Option<String>> {
-        let mut buf = Vec::new();
-        if io.read_until(b'\n', &mut buf).await? == 0 {
-            return Ok(None);
-        }
-        Ok(Some(
-            String::from_utf8_lossy(&buf)
-                .trim_end_matches("\r\n")
-                .to_string(),
-        ))
-    }
-    if greet {
-        send(io, "220 fake.test ESMTP").await?;
-    }
-    let mut txn = Txn {
-        tls,
-        ..Txn::default()
-    };
-    let mut user = None;
-    // Like Postfix: RCPT needs a MAIL, DATA an accepted RCPT, so pipelined commands
-    // after a refusal get the answers a real server gives.
-    let (mut have_mail, mut accepted) = (false, 0);
-    // Lines read ahead (see `Fake::lookahead`), answered before reading more.
-    let mut pending = std::collections::VecDeque::new();
-    loop {
-        let cmd = match pending.pop_front() {
-            Some(cmd) => cmd,
-            None => match line(io).await? {
-                Some(cmd) => cmd,
-                None => break,
-            },
-        };
-        rec.commands.lock().unwrap().push(cmd.clone());
-        let verb = cmd.split(' ').next().unwrap_or("").to_ascii_uppercase();
-        if let (Some(wait), "MAIL") = (fake.lookahead, verb.as_str()) {
-            // Dropping a half-read line at the deadline is fine here: a client that
-            // does not pipeline sends nothing before the answer.
-            let deadline = tokio::time::Instant::now() + wait;
-            while !pending
-                .back()
-                .is_some_and(|l: &String| l.eq_ignore_ascii_case("DATA"))
-            {
-                match tokio::time::timeout_at(deadline, line(io)).await {
-                    Ok(Ok(Some(next))) => pending.push_back(next),
-                    _ => break,
-                }
-            }
-            rec.ahead
-                .lock()
-                .unwrap()
-                .push(pending.iter().cloned().collect());
-        }
-        if let Some((_, reply)) = fake
-            .replies
-            .iter()
-            .find(|(prefix, _)| cmd.starts_with(prefix))
-        {
-            send(io, reply).await?;
-            if reply.starts_with("421") {
-                return Ok(Next::Done);
-            }
-            continue;
-        }
-        match verb.as_str() {
-            "EHLO" => {
-                (have_mail, accepted) = (false, 0);
-                let mut lines = vec![format!("fake.test greets {}", &cmd[5..])];
-                lines.extend(fake.extensions.iter().map(|e| e.to_string()));
-                if fake.starttls.is_some() && !tls {
-                    lines.extend(fake.before_tls.iter().map(|e| e.to_string()));
-                    lines.push("STARTTLS".into());
-                }
-                let last = lines.len() - 1;
-                let text: Vec<String> = lines
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| format!("250{}{l}", if i == last { ' ' } else { '-' }))
-                    .collect();
-                send(io, &text.join("\r\n")).await?;
-            }
-            "STARTTLS" if fake.starttls.is_some() && !tls => {
-                send(io, "220 2.0.0 Ready to start TLS").await?;
-                return Ok(Next::StartTls);
-            }
-            "AUTH" => {
-                let mut words = cmd.split(' ').skip(1);
-                let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
-                let b64 = base64::engine::general_purpose::STANDARD;
-                let decode = |s: &str| {
-                    String::from_utf8(b64.decode(s.trim()).unwrap_or_default()).unwrap_or_default()
-                };
-                let (u, p) = match mechanism.as_str() {
-                    "PLAIN" => {
-                        let initial = match words.next() {
-                            Some(i) => i.to_string(),
-                            None => {
-                                send(io, "334 ").await?;
-                                line(io).await?.unwrap_or_default()
-                            }
-                        };
-                        let plain = decode(&initial);
-                        let mut parts = plain.split('\0').skip(1);
-                        (
-                            parts.next().unwrap_or("").to_string(),
-                            parts.next().unwrap_or("").to_string(),
-                        )
-                    }
-                    "LOGIN" => {
-                        send(io, "334 VXNlcm5hbWU6").await?;
-                        let u = decode(&line(io).await?.unwrap_or_default());
-                        send(io, "334 UGFzc3dvcmQ6").await?;
-                        let p = decode(&line(io).await?.unwrap_or_default());
-                        (u, p)
-                    }
-                    _ => {
-                        send(io, "504 5.5.4 unknown mechanism").await?;
-                        continue;
-                    }
-                };
-                if fake.credentials.is_some_and(|(eu, ep)| eu == u && ep == p) {
-                    user = Some(format!("{mechanism}:{u}"));
-                    send(io, "235 2.7.0 Authentication successful").await?;
-                } else {
-                    send(io, "535 5.7.8 Error: authentication failed").await?;
-                }
-            }
-            "MAIL" => {
-                txn = Txn {
-                    mail: cmd.clone(),
-                    tls,
-                    user: user.clone(),
-                    ..Txn::default()
-                };
-                (have_mail, accepted) = (true, 0);
-                send(io, "250 2.1.0 Ok").await?;
-            }
-            "RCPT" if !have_mail => send(io, "503 5.5.1 Error: need MAIL command").await?,
-            "RCPT" => {
-                txn.rcpts
-                    .push(cmd[8..].trim_matches(|c| c == '<' || c == '>').to_string());
-                accepted += 1;
-                send(io, "250 2.1.5 Ok").await?;
-            }
-            "DATA" if accepted == 0 => {
-                let reply = if have_mail {
-                    "554 5.5.1 Error: no valid recipients"
-                } else {
-                    "503 5.5.1 Error: need RCPT command"
-                };
-                send(io, reply).await?;
-            }
-            "DATA" => {
-                send(io, "354 End data with <CR><LF>.<CR><LF>").await?;
-                (have_mail, accepted) = (false, 0);
-                let mut wire = Vec::new();
-                loop {
-                    let mut buf = Vec::new();
-                    if io.read_until(b'\n', &mut buf).await? == 0 {
-                        rec.unfinished.lock().unwrap().push(wire);
-                        return Ok(Next::Done);
-                    }
-                    if buf == b".\r\n" {
-                        break;
-                    }
-                    wire.extend_from_slice(&buf);
-                }
-                tokio::time::sleep(fake.delay).await;
-                let reply = fake.data_reply.unwrap_or("250 2.0.0 Ok: queued as FAKE1");
-                if reply.starts_with('2') {
-                    rec.txns.lock().unwrap().push(Txn {
-                        wire,
-                        ..std::mem::take(&mut txn)
-                    });
-                }
-                send(io, reply).await?;
-                if fake.close_after_data {
-                    return Ok(Next::Done);
-                }
-            }
-            "RSET" => {
-                txn = Txn::default();
-                (have_mail, accepted) = (false, 0);
-                send(io, "250 2.0.0 Ok").await?;
-            }
-            "NOOP" => send(io, "250 2.0.0 Ok").await?,
-            "QUIT" => {
-                send(io, "221 2.0.0 Bye").await?;
-                return Ok(Next::Done);
-            }
-            _ => send(io, "502 5.5.2 Error: command not recognized").await?,
-        }
-    }
-    Ok(Next::Done)
-}
-
-// ---- certificates -----------------------------------------------------------
-
-struct Pki {
-    ca_pem: String,
-    server: Arc<ServerConfig>,
-}
-
-pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A test CA and a server certificate for `localhost` signed by it.
-fn make_pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "mailgate test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let server = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        server: Arc::new(server),
-    }
-}
-
-// ---- configuration ----------------------------------------------------------
-
-pub(crate) fn config(channels: Vec<Channel>) -> Config {
-    Config {
-        path: PathBuf::from("test.toml"),
-        server: Server {
-            listen: Vec::new(),
-            tls_listen: Vec::new(),
-            hostname: "mailgate.test".into(),
-            tls: None,
-            max_message_size: 35_000_000,
-            max_recipients: 1000,
-            max_connections: 100,
-            delivery: DeliveryMode::Relay,
-            spool_dir: "spool".into(),
-            retry_first: Duration::from_secs(60),
-            retry_max: Duration::from_secs(3600),
-            give_up_after: Duration::from_secs(5 * 86400),
-            require_auth: false,
-            allow_networks: Vec::new(),
-            check_header_from: false,
-            bare_lf: BareLf::Normalize,
-            idle_timeout: Duration::from_secs(300),
-        },
-        users: Vec::new(),
-        channels,
-        routing: Routing::default(),
-        has_literal_secrets: false,
-    }
-}
-
-pub(crate) fn smtp_channel(port: u16, tls: TlsMode) -> SmtpTarget {
-    SmtpTarget {
-        host: if tls == TlsMode::None {
-            "127.0.0.1".into()
-        } else {
-            "localhost".into()
-        },
-        port,
-        tls,
-        ca_file: None,
-        username: None,
-        password: None,
-        oauth: None,
-    }
-}
-
-pub(crate) fn channel(name: &str, kind: ChannelKind, connections: usize) -> Channel {
-    Channel {
-        name: name.into(),
-        scope: Vec::new(),
-        address_scoped: false,
-        preset: None,
-        kind,
-        limits: Limits {
-            connections,
-            ..Limits::default()
-        },
-    }
-}
-
-/// Transports for one SMTP channel (id 0) with short timeouts.
 fn upstreams(target: SmtpTarget, connections: usize) -> Upstreams {
     provider();
     let config = config(vec![channel(
@@ -473,15 +44,6 @@ fn ca_file(dir: &tempfile::TempDir, pem: &str) -> PathBuf {
     fs::write(&path, pem).unwrap();
     path
 }
-
-pub(crate) fn envelope(sender: &str, recipients: &[&str]) -> Envelope {
-    Envelope {
-        sender: sender.into(),
-        recipients: recipients.iter().map(|r| r.to_string()).collect(),
-        ..Envelope::default()
-    }
-}
-
 /// What the wire carries for `message`: dot-stuffed, one CRLF at the end.
 fn stuffed(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -495,21 +57,6 @@ fn stuffed(message: &[u8]) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out
-}
-
-pub(crate) fn plain_fake() -> Fake {
-    Fake {
-        extensions: vec!["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"],
-        ..Fake::default()
-    }
-}
-
-/// [`plain_fake`] without PIPELINING: mailgate sends one command at a time.
-fn one_by_one_fake() -> Fake {
-    Fake {
-        extensions: vec!["8BITMIME", "ENHANCEDSTATUSCODES"],
-        ..Fake::default()
-    }
 }
 
 // ---- tests ------------------------------------------------------------------
@@ -618,7 +165,7 @@ async fn bare_line_feed_is_never_sent() {
             )
             .await;
         assert!(
-            matches!(out.result, Err(UpstreamError::Local(_))),
+            matches!(out.result, Err(Error::Local { .. })),
             "{body:?}: {:?}",
             out.result
         );
@@ -658,7 +205,7 @@ async fn all_or_nothing_refusal_resets_and_reuses_the_connection() {
         &["good@example.org", "bad@example.org", "other@example.org"],
     );
     let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
-    let Err(UpstreamError::Refused(reply)) = out.result else {
+    let Err(Error::Rejected { reply, .. }) = out.result else {
         panic!("{:?}", out.result)
     };
     assert_eq!((reply.code, reply.enhanced), (550, Some((5, 1, 1))));
@@ -755,7 +302,7 @@ async fn a_reused_connection_answering_421_at_mail_is_replaced() {
         send_n(&up, 1).await;
         let env = envelope("late@example.com", &["b@example.org"]);
         let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
-        let Err(UpstreamError::Refused(reply)) = out.result else {
+        let Err(Error::Rejected { reply, .. }) = out.result else {
             panic!("{:?}", out.result)
         };
         assert_eq!(reply.code, 421);
@@ -810,7 +357,7 @@ async fn partial_mode_with_every_recipient_refused_fails_with_the_last_reply() {
             false,
         )
         .await;
-    let Err(UpstreamError::Refused(reply)) = out.result else {
+    let Err(Error::Rejected { reply, .. }) = out.result else {
         panic!("{:?}", out.result)
     };
     assert_eq!((reply.code, reply.enhanced), (452, Some((4, 2, 2))));
@@ -954,7 +501,7 @@ async fn pipelined_all_or_nothing_refusal_sends_no_body_and_drops_the_connection
     let out = up
         .send(0, &env, Body::Bytes(b"secret body\r\n"), true)
         .await;
-    let Err(UpstreamError::Refused(reply)) = out.result else {
+    let Err(Error::Rejected { reply, .. }) = out.result else {
         panic!("{:?}", out.result)
     };
     assert_eq!((reply.code, reply.enhanced), (550, Some((5, 1, 1))));
@@ -997,7 +544,7 @@ async fn pipelined_refusal_of_every_recipient_resets_and_reuses_the_connection()
         let out = up
             .send(0, &env, Body::Bytes(b"x\r\n"), all_or_nothing)
             .await;
-        let Err(UpstreamError::Refused(reply)) = out.result else {
+        let Err(Error::Rejected { reply, .. }) = out.result else {
             panic!("{:?}", out.result)
         };
         if all_or_nothing {
@@ -1037,7 +584,7 @@ async fn pipelined_mail_refusal_reads_every_reply_then_resets() {
         let out = up
             .send(0, &env, Body::Bytes(b"x\r\n"), all_or_nothing)
             .await;
-        let Err(UpstreamError::Refused(reply)) = out.result else {
+        let Err(Error::Rejected { reply, .. }) = out.result else {
             panic!("{:?}", out.result)
         };
         assert_eq!((reply.code, reply.enhanced), (550, Some((5, 7, 1))));
@@ -1096,7 +643,7 @@ async fn pipelined_data_refusal_resets_and_reuses_the_connection() {
     let up = upstreams(smtp_channel(port, TlsMode::None), 1);
     let env = envelope("a@example.com", &["b@example.org"]);
     let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
-    let Err(UpstreamError::Refused(reply)) = out.result else {
+    let Err(Error::Rejected { reply, .. }) = out.result else {
         panic!("{:?}", out.result)
     };
     assert_eq!((reply.code, reply.enhanced), (451, Some((4, 3, 0))));
@@ -1116,7 +663,7 @@ async fn pipelined_421_ends_the_transaction_and_the_connection() {
     let up = upstreams(smtp_channel(port, TlsMode::None), 1);
     let env = envelope("a@example.com", &["b@example.org"]);
     let out = up.send(0, &env, Body::Bytes(b"x\r\n"), false).await;
-    let Err(UpstreamError::Refused(reply)) = out.result else {
+    let Err(Error::Rejected { reply, .. }) = out.result else {
         panic!("{:?}", out.result)
     };
     assert_eq!(reply.code, 421);
@@ -1225,7 +772,7 @@ async fn unreachable_upstream_is_a_connect_error() {
             true,
         )
         .await;
-    let Err(error @ UpstreamError::Connect(_)) = out.result else {
+    let Err(error @ Error::Connect { .. }) = out.result else {
         panic!("{:?}", out.result)
     };
     assert_eq!(error.client_reply("relay").to_wire()[..9], *"451 4.4.1");
@@ -1248,7 +795,11 @@ async fn silent_upstream_times_out() {
             true,
         )
         .await;
-    assert_eq!(out.result, Err(UpstreamError::Timeout));
+    assert!(
+        matches!(out.result, Err(Error::Timeout { .. })),
+        "{:?}",
+        out.result
+    );
 }
 
 #[tokio::test]
@@ -1270,10 +821,10 @@ async fn starttls_not_offered_is_a_tls_error_and_nothing_goes_in_plaintext() {
             true,
         )
         .await;
-    let Err(UpstreamError::Tls(detail)) = out.result else {
+    let Err(error @ Error::NoStartTls { .. }) = out.result else {
         panic!("{:?}", out.result)
     };
-    assert!(detail.contains("STARTTLS"), "{detail}");
+    assert!(error.to_string().contains("STARTTLS"), "{error}");
     let commands = rec.commands();
     assert!(
         commands
@@ -1376,7 +927,7 @@ async fn certificate_from_an_unknown_ca_is_a_tls_error() {
                 true,
             )
             .await;
-        let Err(error @ UpstreamError::Tls(_)) = out.result else {
+        let Err(error @ Error::Tls { .. }) = out.result else {
             panic!("{mode:?}: {:?}", out.result)
         };
         assert_eq!(error.client_reply("relay").to_wire()[..9], *"454 4.7.0");
@@ -1404,11 +955,14 @@ async fn refused_credentials_are_an_auth_error() {
             true,
         )
         .await;
-    let Err(error @ UpstreamError::Auth(_)) = &out.result else {
+    let Err(
+        error @ Error::Rejected {
+            step: Step::Auth,
+            reply,
+        },
+    ) = &out.result
+    else {
         panic!("{:?}", out.result)
-    };
-    let UpstreamError::Auth(reply) = error else {
-        unreachable!()
     };
     assert_eq!((reply.code, reply.enhanced), (535, Some((5, 7, 8))));
     assert_eq!(error.client_reply("relay").to_wire()[..9], *"454 4.7.0");
@@ -1436,7 +990,7 @@ async fn no_usable_auth_mechanism_is_an_auth_error() {
         )
         .await;
     assert!(
-        matches!(out.result, Err(UpstreamError::Auth(_))),
+        matches!(out.result, Err(Error::NoAuthMechanism { .. })),
         "{:?}",
         out.result
     );
@@ -1560,9 +1114,10 @@ async fn smtputf8_message_to_an_upstream_without_it_is_refused() {
             true,
         )
         .await;
-    let Err(UpstreamError::Refused(reply)) = out.result else {
+    let Err(error @ Error::NoSmtpUtf8 { .. }) = out.result else {
         panic!("{:?}", out.result)
     };
+    let reply = error.client_reply("relay");
     assert_eq!(
         reply.to_wire(),
         "553 5.6.7 Channel relay: upstream does not support SMTPUTF8\r\n"
@@ -1631,7 +1186,7 @@ async fn a_short_spool_file_aborts_data_without_the_final_dot() {
     let (result, reusable) = up
         .transaction(ch, &mut conn, &prepared, body, true, &mut Vec::new())
         .await;
-    assert!(matches!(result, Err(UpstreamError::Local(_))), "{result:?}");
+    assert!(matches!(result, Err(Error::Local { .. })), "{result:?}");
     assert!(!reusable);
     drop(conn);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1706,7 +1261,7 @@ async fn test_channel_reports_each_step_and_sends_nothing() {
     assert!(
         matches!(
             error,
-            UpstreamError::Tls(_) | UpstreamError::Timeout | UpstreamError::Connect(_)
+            Error::Tls { .. } | Error::Timeout { .. } | Error::Connect { .. }
         ),
         "{error}"
     );
@@ -1774,7 +1329,7 @@ async fn file_channel_writes_message_and_envelope_atomically() {
     let out = up
         .send_with_id(0, Some("../escape"), &env, Body::Bytes(message), true)
         .await;
-    assert!(matches!(out.result, Err(UpstreamError::Local(_))));
+    assert!(matches!(out.result, Err(Error::Local { .. })));
 
     let mut steps = Vec::new();
     up.test(0, &mut |s| steps.push(s.to_string()))

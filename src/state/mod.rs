@@ -1,5 +1,7 @@
-//! Per-channel state kept in `spool_dir/state/`: health (ok / held / broken) and the
-//! send events that feed the rate and quota windows, so both survive a restart.
+//! Per-channel state shared by every part of the flow: health (ok / held / broken) and
+//! the send events that feed the rate and quota windows, so both survive a restart.
+//! This is the seam where shared backends (an OAuth token cache, Redis for a fleet)
+//! will sit; today there is one, [`LocalState`], files in `spool_dir/state/`.
 //!
 //! `<name>.health.json` is rewritten atomically. `<name>.events` is an append-only log
 //! of `"<unix-ms> <recipients>\n"` lines, one per upstream transaction started; at load
@@ -14,9 +16,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Limits;
+use crate::fsutil;
 use crate::ratelimit::ChannelLimiter;
-
-use super::spool::{Spool, to_json};
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 const HOUR_MS: u64 = 60 * 60 * 1000;
@@ -55,12 +56,12 @@ impl Health {
             Health::Held { until_ms, reason } if *until_ms > now_ms => {
                 format!(
                     "limited until {} (provider quota: {reason})",
-                    super::format_time(*until_ms)
+                    format_time(*until_ms)
                 )
             }
             Health::Held { .. } => "ok".to_string(),
             Health::Broken { since_ms, reason } => {
-                format!("broken since {}: {reason}", super::format_time(*since_ms))
+                format!("broken since {}: {reason}", format_time(*since_ms))
             }
         }
     }
@@ -79,31 +80,106 @@ pub fn file_stem(channel: &str) -> String {
     out
 }
 
-/// `state/<name>.health.json`.
-pub fn health_path(spool: &Spool, channel: &str) -> PathBuf {
-    spool
-        .state_dir()
-        .join(format!("{}.health.json", file_stem(channel)))
+/// The local backend: files in `spool_dir/state/`, written atomically through
+/// `spool_dir/tmp/`.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    dir: PathBuf,
+    tmp: PathBuf,
 }
 
-/// `state/<name>.events`.
-pub fn events_path(spool: &Spool, channel: &str) -> PathBuf {
-    spool
-        .state_dir()
-        .join(format!("{}.events", file_stem(channel)))
-}
+impl LocalState {
+    /// The state kept beside the spool at `spool_dir` (nothing is touched on disk).
+    pub fn new(spool_dir: &Path) -> Self {
+        LocalState {
+            dir: spool_dir.join("state"),
+            tmp: spool_dir.join("tmp"),
+        }
+    }
 
-/// The persisted health of a channel (`Ok` when there is none or it is unreadable).
-pub fn read_health(spool: &Spool, channel: &str) -> Health {
-    fs::read(health_path(spool, channel))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
+    /// [`LocalState::new`], creating its folders when missing.
+    pub fn open(spool_dir: &Path) -> io::Result<Self> {
+        let state = LocalState::new(spool_dir);
+        fs::create_dir_all(&state.dir)?;
+        fs::create_dir_all(&state.tmp)?;
+        Ok(state)
+    }
 
-/// Persists the health of a channel atomically.
-pub fn write_health(spool: &Spool, channel: &str, health: &Health) -> io::Result<()> {
-    spool.write_atomic(&health_path(spool, channel), &to_json(health))
+    /// `state/<name>.health.json`.
+    pub fn health_path(&self, channel: &str) -> PathBuf {
+        self.dir.join(format!("{}.health.json", file_stem(channel)))
+    }
+
+    /// `state/<name>.events`.
+    pub fn events_path(&self, channel: &str) -> PathBuf {
+        self.dir.join(format!("{}.events", file_stem(channel)))
+    }
+
+    /// The persisted health of a channel (`Ok` when there is none or it is unreadable).
+    pub fn read_health(&self, channel: &str) -> Health {
+        fs::read(self.health_path(channel))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Persists the health of a channel atomically.
+    pub fn write_health(&self, channel: &str, health: &Health) -> io::Result<()> {
+        let mut json = serde_json::to_vec_pretty(health).map_err(io::Error::other)?;
+        json.push(b'\n');
+        self.write_atomic(&self.health_path(channel), &json)
+    }
+
+    /// Appends one event to a channel's log without a [`Counters`] (relay mode keeps its
+    /// own limiter): a transaction counted at `at_ms`, or with `taken_back` its cancellation.
+    pub fn append_event(
+        &self,
+        channel: &str,
+        at_ms: u64,
+        recipients: u64,
+        taken_back: bool,
+    ) -> io::Result<()> {
+        let line = if taken_back {
+            format!("{at_ms} {recipients} -\n")
+        } else {
+            format!("{at_ms} {recipients}\n")
+        };
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.events_path(channel))?
+            .write_all(line.as_bytes())
+    }
+
+    /// The windows of a channel from its log, without touching the file (`queue list`).
+    pub fn peek_counters(
+        &self,
+        channel: &str,
+        limits: &Limits,
+        now_ms: u64,
+    ) -> Option<ChannelLimiter> {
+        if !has_windows(limits) {
+            return None;
+        }
+        let text = fs::read_to_string(self.events_path(channel)).unwrap_or_default();
+        let events = parse_events(&text, limits, now_ms);
+        let mut limiter = ChannelLimiter::new(limits);
+        for (t, n) in events {
+            limiter.record(t, n);
+        }
+        Some(limiter)
+    }
+
+    fn write_atomic(&self, target: &Path, bytes: &[u8]) -> io::Result<()> {
+        let name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("file");
+        let tmp = self
+            .tmp
+            .join(format!("{name}.{:016x}.part", rand::random::<u64>()));
+        fsutil::write_atomic(target, &tmp, bytes)
+    }
 }
 
 /// The rate and quota windows of one channel, backed by its events log.
@@ -118,8 +194,13 @@ pub struct Counters {
 impl Counters {
     /// Loads the events log of `channel`, drops what is older than the windows, and
     /// rebuilds the limiter from the rest.
-    pub fn load(spool: &Spool, channel: &str, limits: &Limits, now_ms: u64) -> io::Result<Self> {
-        let path = events_path(spool, channel);
+    pub fn load(
+        state: &LocalState,
+        channel: &str,
+        limits: &Limits,
+        now_ms: u64,
+    ) -> io::Result<Self> {
+        let path = state.events_path(channel);
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
@@ -137,7 +218,7 @@ impl Counters {
             counters.remember(t, n);
         }
         if counters.lines_in_file != counters.events.len() {
-            counters.compact(spool)?;
+            counters.compact(state)?;
         }
         Ok(counters)
     }
@@ -152,7 +233,7 @@ impl Counters {
     }
 
     /// Counts a transaction started now, in memory and in the log.
-    pub fn record(&mut self, spool: &Spool, now_ms: u64, recipients: u64) -> io::Result<()> {
+    pub fn record(&mut self, state: &LocalState, now_ms: u64, recipients: u64) -> io::Result<()> {
         self.remember(now_ms, recipients);
         // O_APPEND of one short line: other lines are never torn; the page cache keeps it
         // across a kill -9 (only a power loss can lose the last few events).
@@ -163,7 +244,7 @@ impl Counters {
         file.write_all(format!("{now_ms} {recipients}\n").as_bytes())?;
         self.lines_in_file += 1;
         if self.lines_in_file > 2 * self.events.len() + 1024 {
-            self.compact(spool)?;
+            self.compact(state)?;
         }
         Ok(())
     }
@@ -204,13 +285,13 @@ impl Counters {
         }
     }
 
-    fn compact(&mut self, spool: &Spool) -> io::Result<()> {
+    fn compact(&mut self, state: &LocalState) -> io::Result<()> {
         let text: String = self
             .events
             .iter()
             .map(|(t, n)| format!("{t} {n}\n"))
             .collect();
-        spool.write_atomic(&self.path, text.as_bytes())?;
+        state.write_atomic(&self.path, text.as_bytes())?;
         self.lines_in_file = self.events.len();
         Ok(())
     }
@@ -253,44 +334,42 @@ fn parse_events(text: &str, limits: &Limits, now_ms: u64) -> Vec<(u64, u64)> {
     events
 }
 
-/// Appends one event to a channel's log without a [`Counters`] (relay mode keeps its own
-/// limiter): a transaction counted at `at_ms`, or with `taken_back` its cancellation.
-pub fn append_event(
-    spool: &Spool,
-    channel: &str,
-    at_ms: u64,
-    recipients: u64,
-    taken_back: bool,
-) -> io::Result<()> {
-    let line = if taken_back {
-        format!("{at_ms} {recipients} -\n")
-    } else {
-        format!("{at_ms} {recipients}\n")
-    };
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(events_path(spool, channel))?
-        .write_all(line.as_bytes())
+/// `"2026-11-03 14:05:09Z"` for a unix-ms time (UTC).
+pub fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
-/// Reads the events of a channel without touching the file (for `queue list`).
-pub fn peek_counters(path: &Path, limits: &Limits, now_ms: u64) -> Option<ChannelLimiter> {
-    if !has_windows(limits) {
-        return None;
-    }
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let events = parse_events(&text, limits, now_ms);
-    let mut limiter = ChannelLimiter::new(limits);
-    for (t, n) in events {
-        limiter.record(t, n);
-    }
-    Some(limiter)
+/// Year, month and day of a count of days since 1970-01-01.
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    // Howard Hinnant's algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_readable() {
+        assert_eq!(format_time(1_709_210_096_789), "2024-02-29 12:34:56Z");
+    }
 
     #[test]
     fn channel_names_become_safe_file_names() {
@@ -303,15 +382,14 @@ mod tests {
     #[test]
     fn health_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path());
-        spool.create_dirs().unwrap();
-        assert_eq!(read_health(&spool, "c"), Health::Ok);
+        let state = LocalState::open(dir.path()).unwrap();
+        assert_eq!(state.read_health("c"), Health::Ok);
         let broken = Health::Broken {
             since_ms: 5,
             reason: "535 5.7.3 Authentication unsuccessful".into(),
         };
-        write_health(&spool, "c", &broken).unwrap();
-        assert_eq!(read_health(&spool, "c"), broken);
+        state.write_health("c", &broken).unwrap();
+        assert_eq!(state.read_health("c"), broken);
         assert!(broken.describe(10).starts_with("broken since"));
         let held = Health::Held {
             until_ms: 100,
@@ -324,10 +402,9 @@ mod tests {
     #[test]
     fn events_are_pruned_and_torn_lines_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path());
-        spool.create_dirs().unwrap();
+        let state = LocalState::open(dir.path()).unwrap();
         let now = 10 * DAY_MS;
-        let path = events_path(&spool, "c");
+        let path = state.events_path("c");
         fs::write(
             &path,
             format!(
@@ -338,7 +415,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let counters = Counters::load(&spool, "c", &Limits::default(), now).unwrap();
+        let counters = Counters::load(&state, "c", &Limits::default(), now).unwrap();
         assert_eq!(
             counters.events,
             VecDeque::from(vec![(now - HOUR_MS, 2), (now - 1000, 1)])
@@ -347,35 +424,33 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), 2);
         // Held until the oldest send of the day leaves the window, capped at an hour.
         assert_eq!(counters.hold_until(now), now + HOUR_MS);
-        let fresh = Counters::load(&spool, "empty", &Limits::default(), now).unwrap();
+        let fresh = Counters::load(&state, "empty", &Limits::default(), now).unwrap();
         assert_eq!(fresh.hold_until(now), now + HOUR_MS);
     }
 
     #[test]
     fn taken_back_events_do_not_count() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path());
-        spool.create_dirs().unwrap();
+        let state = LocalState::open(dir.path()).unwrap();
         let now = 10 * DAY_MS;
-        append_event(&spool, "c", now - 3000, 1, false).unwrap();
-        append_event(&spool, "c", now - 2000, 2, false).unwrap();
-        append_event(&spool, "c", now - 2000, 2, true).unwrap();
-        let counters = Counters::load(&spool, "c", &Limits::default(), now).unwrap();
+        state.append_event("c", now - 3000, 1, false).unwrap();
+        state.append_event("c", now - 2000, 2, false).unwrap();
+        state.append_event("c", now - 2000, 2, true).unwrap();
+        let counters = Counters::load(&state, "c", &Limits::default(), now).unwrap();
         assert_eq!(counters.events(), vec![(now - 3000, 1)]);
     }
 
     #[test]
     fn hold_ends_when_the_oldest_send_leaves_the_day() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path());
-        spool.create_dirs().unwrap();
+        let state = LocalState::open(dir.path()).unwrap();
         let now = 10 * DAY_MS;
         fs::write(
-            events_path(&spool, "c"),
+            state.events_path("c"),
             format!("{} 1\n", now - DAY_MS + 10 * 60_000),
         )
         .unwrap();
-        let counters = Counters::load(&spool, "c", &Limits::default(), now).unwrap();
+        let counters = Counters::load(&state, "c", &Limits::default(), now).unwrap();
         assert_eq!(counters.hold_until(now), now + 10 * 60_000);
     }
 }

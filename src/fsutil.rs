@@ -1,0 +1,104 @@
+//! Durable file writes, shared by the spool, the channel state files and the `file`
+//! channel: a reader sees the old file or the new one, never a half-written one, and
+//! the new one survives a crash once the call returns.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Files we write may hold mail or channel state: readable by mailgate's user only.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Writes `target` atomically through the temporary file `tmp` (same filesystem):
+/// `fill` writes it (mode 0600), it is fsync'd and renamed to `target`, then
+/// `target`'s directory is fsync'd. On failure `tmp` is removed and `target` is as before.
+pub fn write_atomic_with(
+    target: &Path,
+    tmp: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(FILE_MODE)
+            .open(tmp)?;
+        fill(&mut file)?;
+        file.sync_all()?;
+        fs::rename(tmp, target)?;
+        sync_dir(target.parent().unwrap_or(Path::new(".")))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
+}
+
+/// [`write_atomic_with`] for bytes in memory.
+pub fn write_atomic(target: &Path, tmp: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_with(target, tmp, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] to a file that may sit in a folder of its own (a user's token file):
+/// creates the folder (mode 0700) if needed and picks a unique temporary name beside
+/// the target, so concurrent writers never share one.
+pub fn write_private(target: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match target.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let name = target
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.{:x}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    write_atomic(target, &tmp, bytes)
+}
+
+/// fsyncs a directory so that the renames and removals in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn replaces_the_file_with_mode_0600_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, tmp) = (dir.path().join("f"), dir.path().join(".f.tmp"));
+        fs::write(&target, b"old").unwrap();
+        write_atomic(&target, &tmp, b"new").unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        let mode = fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_the_old_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, tmp) = (dir.path().join("f"), dir.path().join(".f.tmp"));
+        fs::write(&target, b"old").unwrap();
+        let result = write_atomic_with(&target, &tmp, |f| {
+            f.write_all(b"half")?;
+            Err(io::Error::other("disk full"))
+        });
+        assert!(result.is_err());
+        assert_eq!(fs::read(&target).unwrap(), b"old");
+        assert!(!tmp.exists());
+    }
+}

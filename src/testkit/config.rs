@@ -1,0 +1,87 @@
+//! Configuration fixtures: a default `[server]`, channels, envelopes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{
+    BareLf, Channel, ChannelKind, Config, DeliveryMode, Limits, Routing, Server, SmtpTarget,
+    TlsMode,
+};
+use crate::message::Envelope;
+
+/// A `[server]` as a test wants it by default: relay mode, no listeners, host name
+/// `mailgate.test`, spool `spool`, retries 1m → 1h, giving up after 5 days.
+pub fn server() -> Server {
+    Server {
+        listen: Vec::new(),
+        tls_listen: Vec::new(),
+        hostname: "mailgate.test".into(),
+        tls: None,
+        max_message_size: 35_000_000,
+        max_recipients: 1000,
+        max_connections: 100,
+        delivery: DeliveryMode::Relay,
+        spool_dir: "spool".into(),
+        retry_first: Duration::from_secs(60),
+        retry_max: Duration::from_secs(3600),
+        give_up_after: Duration::from_secs(5 * 86400),
+        require_auth: false,
+        allow_networks: Vec::new(),
+        check_header_from: false,
+        bare_lf: BareLf::Normalize,
+        idle_timeout: Duration::from_secs(300),
+    }
+}
+
+/// A config with the default [`server`], no users and these channels.
+pub fn config(channels: Vec<Channel>) -> Config {
+    Config {
+        path: PathBuf::from("test.toml"),
+        server: server(),
+        users: Vec::new(),
+        channels,
+        routing: Routing::default(),
+        has_literal_secrets: false,
+    }
+}
+
+/// An SMTP target at `port` on this host (`localhost` with TLS, for the test certificate).
+pub fn smtp_target(port: u16, tls: TlsMode) -> SmtpTarget {
+    SmtpTarget {
+        host: if tls == TlsMode::None {
+            "127.0.0.1".into()
+        } else {
+            "localhost".into()
+        },
+        port,
+        tls,
+        ca_file: None,
+        username: None,
+        password: None,
+        oauth: None,
+    }
+}
+
+/// A channel without scope or limits but `connections`.
+pub fn channel(name: &str, kind: ChannelKind, connections: usize) -> Channel {
+    Channel {
+        name: name.into(),
+        scope: Vec::new(),
+        address_scoped: false,
+        preset: None,
+        kind,
+        limits: Limits {
+            connections,
+            ..Limits::default()
+        },
+    }
+}
+
+/// An envelope from `sender` to `recipients`.
+pub fn envelope(sender: &str, recipients: &[&str]) -> Envelope {
+    Envelope {
+        sender: sender.into(),
+        recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        ..Envelope::default()
+    }
+}

@@ -1,0 +1,347 @@
+//! Opening an upstream SMTP connection: TCP, implicit TLS or STARTTLS, EHLO, AUTH.
+
+use std::fs;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use lettre::transport::smtp::Error as SmtpError;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters,
+};
+use lettre::transport::smtp::commands::{Ehlo, Quit};
+use lettre::transport::smtp::extension::{ClientId, Extension};
+use lettre::transport::smtp::response::Response;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsConnector;
+
+use super::error::Fail;
+use super::pool::{Conn, SmtpChannel};
+use super::stream::{GuardedStream, Inner};
+use super::{Error, Step, Upstreams};
+use crate::config::{SmtpTarget, TlsMode};
+
+/// AUTH mechanisms we use with passwords, in order of preference.
+const MECHANISMS: [Mechanism; 2] = [Mechanism::Plain, Mechanism::Login];
+
+impl SmtpChannel {
+    /// Reads the channel's `ca_file` and builds its TLS settings; connects lazily.
+    pub(super) fn new(
+        name: &str,
+        target: &SmtpTarget,
+        hostname: &str,
+        connections: usize,
+    ) -> Result<Self, String> {
+        let extra_roots = match &target.ca_file {
+            Some(path) => {
+                let pem = fs::read(path)
+                    .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+                use rustls::pki_types::pem::PemObject;
+                let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                if certs.is_empty() {
+                    return Err(format!("ca_file {} holds no certificate", path.display()));
+                }
+                certs
+            }
+            None => Vec::new(),
+        };
+        let (starttls, implicit) = match target.tls {
+            TlsMode::None => (None, None),
+            TlsMode::Starttls => (Some(lettre_tls(&target.host, &extra_roots)?), None),
+            TlsMode::Implicit => (None, Some(rustls_tls(&extra_roots)?)),
+        };
+        Ok(SmtpChannel::with_pool(
+            name,
+            target,
+            ClientId::Domain(hostname.to_string()),
+            starttls,
+            implicit,
+            connections,
+        ))
+    }
+
+    fn address(&self) -> String {
+        format!("{}:{}", self.target.host, self.target.port)
+    }
+}
+
+impl Upstreams {
+    /// `test-channel` for an SMTP channel: a fresh connection through AUTH, then QUIT.
+    pub(super) async fn test_smtp(
+        &self,
+        ch: &SmtpChannel,
+        step: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), Error> {
+        step(&format!(
+            "connecting to {} (tls = {})",
+            ch.address(),
+            tls_name(ch.target.tls)
+        ));
+        // A fresh connection is the point; idle ones would also hold every slot.
+        ch.close_idle();
+        let permit = tokio::time::timeout(self.timeout, ch.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| Error::Timeout {
+                step: Step::Connect,
+            })?
+            .map_err(|_| Error::local("connection pool closed"))?;
+        let mut conn = self.connect(ch, permit, step).await?;
+        if ch.target.username.is_none() {
+            step("no AUTH configured");
+        }
+        match tokio::time::timeout(self.timeout, conn.smtp.command(Quit)).await {
+            Ok(Ok(_)) => step("QUIT ok; no mail was sent"),
+            _ => step("QUIT not answered; no mail was sent"),
+        }
+        Ok(())
+    }
+
+    /// Opens a connection in `permit`'s slot: TCP, TLS, EHLO, AUTH.
+    pub(super) async fn connect(
+        &self,
+        ch: &SmtpChannel,
+        permit: OwnedSemaphorePermit,
+        step: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Conn, Error> {
+        let target = ch.address();
+        let (host, port) = (&ch.target.host, ch.target.port);
+        let tcp = match tokio::time::timeout(self.timeout, open_tcp(host, port)).await {
+            // No answer to the connect is an unreachable host (4.4.1), not a slow one.
+            Err(_) => {
+                return Err(Error::Connect {
+                    target,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                });
+            }
+            Ok(Err(source)) => return Err(Error::Connect { target, source }),
+            Ok(Ok(tcp)) => tcp,
+        };
+        let peer = tcp.peer_addr().map_err(|source| Error::Connect {
+            target: target.clone(),
+            source,
+        })?;
+        step(&format!("connected to {target} ({peer})"));
+        let poison = Arc::new(AtomicBool::new(false));
+        let inner = match (&ch.implicit, ch.target.tls) {
+            (Some(connector), TlsMode::Implicit) => {
+                let tls_error = |source: Box<dyn std::error::Error + Send + Sync>| Error::Tls {
+                    target: target.clone(),
+                    source,
+                };
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| tls_error(e.into()))?;
+                let tls =
+                    match tokio::time::timeout(self.timeout, connector.connect(name, tcp)).await {
+                        Err(_) => return Err(tls_error("TLS handshake timed out".into())),
+                        Ok(Err(e)) => return Err(tls_error(e.into())),
+                        Ok(Ok(tls)) => tls,
+                    };
+                let version = tls.get_ref().1.protocol_version().map(|v| format!("{v:?}"));
+                step(&format!(
+                    "TLS established (implicit TLS, {})",
+                    version.as_deref().unwrap_or("?")
+                ));
+                Inner::Tls(Box::new(tls))
+            }
+            _ => Inner::Plain(tcp),
+        };
+        let stream = GuardedStream::new(inner, peer, poison.clone());
+        let connecting = AsyncSmtpConnection::connect_with_transport(Box::new(stream), &ch.hello);
+        // A negative greeting or EHLO reply (`554`, `421` busy) is the upstream refusing us.
+        let mut smtp = self
+            .call(ch, self.timeout, connecting)
+            .await
+            .map_err(|f| f.at(Step::Connect))?;
+        step(&format!("EHLO ok: {}", features(&smtp)));
+
+        if ch.target.tls == TlsMode::Starttls {
+            if !smtp.server_info().supports_feature(Extension::StartTls) {
+                return Err(Error::NoStartTls { target });
+            }
+            let params = ch.starttls.clone().ok_or_else(|| Error::Tls {
+                target: target.clone(),
+                source: "no TLS parameters".into(),
+            })?;
+            match tokio::time::timeout(self.timeout, smtp.starttls(params, &ch.hello)).await {
+                Err(_) => return Err(Error::Timeout { step: Step::Tls }),
+                Ok(Err(e)) => {
+                    return Err(Error::Tls {
+                        target,
+                        source: Box::new(e),
+                    });
+                }
+                Ok(Ok(())) => step(&format!(
+                    "TLS established (STARTTLS); EHLO again: {}",
+                    features(&smtp)
+                )),
+            }
+        }
+
+        // lettre keeps no trace of PIPELINING, so ask once more, after TLS (what the
+        // server said before STARTTLS no longer counts) and before AUTH: one round
+        // trip per connection, which the pool amortizes.
+        let ehlo = self
+            .call(ch, self.timeout, smtp.command(Ehlo::new(ch.hello.clone())))
+            .await
+            .map_err(|f| f.at(Step::Connect))?;
+        let pipelining = offers_pipelining(&ehlo);
+        step(if pipelining {
+            "PIPELINING offered: commands of a transaction go out together"
+        } else {
+            "no PIPELINING: one command at a time"
+        });
+
+        self.authenticate(ch, &mut smtp, &ch.target, step).await?;
+        Ok(Conn {
+            smtp,
+            poison,
+            since: Instant::now(),
+            unchecked: false,
+            stale: false,
+            pipelining,
+            _permit: permit,
+        })
+    }
+
+    /// The AUTH step, everything about logging in to `target`: which mechanism, with
+    /// which credentials. Nothing to do for a channel without a username.
+    async fn authenticate(
+        &self,
+        ch: &SmtpChannel,
+        smtp: &mut AsyncSmtpConnection,
+        target: &SmtpTarget,
+        step: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), Error> {
+        let Some(username) = &target.username else {
+            return Ok(());
+        };
+        let password = target
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_string())
+            .unwrap_or_default();
+        let credentials = Credentials::new(username.clone(), password);
+        let Some(mechanism) = smtp.server_info().get_auth_mechanism(&MECHANISMS) else {
+            return Err(Error::NoAuthMechanism {
+                channel: ch.name.clone(),
+            });
+        };
+        self.call(ch, self.timeout, smtp.auth(&[mechanism], &credentials))
+            .await
+            .map_err(|f| f.at(Step::Auth))?;
+        step(&format!("AUTH {mechanism} ok as {username}"));
+        Ok(())
+    }
+
+    /// Runs one lettre call with a timeout and sorts its failure.
+    pub(super) async fn call<T>(
+        &self,
+        ch: &SmtpChannel,
+        limit: Duration,
+        call: impl Future<Output = Result<T, SmtpError>>,
+    ) -> Result<T, Fail> {
+        match tokio::time::timeout(limit, call).await {
+            Err(_) => Err(Fail::Timeout),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(Fail::from_lettre(e, &ch.name)),
+        }
+    }
+}
+
+/// A TCP connection to the upstream, with Nagle's algorithm off: lettre writes the
+/// final `.CRLF` of DATA (and each command) as its own small segment, which Nagle
+/// would hold back until the upstream's delayed ACK (~40 ms a message on Linux).
+pub(super) async fn open_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// The EHLO reply has a `PIPELINING` line (RFC 2920).
+pub(super) fn offers_pipelining(ehlo: &Response) -> bool {
+    // The first line is the server's name.
+    ehlo.message().skip(1).any(|line| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
+    })
+}
+
+/// The extensions we care about, for `test-channel` and debug logs.
+fn features(smtp: &AsyncSmtpConnection) -> String {
+    let info = smtp.server_info();
+    let mut list: Vec<String> = [
+        Extension::StartTls,
+        Extension::EightBitMime,
+        Extension::SmtpUtfEight,
+    ]
+    .into_iter()
+    .filter(|e| info.supports_feature(*e))
+    .map(|e| e.to_string())
+    .collect();
+    let mechanisms: Vec<String> = [Mechanism::Plain, Mechanism::Login, Mechanism::Xoauth2]
+        .into_iter()
+        .filter(|m| info.supports_auth_mechanism(*m))
+        .map(|m| m.to_string())
+        .collect();
+    if !mechanisms.is_empty() {
+        list.push(format!("AUTH {}", mechanisms.join(" ")));
+    }
+    format!(
+        "{} offers {}",
+        info.name(),
+        if list.is_empty() {
+            "no extensions we use".into()
+        } else {
+            list.join(", ")
+        }
+    )
+}
+
+fn tls_name(mode: TlsMode) -> &'static str {
+    match mode {
+        TlsMode::Starttls => "starttls",
+        TlsMode::Implicit => "implicit",
+        TlsMode::None => "none",
+    }
+}
+
+/// TLS parameters for lettre's STARTTLS: webpki roots plus `ca_file`.
+fn lettre_tls(
+    host: &str,
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<TlsParameters, String> {
+    let mut builder =
+        TlsParameters::builder(host.to_string()).certificate_store(CertificateStore::WebpkiRoots);
+    for cert in extra_roots {
+        builder = builder
+            .add_root_certificate(Certificate::from_der(cert.to_vec()).map_err(|e| e.to_string())?);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// Our own rustls client for implicit TLS: webpki roots plus `ca_file`, ring provider.
+fn rustls_tls(
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<TlsConnector, String> {
+    let mut roots =
+        rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_roots {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("ca_file: {e}"))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}

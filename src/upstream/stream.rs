@@ -1,0 +1,154 @@
+//! The stream lettre talks over: plain TCP or implicit TLS, with a kill switch and
+//! write batching.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use lettre::transport::smtp::client::AsyncTokioStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The connection lettre talks over: plain or implicit TLS, with a kill switch that
+/// makes every later write fail.
+///
+/// Writes are held back until the next read (or until [`HOLD`] bytes wait): an SMTP
+/// client always reads a reply after writing, so nothing waits longer than before,
+/// but lettre's write-and-flush per piece (the body, then the final `.CRLF`, each a
+/// packet of its own) becomes one send.
+#[derive(Debug)]
+pub(super) struct GuardedStream {
+    pub(super) inner: Inner,
+    pub(super) peer: SocketAddr,
+    pub(super) poison: Arc<AtomicBool>,
+    /// Written, not yet sent.
+    pub(super) held: Vec<u8>,
+}
+
+/// Most bytes [`GuardedStream`] holds back; larger writes go straight out.
+pub(super) const HOLD: usize = 16 * 1024;
+
+#[derive(Debug)]
+pub(super) enum Inner {
+    /// Plain TCP (STARTTLS is lettre's own upgrade of it).
+    Plain(TcpStream),
+    /// Implicit TLS.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl GuardedStream {
+    /// Wraps `inner`; setting `poison` makes every later write fail.
+    pub(super) fn new(inner: Inner, peer: SocketAddr, poison: Arc<AtomicBool>) -> Self {
+        GuardedStream {
+            inner,
+            peer,
+            poison,
+            held: Vec::new(),
+        }
+    }
+
+    fn poisoned(&self) -> Option<io::Error> {
+        self.poison.load(Ordering::SeqCst).then(|| {
+            io::Error::other("message source failed; connection aborted before end of data")
+        })
+    }
+
+    /// Sends the held bytes and flushes the stream under them; a poisoned stream sends
+    /// nothing more.
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.poisoned() {
+            self.held.clear();
+            return Poll::Ready(Err(e));
+        }
+        while !self.held.is_empty() {
+            let sent = match &mut self.inner {
+                Inner::Plain(s) => Pin::new(s).poll_write(cx, &self.held),
+                Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, &self.held),
+            };
+            match sent {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => drop(self.held.drain(..n)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.held.capacity() > 2 * HOLD {
+            self.held = Vec::new();
+        }
+        match &mut self.inner {
+            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.inner {
+            Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(e) = this.poisoned() {
+            return Poll::Ready(Err(e));
+        }
+        if this.held.len() + buf.len() > HOLD {
+            if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            if buf.len() > HOLD {
+                return match &mut this.inner {
+                    Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+                };
+            }
+        }
+        this.held.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    /// Leaves held bytes for the next read (see [`GuardedStream`]).
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.poisoned() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.inner {
+            Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncTokioStream for GuardedStream {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.peer)
+    }
+}
