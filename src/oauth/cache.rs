@@ -152,6 +152,16 @@ impl ChannelToken {
         )
     }
 
+    /// How long the cached token still lasts (`test-channel` reports it); `None` when
+    /// there is none.
+    pub async fn expires_in(&self) -> Option<Duration> {
+        let state = self.inner.state.lock().await;
+        state
+            .current
+            .as_ref()
+            .map(|c| c.expires_at.saturating_duration_since(Instant::now()))
+    }
+
     /// The cached access token, or a new one when it expires within 10 minutes.
     /// Concurrent callers share one refresh.
     pub async fn access_token(&self) -> Result<AccessToken, Error> {

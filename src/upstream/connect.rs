@@ -220,6 +220,9 @@ impl Upstreams {
         let Some(username) = &target.username else {
             return Ok(());
         };
+        if target.oauth.is_some() {
+            return self.authenticate_xoauth2(ch, smtp, username, step).await;
+        }
         let password = target
             .password
             .as_ref()
@@ -238,6 +241,77 @@ impl Upstreams {
         Ok(())
     }
 
+    /// AUTH XOAUTH2 with the channel's cached access token. A `535` to that token forces
+    /// one refresh and one retry (SPEC §7): a token revoked or expired early is replaced
+    /// at once, and a second refusal is a refused login, never a loop.
+    async fn authenticate_xoauth2(
+        &self,
+        ch: &SmtpChannel,
+        smtp: &mut AsyncSmtpConnection,
+        username: &str,
+        step: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), Error> {
+        let cache = ch
+            .token
+            .as_ref()
+            .ok_or_else(|| Error::local("XOAUTH2 channel without a token cache"))?;
+        if !smtp
+            .server_info()
+            .supports_auth_mechanism(Mechanism::Xoauth2)
+        {
+            return Err(Error::NoAuthMechanism {
+                channel: ch.name.clone(),
+            });
+        }
+        let token = cache.access_token().await?;
+        if let Some(left) = cache.expires_in().await {
+            step(&format!(
+                "OAuth access token obtained ({} grant; expires in {} min)",
+                cache.settings().grant.name(),
+                left.as_secs() / 60
+            ));
+        }
+        match self.xoauth2(ch, smtp, username, &token).await {
+            Ok(()) => {}
+            Err(Fail::Reply(reply)) if reply.code == 535 => {
+                tracing::info!(
+                    channel = %ch.name,
+                    reply = %reply,
+                    "upstream refused the cached access token; refreshing it once"
+                );
+                step("AUTH XOAUTH2 refused (535): refreshing the token and trying once more");
+                let fresh = cache.force_refresh(&token).await?;
+                self.xoauth2(ch, smtp, username, &fresh)
+                    .await
+                    .map_err(|f| f.at(Step::Auth))?;
+            }
+            Err(f) => return Err(f.at(Step::Auth)),
+        }
+        step(&format!("AUTH XOAUTH2 ok as {username}"));
+        Ok(())
+    }
+
+    /// One `AUTH XOAUTH2` exchange. A refusal may come as a `334` carrying an error
+    /// document (Google, Exchange), which wants an empty line before the final `535`;
+    /// lettre's own XOAUTH2 gives up at that `334` and never reads the `535`.
+    async fn xoauth2(
+        &self,
+        ch: &SmtpChannel,
+        smtp: &mut AsyncSmtpConnection,
+        username: &str,
+        token: &crate::oauth::AccessToken,
+    ) -> Result<(), Fail> {
+        let command = crate::oauth::xoauth2_command(username, token);
+        let reply = self
+            .call(ch, self.timeout, smtp.command(Wire(command.expose())))
+            .await?;
+        if reply.has_code(334) {
+            self.call(ch, self.timeout, smtp.command(Wire("\r\n")))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Runs one lettre call with a timeout and sorts its failure.
     pub(super) async fn call<T>(
         &self,
@@ -250,6 +324,16 @@ impl Upstreams {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Fail::from_lettre(e, &ch.name)),
         }
+    }
+}
+
+/// A command line that goes on the wire as it is. lettre writes a command's `Display`;
+/// the XOAUTH2 line is a [`crate::config::Secret`], whose `Display` is `***`.
+struct Wire<'a>(&'a str);
+
+impl std::fmt::Display for Wire<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
     }
 }
 

@@ -178,6 +178,10 @@ pub enum Error {
         /// It is the envelope sender.
         sender: bool,
     },
+    /// No OAuth access token for the XOAUTH2 login: the token endpoint is unavailable
+    /// (temporary) or refused the grant (the channel's credentials are broken).
+    #[error(transparent)]
+    OAuth(#[from] crate::oauth::Error),
     /// Local trouble: the file channel, reading the spool, a bad message, the pool.
     #[error("local error: {what}")]
     Local {
@@ -219,6 +223,8 @@ impl Error {
         match self {
             Error::Rejected { step, reply } => classify(*step, reply),
             Error::NoSmtpUtf8 { .. } | Error::BadAddress { .. } => Class::Permanent,
+            Error::OAuth(e) if e.is_transient() => Class::Transient,
+            Error::OAuth(_) => Class::CredentialsBroken,
             Error::Connect { .. }
             | Error::Dropped { .. }
             | Error::Tls { .. }
@@ -256,7 +262,7 @@ impl Error {
         match self {
             Error::Connect { .. } => Some(Step::Connect),
             Error::Tls { .. } | Error::NoStartTls { .. } => Some(Step::Tls),
-            Error::NoAuthMechanism { .. } => Some(Step::Auth),
+            Error::NoAuthMechanism { .. } | Error::OAuth(_) => Some(Step::Auth),
             Error::Dropped { step, .. }
             | Error::Timeout { step }
             | Error::Rejected { step, .. } => Some(*step),
@@ -270,6 +276,7 @@ impl Error {
             Error::Connect { .. } | Error::Dropped { .. } => Reply::upstream_unreachable(channel),
             Error::Tls { .. } | Error::NoStartTls { .. } => Reply::upstream_tls_failed(channel),
             Error::NoAuthMechanism { .. }
+            | Error::OAuth(_)
             | Error::Rejected {
                 step: Step::Auth, ..
             } => Reply::upstream_auth_failed(channel),

@@ -108,22 +108,25 @@ impl Transport {
 impl Upstreams {
     /// Builds the transports (reads `ca_file`s); connects lazily.
     pub fn new(config: &Config) -> Result<Self, String> {
+        let tokens = crate::oauth::Tokens::new(config)?;
         let mut channels = Vec::with_capacity(config.channels.len());
-        for channel in &config.channels {
+        for (id, channel) in config.channels.iter().enumerate() {
             let transport = match &channel.kind {
                 ChannelKind::File { dir } => Transport::File {
                     name: channel.name.clone(),
                     dir: dir.clone(),
                 },
-                ChannelKind::Smtp(target) => Transport::Smtp(Box::new(
-                    SmtpChannel::new(
+                ChannelKind::Smtp(target) => {
+                    let mut smtp = SmtpChannel::new(
                         &channel.name,
                         target,
                         &config.server.hostname,
                         channel.limits.connections,
                     )
-                    .map_err(|e| format!("channel {}: {e}", channel.name))?,
-                )),
+                    .map_err(|e| format!("channel {}: {e}", channel.name))?;
+                    smtp.token = tokens.get(id).cloned();
+                    Transport::Smtp(Box::new(smtp))
+                }
             };
             channels.push(transport);
         }

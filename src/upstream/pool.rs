@@ -28,6 +28,9 @@ pub(super) struct SmtpChannel {
     pub(super) implicit: Option<TlsConnector>,
     /// One permit per open connection, idle or busy.
     pub(super) slots: Arc<Semaphore>,
+    /// The access-token cache of an XOAUTH2 channel (shared with nothing else: one
+    /// [`Upstreams`](super::Upstreams) per process serves both delivery modes).
+    pub(super) token: Option<crate::oauth::ChannelToken>,
     idle: Mutex<Vec<Conn>>,
     /// Signalled when a connection goes back to `idle`, for tasks waiting for a slot.
     returned: Notify,
@@ -67,6 +70,7 @@ impl SmtpChannel {
             starttls,
             implicit,
             slots: Arc::new(Semaphore::new(connections.max(1))),
+            token: None,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
         }

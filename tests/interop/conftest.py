@@ -453,8 +453,10 @@ class Upstream:
         auth_required: bool = False,
         auth_exclude: Optional[list[str]] = None,
         data_size_limit: int = 64 * 1024 * 1024,
+        handler: Optional[RecordingHandler] = None,
+        smtp_kwargs: Optional[dict] = None,
     ):
-        self.handler = RecordingHandler()
+        self.handler = handler or RecordingHandler()
         self.host = "127.0.0.1"
         self.ca_file = certs.ca_file if certs else None
         self.tls_mode = "implicit" if implicit_tls else ("starttls" if starttls else "none")
@@ -487,6 +489,7 @@ class Upstream:
             kwargs["auth_require_tls"] = starttls or implicit_tls
             if auth_exclude:
                 kwargs["auth_exclude_mechanism"] = auth_exclude
+        kwargs.update(smtp_kwargs or {})
         self.controller = _PortZeroController(self.handler, hostname="127.0.0.1", port=0, **kwargs)
         self.controller.start()
         self.port = self.controller.port

@@ -1,0 +1,253 @@
+"""OAuth peers for the black-box suite: a token endpoint (Microsoft/Google style, on a real
+HTTP server on 127.0.0.1 port 0) and an aiosmtpd upstream that takes AUTH XOAUTH2 only,
+checking the SASL string and that the bearer token is one the endpoint issued and is
+still valid. Nothing here talks to a real provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import secrets
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+from aiosmtpd.smtp import AuthResult
+
+from conftest import RecordingHandler
+
+CLIENT_ID = "test-client-id"
+CLIENT_SECRET = "TEST-CLIENT-SECRET-5e1f"
+REFRESH_TOKEN = "TEST-REFRESH-TOKEN-a9c3"
+
+
+@dataclass
+class Issued:
+    token: str
+    expires: float
+    grant: str
+    revoked: bool = False
+
+
+@dataclass
+class Device:
+    device_code: str
+    user_code: str
+    polls: int = 0
+    pending: int = 2  # answers authorization_pending this many times…
+    slow_down: bool = True  # …then slow_down once, then the token
+
+
+class TokenEndpoint:
+    """Token, device-authorization and code-exchange endpoints on one HTTP server.
+
+    `mode` scripts failures: "ok", "503", "invalid_grant", "invalid_client".
+    """
+
+    def __init__(self, lifetime: int = 3600, rotate: bool = False):
+        self.lifetime = lifetime
+        self.rotate = rotate
+        self.mode = "ok"
+        self.refresh_tokens = {REFRESH_TOKEN}
+        self.issued: dict[str, Issued] = {}
+        self.requests: list[dict] = []
+        self.devices: dict[str, Device] = {}
+        self.device_polls: list[float] = []
+        self.codes: dict[str, dict] = {}  # code -> {challenge, redirect_uri}
+        self.lock = threading.Lock()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", "0"))
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(n).decode()))
+                status, body = endpoint.handle(self.path, form)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    # -- what tests look at ------------------------------------------------------
+
+    def grants(self, grant: Optional[str] = None) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if grant is None or r.get("grant_type") == grant]
+
+    def valid(self, token: str) -> bool:
+        with self.lock:
+            t = self.issued.get(token)
+            return t is not None and not t.revoked and t.expires > time.time()
+
+    def revoke_all(self) -> None:
+        with self.lock:
+            for t in self.issued.values():
+                t.revoked = True
+
+    def secrets(self) -> list[str]:
+        """Every secret value a log must never show."""
+        with self.lock:
+            return [CLIENT_SECRET, REFRESH_TOKEN, *self.refresh_tokens, *self.issued]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- the endpoint ----------------------------------------------------------------
+
+    def _token(self, grant: str, with_refresh: bool) -> dict:
+        token = "TEST-AT-" + secrets.token_hex(8)
+        self.issued[token] = Issued(token, time.time() + self.lifetime, grant)
+        body = {"token_type": "Bearer", "access_token": token, "expires_in": self.lifetime}
+        if with_refresh:
+            new = "TEST-RT-" + secrets.token_hex(8)
+            self.refresh_tokens.add(new)
+            body["refresh_token"] = new
+        return body
+
+    def handle(self, path: str, form: dict) -> tuple[int, dict]:
+        with self.lock:
+            self.requests.append({"path": path, **form})
+            if self.mode == "503":
+                return 503, {"error": "temporarily_unavailable"}
+            if self.mode in ("invalid_grant", "invalid_client"):
+                return 400, {"error": self.mode, "error_description": "scripted failure"}
+            if form.get("client_id") != CLIENT_ID:
+                return 401, {"error": "invalid_client"}
+            if path.endswith("/devicecode"):
+                d = Device("DEV-" + secrets.token_hex(6), "ABCD-" + secrets.token_hex(2).upper())
+                self.devices[d.device_code] = d
+                return 200, {
+                    "device_code": d.device_code,
+                    "user_code": d.user_code,
+                    "verification_uri": self.url + "/devicelogin",
+                    "expires_in": 120,
+                    "interval": 1,
+                    "message": f"To sign in, open {self.url}/devicelogin and enter {d.user_code}",
+                }
+            grant = form.get("grant_type")
+            if grant == "refresh_token":
+                rt = form.get("refresh_token")
+                if rt not in self.refresh_tokens:
+                    return 400, {"error": "invalid_grant", "error_description": "AADSTS70000: bad token"}
+                if self.rotate:
+                    self.refresh_tokens.discard(rt)
+                return 200, self._token(grant, self.rotate)
+            if grant == "client_credentials":
+                if form.get("client_secret") != CLIENT_SECRET:
+                    return 401, {"error": "invalid_client"}
+                return 200, self._token(grant, False)
+            if grant == "urn:ietf:params:oauth:grant-type:device_code":
+                d = self.devices.get(form.get("device_code", ""))
+                if d is None:
+                    return 400, {"error": "invalid_grant"}
+                self.device_polls.append(time.monotonic())
+                d.polls += 1
+                if d.polls <= d.pending:
+                    return 400, {"error": "authorization_pending"}
+                if d.slow_down and d.polls == d.pending + 1:
+                    return 400, {"error": "slow_down"}
+                return 200, self._token(grant, True)
+            if grant == "authorization_code":
+                c = self.codes.pop(form.get("code", ""), None)
+                if c is None or form.get("redirect_uri") != c["redirect_uri"]:
+                    return 400, {"error": "invalid_grant"}
+                if form.get("client_secret") != CLIENT_SECRET:
+                    return 401, {"error": "invalid_client"}
+                verifier = form.get("code_verifier", "").encode()
+                challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=")
+                if challenge.decode() != c["challenge"]:
+                    return 400, {"error": "invalid_grant", "error_description": "PKCE mismatch"}
+                return 200, self._token(grant, True)
+            return 400, {"error": "unsupported_grant_type"}
+
+    def approve_code(self, auth_url: str) -> tuple[str, str]:
+        """Plays the user's browser at the authorization endpoint: checks the request and
+        returns (code, redirect URL with code and state) for the test to follow."""
+        q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(auth_url).query))
+        assert q["client_id"] == CLIENT_ID
+        assert q["response_type"] == "code"
+        assert q["code_challenge_method"] == "S256"
+        assert q["access_type"] == "offline"
+        assert q["redirect_uri"].startswith("http://127.0.0.1:")
+        code = "CODE-" + secrets.token_hex(6)
+        with self.lock:
+            self.codes[code] = {"challenge": q["code_challenge"], "redirect_uri": q["redirect_uri"]}
+        sep = "&" if "?" in q["redirect_uri"] else "?"
+        redirect = q["redirect_uri"] + sep + urllib.parse.urlencode({"code": code, "state": q["state"]})
+        return code, redirect
+
+
+@dataclass
+class XoauthLogin:
+    user: str
+    token: str
+    ok: bool
+
+
+class XOAuth2Handler(RecordingHandler):
+    """aiosmtpd handler offering AUTH XOAUTH2 only. `style` is how a refusal looks:
+    "microsoft" answers 535 5.7.3 at once; "google" sends the 334 error challenge first
+    and wants an empty line before its 535 5.7.8."""
+
+    def __init__(self, endpoint: TokenEndpoint, mailbox: str, style: str = "microsoft"):
+        super().__init__()
+        # Close each connection after its message, so the next one logs in afresh
+        # (how a test sees a revoked token: a logged-in connection stays logged in).
+        self.close_after_data = False
+        self.endpoint = endpoint
+        self.mailbox = mailbox
+        self.style = style
+        self.xoauth: list[XoauthLogin] = []
+        self.bad_sasl: list[bytes] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        reply = await super().handle_DATA(server, session, envelope)
+        if self.close_after_data:
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
+        return reply
+
+    async def auth_XOAUTH2(self, server, args):
+        if len(args) == 2:
+            blob = args[1].encode()
+        else:
+            blob = await server.challenge_auth("", encode_to_b64=False)
+        try:
+            raw = base64.b64decode(blob, validate=True)
+        except Exception:
+            self.bad_sasl.append(blob)
+            return AuthResult(success=False, handled=False, message="501 5.5.2 bad base64")
+        parts = raw.split(b"\x01")
+        ok_shape = len(parts) == 4 and parts[2:] == [b"", b""] and parts[0].startswith(b"user=") \
+            and parts[1].startswith(b"auth=Bearer ")
+        if not ok_shape:
+            self.bad_sasl.append(raw)
+            return AuthResult(success=False, handled=False, message="535 5.7.8 malformed XOAUTH2")
+        user = parts[0][5:].decode()
+        token = parts[1][len(b"auth=Bearer "):].decode()
+        ok = user == self.mailbox and self.endpoint.valid(token)
+        self.xoauth.append(XoauthLogin(user, token, ok))
+        if ok:
+            return AuthResult(success=True, auth_data=user)
+        if self.style == "google":
+            err = json.dumps({"status": "401", "schemes": "bearer", "scope": "https://mail.google.com/"})
+            await server.challenge_auth(err)
+            return AuthResult(success=False, handled=False,
+                              message="535 5.7.8 Username and Password not accepted")
+        return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
