@@ -398,15 +398,18 @@ async fn rate_spreads_messages() {
     assert!(wait_for(Duration::from_secs(15), || fake.sent().len() == 20).await);
     let sent = fake.sent();
     let span = sent[19].at - sent[0].at;
+    // The limiter spaces the *starts* of transactions; the fake sees their arrival,
+    // which a loaded machine delays unevenly (seen: ~100 ms). Allow 250 ms of jitter:
+    // without a limit all 20 arrive within a few milliseconds.
     assert!(
-        span >= Duration::from_millis(2900),
+        span >= Duration::from_millis(2750),
         "20 messages at 5/s took only {span:?}"
     );
-    // No one-second window ever held more than five.
+    // No window of a second (less the jitter) ever held more than five.
     for (i, s) in sent.iter().enumerate() {
         let in_window = sent[i..]
             .iter()
-            .filter(|t| t.at - s.at < Duration::from_millis(990))
+            .filter(|t| t.at - s.at < Duration::from_millis(750))
             .count();
         assert!(in_window <= 5, "{in_window} sends within a second");
     }

@@ -12,9 +12,10 @@ use tokio::sync::mpsc;
 
 use super::Http;
 use super::endpoint::{self, Failure};
-use super::store::{self, TokenStore};
+use super::store;
 use crate::config::Secret;
 use crate::config::oauth::{Grant, OAuth, Provider};
+use crate::state::tokens::TokenStore;
 
 /// How long the user has to finish signing in on the Google flow.
 const USER_TIMEOUT: Duration = Duration::from_secs(15 * 60);

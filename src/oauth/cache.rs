@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::endpoint::{self, Failure};
-use super::store::{self, LocalTokenStore, TokenStore};
+use super::store;
 use super::{AccessToken, Error, Http};
 use crate::config::oauth::{Grant, OAuth};
 use crate::config::{ChannelId, ChannelKind, Config, Secret};
+use crate::state::tokens::{LocalTokenStore, TokenStore};
 
 /// A cached token is refreshed when it expires within this margin (SPEC §7).
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(600);

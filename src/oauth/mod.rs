@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
+pub use crate::state::tokens::{LocalTokenStore, TokenStore};
 pub use authorize::{Authorized, authorize};
 pub use cache::{ChannelToken, Tokens};
-pub use store::{LocalTokenStore, TokenStore};
 
 /// An OAuth access token. Prints as `***`.
 #[derive(Clone, PartialEq, Eq)]

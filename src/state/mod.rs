@@ -1,12 +1,14 @@
 //! Per-channel state shared by every part of the flow: health (ok / held / broken) and
 //! the send events that feed the rate and quota windows, so both survive a restart.
-//! This is the seam where shared backends (an OAuth token cache, Redis for a fleet)
-//! will sit; today there is one, [`LocalState`], files in `spool_dir/state/`.
+//! This is the seam where shared backends (Redis for a fleet) will sit; today there is
+//! one, [`LocalState`], files in `spool_dir/state/`, and its OAuth side, [`tokens`].
 //!
 //! `<name>.health.json` is rewritten atomically. `<name>.events` is an append-only log
 //! of `"<unix-ms> <recipients>\n"` lines, one per upstream transaction started; at load
 //! it is pruned to the last 24 hours (or the rate window, if longer) and replayed into a
 //! fresh [`ChannelLimiter`]. A torn last line (crash mid-append) is ignored.
+
+pub mod tokens;
 
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
