@@ -2,9 +2,10 @@
 # Runs every test of mailgate: the one command for developers and CI.
 #
 # On a fresh Debian machine (as root) it first installs what the tests need, idempotently:
-# swaks, Postfix (for smtp-sink), curl, python3-venv (apt), and the Python peers pinned in
+# swaks, Postfix (for smtp-sink), curl, systemd (for systemd-analyze), python3-venv (apt), and the Python peers pinned in
 # tests/interop/requirements.txt (pip, into target/interop-venv). Then, stopping at the
-# first failing stage: cargo build, cargo test, the black-box interop suite (pytest).
+# first failing stage: cargo fmt --check, cargo clippy -D warnings, cargo build, cargo test,
+# the black-box interop suite (pytest).
 #
 # Usage: scripts/test.sh [extra pytest args, e.g. -k smuggling]
 set -uo pipefail
@@ -74,6 +75,8 @@ install_system_deps() {
     command -v curl >/dev/null || missing+=(curl)
     command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
     command -v python3 >/dev/null || missing+=(python3)
+    # systemd-analyze checks the shipped unit (verify, security score); systemd need not run.
+    command -v systemd-analyze >/dev/null || missing+=(systemd)
     if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then missing+=(python3-venv); fi
     if [ ${#missing[@]} -eq 0 ]; then
         echo "system packages present"
@@ -120,6 +123,8 @@ run_interop() {
 
 stage "system packages" install_system_deps
 stage "python packages" install_python_deps
+stage "cargo fmt" cargo fmt --check
+stage "cargo clippy" cargo clippy --locked --all-targets -- -D warnings
 stage "cargo build" cargo build --locked
 stage "cargo test" run_cargo_test
 stage "interop tests" run_interop "$@"
