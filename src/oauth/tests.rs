@@ -70,6 +70,25 @@ impl Captured {
     }
 }
 
+/// `authorize` with nothing on stdin, its output captured.
+async fn authorize_headless(
+    channel: &str,
+    oauth: &OAuth,
+    store: &LocalTokenStore,
+) -> (Result<Authorized, String>, Captured) {
+    let mut output = Captured::default();
+    let done = authorize(
+        channel,
+        oauth,
+        &http(),
+        store,
+        tokio::io::empty(),
+        &mut output,
+    )
+    .await;
+    (done, output)
+}
+
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -515,17 +534,8 @@ async fn device_flow_end_to_end_honours_the_interval_and_slow_down() {
     oauth.refresh_token_source = TokenSource::File(file.clone());
     let store = LocalTokenStore::new(dir.path().join("state"));
     let (logs, _guard) = capture_logs();
-    let mut output = Captured::default();
-    let done = authorize(
-        "alice",
-        &oauth,
-        &http(),
-        &store,
-        tokio::io::empty(),
-        &mut output,
-    )
-    .await
-    .unwrap();
+    let (done, output) = authorize_headless("alice", &oauth, &store).await;
+    let done = done.unwrap();
     assert_eq!(
         done,
         Authorized::Stored {
@@ -761,17 +771,8 @@ async fn authorize_a_client_credentials_channel_only_proves_the_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let oauth = settings(&ep, Provider::Microsoft, Grant::ClientCredentials);
     let store = LocalTokenStore::new(dir.path());
-    let mut output = Captured::default();
-    let done = authorize(
-        "carol",
-        &oauth,
-        &http(),
-        &store,
-        tokio::io::empty(),
-        &mut output,
-    )
-    .await
-    .unwrap();
+    let (done, output) = authorize_headless("carol", &oauth, &store).await;
+    let done = done.unwrap();
     assert_eq!(
         done,
         Authorized::CredentialsWork {
