@@ -144,6 +144,34 @@ def data_seeds():
     return seeds
 
 
+def header_capture_seed(limit: int, decode: bool, lengths, stream: bytes) -> bytes:
+    """Bytes 0-1: the limit (u16 LE); byte 2: bit 0 decode as DATA, bits 1-3 the number
+    of chunk lengths; then the lengths."""
+    assert 0 <= limit < 1 << 16 and len(lengths) <= 7 and all(0 <= n <= 255 for n in lengths)
+    return limit.to_bytes(2, "little") + bytes([int(decode) | len(lengths) << 1, *lengths]) + stream
+
+
+def header_capture_seeds():
+    seeds = []
+    for headers in HEADERS:
+        section = headers.split(b"\r\n\r\n")[0] + b"\r\n"
+        n = len(section)
+        # At, just under and just over the limit; whole and in chunks; raw and as DATA.
+        for limit in (n - 1, n, n + 1, n + 2, 0, 4096):
+            seeds.append(header_capture_seed(max(limit, 0), False, [], headers))
+            seeds.append(header_capture_seed(max(limit, 0), False, [1, 3, 7], headers))
+            seeds.append(header_capture_seed(max(limit, 0), True, [5, 2], headers + b".\r\n"))
+    # A second From: after many header lines, no body at all, an empty section.
+    filler = b"".join(b"X-Filler-%03d: %s\r\n" % (i, b"f" * 40) for i in range(200))
+    late = b"From: a@example.com\r\n" + filler + b"From: ceo@elsewhere.test\r\n\r\nbody\r\n"
+    for limit in (len(late) - 12, len(late) - 11, 65535):
+        seeds.append(header_capture_seed(limit, False, [255, 255, 1], late))
+    seeds.append(header_capture_seed(100, False, [], b"From: a@b\r\nSubject: no body\r\n"))
+    seeds.append(header_capture_seed(10, True, [1], b"\r\nbody\r\n.\r\n"))
+    seeds.append(header_capture_seed(30, True, [], b"From: a@b\nX: y\r\r\nbody\r\n.\r\n"))
+    return seeds
+
+
 def config_seeds():
     shipped = (REPO / "proxy.toml").read_text()
     # Every commented example enabled, secrets as literals (password_file inputs are
@@ -173,6 +201,7 @@ def main() -> None:
     write("command", COMMANDS)
     write("data", data_seeds())
     write("headers", HEADERS)
+    write("header_capture", header_capture_seeds())
     write("config", config_seeds())
 
 

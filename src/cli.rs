@@ -376,7 +376,7 @@ fn route(path: &Path, sender: &str, from: Option<&str>, rcpts: usize) -> Result<
         has_from: true,
         ..Default::default()
     };
-    match routing::route_message(&config, sender, rcpts, &headers).map_err(Reply::from) {
+    match routing::route_message(&config, sender, None, rcpts, &headers).map_err(Reply::from) {
         Ok(decision) => {
             println!(
                 "message with From: {header_from} and {rcpts} recipient(s) → channel {} ({})",

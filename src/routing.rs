@@ -3,12 +3,14 @@
 //! SPEC §4: the most specific scope wins (exact address > domain > `*@domain` > `*`,
 //! matched by [`crate::scope`]); bulk mail is diverted to `[routing] bulk_channel`; with
 //! `check_header_from`, every `From:`/`Sender:` address must be one the chosen channel
-//! may send as. A refusal says why in routing's terms; the session turns it into the
-//! client's reply.
+//! may send as and, for an authenticated client, one its `[[users]]` entry may use.
+//! Headers come from the whole header section (the session refuses one over
+//! `max_header_size` rather than cutting it). A refusal says why in routing's terms;
+//! the session turns it into the client's reply.
 
 use mail_parser::{HeaderName, HeaderValue, MessageParser};
 
-use crate::config::{Channel, ChannelId, Config, SenderPattern};
+use crate::config::{Channel, ChannelId, Config, SenderPattern, User};
 // The queue still imports `channel_allows` from here; `crate::scope` is its home.
 use crate::scope::{best_match, channel_allows, describe, specificity, user_allows};
 
@@ -21,7 +23,8 @@ pub struct Headers {
     pub sender: Vec<Option<String>>,
     /// The message has a `From:` header at all.
     pub has_from: bool,
-    /// `Precedence:` value, lower-cased and trimmed.
+    /// `Precedence:` value, lower-cased and trimmed: the first bulk one if any
+    /// `Precedence:` header is bulk, else the first one.
     pub precedence: Option<String>,
 }
 
@@ -77,6 +80,15 @@ pub enum HeaderProblem {
         /// The channel's name.
         channel: String,
     },
+    /// An address the authenticated user's `[[users]]` entry may not use.
+    NotOwned {
+        /// The header.
+        field: HeaderField,
+        /// The address in it.
+        address: String,
+        /// The authenticated user's name.
+        user: String,
+    },
 }
 
 /// An address header that `check_header_from` looks at.
@@ -118,22 +130,28 @@ pub fn parse_headers(raw: &[u8]) -> Headers {
                 push_addresses(&mut headers.from, &header.value);
             }
             HeaderName::Sender => push_addresses(&mut headers.sender, &header.value),
-            name if headers.precedence.is_none()
-                && name.as_str().eq_ignore_ascii_case("precedence") =>
-            {
-                headers.precedence = Some(
-                    header
-                        .value
-                        .as_text()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_lowercase(),
-                );
+            name if name.as_str().eq_ignore_ascii_case("precedence") => {
+                let value = header
+                    .value
+                    .as_text()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_lowercase();
+                // A later bulk value counts too: a harmless first one must not hide it.
+                let seen_bulk = headers.precedence.as_deref().is_some_and(is_bulk);
+                if headers.precedence.is_none() || (!seen_bulk && is_bulk(&value)) {
+                    headers.precedence = Some(value);
+                }
             }
             _ => {}
         }
     }
     headers
+}
+
+/// A `Precedence:` value that marks bulk mail.
+fn is_bulk(precedence: &str) -> bool {
+    BULK_PRECEDENCE.contains(&precedence)
 }
 
 /// Length of the header section: up to and including the line break before the first empty line.
@@ -203,14 +221,16 @@ fn bulk_reason(config: &Config, recipients: usize, headers: &Headers) -> Option<
     headers
         .precedence
         .as_deref()
-        .filter(|p| BULK_PRECEDENCE.contains(p))
+        .filter(|p| is_bulk(p))
         .map(|p| format!("Precedence: {p}"))
 }
 
 /// The final channel for a whole message (after DATA): bulk diversion and header check.
+/// `user`: the client's `[[users]]` name when it authenticated.
 pub fn route_message(
     config: &Config,
     sender: &str,
+    user: Option<&str>,
     recipients: usize,
     headers: &Headers,
 ) -> Result<Decision, Refusal> {
@@ -254,13 +274,20 @@ pub fn route_message(
         }
     };
     if config.server.check_header_from {
-        check_header_addresses(&config.channels[decision.channel], headers)?;
+        let user = user.map(|name| (name, config.users.iter().find(|u| u.name == name)));
+        check_header_addresses(&config.channels[decision.channel], user, headers)?;
     }
     Ok(decision)
 }
 
-/// `check_header_from`: a From header exists and every From/Sender address is allowed on `channel`.
-fn check_header_addresses(channel: &Channel, headers: &Headers) -> Result<(), Refusal> {
+/// `check_header_from`: a From header exists and every From/Sender address is allowed on
+/// `channel` and, for an authenticated client, by its user entry (a name without an entry
+/// may use no address).
+fn check_header_addresses(
+    channel: &Channel,
+    user: Option<(&str, Option<&User>)>,
+    headers: &Headers,
+) -> Result<(), Refusal> {
     let refuse = |problem| Err(Refusal::HeaderFromNotAllowed(problem));
     if !headers.has_from {
         return refuse(HeaderProblem::NoFrom);
@@ -278,6 +305,15 @@ fn check_header_addresses(channel: &Channel, headers: &Headers) -> Result<(), Re
                     field,
                     address: address.clone(),
                     channel: channel.name.clone(),
+                });
+            }
+            if let Some((name, entry)) = user
+                && !entry.is_some_and(|u| user_allows(u, address))
+            {
+                return refuse(HeaderProblem::NotOwned {
+                    field,
+                    address: address.clone(),
+                    user: name.to_string(),
                 });
             }
         }
@@ -304,10 +340,9 @@ pub fn authorize_user(config: &Config, user: &str, sender: &str) -> Result<(), R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BareLf, DeliveryMode, Routing, Server, User};
+    use crate::config::{DeliveryMode, Routing, Server, User};
     use crate::scope::{channel, pattern};
     use std::path::PathBuf;
-    use std::time::Duration;
 
     /// A config with these channels (sorted by name, as config loading does).
     fn config(mut channels: Vec<Channel>) -> Config {
@@ -316,22 +351,9 @@ mod tests {
             path: PathBuf::from("test.toml"),
             server: Server {
                 listen: vec![],
-                tls_listen: vec![],
-                hostname: "localhost".into(),
-                tls: None,
-                max_message_size: 35_000_000,
-                max_recipients: 500,
-                max_connections: 10,
                 delivery: DeliveryMode::Relay,
-                spool_dir: PathBuf::from("spool"),
-                retry_first: Duration::from_secs(60),
-                retry_max: Duration::from_secs(3600),
-                give_up_after: Duration::from_secs(5 * 86400),
-                require_auth: false,
-                allow_networks: vec![],
                 check_header_from: true,
-                bare_lf: BareLf::Normalize,
-                idle_timeout: Duration::from_secs(300),
+                ..Server::default()
             },
             users: vec![],
             channels,
@@ -375,7 +397,7 @@ mod tests {
         rcpts: usize,
         headers: &Headers,
     ) -> Result<String, Refusal> {
-        route_message(config, sender, rcpts, headers)
+        route_message(config, sender, None, rcpts, headers)
             .map(|d| config.channels[d.channel].name.clone())
     }
 
@@ -519,7 +541,7 @@ mod tests {
         let c = with_bulk(team(), Some("marketing"), Some(50));
         let h = headers("alice@example.com");
         assert_eq!(route(&c, "alice@example.com", 50, &h).unwrap(), "alice");
-        let d = route_message(&c, "alice@example.com", 51, &h).unwrap();
+        let d = route_message(&c, "alice@example.com", None, 51, &h).unwrap();
         assert_eq!(c.channels[d.channel].name, "marketing");
         assert!(
             d.reason.contains("bulk") && d.reason.contains("51 recipients"),
@@ -533,8 +555,14 @@ mod tests {
         let c = with_bulk(team(), Some("marketing"), None);
         for value in ["bulk", "list", "junk", " BULK ", "List"] {
             let raw = format!("From: alice@example.com\r\nPrecedence: {value}\r\n\r\n");
-            let d =
-                route_message(&c, "alice@example.com", 1, &parse_headers(raw.as_bytes())).unwrap();
+            let d = route_message(
+                &c,
+                "alice@example.com",
+                None,
+                1,
+                &parse_headers(raw.as_bytes()),
+            )
+            .unwrap();
             assert_eq!(
                 c.channels[d.channel].name, "marketing",
                 "Precedence: {value}"
@@ -573,7 +601,7 @@ mod tests {
     #[test]
     fn bulk_on_domain_channel_without_taker_stays() {
         let c = with_bulk(team(), Some("partners"), Some(2));
-        let d = route_message(&c, "bob@example.com", 3, &headers("bob@example.com")).unwrap();
+        let d = route_message(&c, "bob@example.com", None, 3, &headers("bob@example.com")).unwrap();
         assert_eq!(c.channels[d.channel].name, "marketing");
         assert!(d.reason.contains("partners does not take"), "{}", d.reason);
     }
@@ -781,6 +809,104 @@ mod tests {
         assert_eq!(
             authorize_user(&c, "other", "app@example.com"),
             refused("other", "app@example.com")
+        );
+    }
+
+    /// `team()` with a user `billing-app` who may use billing@example.com only.
+    fn team_with_billing_user() -> Config {
+        let mut c = team();
+        c.users = vec![User {
+            name: "billing-app".into(),
+            password_hash: crate::config::Secret::new("$argon2id$x"),
+            senders: vec![pattern("billing@example.com")],
+        }];
+        c
+    }
+
+    #[test]
+    fn authenticated_user_header_from_must_be_its_own() {
+        let c = team_with_billing_user();
+        let as_billing = |h: &Headers| {
+            route_message(&c, "billing@example.com", Some("billing-app"), 1, h)
+                .map(|d| c.channels[d.channel].name.clone())
+        };
+        // The domain channel takes ceo@example.com; the user may not write it.
+        assert_eq!(
+            as_billing(&headers("ceo@example.com")),
+            Err(Refusal::HeaderFromNotAllowed(HeaderProblem::NotOwned {
+                field: HeaderField::From,
+                address: "ceo@example.com".into(),
+                user: "billing-app".into(),
+            }))
+        );
+        assert_eq!(
+            route(&c, "billing@example.com", 1, &headers("ceo@example.com")).unwrap(),
+            "marketing",
+            "unauthenticated, only the channel counts"
+        );
+        assert_eq!(
+            as_billing(&headers("Billing <BILLING@Example.com>")).unwrap(),
+            "marketing"
+        );
+        let sender = parse_headers(b"From: billing@example.com\r\nSender: ceo@example.com\r\n\r\n");
+        assert_eq!(
+            as_billing(&sender),
+            Err(Refusal::HeaderFromNotAllowed(HeaderProblem::NotOwned {
+                field: HeaderField::Sender,
+                address: "ceo@example.com".into(),
+                user: "billing-app".into(),
+            }))
+        );
+        // A name with no [[users]] entry may use no address.
+        assert!(matches!(
+            route_message(
+                &c,
+                "billing@example.com",
+                Some("ghost"),
+                1,
+                &headers("billing@example.com")
+            ),
+            Err(Refusal::HeaderFromNotAllowed(
+                HeaderProblem::NotOwned { .. }
+            ))
+        ));
+        // check_header_from off: no header check at all.
+        let mut off = c.clone();
+        off.server.check_header_from = false;
+        assert!(
+            route_message(
+                &off,
+                "billing@example.com",
+                Some("billing-app"),
+                1,
+                &headers("ceo@example.com")
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn every_from_and_precedence_in_a_large_header_section_counts() {
+        let mut raw = b"From: alice@example.com\r\nPrecedence: normal\r\n".to_vec();
+        while raw.len() < 200 * 1024 {
+            raw.extend_from_slice(b"X-Filler: 0123456789012345678901234567890123456789\r\n");
+        }
+        raw.extend_from_slice(b"From: ceo@elsewhere.test\r\nPrecedence: bulk\r\n\r\nbody\r\n");
+        let h = parse_headers(&raw);
+        assert_eq!(
+            h.from,
+            vec![
+                Some("alice@example.com".into()),
+                Some("ceo@elsewhere.test".into())
+            ]
+        );
+        assert_eq!(h.precedence.as_deref(), Some("bulk"));
+        let c = with_bulk(team(), None, None);
+        assert_eq!(
+            route(&c, "alice@example.com", 1, &h),
+            Err(Refusal::BulkNotAllowed {
+                channel: "alice".into()
+            })
         );
     }
 }

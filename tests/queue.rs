@@ -158,6 +158,7 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
             check_header_from: false,
             bare_lf: BareLf::Normalize,
             idle_timeout: Duration::from_secs(300),
+            max_header_size: 1 << 20,
         },
         users: vec![],
         channels,

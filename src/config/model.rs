@@ -65,6 +65,8 @@ pub struct Server {
     pub bare_lf: BareLf,
     /// Session idle timeout (SPEC: 5 minutes; `idle_timeout` overrides it).
     pub idle_timeout: Duration,
+    /// Largest header section accepted, in bytes (a larger one is refused, never cut).
+    pub max_header_size: u64,
 }
 
 /// Certificate and key files (PEM).
@@ -215,7 +217,7 @@ pub struct Routing {
 
 impl Default for Server {
     /// The documented defaults (SPEC §3): loopback on 2525, queue mode, 35MB, 500
-    /// recipients, 1000 connections, retries from 1m doubling to 1h, giving up after 5d.
+    /// recipients, 1000 connections, 1MB of headers, retries from 1m doubling to 1h, giving up after 5d.
     fn default() -> Self {
         Server {
             listen: vec![
@@ -238,6 +240,7 @@ impl Default for Server {
             check_header_from: true,
             bare_lf: BareLf::Normalize,
             idle_timeout: Duration::from_secs(300),
+            max_header_size: MB,
         }
     }
 }

@@ -35,6 +35,7 @@ struct RawServer {
     check_header_from: Option<Spanned<bool>>,
     bare_lf: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    max_header_size: Option<Spanned<RawSize>>,
 }
 
 pub(super) const SERVER_KEYS: Keys = &[
@@ -56,6 +57,7 @@ pub(super) const SERVER_KEYS: Keys = &[
     ("check_header_from", Expect::Bool),
     ("bare_lf", Expect::Str),
     ("idle_timeout", Expect::Duration),
+    ("max_header_size", Expect::Size),
 ];
 
 /// Reads and validates `[server]`; absent keys take [`Server::default`].
@@ -188,6 +190,9 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
     let idle_timeout = r
         .parsed(s, "idle_timeout", &raw.idle_timeout, parse_duration)
         .unwrap_or(defaults.idle_timeout);
+    let max_header_size = r
+        .size(s, "max_header_size", &raw.max_header_size)
+        .unwrap_or(defaults.max_header_size);
 
     Server {
         listen: listen.into_iter().map(|(a, _)| a).collect(),
@@ -207,5 +212,6 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
         check_header_from,
         bare_lf,
         idle_timeout,
+        max_header_size,
     }
 }

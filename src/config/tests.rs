@@ -1158,3 +1158,23 @@ fn oauth_rules_are_problems_with_their_line() {
         "{all:#?}"
     );
 }
+
+#[test]
+fn max_header_size_is_a_size_with_a_1mb_default() {
+    assert_eq!(ok(OUTBOX).server.max_header_size, 1_048_576);
+    let c = ok(&format!("[server]\nmax_header_size = \"64KB\"\n{OUTBOX}"));
+    assert_eq!(c.server.max_header_size, 65_536);
+    assert_eq!(
+        ok(&format!("[server]\nmax_header_size = 4096\n{OUTBOX}"))
+            .server
+            .max_header_size,
+        4096
+    );
+    let p = problem(&format!("[server]\nmax_header_size = \"1XB\"\n{OUTBOX}"));
+    assert_eq!(p.line, Some(2));
+    assert!(p.message.contains("max_header_size"), "{}", p.message);
+    let p = problem(&format!("[server]\nmax_header_size = 0\n{OUTBOX}"));
+    assert!(p.message.contains("max_header_size"), "{}", p.message);
+    let p = problem(&format!("[server]\nmax_header_size = \"2000GB\"\n{OUTBOX}"));
+    assert!(p.message.contains("max_header_size"), "{}", p.message);
+}

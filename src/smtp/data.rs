@@ -163,6 +163,102 @@ impl Decoder {
     }
 }
 
+/// Keeps a message's header section as the decoded bytes go by: everything before the
+/// first empty line (the whole message if it has none), at most `limit` bytes.
+///
+/// The decoder's output has only CRLF line ends, so the empty line is `CRLF CRLF` (or a
+/// CRLF at the very start: an empty header section). A section over the limit is never
+/// cut and passed on: the capture says [`HeaderCapture::too_big`] instead, and keeps no
+/// more than `limit` bytes, so memory stays bounded whatever the client sends.
+#[derive(Debug, Clone)]
+pub struct HeaderCapture {
+    bytes: Vec<u8>,
+    limit: usize,
+    state: Capture,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    /// The end of the header section is not seen yet.
+    Open,
+    /// `bytes` is the whole header section.
+    Complete,
+    /// The header section is larger than the limit.
+    TooBig,
+}
+
+impl HeaderCapture {
+    /// A capture that keeps a header section of at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        HeaderCapture {
+            bytes: Vec::new(),
+            limit,
+            state: Capture::Open,
+        }
+    }
+
+    /// Takes the next decoded bytes of the message.
+    pub fn push(&mut self, out: &[u8]) {
+        if self.state != Capture::Open {
+            return;
+        }
+        // The empty line may straddle two pushes. The section ends with the CRLF before
+        // the empty line, so its end is seen once `limit + 2` bytes are in: keeping two
+        // more than that (a CRLF CRLF starting right at the limit) is enough to decide.
+        let search_from = self.bytes.len().saturating_sub(3);
+        let cap = self.limit.saturating_add(4);
+        let room = cap - self.bytes.len();
+        self.bytes.extend_from_slice(&out[..out.len().min(room)]);
+        let end = if self.bytes.starts_with(b"\r\n") {
+            Some(0)
+        } else {
+            memchr::memmem::find(&self.bytes[search_from..], b"\r\n\r\n")
+                .map(|p| search_from + p + 2)
+        };
+        match end {
+            Some(end) if end <= self.limit => {
+                self.bytes.truncate(end);
+                self.state = Capture::Complete;
+            }
+            Some(_) => self.overflow(),
+            None if self.bytes.len() >= cap => self.overflow(),
+            None => {}
+        }
+    }
+
+    /// The message has ended: with no empty line, all of it is the header section.
+    pub fn finish(&mut self) {
+        if self.state == Capture::Open {
+            if self.bytes.len() > self.limit {
+                self.overflow();
+            } else {
+                self.state = Capture::Complete;
+            }
+        }
+    }
+
+    /// The header section, once complete (after [`HeaderCapture::finish`] at the latest);
+    /// `None` while it is still open or when it is too big.
+    pub fn section(&self) -> Option<&[u8]> {
+        (self.state == Capture::Complete).then_some(self.bytes.as_slice())
+    }
+
+    /// The header section is larger than the limit.
+    pub fn too_big(&self) -> bool {
+        self.state == Capture::TooBig
+    }
+
+    /// Bytes held (never more than the limit once too big).
+    pub fn held(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn overflow(&mut self) {
+        self.bytes.truncate(self.limit);
+        self.state = Capture::TooBig;
+    }
+}
+
 #[cfg(test)]
 mod model;
 
@@ -423,6 +519,96 @@ From: admin@bank.example\r\nSubject: smuggled\r\n\r\nPay now.\r\n";
                 String::from_utf8_lossy(&input)
             );
             assert_eq!(run_bdat(&bytes), want);
+        }
+    }
+
+    /// The header section as a whole-input reference: up to the CRLF before the first
+    /// empty line, or everything.
+    fn reference_section(input: &[u8]) -> &[u8] {
+        if input.starts_with(b"\r\n") {
+            return &input[..0];
+        }
+        match input.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(p) => &input[..p + 2],
+            None => input,
+        }
+    }
+
+    fn capture(limit: usize, chunks: &[&[u8]]) -> HeaderCapture {
+        let mut c = HeaderCapture::new(limit);
+        for chunk in chunks {
+            c.push(chunk);
+        }
+        c.finish();
+        c
+    }
+
+    #[test]
+    fn header_capture_stops_at_the_empty_line() {
+        let c = capture(
+            1000,
+            &[b"From: a@b\r", b"\nTo: c@d\r\n\r", b"\nbody\r\n\r\nmore"],
+        );
+        assert_eq!(c.section(), Some(&b"From: a@b\r\nTo: c@d\r\n"[..]));
+        let empty = capture(1000, &[b"\r", b"\nbody\r\n"]);
+        assert_eq!(empty.section(), Some(&b""[..]));
+        let no_body = capture(1000, &[b"From: a@b\r\nTo: c@d\r\n"]);
+        assert_eq!(no_body.section(), Some(&b"From: a@b\r\nTo: c@d\r\n"[..]));
+        // Still open until the message ends.
+        let mut open = HeaderCapture::new(1000);
+        open.push(b"From: a@b\r\n");
+        assert_eq!(open.section(), None);
+        assert!(!open.too_big());
+    }
+
+    #[test]
+    fn header_capture_is_exact_at_the_limit_and_refuses_beyond() {
+        // A 64 KiB cap used to cut here and pass the rest off as the whole section.
+        let mut headers = b"From: a@example.com\r\n".to_vec();
+        while headers.len() < 100 * 1024 {
+            headers.extend_from_slice(b"X-Filler: 0123456789012345678901234567890123456789\r\n");
+        }
+        headers.extend_from_slice(b"From: ceo@elsewhere.test\r\n");
+        let mut message = headers.clone();
+        message.extend_from_slice(b"\r\nbody\r\n");
+        let n = headers.len();
+        for limit in [n, n + 1, n + 10, 1 << 20] {
+            let c = capture(limit, &message.chunks(4096).collect::<Vec<_>>());
+            assert_eq!(c.section(), Some(&headers[..]), "limit {limit}");
+        }
+        for limit in [0, 1, 64 * 1024, n - 2, n - 1] {
+            let c = capture(limit, &message.chunks(4096).collect::<Vec<_>>());
+            assert!(c.too_big() && c.section().is_none(), "limit {limit}");
+            assert!(c.held() <= limit, "limit {limit}: held {}", c.held());
+        }
+        // Endless headers never grow the capture past the limit.
+        let mut endless = HeaderCapture::new(1000);
+        for _ in 0..1000 {
+            endless.push(&[b'h'; 1000]);
+            assert!(endless.held() <= 1004);
+        }
+        assert!(endless.too_big() && endless.held() == 1000);
+    }
+
+    #[test]
+    fn header_capture_matches_the_reference_in_any_chunks() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for _ in 0..20_000 {
+            let input = rng.bytes(b"\r\nab", 40);
+            let limit = (rng.next() % 24) as usize;
+            let cut = (rng.next() % (input.len() as u64 + 1)) as usize;
+            let (a, b) = input.split_at(cut);
+            let want = reference_section(&input);
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            for c in [capture(limit, &[a, b]), capture(limit, &bytes)] {
+                let shown = String::from_utf8_lossy(&input);
+                if want.len() <= limit {
+                    assert_eq!(c.section(), Some(want), "{shown:?} limit {limit}");
+                } else {
+                    assert!(c.too_big(), "{shown:?} limit {limit}");
+                    assert!(c.held() <= limit);
+                }
+            }
         }
     }
 }

@@ -327,6 +327,14 @@ impl Reply {
                 "{}: address <{address}> is not allowed on channel {channel}",
                 field.name()
             ),
+            HeaderProblem::NotOwned {
+                field,
+                address,
+                user,
+            } => format!(
+                "{}: address <{address}> may not be used by user {user}",
+                field.name()
+            ),
         };
         Reply::new(550, (5, 7, 1), text)
     }
@@ -338,6 +346,14 @@ impl Reply {
             format!(
                 "Bulk mail may not go over mailbox channel {channel} and no bulk channel takes this sender"
             ),
+        )
+    }
+    /// `552 5.3.4` the header section is over `max_header_size` (refused, never cut).
+    pub fn header_too_big(max: u64) -> Self {
+        Reply::new(
+            552,
+            (5, 3, 4),
+            format!("Message header section exceeds {max} bytes"),
         )
     }
     /// `550 5.6.11` bare CR or LF in message data (`bare_lf = "reject"`).
@@ -399,6 +415,7 @@ mod tests {
                 "550 5.7.1",
             ),
             (Reply::bare_lf(), "550 5.6.11"),
+            (Reply::header_too_big(10), "552 5.3.4"),
             (Reply::queued("abc"), "250 2.0.0"),
             (Reply::upstream_unreachable("c"), "451 4.4.1"),
             (Reply::upstream_tls_failed("c"), "454 4.7.0"),
@@ -549,6 +566,19 @@ mod tests {
                 })
                 .into(),
                 "550 5.7.1 From: address <m@evil.net> is not allowed on channel alice",
+            ),
+            (
+                Refusal::HeaderFromNotAllowed(HeaderProblem::NotOwned {
+                    field: HeaderField::Sender,
+                    address: "ceo@example.com".into(),
+                    user: "billing-app".into(),
+                })
+                .into(),
+                "550 5.7.1 Sender: address <ceo@example.com> may not be used by user billing-app",
+            ),
+            (
+                Reply::header_too_big(1_048_576),
+                "552 5.3.4 Message header section exceeds 1048576 bytes",
             ),
         ];
         for (reply, want) in table {

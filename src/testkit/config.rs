@@ -30,6 +30,7 @@ pub fn server() -> Server {
         check_header_from: false,
         bare_lf: BareLf::Normalize,
         idle_timeout: Duration::from_secs(300),
+        max_header_size: 1 << 20,
     }
 }
 

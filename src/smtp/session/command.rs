@@ -13,9 +13,32 @@ use crate::smtp::reply::{Reply, Syntax};
 /// fuzz target can drive it.
 pub fn parse_command(line: &[u8]) -> Result<Request<String>, Reply> {
     let line = liberal(line);
-    Request::parse(&mut line.iter())
+    let mut request = Request::parse(&mut line.iter())
         .map(Request::into_owned)
-        .map_err(parse_error_reply)
+        .map_err(parse_error_reply)?;
+    if let Request::Rcpt { to } = &mut request
+        && to.address.is_empty()
+        && let Some(name) = postmaster_in(&line)
+    {
+        to.address = name;
+    }
+    Ok(request)
+}
+
+/// smtp-proto reads `RCPT TO:<Postmaster>` as the empty path `<>`; the session must
+/// tell them apart (RFC 5321 §4.5.1), so the name is taken from the line as written.
+fn postmaster_in(line: &[u8]) -> Option<String> {
+    let open = line.iter().position(|&b| b == b'<')?;
+    let close = open + line[open..].iter().position(|&b| b == b'>')?;
+    let path = &line[open + 1..close];
+    // A source route (`<@relay:Postmaster>`) is dropped, as smtp-proto drops it.
+    let mailbox = match path.strip_prefix(b"@") {
+        Some(_) => &path[path.iter().rposition(|&b| b == b':')? + 1..],
+        None => path,
+    };
+    mailbox
+        .eq_ignore_ascii_case(b"postmaster")
+        .then(|| String::from_utf8_lossy(mailbox).into_owned())
 }
 
 /// The reply to a command line smtp-proto could not parse.
@@ -207,5 +230,28 @@ mod tests {
             line.extend_from_slice(b"\r\n");
             let _ = parse_command(&line);
         }
+    }
+
+    #[test]
+    fn postmaster_without_domain_is_kept_apart_from_the_null_path() {
+        let rcpt = |line: &[u8]| match parse_command(line) {
+            Ok(Request::Rcpt { to }) => to.address,
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(line)),
+        };
+        assert_eq!(rcpt(b"RCPT TO:<Postmaster>\r\n"), "Postmaster");
+        assert_eq!(
+            rcpt(b"rcpt to: <postMASTER> NOTIFY=NEVER\r\n"),
+            "postMASTER"
+        );
+        assert_eq!(rcpt(b"RCPT TO:postmaster\r\n"), "postmaster");
+        assert_eq!(
+            rcpt(b"RCPT TO:<@relay.example:Postmaster>\r\n"),
+            "Postmaster"
+        );
+        assert_eq!(rcpt(b"RCPT TO:<>\r\n"), "");
+        assert_eq!(
+            rcpt(b"RCPT TO:<postmaster@example.org>\r\n"),
+            "postmaster@example.org"
+        );
     }
 }

@@ -8,11 +8,8 @@ use super::{DATA_READ, Session, Stop};
 use crate::config::BareLf;
 use crate::delivery::Draft;
 use crate::routing;
-use crate::smtp::data::Decoder;
+use crate::smtp::data::{Decoder, HeaderCapture};
 use crate::smtp::reply::{Reply, Sequence, Verb};
-
-/// Most header bytes kept for routing.
-const HEADER_CAP: usize = 64 * 1024;
 
 /// A message streaming in.
 pub(super) struct Body {
@@ -24,11 +21,12 @@ pub(super) struct Body {
 }
 
 impl Body {
-    fn new(draft: Draft, decoder: Decoder) -> Self {
+    /// `header_limit`: the most header bytes kept (see [`header_limit`]).
+    fn new(draft: Draft, decoder: Decoder, header_limit: usize) -> Self {
         Body {
             draft,
             decoder,
-            headers: HeaderCapture::default(),
+            headers: HeaderCapture::new(header_limit),
             failed: None,
         }
     }
@@ -47,36 +45,12 @@ impl Body {
     }
 }
 
-/// Keeps a message's header section (up to the first empty line, at most
-/// [`HEADER_CAP`] bytes) as the decoded bytes go by.
-#[derive(Default)]
-struct HeaderCapture {
-    bytes: Vec<u8>,
-    done: bool,
-}
-
-impl HeaderCapture {
-    fn push(&mut self, out: &[u8]) {
-        if self.done {
-            return;
-        }
-        // The empty line may straddle two pushes.
-        let search_from = self.bytes.len().saturating_sub(3);
-        let room = HEADER_CAP - self.bytes.len();
-        self.bytes.extend_from_slice(&out[..out.len().min(room)]);
-        if self.bytes.starts_with(b"\r\n") {
-            self.bytes.clear();
-            self.done = true;
-        } else if let Some(p) = self.bytes[search_from..]
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-        {
-            self.bytes.truncate(search_from + p + 2);
-            self.done = true;
-        } else if self.bytes.len() >= HEADER_CAP {
-            self.done = true;
-        }
-    }
+/// The most header bytes a session keeps: `max_header_size`, but never more than
+/// `max_message_size` (a header section that large makes the message too big anyway, and
+/// is refused as such), so a generous header setting cannot cost more memory than that.
+fn header_limit(server: &crate::config::Server) -> usize {
+    let limit = server.max_header_size.min(server.max_message_size);
+    usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
 impl Session {
@@ -105,7 +79,7 @@ impl Session {
         };
         self.reply(&Reply::start_data())?;
         let max = self.config.server.max_message_size;
-        let mut body = Body::new(draft, Decoder::data());
+        let mut body = Body::new(draft, Decoder::data(), header_limit(&self.config.server));
         let mut out = Vec::with_capacity(DATA_READ);
         loop {
             let input = &self.rbuf[self.rpos..];
@@ -134,7 +108,7 @@ impl Session {
         let mut body = match pending {
             Some(body) => body,
             None => match self.ctx.delivery.begin().await {
-                Ok(draft) => Body::new(draft, Decoder::bdat()),
+                Ok(draft) => Body::new(draft, Decoder::bdat(), header_limit(&self.config.server)),
                 Err(refusal) => {
                     self.skip(size).await?;
                     self.tx = None;
@@ -185,15 +159,18 @@ impl Session {
     }
 
     /// The end of a message: checks it, routes it, hands it to delivery; ends the transaction.
-    async fn complete(&mut self, body: Body) -> Reply {
+    async fn complete(&mut self, mut body: Body) -> Reply {
         let Some(tx) = self.tx.take() else {
             return Reply::local_error();
         };
         let envelope = tx.envelope;
         let id = body.draft.id().to_string();
         let server = &self.config.server;
+        body.headers.finish();
         let refusal = if body.decoder.size() > server.max_message_size {
             Some(Reply::too_big(server.max_message_size))
+        } else if body.headers.too_big() {
+            Some(Reply::header_too_big(server.max_header_size))
         } else if let Some(failed) = body.failed {
             Some(failed)
         } else if body.decoder.saw_bare() && server.bare_lf == BareLf::Reject {
@@ -201,18 +178,21 @@ impl Session {
         } else {
             None
         };
-        let decision = match refusal {
-            Some(r) => Err(r),
-            None => {
-                let headers = routing::parse_headers(&body.headers.bytes);
+        let decision = match (refusal, body.headers.section()) {
+            (Some(r), _) => Err(r),
+            (None, Some(section)) => {
+                let headers = routing::parse_headers(section);
                 routing::route_message(
                     &self.config,
                     &envelope.sender,
+                    self.user.as_deref(),
                     envelope.recipients.len(),
                     &headers,
                 )
                 .map_err(Reply::from)
             }
+            // finish() above leaves the capture either complete or too big.
+            (None, None) => Err(Reply::local_error()),
         };
         let decision = match decision {
             Ok(decision) => decision,
@@ -250,32 +230,5 @@ impl Session {
             "message handed to delivery"
         );
         reply
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_capture_stops_at_the_empty_line() {
-        let mut capture = HeaderCapture::default();
-        for chunk in [
-            &b"From: a@b\r"[..],
-            b"\nTo: c@d\r\n\r",
-            b"\nbody\r\n\r\nmore",
-        ] {
-            capture.push(chunk);
-        }
-        assert_eq!(capture.bytes, b"From: a@b\r\nTo: c@d\r\n");
-        let mut empty = HeaderCapture::default();
-        empty.push(b"\r");
-        empty.push(b"\nbody\r\n");
-        assert!(empty.done && empty.bytes.is_empty());
-        let mut huge = HeaderCapture::default();
-        for _ in 0..100 {
-            huge.push(&[b'h'; 1000]);
-        }
-        assert!(huge.done && huge.bytes.len() == HEADER_CAP);
     }
 }

@@ -63,19 +63,20 @@ impl Session {
     /// RCPT TO: adds a recipient within the limit.
     pub(super) fn rcpt(&mut self, to: RcptTo<String>) -> Reply {
         let limit = self.recipient_limit();
+        let recipient = recipient(to.address, &self.config.server.hostname);
         let Some(tx) = self.tx.as_mut() else {
             return Reply::bad_sequence(Sequence::NeedMail(Verb::Rcpt));
         };
         if tx.bdat.is_some() {
             return Reply::bad_sequence(Sequence::RcptAfterBdat);
         }
-        if !valid_address(&to.address) {
+        let Some(recipient) = recipient else {
             return Reply::bad_parameters(Syntax::InvalidRecipient);
-        }
+        };
         if tx.envelope.recipients.len() >= limit {
             return Reply::too_many_recipients(limit);
         }
-        tx.envelope.recipients.push(to.address);
+        tx.envelope.recipients.push(recipient);
         Reply::recipient_ok()
     }
 
@@ -89,6 +90,19 @@ impl Session {
             }
             _ => server,
         }
+    }
+}
+
+/// The recipient to keep for `RCPT TO:<address>`, or `None` if it is no mailbox.
+///
+/// `<Postmaster>` without a domain must be accepted (RFC 5321 §4.5.1). It is a recipient
+/// like any other on the sender's channel; as lettre (and most upstreams) want a domain,
+/// it becomes `Postmaster@<hostname>`, the local part kept as written.
+fn recipient(address: String, hostname: &str) -> Option<String> {
+    if address.eq_ignore_ascii_case("postmaster") {
+        Some(format!("{address}@{hostname}"))
+    } else {
+        valid_address(&address).then_some(address)
     }
 }
 
@@ -113,5 +127,24 @@ mod tests {
         for bad in ["", "a", "@b", "a@", "a b@c", "a@b\tc"] {
             assert!(!valid_address(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn postmaster_gets_the_hostname() {
+        let r = |a: &str| recipient(a.to_string(), "mx.test");
+        assert_eq!(r("Postmaster").as_deref(), Some("Postmaster@mx.test"));
+        assert_eq!(r("postMASTER").as_deref(), Some("postMASTER@mx.test"));
+        assert_eq!(r("bob@example.org").as_deref(), Some("bob@example.org"));
+        assert_eq!(
+            r("postmaster@example.org").as_deref(),
+            Some("postmaster@example.org")
+        );
+        for bad in ["webmaster", "postmaster ", "post master", ""] {
+            assert_eq!(r(bad), None, "{bad:?}");
+        }
+        // What the upstream code parses the envelope with takes it.
+        let kept = r("Postmaster").unwrap();
+        assert!(kept.parse::<lettre::Address>().is_ok());
+        assert!("Postmaster".parse::<lettre::Address>().is_err());
     }
 }

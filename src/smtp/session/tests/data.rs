@@ -178,3 +178,144 @@ async fn bdat_over_the_limit() {
     assert!(h.delivered().is_empty());
     assert_code(&c.cmd("NOOP").await, "250");
 }
+
+/// A harness whose messages may be large (the default test limit is 2000 bytes).
+fn roomy(server_extra: &str) -> Harness {
+    Harness::with(server_extra, |mut config| {
+        config.server.max_message_size = 4_000_000;
+        config
+    })
+}
+
+/// `lines` filler header lines of about 80 bytes each.
+fn filler(lines: usize) -> String {
+    (0..lines)
+        .map(|i| format!("X-Filler-{i:05}: {}\r\n", "f".repeat(60)))
+        .collect()
+}
+
+#[tokio::test]
+async fn from_after_64_kib_of_headers_is_still_checked() {
+    let h = roomy("");
+    let mut c = h.connect().await;
+    open_data(&mut c, "alice@example.com", "bob@example.org").await;
+    let headers = format!(
+        "From: alice@example.com\r\n{}From: ceo@elsewhere.test\r\n",
+        filler(1000)
+    );
+    assert!(headers.len() > 70 * 1024);
+    c.send(&format!("{headers}\r\nbody\r\n.\r\n")).await;
+    assert_code(&c.reply().await, "550 5.7.1");
+    // A Sender: there is checked the same way.
+    c.cmd("MAIL FROM:<alice@example.com>").await;
+    c.cmd("RCPT TO:<bob@example.org>").await;
+    assert_code(&c.cmd("DATA").await, "354");
+    let headers = format!(
+        "From: alice@example.com\r\n{}Sender: ceo@elsewhere.test\r\n",
+        filler(1000)
+    );
+    c.send(&format!("{headers}\r\nbody\r\n.\r\n")).await;
+    assert_code(&c.reply().await, "550 5.7.1");
+    assert!(h.delivered().is_empty());
+}
+
+#[tokio::test]
+async fn precedence_bulk_after_64_kib_of_headers_counts() {
+    let h = Harness::with("", |mut config| {
+        config.server.max_message_size = 4_000_000;
+        // A mailbox channel with no bulk channel: bulk mail is refused.
+        let id = config.channel_id("outbox").unwrap();
+        config.channels[id].address_scoped = true;
+        config
+    });
+    let mut c = h.connect().await;
+    open_data(&mut c, "alice@example.com", "bob@example.org").await;
+    let headers = format!(
+        "From: alice@example.com\r\n{}Precedence: bulk\r\n",
+        filler(1000)
+    );
+    c.send(&format!("{headers}\r\nbody\r\n.\r\n")).await;
+    assert_code(&c.reply().await, "550 5.7.1");
+    assert!(h.delivered().is_empty());
+}
+
+#[tokio::test]
+async fn header_section_over_max_header_size_is_refused() {
+    let h = roomy("max_header_size = 4096");
+    let mut c = h.connect().await;
+    open_data(&mut c, "alice@example.com", "bob@example.org").await;
+    // 60 filler lines: about 4.8 KB of headers, with a small body.
+    c.send(&format!(
+        "From: alice@example.com\r\n{}\r\nbody\r\n.\r\n",
+        filler(60)
+    ))
+    .await;
+    let reply = c.reply().await;
+    assert_code(&reply, "552 5.3.4");
+    assert!(
+        reply.contains("header section exceeds 4096 bytes"),
+        "{reply}"
+    );
+    // Without an empty line the whole message is the header section.
+    c.cmd("MAIL FROM:<alice@example.com>").await;
+    c.cmd("RCPT TO:<bob@example.org>").await;
+    assert_code(&c.cmd("DATA").await, "354");
+    c.send(&format!("From: alice@example.com\r\n{}.\r\n", filler(60)))
+        .await;
+    assert_code(&c.reply().await, "552 5.3.4");
+    // Just under the limit, with a body larger than it, goes through.
+    c.cmd("MAIL FROM:<alice@example.com>").await;
+    c.cmd("RCPT TO:<bob@example.org>").await;
+    assert_code(&c.cmd("DATA").await, "354");
+    let headers = format!("From: alice@example.com\r\n{}", filler(40));
+    assert!(headers.len() < 4096);
+    c.send(&format!("{headers}\r\n{}\r\n.\r\n", "b".repeat(10_000)))
+        .await;
+    assert_code(&c.reply().await, "250");
+    assert_eq!(h.delivered().len(), 1);
+}
+
+#[tokio::test]
+async fn bdat_header_section_over_max_header_size_is_refused() {
+    let h = roomy("max_header_size = 4096");
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<alice@example.com>").await;
+    c.cmd("RCPT TO:<bob@example.org>").await;
+    let message = format!("From: alice@example.com\r\n{}\r\nbody\r\n", filler(60));
+    let (a, b) = message.split_at(3000);
+    c.send(&format!("BDAT {}\r\n{a}", a.len())).await;
+    assert_code(&c.reply().await, "250 2.0.0");
+    c.send(&format!("BDAT {} LAST\r\n{b}", b.len())).await;
+    assert_code(&c.reply().await, "552 5.3.4");
+    assert!(h.delivered().is_empty());
+}
+
+#[tokio::test]
+async fn authenticated_user_header_from_must_be_one_of_its_senders() {
+    let h = Harness::with("", with_user);
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_code(
+        &c.cmd(&format!("AUTH PLAIN {}", STANDARD.encode("\0app\0pw")))
+            .await,
+        "235 2.7.0",
+    );
+    // The channel takes *@example.com, but the user only app@example.com.
+    for (headers, code) in [
+        ("From: ceo@example.com\r\n", "550 5.7.1"),
+        (
+            "From: app@example.com\r\nSender: ceo@example.com\r\n",
+            "550 5.7.1",
+        ),
+        ("From: App <APP@example.com>\r\n", "250"),
+    ] {
+        c.cmd("MAIL FROM:<app@example.com>").await;
+        c.cmd("RCPT TO:<bob@example.org>").await;
+        assert_code(&c.cmd("DATA").await, "354");
+        c.send(&format!("{headers}Subject: x\r\n\r\nbody\r\n.\r\n"))
+            .await;
+        assert_code(&c.reply().await, code);
+    }
+    assert_eq!(h.delivered().len(), 1);
+}

@@ -150,3 +150,18 @@ async fn tenth_error_closes_the_session() {
     assert_code(&c.reply().await, "421 4.7.0");
     c.assert_closed().await;
 }
+
+#[tokio::test]
+async fn postmaster_without_domain_is_a_recipient() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<alice@example.com>").await;
+    assert_code(&c.cmd("RCPT TO:<Postmaster>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<postMASTER>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<webmaster>").await, "501 5.5.4");
+    assert_code(&c.cmd("DATA").await, "354");
+    c.send(&format!("{MESSAGE}.\r\n")).await;
+    assert_code(&c.reply().await, "250");
+    assert_eq!(h.delivered().len(), 1);
+}
