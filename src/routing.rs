@@ -332,6 +332,8 @@ mod tests {
                 check_header_from: true,
                 bare_lf: BareLf::Normalize,
                 idle_timeout: Duration::from_secs(300),
+                max_connections_per_client: 50,
+                shutdown_grace: Duration::from_secs(30),
             },
             users: vec![],
             channels,

@@ -158,6 +158,8 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
             check_header_from: false,
             bare_lf: BareLf::Normalize,
             idle_timeout: Duration::from_secs(300),
+            max_connections_per_client: 50,
+            shutdown_grace: Duration::from_secs(30),
         },
         users: vec![],
         channels,

@@ -65,6 +65,10 @@ pub struct Server {
     pub bare_lf: BareLf,
     /// Session idle timeout (SPEC: 5 minutes; `idle_timeout` overrides it).
     pub idle_timeout: Duration,
+    /// Most connections at once from one non-loopback client address.
+    pub max_connections_per_client: usize,
+    /// On SIGTERM/SIGINT, how long an open transaction may take to finish.
+    pub shutdown_grace: Duration,
 }
 
 /// Certificate and key files (PEM).
@@ -238,6 +242,8 @@ impl Default for Server {
             check_header_from: true,
             bare_lf: BareLf::Normalize,
             idle_timeout: Duration::from_secs(300),
+            max_connections_per_client: 50,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

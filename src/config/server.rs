@@ -12,6 +12,8 @@ use super::{BareLf, DeliveryMode, Server, TlsFiles};
 const MAX_CONNECTIONS: u64 = 1_000_000;
 /// SPEC §9: most recipients per message.
 pub(super) const MAX_RECIPIENTS: u64 = 100_000;
+/// SPEC §9: most connections from one client address.
+const MAX_CONNECTIONS_PER_CLIENT: u64 = 100_000;
 
 /// `[server]` as written.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -35,6 +37,8 @@ struct RawServer {
     check_header_from: Option<Spanned<bool>>,
     bare_lf: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    max_connections_per_client: Option<Spanned<i64>>,
+    shutdown_grace: Option<Spanned<String>>,
 }
 
 pub(super) const SERVER_KEYS: Keys = &[
@@ -56,6 +60,8 @@ pub(super) const SERVER_KEYS: Keys = &[
     ("check_header_from", Expect::Bool),
     ("bare_lf", Expect::Str),
     ("idle_timeout", Expect::Duration),
+    ("max_connections_per_client", Expect::Count),
+    ("shutdown_grace", Expect::Duration),
 ];
 
 /// Reads and validates `[server]`; absent keys take [`Server::default`].
@@ -188,6 +194,17 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
     let idle_timeout = r
         .parsed(s, "idle_timeout", &raw.idle_timeout, parse_duration)
         .unwrap_or(defaults.idle_timeout);
+    let max_connections_per_client = r
+        .count_usize(
+            s,
+            "max_connections_per_client",
+            &raw.max_connections_per_client,
+            MAX_CONNECTIONS_PER_CLIENT,
+        )
+        .unwrap_or(defaults.max_connections_per_client);
+    let shutdown_grace = r
+        .parsed(s, "shutdown_grace", &raw.shutdown_grace, parse_duration)
+        .unwrap_or(defaults.shutdown_grace);
 
     Server {
         listen: listen.into_iter().map(|(a, _)| a).collect(),
@@ -207,5 +224,7 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
         check_header_from,
         bare_lf,
         idle_timeout,
+        max_connections_per_client,
+        shutdown_grace,
     }
 }
