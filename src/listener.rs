@@ -1,8 +1,10 @@
-//! Accept loop: listeners, connection permits, allow-list, TLS acceptors, graceful shutdown.
+//! Accept loop: listeners, connection permits (in all and per client), allow-list, TLS
+//! acceptors, graceful shutdown.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -18,8 +20,8 @@ use crate::smtp::session::{self, BoxStream, SessionCtx};
 
 /// How long an implicit-TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for sessions in flight before giving up on them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long shutdown waits, beyond `shutdown_grace`, for sessions to say goodbye.
+const DRAIN_MARGIN: Duration = Duration::from_secs(15);
 
 /// A bound listening socket.
 pub struct Bound {
@@ -78,7 +80,8 @@ fn host_lacks_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
 }
 
 /// Serves the bound listeners until `shutdown` is cancelled, then waits for the
-/// sessions in flight (each is told `421 4.3.0` at its next command).
+/// sessions in flight: idle ones are told `421 4.3.0` at once, open transactions may
+/// finish within `shutdown_grace` (then `421 4.3.0`).
 pub async fn serve(
     config: Arc<Config>,
     delivery: Arc<Delivery>,
@@ -97,8 +100,13 @@ pub async fn serve(
         delivery,
         tls: tls.clone(),
         shutdown: shutdown.clone(),
+        failed_logins: Default::default(),
     });
-    let permits = Arc::new(Semaphore::new(config.server.max_connections));
+    let gate = Arc::new(Gate {
+        permits: Arc::new(Semaphore::new(config.server.max_connections)),
+        per_client: PerClient::new(config.server.max_connections_per_client),
+        refusals: RefusalLog::default(),
+    });
     let tracker = TaskTracker::new();
 
     for bound in listeners {
@@ -111,24 +119,22 @@ pub async fn serve(
             tracing::info!("listening on {addr}");
         }
         let ctx = ctx.clone();
-        let permits = permits.clone();
+        let gate = gate.clone();
         let tls = if bound.implicit_tls {
             tls.clone()
         } else {
             None
         };
         let sessions = tracker.clone();
-        tracker.spawn(accept_loop(bound.listener, tls, ctx, permits, sessions));
+        tracker.spawn(accept_loop(bound.listener, tls, ctx, gate, sessions));
     }
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new connections, waiting for sessions in flight");
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("sessions still open after {DRAIN_TIMEOUT:?}; exiting anyway");
+    let drain = config.server.shutdown_grace.saturating_add(DRAIN_MARGIN);
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!("sessions still open after {drain:?}; exiting anyway");
     }
     Ok(())
 }
@@ -137,7 +143,7 @@ async fn accept_loop(
     listener: TcpListener,
     implicit_tls: Option<TlsAcceptor>,
     ctx: Arc<SessionCtx>,
-    permits: Arc<Semaphore>,
+    gate: Arc<Gate>,
     sessions: TaskTracker,
 ) {
     loop {
@@ -154,20 +160,30 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        if !network_allowed(&ctx.config.server.allow_networks, peer.ip()) {
-            tracing::info!(%peer, "refused: client network not in allow_networks");
-            sessions.spawn(refuse(stream, Reply::network_not_allowed()));
-            continue;
-        }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "refused: max_connections reached");
-            sessions.spawn(refuse(stream, Reply::too_many_connections()));
-            continue;
+        let admitted = if network_allowed(&ctx.config.server.allow_networks, peer.ip()) {
+            gate.admit(peer.ip())
+        } else {
+            Err(Refused::Network)
+        };
+        let admitted = match admitted {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                if let Some(suppressed) = gate.refusals.note(refused, Instant::now()) {
+                    tracing::warn!(
+                        %peer,
+                        suppressed,
+                        "refused: {} (later refusals for this reason: at most one line a second)",
+                        refused.reason()
+                    );
+                }
+                sessions.spawn(refuse(stream, refused.reply()));
+                continue;
+            }
         };
         let ctx = ctx.clone();
         let tls = implicit_tls.clone();
         sessions.spawn(async move {
-            let _permit = permit;
+            let _admitted = admitted;
             let is_tls = tls.is_some();
             let stream: BoxStream = match tls {
                 None => Box::new(stream),
@@ -187,6 +203,147 @@ async fn accept_loop(
             };
             session::run(stream, peer, is_tls, ctx).await;
         });
+    }
+}
+
+/// Admission of a new connection: the overall and the per-client limits.
+struct Gate {
+    permits: Arc<Semaphore>,
+    per_client: PerClient,
+    refusals: RefusalLog,
+}
+
+/// A connection's places in both limits, given back when it is dropped.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Option<ClientSlot>,
+}
+
+impl Gate {
+    fn admit(&self, ip: IpAddr) -> Result<Admitted, Refused> {
+        // The per-client place first: a client at its limit must not take a global one.
+        let slot = self.per_client.enter(ip)?;
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refused::Full)?;
+        Ok(Admitted {
+            _permit: permit,
+            _slot: slot,
+        })
+    }
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Not in `allow_networks`.
+    Network,
+    /// `max_connections_per_client` reached for this address.
+    PerClient,
+    /// `max_connections` reached.
+    Full,
+}
+
+impl Refused {
+    const ALL: [Refused; 3] = [Refused::Network, Refused::PerClient, Refused::Full];
+
+    fn reason(self) -> &'static str {
+        match self {
+            Refused::Network => "client network not in allow_networks",
+            Refused::PerClient => "max_connections_per_client reached for this address",
+            Refused::Full => "max_connections reached",
+        }
+    }
+
+    fn reply(self) -> Reply {
+        match self {
+            Refused::Network => Reply::network_not_allowed(),
+            Refused::PerClient => Reply::too_many_from_client(),
+            Refused::Full => Reply::too_many_connections(),
+        }
+    }
+}
+
+/// Open connections per client address. Loopback clients are exempt (as Postfix's
+/// anvil exempts mynetworks): local programs are the proxy's own users, and one
+/// address stands for all of them. An address leaves the table with its last
+/// connection, so the table never holds more than `max_connections` entries.
+struct PerClient {
+    limit: usize,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One counted connection; dropping it gives the place back.
+struct ClientSlot {
+    ip: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerClient {
+    fn new(limit: usize) -> Self {
+        PerClient {
+            limit,
+            open: Arc::default(),
+        }
+    }
+
+    /// `None` for an exempt (loopback) client, a slot while under the limit.
+    fn enter(&self, ip: IpAddr) -> Result<Option<ClientSlot>, Refused> {
+        let ip = ip.to_canonical();
+        if ip.is_loopback() {
+            return Ok(None);
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.limit {
+            return Err(Refused::PerClient);
+        }
+        *count += 1;
+        Ok(Some(ClientSlot {
+            ip,
+            open: self.open.clone(),
+        }))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Refusals are logged at most once a second per reason, so a flood cannot fill the
+/// log; the next line says how many were left out.
+#[derive(Default)]
+struct RefusalLog {
+    /// Per reason (in [`Refused::ALL`] order): last line written, refusals not logged since.
+    last: Mutex<[(Option<Instant>, u64); 3]>,
+}
+
+impl RefusalLog {
+    /// Notes a refusal at `now`; `Some(suppressed)` when it is to be logged.
+    fn note(&self, refused: Refused, now: Instant) -> Option<u64> {
+        let i = Refused::ALL.iter().position(|r| *r == refused)?;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (logged, suppressed) = &mut last[i];
+        match logged {
+            Some(at) if now.duration_since(*at) < Duration::from_secs(1) => {
+                *suppressed += 1;
+                None
+            }
+            _ => {
+                *logged = Some(now);
+                Some(std::mem::take(suppressed))
+            }
+        }
     }
 }
 
@@ -223,6 +380,71 @@ mod tests {
         assert!(!network_allowed(&nets, ip("::ffff:192.168.1.1")));
         assert!(!network_allowed(&nets, ip("127.0.0.1")));
         assert!(network_allowed(&[], ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn per_client_limit_counts_open_connections_per_address() {
+        let limit = PerClient::new(2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a1 = limit.enter(ip("192.0.2.1")).unwrap();
+        let a2 = limit.enter(ip("::ffff:192.0.2.1")).unwrap();
+        assert!(a1.is_some() && a2.is_some());
+        assert_eq!(
+            limit.enter(ip("192.0.2.1")).err(),
+            Some(Refused::PerClient),
+            "third from one address"
+        );
+        let b = limit.enter(ip("192.0.2.2")).unwrap();
+        assert!(b.is_some(), "another address has its own count");
+        drop(a1);
+        let a3 = limit.enter(ip("192.0.2.1")).unwrap();
+        assert!(a3.is_some(), "a closed connection gives its place back");
+        drop((a2, a3, b));
+        assert!(
+            limit.open.lock().unwrap().is_empty(),
+            "no entry outlives its connections"
+        );
+        // Loopback is exempt, however many.
+        for _ in 0..5 {
+            assert!(limit.enter(ip("127.0.0.2")).unwrap().is_none());
+            assert!(limit.enter(ip("::1")).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn the_gate_refuses_a_client_at_its_limit_without_taking_a_global_place() {
+        let gate = Gate {
+            permits: Arc::new(Semaphore::new(3)),
+            per_client: PerClient::new(1),
+            refusals: RefusalLog::default(),
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _a = gate.admit(ip("192.0.2.1")).unwrap();
+        for _ in 0..10 {
+            assert_eq!(gate.admit(ip("192.0.2.1")).err(), Some(Refused::PerClient));
+        }
+        let _b = gate.admit(ip("192.0.2.2")).unwrap();
+        let _c = gate.admit(ip("127.0.0.1")).unwrap();
+        assert_eq!(gate.admit(ip("127.0.0.1")).err(), Some(Refused::Full));
+        assert_eq!(
+            Refused::PerClient.reply().to_string(),
+            Reply::too_many_from_client().to_string()
+        );
+    }
+
+    #[test]
+    fn refusals_are_logged_once_a_second_per_reason_with_a_count() {
+        let log = RefusalLog::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(log.note(Refused::Full, at(0)), Some(0));
+        assert_eq!(log.note(Refused::Full, at(10)), None);
+        assert_eq!(log.note(Refused::Full, at(999)), None);
+        assert_eq!(log.note(Refused::PerClient, at(500)), Some(0), "own budget");
+        assert_eq!(log.note(Refused::Full, at(1000)), Some(2));
+        assert_eq!(log.note(Refused::Full, at(1500)), None);
+        assert_eq!(log.note(Refused::Network, at(1500)), Some(0));
+        assert_eq!(log.note(Refused::Full, at(2100)), Some(1));
     }
 
     #[test]

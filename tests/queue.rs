@@ -159,6 +159,8 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
             bare_lf: BareLf::Normalize,
             idle_timeout: Duration::from_secs(300),
             max_header_size: 1 << 20,
+            max_connections_per_client: 50,
+            shutdown_grace: Duration::from_secs(30),
         },
         users: vec![],
         channels,

@@ -67,6 +67,10 @@ pub struct Server {
     pub idle_timeout: Duration,
     /// Largest header section accepted, in bytes (a larger one is refused, never cut).
     pub max_header_size: u64,
+    /// Most connections at once from one non-loopback client address.
+    pub max_connections_per_client: usize,
+    /// On SIGTERM/SIGINT, how long an open transaction may take to finish.
+    pub shutdown_grace: Duration,
 }
 
 /// Certificate and key files (PEM).
@@ -241,6 +245,8 @@ impl Default for Server {
             bare_lf: BareLf::Normalize,
             idle_timeout: Duration::from_secs(300),
             max_header_size: MB,
+            max_connections_per_client: 50,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

@@ -12,6 +12,8 @@ use super::{BareLf, DeliveryMode, Server, TlsFiles};
 const MAX_CONNECTIONS: u64 = 1_000_000;
 /// SPEC §9: most recipients per message.
 pub(super) const MAX_RECIPIENTS: u64 = 100_000;
+/// SPEC §9: most connections from one client address.
+const MAX_CONNECTIONS_PER_CLIENT: u64 = 100_000;
 
 /// `[server]` as written.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -36,6 +38,8 @@ struct RawServer {
     bare_lf: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_header_size: Option<Spanned<RawSize>>,
+    max_connections_per_client: Option<Spanned<i64>>,
+    shutdown_grace: Option<Spanned<String>>,
 }
 
 pub(super) const SERVER_KEYS: Keys = &[
@@ -58,6 +62,8 @@ pub(super) const SERVER_KEYS: Keys = &[
     ("bare_lf", Expect::Str),
     ("idle_timeout", Expect::Duration),
     ("max_header_size", Expect::Size),
+    ("max_connections_per_client", Expect::Count),
+    ("shutdown_grace", Expect::Duration),
 ];
 
 /// Reads and validates `[server]`; absent keys take [`Server::default`].
@@ -193,6 +199,17 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
     let max_header_size = r
         .size(s, "max_header_size", &raw.max_header_size)
         .unwrap_or(defaults.max_header_size);
+    let max_connections_per_client = r
+        .count_usize(
+            s,
+            "max_connections_per_client",
+            &raw.max_connections_per_client,
+            MAX_CONNECTIONS_PER_CLIENT,
+        )
+        .unwrap_or(defaults.max_connections_per_client);
+    let shutdown_grace = r
+        .parsed(s, "shutdown_grace", &raw.shutdown_grace, parse_duration)
+        .unwrap_or(defaults.shutdown_grace);
 
     Server {
         listen: listen.into_iter().map(|(a, _)| a).collect(),
@@ -213,5 +230,7 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
         bare_lf,
         idle_timeout,
         max_header_size,
+        max_connections_per_client,
+        shutdown_grace,
     }
 }

@@ -1178,3 +1178,23 @@ fn max_header_size_is_a_size_with_a_1mb_default() {
     let p = problem(&format!("[server]\nmax_header_size = \"2000GB\"\n{OUTBOX}"));
     assert!(p.message.contains("max_header_size"), "{}", p.message);
 }
+
+#[test]
+fn per_client_limit_and_shutdown_grace() {
+    let defaults = ok(OUTBOX).server;
+    assert_eq!(defaults.max_connections_per_client, 50);
+    assert_eq!(defaults.shutdown_grace, Duration::from_secs(30));
+    let set = ok(&format!(
+        "[server]\nmax_connections_per_client = 100000\nshutdown_grace = \"2m\"\n{OUTBOX}"
+    ))
+    .server;
+    assert_eq!(set.max_connections_per_client, 100_000);
+    assert_eq!(set.shutdown_grace, Duration::from_secs(120));
+    let p = problem(&format!(
+        "[server]\nmax_connections_per_client = 100001\n{OUTBOX}"
+    ));
+    assert_eq!(p.line, Some(2));
+    assert!(p.message.contains("at most 100000"), "{}", p.message);
+    let p = problem(&format!("[server]\nshutdown_grace = \"soon\"\n{OUTBOX}"));
+    assert_eq!(p.line, Some(2));
+}

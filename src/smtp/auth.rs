@@ -4,9 +4,15 @@
 //! [`Exchange::respond`] for each line the client sends after a `334` challenge,
 //! until [`Progress::Done`] hands over the credentials for [`verify`].
 //! Nothing here logs: the payloads carry passwords.
+//!
+//! Guessing is slowed here too: argon2 verifications run at most one per core at a
+//! time ([`verify`]), and [`FailedLogins`] counts failures per client address.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::OnceLock;
+use std::net::IpAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -156,22 +162,153 @@ fn parse_plain(decoded: &[u8]) -> Result<Credentials, Reply> {
 }
 
 /// Checks credentials against `users`; returns the user's name when they match.
-/// The argon2 work runs on the blocking pool; an unknown user costs as much as a
-/// wrong password so that timing does not reveal which names exist.
+/// The argon2 work runs on the blocking pool, at most one verification per core at a
+/// time (each takes 19 MiB and a core: a login flood must not starve spool commits);
+/// an unknown user costs as much as a wrong password so that timing does not reveal
+/// which names exist.
 pub async fn verify(users: &[User], credentials: Credentials) -> Option<String> {
-    let user = users.iter().find(|u| u.name == credentials.username);
-    let hash = match user {
-        Some(u) => u.password_hash.expose().to_string(),
-        None => dummy_hash().to_string(),
-    };
-    let matches =
-        tokio::task::spawn_blocking(move || password_matches(&hash, credentials.password.expose()))
-            .await
-            .unwrap_or(false);
-    match user {
-        Some(u) if matches => Some(u.name.clone()),
-        _ => None,
+    static VERIFIER: OnceLock<Verifier> = OnceLock::new();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    VERIFIER
+        .get_or_init(|| Verifier::new(cores))
+        .verify(users, credentials)
+        .await
+}
+
+/// Runs argon2 verifications, at most `permits` at a time.
+struct Verifier {
+    permits: tokio::sync::Semaphore,
+}
+
+impl Verifier {
+    fn new(permits: usize) -> Self {
+        Verifier {
+            permits: tokio::sync::Semaphore::new(permits.max(1)),
+        }
     }
+
+    async fn verify(&self, users: &[User], credentials: Credentials) -> Option<String> {
+        let user = users.iter().find(|u| u.name == credentials.username);
+        let hash = match user {
+            Some(u) => u.password_hash.expose().to_string(),
+            None => dummy_hash().to_string(),
+        };
+        // The semaphore is never closed, so acquiring only waits.
+        let _permit = self.permits.acquire().await.ok()?;
+        let matches = tokio::task::spawn_blocking(move || {
+            password_matches(&hash, credentials.password.expose())
+        })
+        .await
+        .unwrap_or(false);
+        match user {
+            Some(u) if matches => Some(u.name.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Failed logins that lock an address out of AUTH (SPEC §5).
+pub const MAX_FAILURES: u32 = 10;
+/// The window those failures are counted in, and how long the lock-out lasts.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(600);
+/// Most addresses remembered; beyond, the oldest windows are forgotten first.
+const MAX_ADDRESSES: usize = 10_000;
+
+/// Failed AUTH per client address, shared by all sessions: after [`MAX_FAILURES`]
+/// within [`FAILURE_WINDOW`] of the first one, the address may not AUTH until that
+/// window has passed. IPv6 clients count per /64 (one host usually has a whole /64).
+/// Bounded: expired windows are dropped, and at the cap the oldest window goes.
+/// Time is passed in, so the logic is tested without waiting.
+pub struct FailedLogins {
+    windows: Mutex<HashMap<IpAddr, Window>>,
+    cap: usize,
+}
+
+/// Failures of one address since `start`.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    failures: u32,
+}
+
+impl Default for FailedLogins {
+    fn default() -> Self {
+        Self::with_cap(MAX_ADDRESSES)
+    }
+}
+
+impl FailedLogins {
+    fn with_cap(cap: usize) -> Self {
+        FailedLogins {
+            windows: Mutex::new(HashMap::new()),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Whether `ip` is locked out of AUTH at `now`.
+    pub fn locked(&self, ip: IpAddr, now: Instant) -> bool {
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        windows
+            .get(&key(ip))
+            .is_some_and(|w| w.failures >= MAX_FAILURES && now < w.start + FAILURE_WINDOW)
+    }
+
+    /// Counts a failed AUTH from `ip` at `now`.
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let key = key(ip);
+        if let Some(w) = windows.get_mut(&key) {
+            if now < w.start + FAILURE_WINDOW {
+                w.failures = w.failures.saturating_add(1);
+            } else {
+                *w = Window {
+                    start: now,
+                    failures: 1,
+                };
+            }
+            return;
+        }
+        if windows.len() >= self.cap {
+            windows.retain(|_, w| now < w.start + FAILURE_WINDOW);
+        }
+        if windows.len() >= self.cap
+            && let Some(oldest) = windows.iter().min_by_key(|(_, w)| w.start).map(|(k, _)| *k)
+        {
+            windows.remove(&oldest);
+        }
+        windows.insert(
+            key,
+            Window {
+                start: now,
+                failures: 1,
+            },
+        );
+    }
+
+    /// How many addresses are remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.windows.lock().unwrap().len()
+    }
+}
+
+/// The address failures are counted under: IPv4 as is (also when mapped into IPv6),
+/// IPv6 by its /64.
+fn key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// How long to hold the answer to a session's `failures`-th failed AUTH: 1 s,
+/// doubling, at most 8 s (SPEC §5).
+pub fn failure_delay(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(3);
+    Duration::from_secs(1 << exponent)
 }
 
 /// Whether `password` matches the PHC string `hash` (false for an unreadable hash).
@@ -365,6 +502,96 @@ mod tests {
             password: Secret::new("plain text"),
         };
         assert_eq!(verify(&users, creds).await, None);
+    }
+
+    #[tokio::test]
+    async fn verifications_wait_for_a_free_core() {
+        let verifier = Verifier::new(1);
+        let creds = || Credentials {
+            username: "app".into(),
+            password: Secret::new("s3cret pass"),
+        };
+        let users = users();
+        let busy = verifier.permits.acquire().await.unwrap();
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(300), verifier.verify(&users, creds()));
+        assert!(waiting.await.is_err(), "ran without a free permit");
+        drop(busy);
+        assert_eq!(
+            verifier.verify(&users, creds()).await.as_deref(),
+            Some("app")
+        );
+    }
+
+    #[test]
+    fn ten_failures_lock_an_address_out_for_the_window() {
+        let logins = FailedLogins::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for i in 0..9 {
+            logins.failed(a, t0 + Duration::from_secs(i * 60));
+            assert!(!logins.locked(a, t0 + Duration::from_secs(i * 60)));
+        }
+        let tenth = t0 + Duration::from_secs(590);
+        logins.failed(a, tenth);
+        assert!(logins.locked(a, tenth));
+        assert!(logins.locked(a, t0 + Duration::from_secs(599)));
+        assert!(!logins.locked(b, tenth), "other addresses are not affected");
+        // Mapped IPv4 is the same client.
+        assert!(logins.locked("::ffff:192.0.2.1".parse().unwrap(), tenth));
+        // The window passes: free again, and counting starts over.
+        let later = t0 + FAILURE_WINDOW;
+        assert!(!logins.locked(a, later));
+        logins.failed(a, later);
+        assert!(!logins.locked(a, later));
+    }
+
+    #[test]
+    fn failures_spread_over_more_than_the_window_do_not_lock() {
+        let logins = FailedLogins::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        for i in 0..20 {
+            let t = t0 + Duration::from_secs(i * 120);
+            logins.failed(a, t);
+            assert!(!logins.locked(a, t), "failure {i}");
+        }
+        // One IPv6 /64 is one client.
+        for _ in 0..10 {
+            logins.failed(
+                "2001:db8::2".parse().unwrap(),
+                t0 + Duration::from_secs(2400),
+            );
+        }
+        assert!(logins.locked(a, t0 + Duration::from_secs(2400)));
+        assert!(!logins.locked("2001:db8:0:1::1".parse().unwrap(), t0));
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let logins = FailedLogins::with_cap(3);
+        let t0 = Instant::now();
+        let ip = |n: u8| IpAddr::from([192, 0, 2, n]);
+        for n in 0..3 {
+            logins.failed(ip(n), t0 + Duration::from_secs(u64::from(n)));
+        }
+        logins.failed(ip(9), t0 + Duration::from_secs(10));
+        assert_eq!(logins.len(), 3, "the oldest window made room");
+        // Expired windows go first, all of them.
+        logins.failed(ip(10), t0 + FAILURE_WINDOW + Duration::from_secs(5));
+        assert_eq!(logins.len(), 2);
+        for _ in 0..10 {
+            logins.failed(ip(9), t0 + Duration::from_secs(20));
+        }
+        assert!(logins.locked(ip(9), t0 + Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn failure_delays_double_up_to_eight_seconds() {
+        let secs: Vec<u64> = (1..=6).map(|n| failure_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 8, 8]);
+        assert_eq!(failure_delay(u32::MAX).as_secs(), 8);
     }
 
     #[test]

@@ -376,6 +376,26 @@ impl Reply {
     pub fn too_many_connections() -> Self {
         Reply::new(421, (4, 3, 2), "Too many connections, try again later")
     }
+    /// `421 4.7.0` this client address has `max_connections_per_client` open already.
+    pub fn too_many_from_client() -> Self {
+        Reply::new(
+            421,
+            (4, 7, 0),
+            "Too many connections from your address, try again later",
+        )
+    }
+    /// `454 4.7.0` AUTH locked out for this address after too many failures.
+    pub fn auth_locked_out() -> Self {
+        Reply::new(
+            454,
+            (4, 7, 0),
+            "Too many failed logins from your address, try again later",
+        )
+    }
+    /// `421 4.4.2` a message arrives slower than the minimum data rate.
+    pub fn too_slow() -> Self {
+        Reply::new(421, (4, 4, 2), "Message data too slow, closing connection")
+    }
     /// `554 5.7.1` greeting for a client outside `allow_networks`.
     pub fn network_not_allowed() -> Self {
         Reply::new(554, (5, 7, 1), "Access denied for your network")
@@ -424,6 +444,9 @@ mod tests {
             (Reply::idle_timeout(), "421 4.4.2"),
             (Reply::cannot_vrfy(), "252 2.5.0"),
             (Reply::network_not_allowed(), "554 5.7.1"),
+            (Reply::too_many_from_client(), "421 4.7.0"),
+            (Reply::auth_locked_out(), "454 4.7.0"),
+            (Reply::too_slow(), "421 4.4.2"),
         ];
         for (reply, want) in table {
             assert!(

@@ -31,6 +31,8 @@ pub fn server() -> Server {
         bare_lf: BareLf::Normalize,
         idle_timeout: Duration::from_secs(300),
         max_header_size: 1 << 20,
+        max_connections_per_client: 50,
+        shutdown_grace: Duration::from_secs(30),
     }
 }
 

@@ -1,5 +1,7 @@
 //! AUTH: the session's side of a client login (the SASL exchange is [`crate::smtp::auth`]).
 
+use std::time::Instant;
+
 use tracing::{info, warn};
 
 use super::{Session, Stop};
@@ -23,6 +25,8 @@ impl Session {
             Some(Reply::bad_sequence(Sequence::AlreadyAuthenticated))
         } else if self.tx.is_some() {
             Some(Reply::bad_sequence(Sequence::AuthInTransaction))
+        } else if self.locked_out() {
+            Some(Reply::auth_locked_out())
         } else {
             None
         };
@@ -44,11 +48,13 @@ impl Session {
         progress: Result<Progress, Reply>,
     ) -> Result<(), Stop> {
         match progress {
+            Err(refusal) if refusal == Reply::auth_failed() => self.auth_failed(None).await,
             Err(refusal) => self.reply(&refusal),
             Ok(Progress::Challenge(exchange, challenge)) => {
                 self.auth = Some(exchange);
                 self.reply(&challenge)
             }
+            Ok(Progress::Done(_)) if self.locked_out() => self.reply(&Reply::auth_locked_out()),
             Ok(Progress::Done(credentials)) => {
                 let username = credentials.username.clone();
                 match auth::verify(&self.config.users, credentials).await {
@@ -57,12 +63,34 @@ impl Session {
                         self.user = Some(user);
                         self.reply(&Reply::auth_ok())
                     }
-                    None => {
-                        warn!(peer = %self.peer, user = username, "client authentication failed");
-                        self.reply(&Reply::auth_failed())
-                    }
+                    None => self.auth_failed(Some(&username)).await,
                 }
             }
         }
+    }
+
+    /// Whether this client's address may not AUTH now (too many recent failures).
+    fn locked_out(&self) -> bool {
+        self.ctx
+            .failed_logins
+            .locked(self.peer.ip(), Instant::now())
+    }
+
+    /// A failed login: counted for the address, and answered late (SPEC §5), so that
+    /// guessing over one session is slow.
+    async fn auth_failed(&mut self, username: Option<&str>) -> Result<(), Stop> {
+        self.auth_failures = self.auth_failures.saturating_add(1);
+        self.ctx
+            .failed_logins
+            .failed(self.peer.ip(), Instant::now());
+        warn!(
+            peer = %self.peer,
+            user = username.unwrap_or("(foreign authzid)"),
+            failures = self.auth_failures,
+            "client authentication failed"
+        );
+        self.flush().await?;
+        tokio::time::sleep(auth::failure_delay(self.auth_failures)).await;
+        self.reply(&Reply::auth_failed())
     }
 }

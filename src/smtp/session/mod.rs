@@ -6,8 +6,13 @@
 //! fast). DATA and BDAT stream through [`crate::smtp::data::Decoder`] into a delivery
 //! [`crate::delivery::Draft`];
 //! the session itself keeps only the header section (for routing).
-//! Every read waits at most `idle_timeout`; a shutdown is noticed while waiting for
-//! a command (a message being received is finished first).
+//!
+//! Deadlines, so that a slow client cannot hold a slot for ever: a command line must be
+//! complete within `idle_timeout` of when the session started waiting for it (bytes
+//! dribbled in do not extend it); a message (each DATA, or BDAT chunks in a row) must
+//! arrive within `idle_timeout` plus one second per [`MIN_DATA_RATE`] bytes received.
+//! On shutdown a session without a transaction ends at once (`421 4.3.0`); one with a
+//! transaction may finish it within `shutdown_grace`, and ends when it is over.
 
 mod auth;
 mod command;
@@ -19,6 +24,7 @@ mod starttls;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -50,6 +56,8 @@ pub struct SessionCtx {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Cancelled when the proxy shuts down.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Failed AUTH per client address, shared by all sessions.
+    pub failed_logins: crate::smtp::auth::FailedLogins,
 }
 
 /// Longest command line, CRLF included (SPEC §5).
@@ -60,6 +68,9 @@ pub const MAX_ERRORS: u32 = 10;
 const COMMAND_READ: usize = 4 * 1024;
 /// Read size while a message streams in.
 const DATA_READ: usize = 64 * 1024;
+/// Slowest a message may arrive once `idle_timeout` has passed, in bytes per second
+/// (Postfix's `smtpd_min_data_rate` default).
+pub const MIN_DATA_RATE: u64 = 500;
 
 /// Serves one client connection until it ends. `is_tls`: the stream is already TLS
 /// (implicit-TLS listener). The listener has already checked `allow_networks` and
@@ -82,8 +93,10 @@ enum Stop {
     Quit,
     /// The client closed the connection.
     Eof,
-    /// No data within `idle_timeout`.
+    /// No complete command within `idle_timeout`.
     Idle,
+    /// A message arrives slower than [`MIN_DATA_RATE`].
+    TooSlow,
     /// The proxy is shutting down.
     Shutdown,
     /// The error budget is spent.
@@ -101,6 +114,7 @@ impl Stop {
             Stop::Quit => "quit",
             Stop::Eof => "client closed",
             Stop::Idle => "idle timeout",
+            Stop::TooSlow => "message data too slow",
             Stop::Shutdown => "shutdown",
             Stop::TooManyErrors => "too many errors",
             Stop::Tls(_) => "TLS failed",
@@ -153,6 +167,22 @@ struct Session {
     auth: Option<crate::smtp::auth::Exchange>,
     tx: Option<Transaction>,
     errors: u32,
+    /// Failed AUTH in this session (each answer is delayed more).
+    auth_failures: u32,
+    /// When the command line being read must be complete.
+    line_deadline: Option<Instant>,
+    /// The message streaming in: when it started and how many bytes have come.
+    data_clock: Option<(Instant, u64)>,
+    /// Noticed a shutdown: when an open transaction must be over.
+    grace_until: Option<Instant>,
+}
+
+/// Which deadline a read runs into.
+#[derive(Clone, Copy)]
+enum Deadline {
+    Idle,
+    Slow,
+    Grace,
 }
 
 impl Session {
@@ -172,6 +202,10 @@ impl Session {
             auth: None,
             tx: None,
             errors: 0,
+            auth_failures: 0,
+            line_deadline: None,
+            data_clock: None,
+            grace_until: None,
         }
     }
 
@@ -179,6 +213,10 @@ impl Session {
         self.reply(&Reply::greeting(&self.config.server.hostname))?;
         loop {
             while let Some(input) = self.next_line() {
+                if self.tx.is_none() && self.ctx.shutdown.is_cancelled() {
+                    // Pipelined commands behind the end of the last transaction are not run.
+                    return Err(Stop::Shutdown);
+                }
                 match input {
                     Input::Line(line) => self.line(&line).await?,
                     Input::TooLong => {
@@ -197,6 +235,7 @@ impl Session {
     async fn close(&mut self, stop: &Stop) {
         let last = match stop {
             Stop::Idle => Some(Reply::idle_timeout()),
+            Stop::TooSlow => Some(Reply::too_slow()),
             Stop::Shutdown => Some(Reply::shutting_down()),
             Stop::TooManyErrors => Some(Reply::too_many_errors()),
             Stop::Tls(e) => {
@@ -228,6 +267,7 @@ impl Session {
                 Some(i) => {
                     let line = &available[..=i];
                     self.rpos += i + 1;
+                    self.line_deadline = None;
                     if self.skipping {
                         self.skipping = false;
                         continue;
@@ -250,9 +290,12 @@ impl Session {
         }
     }
 
-    /// Writes pending replies, then reads more input. While waiting for a command
-    /// (`command`), a shutdown ends the session; while a message streams in, it does not.
+    /// Writes pending replies, then reads more input, within the deadlines of the module
+    /// doc. `command`: waiting for a command (else a message streams in).
     async fn fill(&mut self, command: bool) -> Result<(), Stop> {
+        if command && self.tx.is_none() && self.ctx.shutdown.is_cancelled() {
+            return Err(Stop::Shutdown);
+        }
         self.flush().await?;
         if self.rpos == self.rbuf.len() {
             self.rpos = 0;
@@ -267,22 +310,59 @@ impl Session {
         }
         self.rbuf
             .reserve(if command { COMMAND_READ } else { DATA_READ });
+        let now = Instant::now();
         let idle = self.config.server.idle_timeout;
-        let read = timeout(idle, self.io.read_buf(&mut self.rbuf));
-        let result = if command {
+        let (limit, kind) = if command {
+            self.data_clock = None;
+            (
+                *self.line_deadline.get_or_insert(now + idle),
+                Deadline::Idle,
+            )
+        } else {
+            let (start, bytes) = *self.data_clock.get_or_insert((now, 0));
+            let earned = Duration::from_millis(bytes.saturating_mul(1000) / MIN_DATA_RATE);
+            let slow = start + idle + earned;
+            if slow < now + idle {
+                (slow, Deadline::Slow)
+            } else {
+                (now + idle, Deadline::Idle)
+            }
+        };
+        let grace = self.config.server.shutdown_grace;
+        let read = self.io.read_buf(&mut self.rbuf);
+        tokio::pin!(read);
+        let result = loop {
+            let (until, kind) = match self.grace_until {
+                Some(end) if end < limit => (end, Deadline::Grace),
+                _ => (limit, kind),
+            };
             tokio::select! {
                 biased;
-                _ = self.ctx.shutdown.cancelled() => return Err(Stop::Shutdown),
-                r = read => r,
+                _ = self.ctx.shutdown.cancelled(), if self.grace_until.is_none() => {
+                    if command && self.tx.is_none() {
+                        return Err(Stop::Shutdown);
+                    }
+                    self.grace_until = Some(Instant::now() + grace);
+                }
+                _ = tokio::time::sleep_until(until.into()) => {
+                    return Err(match kind {
+                        Deadline::Idle => Stop::Idle,
+                        Deadline::Slow => Stop::TooSlow,
+                        Deadline::Grace => Stop::Shutdown,
+                    });
+                }
+                r = &mut read => break r,
             }
-        } else {
-            read.await
         };
         match result {
-            Err(_) => Err(Stop::Idle),
-            Ok(Err(e)) => Err(Stop::Io(e)),
-            Ok(Ok(0)) => Err(Stop::Eof),
-            Ok(Ok(_)) => Ok(()),
+            Err(e) => Err(Stop::Io(e)),
+            Ok(0) => Err(Stop::Eof),
+            Ok(n) => {
+                if let Some((_, bytes)) = self.data_clock.as_mut() {
+                    *bytes = bytes.saturating_add(n as u64);
+                }
+                Ok(())
+            }
         }
     }
 

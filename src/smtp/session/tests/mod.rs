@@ -95,6 +95,7 @@ impl Harness {
             delivery,
             tls,
             shutdown: tokio_util::sync::CancellationToken::new(),
+            failed_logins: Default::default(),
         };
         Harness {
             dir,
