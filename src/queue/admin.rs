@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -84,6 +85,7 @@ fn proxy_running(spool: &Spool) -> bool {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(crate::fsutil::FILE_MODE)
         .open(spool.root.join("lock"))
     else {
         return false;

@@ -16,6 +16,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -188,7 +189,11 @@ impl Spool {
         {
             return OpenOptions::new().write(true).truncate(true).open(path);
         }
-        OpenOptions::new().write(true).create_new(true).open(path)
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(crate::fsutil::FILE_MODE)
+            .open(path)
     }
 
     /// Removes a delivered message like [`Spool::remove`], but keeps its files, renamed to
@@ -254,16 +259,17 @@ impl Spool {
         self.queue_dir().join(format!("{id}.json"))
     }
 
-    /// Creates the folders that are missing.
+    /// Creates the folders that are missing, mode 0700, and narrows existing ones to 0700.
     pub fn create_dirs(&self) -> io::Result<()> {
         for dir in [
+            self.root.clone(),
             self.tmp_dir(),
             self.queue_dir(),
             self.failed_dir(),
             self.state_dir(),
             self.control_dir(),
         ] {
-            fs::create_dir_all(&dir)?;
+            crate::fsutil::private_dir(&dir)?;
         }
         Ok(())
     }
