@@ -535,13 +535,17 @@ pub fn try_lock_data(path: &Path) -> io::Result<Option<File>> {
     }
 }
 
-/// The header section of a message file (up to the empty line; at most `max` bytes).
+/// The header section of a message file (up to the empty line; at most `max` bytes, cut
+/// after the last whole line: a cut between CR and LF would leave a bare CR, which no
+/// upstream is sent).
 pub fn read_headers(path: &Path, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = read_current(path, max as u64)?;
     if let Some(end) = find(&buf, b"\r\n\r\n") {
         buf.truncate(end + 2);
-    } else if let Some(end) = find(&buf, b"\n\n") {
+    } else if let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
         buf.truncate(end + 1);
+    } else {
+        buf.clear();
     }
     Ok(buf)
 }
@@ -640,6 +644,20 @@ mod tests {
             read_headers(&spool.data_path("m1"), 1000).unwrap(),
             b"Subject: x\r\n"
         );
+    }
+
+    #[test]
+    fn headers_cut_at_the_limit_end_on_a_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        fs::write(
+            &path,
+            b"Subject: x\r\nX-Long: abcdef\r\nX-More: y\r\n\r\nbody\r\n",
+        )
+        .unwrap();
+        // 27 bytes end between the CR and the LF of the second line.
+        assert_eq!(read_headers(&path, 27).unwrap(), b"Subject: x\r\n");
+        assert_eq!(read_headers(&path, 5).unwrap(), b"");
     }
 
     #[tokio::test]

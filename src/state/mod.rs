@@ -180,10 +180,11 @@ impl LocalState {
 
     /// Rewrites a channel's log with only the events still inside the windows, on the
     /// blocking pool when called from the runtime (it fsyncs), else right here.
-    pub fn compact_in_background(&self, channel: &str, limits: &Limits) {
+    /// `now_ms` is the clock of the events (they are kept if inside the windows then).
+    pub fn compact_in_background(&self, channel: &str, limits: &Limits, now_ms: u64) {
         let (state, channel, limits) = (self.clone(), channel.to_string(), limits.clone());
         let run = move || {
-            if let Err(e) = state.compact_events(&channel, &limits, wall_ms()) {
+            if let Err(e) = state.compact_events(&channel, &limits, now_ms) {
                 tracing::warn!(channel, error = %e, "cannot compact the rate counters' log");
             }
         };
@@ -300,13 +301,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
 /// The rate and quota windows of one channel, backed by its events log.
 pub struct Counters {
     channel: String,
@@ -342,7 +336,7 @@ impl Counters {
         let lines = text.lines().count();
         state.loaded(channel, lines, counters.events.len());
         if lines != counters.events.len() {
-            state.compact_in_background(channel, limits);
+            state.compact_in_background(channel, limits, now_ms);
         }
         Ok(counters)
     }
@@ -364,7 +358,7 @@ impl Counters {
         let compact = state.append_event(&self.channel, now_ms, recipients, false)?;
         self.remember(now_ms, recipients);
         if compact {
-            state.compact_in_background(&self.channel, &self.limits);
+            state.compact_in_background(&self.channel, &self.limits, now_ms);
         }
         Ok(())
     }
