@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
-use crate::queue::{Queue, SpoolDraft};
+use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;
 use crate::state::{self, Counters, LocalState};
@@ -30,21 +30,19 @@ pub struct Delivery {
     queue: Option<Arc<Queue>>,
     /// Relay mode: where the limiters' counts are kept across restarts.
     counters: Option<LocalState>,
+    /// Relay mode: `spool_dir/tmp/`, where a large message waits for its upstream.
+    relay_tmp: Spool,
 }
 
 /// A message being received: written to as the data streams in.
 /// Dropping a draft without [`Delivery::finish`] discards it.
 ///
-/// Relay mode holds it in memory (the session is bounded by `max_message_size`); queue
-/// mode streams it to a spool file, so memory does not grow with the message.
+/// Both modes keep the first 64 KiB in memory and stream the rest to a private file in
+/// `spool_dir/tmp/` ([`SpoolDraft`]), so memory does not grow with the message. Relay
+/// mode's file is removed once the upstream has answered (or the draft is dropped).
 pub struct Draft {
     id: String,
-    body: DraftBody,
-}
-
-enum DraftBody {
-    Memory(Vec<u8>),
-    Spool(SpoolDraft),
+    body: SpoolDraft,
 }
 
 impl Draft {
@@ -55,21 +53,12 @@ impl Draft {
 
     /// Appends decoded message bytes.
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        match &mut self.body {
-            DraftBody::Memory(bytes) => {
-                bytes.extend_from_slice(data);
-                Ok(())
-            }
-            DraftBody::Spool(spool) => spool.write(data).await,
-        }
+        self.body.write(data).await
     }
 
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
-        match &self.body {
-            DraftBody::Memory(bytes) => bytes.len() as u64,
-            DraftBody::Spool(spool) => spool.len(),
-        }
+        self.body.len()
     }
 
     /// Nothing written yet.
@@ -102,6 +91,11 @@ impl Delivery {
         let counters = (persist && queue.is_none())
             .then(|| relay_counters(&config))
             .flatten();
+        let relay_tmp = Spool::new(&config.server.spool_dir);
+        if persist && queue.is_none() {
+            clean_relay_tmp(&relay_tmp)
+                .map_err(|e| format!("spool {}: {e}", config.server.spool_dir.display()))?;
+        }
         let now = now_ms();
         let limiters = config
             .channels
@@ -122,6 +116,7 @@ impl Delivery {
             limiters,
             queue,
             counters,
+            relay_tmp,
         })
     }
 
@@ -153,13 +148,19 @@ impl Delivery {
                 let spool = queue.begin().await?;
                 Ok(Draft {
                     id: spool.id().to_string(),
-                    body: DraftBody::Spool(spool),
+                    body: spool,
                 })
             }
-            None => Ok(Draft {
-                id: crate::message::new_id(),
-                body: DraftBody::Memory(Vec::new()),
-            }),
+            None => {
+                let id = crate::message::new_id();
+                let body = SpoolDraft::create(&self.relay_tmp, id.clone())
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "cannot start a message");
+                        Reply::local_error()
+                    })?;
+                Ok(Draft { id, body })
+            }
         }
     }
 
@@ -167,10 +168,10 @@ impl Delivery {
     pub async fn finish(&self, draft: Draft, channel: ChannelId, envelope: &Envelope) -> Reply {
         let started = Instant::now();
         let (id, size) = (draft.id().to_string(), draft.len());
-        let reply = match (draft.body, &self.queue) {
-            (DraftBody::Spool(spool), Some(queue)) => queue.finish(spool, channel, envelope).await,
-            (DraftBody::Memory(bytes), _) => self.relay(&id, &bytes, channel, envelope).await,
-            (DraftBody::Spool(_), None) => Reply::local_error(),
+        let reply = match &self.queue {
+            Some(queue) => queue.finish(draft.body, channel, envelope).await,
+            // The draft (and its file) goes once the upstream has answered.
+            None => self.relay(&id, draft.body, channel, envelope).await,
         };
         let name = self
             .config
@@ -178,7 +179,8 @@ impl Delivery {
             .get(channel)
             .map_or("?", |c| c.name.as_str());
         let duration_ms = started.elapsed().as_millis() as u64;
-        let (id, sender, rcpts) = (id.as_str(), &envelope.sender, envelope.recipients.len());
+        let (id, rcpts) = (id.as_str(), envelope.recipients.len());
+        let sender = crate::text::escape_controls(&envelope.sender);
         if reply.is_positive() {
             tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
         } else {
@@ -191,7 +193,7 @@ impl Delivery {
     async fn relay(
         &self,
         id: &str,
-        bytes: &[u8],
+        mut draft: SpoolDraft,
         channel: ChannelId,
         envelope: &Envelope,
     ) -> Reply {
@@ -203,7 +205,7 @@ impl Delivery {
             return Reply::local_error();
         };
         if let Some(max) = ch.limits.max_message_size
-            && bytes.len() as u64 > max
+            && draft.len() > max
         {
             return Reply::too_big(max);
         }
@@ -226,10 +228,23 @@ impl Delivery {
             now
         };
         self.persist(&ch.name, reserved_at, rcpts, false);
-        let outcome = self
-            .upstreams
-            .send_with_id(channel, Some(id), envelope, Body::Bytes(bytes), true)
-            .await;
+        let outcome = match draft.close().await {
+            Ok(closed) => {
+                let body = match &closed.inline {
+                    Some(bytes) => Body::Bytes(bytes),
+                    None => Body::File(&closed.path),
+                };
+                self.upstreams
+                    .send_with_id(channel, Some(id), envelope, body, true)
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(id, error = %e, "cannot write the message's temporary file");
+                lock(limiter).unrecord(reserved_at, rcpts);
+                self.persist(&ch.name, reserved_at, rcpts, true);
+                return Reply::local_error();
+            }
+        };
         match outcome.result {
             Ok(reply) => reply,
             Err(error) => {
@@ -242,15 +257,22 @@ impl Delivery {
 }
 
 impl Delivery {
-    /// Relay mode: logs a counted (or taken back) message so the windows survive a restart.
+    /// Relay mode: logs a counted (or taken back) message so the windows survive a restart,
+    /// and compacts the log once it has grown (as queue mode's workers do).
     fn persist(&self, channel: &str, at_ms: u64, rcpts: u64, taken_back: bool) {
         let Some(store) = &self.counters else { return };
-        let limited = self
+        let Some(limits) = self
             .config
             .channel_id(channel)
-            .is_some_and(|id| state::has_windows(&self.config.channels[id].limits));
-        if limited && let Err(e) = store.append_event(channel, at_ms, rcpts, taken_back) {
-            tracing::warn!(channel, error = %e, "cannot persist rate counters");
+            .map(|id| &self.config.channels[id].limits)
+            .filter(|limits| state::has_windows(limits))
+        else {
+            return;
+        };
+        match store.append_event(channel, at_ms, rcpts, taken_back) {
+            Ok(true) => store.compact_in_background(channel, limits, now_ms()),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(channel, error = %e, "cannot persist rate counters"),
         }
     }
 }
@@ -272,6 +294,21 @@ fn relay_counters(config: &Config) -> Option<LocalState> {
             None
         }
     }
+}
+
+/// Relay mode, at start: `spool_dir/tmp/` exists, is private, and holds no message left
+/// over from a previous run (never acknowledged: the client got no final reply).
+fn clean_relay_tmp(spool: &Spool) -> io::Result<()> {
+    crate::fsutil::private_dir(&spool.root)?;
+    let tmp = spool.tmp_dir();
+    crate::fsutil::private_dir(&tmp)?;
+    for entry in std::fs::read_dir(&tmp)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn lock(limiter: &Mutex<ChannelLimiter>) -> std::sync::MutexGuard<'_, ChannelLimiter> {
@@ -439,16 +476,108 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_file_channel_stores_under_the_drafts_id() {
+    async fn relay_mode_streams_a_large_message_to_a_private_temp_file_removed_after() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let outbox = dir.path().join("outbox");
-        let config = Arc::new(config(vec![channel(
+        let mut config = config(vec![channel(
             "outbox",
             ChannelKind::File {
                 dir: outbox.clone(),
             },
             1,
-        )]));
+        )]);
+        config.server.spool_dir = dir.path().join("spool");
+        let tmp = config.server.spool_dir.join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("leftover"), b"from a crash").unwrap();
+        let delivery = Delivery::new(Arc::new(config)).unwrap();
+        let files = || std::fs::read_dir(&tmp).unwrap().count();
+        assert_eq!(files(), 0, "leftovers are removed at start");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&tmp), 0o700);
+        let message: Vec<u8> = b"Subject: big\r\n\r\n"
+            .iter()
+            .copied()
+            .chain(
+                std::iter::repeat_n(b"0123456789abcdef0123456789abcdef\r\n", 8192)
+                    .flatten()
+                    .copied(),
+            )
+            .collect();
+        let mut draft = delivery.begin().await.unwrap();
+        for piece in message.chunks(4096) {
+            draft.write(piece).await.unwrap();
+        }
+        let id = draft.id().to_string();
+        let file = tmp.join(&id);
+        assert!(file.exists(), "beyond 64 KiB the message is on disk");
+        assert_eq!(mode(&file), 0o600);
+        let reply = delivery
+            .finish(draft, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert!(reply.is_positive(), "{reply}");
+        assert_eq!(
+            std::fs::read(outbox.join(format!("{id}.eml"))).unwrap(),
+            message
+        );
+        assert_eq!(files(), 0, "the temp file goes after the delivery");
+        // A refused message (too many recipients) leaves nothing behind either.
+        let mut draft = delivery.begin().await.unwrap();
+        draft.write(&message).await.unwrap();
+        drop(draft);
+        assert_eq!(files(), 0);
+    }
+
+    #[tokio::test]
+    async fn relay_mode_compacts_its_events_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = channel(
+            "outbox",
+            ChannelKind::File {
+                dir: dir.path().join("outbox"),
+            },
+            1,
+        );
+        outbox.limits.rate = Some(Rate {
+            count: 1_000_000,
+            per: Duration::from_secs(60),
+        });
+        let mut config = config(vec![outbox]);
+        config.server.spool_dir = dir.path().join("spool");
+        let delivery = Delivery::new(Arc::new(config)).unwrap();
+        let now = now_ms();
+        for i in 0..1500 {
+            // Reserved, then taken back (as when the upstream refuses).
+            delivery.persist("outbox", now - i, 1, false);
+            delivery.persist("outbox", now - i, 1, true);
+        }
+        let log = delivery.counters.as_ref().unwrap().events_path("outbox");
+        let lines = || std::fs::read_to_string(&log).unwrap().lines().count();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // A compaction carries the lines appended while it ran; the next append after it
+        // starts another one if those are still many.
+        while lines() > 1100 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            delivery.persist("outbox", now, 1, false);
+            delivery.persist("outbox", now, 1, true);
+        }
+        assert!(lines() <= 1100, "log not compacted: {} lines", lines());
+    }
+
+    #[tokio::test]
+    async fn a_file_channel_stores_under_the_drafts_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("outbox");
+        let mut config = config(vec![channel(
+            "outbox",
+            ChannelKind::File {
+                dir: outbox.clone(),
+            },
+            1,
+        )]);
+        config.server.spool_dir = dir.path().join("spool");
+        let config = Arc::new(config);
         let delivery = Delivery::new(config).unwrap();
         let draft = draft(&delivery, b"Subject: x\r\n\r\nbody\r\n").await;
         let id = draft.id().to_string();

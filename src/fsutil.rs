@@ -4,11 +4,37 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Files we write may hold mail or channel state: readable by mailgate's user only.
 pub const FILE_MODE: u32 = 0o600;
+/// Folders holding such files: mailgate's user only, whatever the umask.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` (and missing parents) with mode 0700, and sets 0700 on `dir` itself if
+/// it already existed with a wider mode (created by an older version or another umask).
+/// Parents that already exist are left alone: they may be shared (`/var/spool`).
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
+    let meta = fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o777 != DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    Ok(())
+}
+
+/// Opens `path` for appending, creating it with mode 0600.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
 
 /// Writes `target` atomically through the temporary file `tmp` (same filesystem):
 /// `fill` writes it (mode 0600), it is fsync'd and renamed to `target`, then
@@ -49,9 +75,11 @@ pub fn write_private(target: &Path, bytes: &[u8]) -> io::Result<()> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
+    // Created private, but an existing folder is not narrowed: a token file the user
+    // placed may sit in a folder that is theirs to set (their home).
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(DIR_MODE)
         .create(dir)?;
     let name = target
         .file_name()
@@ -72,9 +100,24 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
+
+    #[test]
+    fn private_dir_creates_0700_and_narrows_an_existing_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("a/b");
+        private_dir(&fresh).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&fresh), 0o700);
+        let old = dir.path().join("old");
+        fs::create_dir(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o777)).unwrap();
+        private_dir(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+        let log = old.join("log");
+        open_append(&log).unwrap();
+        assert_eq!(mode(&log), 0o600);
+    }
 
     #[test]
     fn replaces_the_file_with_mode_0600_and_leaves_no_temporary() {

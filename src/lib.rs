@@ -27,6 +27,7 @@
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 //! | [`state`] | below the flow: channel health and rate/quota counters (files beside the spool) |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
+//! | [`text`] | below the flow: outside text made safe to print (control characters escaped) |
 //! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, test PKI, config builders |
 #![forbid(unsafe_code)]
 
@@ -47,6 +48,7 @@ pub mod smtp;
 pub mod state;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod text;
 pub mod tls;
 pub mod upstream;
 

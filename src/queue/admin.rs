@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use crate::config::Config;
 use super::format_time;
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
 use crate::state::{Health, LocalState};
+use crate::text::escape_controls as esc;
 
 /// How long `delete` and `retry ID` wait for a message in flight.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -84,6 +86,7 @@ fn proxy_running(spool: &Spool) -> bool {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(crate::fsutil::FILE_MODE)
         .open(spool.root.join("lock"))
     else {
         return false;
@@ -113,7 +116,7 @@ fn recipients_summary(state: &MessageState) -> String {
         .filter(|r| r.status == RcptStatus::Pending)
         .map(|r| r.addr.as_str())
         .collect();
-    let shown: Vec<&str> = pending.iter().take(2).copied().collect();
+    let shown: Vec<_> = pending.iter().take(2).map(|a| esc(a)).collect();
     let mut text = shown.join(",");
     if pending.len() > shown.len() {
         text.push_str(&format!(" +{}", pending.len() - shown.len()));
@@ -200,12 +203,12 @@ pub fn list(config: &Config) -> Result<String, String> {
             };
             rows.push(vec![
                 st.id.clone(),
-                format!("<{}>", st.sender),
+                format!("<{}>", esc(&st.sender)),
                 recipients_summary(st),
                 channel,
                 st.attempts.to_string(),
                 format_time(st.next_attempt_ms),
-                truncate(st.last_reply.as_deref().unwrap_or("-"), 100),
+                truncate(&esc(st.last_reply.as_deref().unwrap_or("-")), 100),
             ]);
         }
         out.push_str(&table(&rows));
@@ -223,10 +226,10 @@ pub fn list(config: &Config) -> Result<String, String> {
         for st in &failed {
             rows.push(vec![
                 st.id.clone(),
-                format!("<{}>", st.sender),
+                format!("<{}>", esc(&st.sender)),
                 st.channel.clone(),
                 st.dsn.clone().unwrap_or_else(|| "-".into()),
-                truncate(st.failure.as_deref().unwrap_or("-"), 100),
+                truncate(&esc(st.failure.as_deref().unwrap_or("-")), 100),
             ]);
         }
         out.push_str(&table(&rows));
@@ -257,16 +260,19 @@ pub fn show(config: &Config, id: &str) -> Result<String, String> {
     field("id:", &state.id);
     field("status:", place);
     field("channel:", &state.channel);
-    field("sender:", &format!("<{}>", state.sender));
+    field("sender:", &format!("<{}>", esc(&state.sender)));
     field("size:", &format!("{} bytes", state.size));
     field("accepted:", &format_time(state.created_ms));
     field("attempts:", &state.attempts.to_string());
     if place == "queued" {
         field("next attempt:", &format_time(state.next_attempt_ms));
     }
-    field("last reply:", state.last_reply.as_deref().unwrap_or("-"));
+    field(
+        "last reply:",
+        &esc(state.last_reply.as_deref().unwrap_or("-")),
+    );
     if let Some(failure) = &state.failure {
-        field("failure:", failure);
+        field("failure:", &esc(failure));
     }
     if let Some(dsn) = &state.dsn {
         field("dsn:", dsn);
@@ -280,14 +286,17 @@ pub fn show(config: &Config, id: &str) -> Result<String, String> {
         };
         out.push_str(&format!(
             "  {status:<9} <{}>  {}\n",
-            r.addr,
-            r.reply.as_deref().unwrap_or("")
+            esc(&r.addr),
+            esc(r.reply.as_deref().unwrap_or(""))
         ));
     }
     if let Ok(headers) = spool::read_headers(&data, 16 * 1024) {
         out.push_str("headers:\n");
-        for line in String::from_utf8_lossy(&headers).lines() {
-            out.push_str(&format!("  {line}\n"));
+        // Split on CRLF only: a CR or LF alone inside a line is shown escaped.
+        let headers = String::from_utf8_lossy(&headers);
+        let lines = headers.strip_suffix("\r\n").unwrap_or(&headers);
+        for line in lines.split("\r\n").filter(|_| !lines.is_empty()) {
+            out.push_str(&format!("  {}\n", esc(line)));
         }
     }
     Ok(out)
@@ -442,6 +451,45 @@ mod tests {
             vec!["ccc".to_string(), "d".to_string()],
         ];
         assert_eq!(table(&rows), "A    BB\nccc  d\n");
+    }
+
+    #[test]
+    fn queue_show_and_list_escape_control_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::testkit::config::config(vec![]);
+        config.server.spool_dir = dir.path().to_path_buf();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let id = "19a2b3c4d5e6f-1a2b-0";
+        let envelope = crate::testkit::config::envelope(
+            "ev\u{1b}[2Jil\r@example.com",
+            &["b\u{1b}@example.org"],
+        );
+        let state = MessageState::new(id, "c", &envelope, 10, now_ms());
+        fs::write(
+            spool.data_path(id),
+            b"Subject: \x1b]0;pwned\x07hi\rthere\r\nFrom: a@example.com\r\n\r\nbody\r\n",
+        )
+        .unwrap();
+        spool.write_state(&state).unwrap();
+        let shown = show(&config, id).unwrap();
+        assert!(
+            shown.contains("sender:       <ev\\x1b[2Jil\\x0d@example.com>\n"),
+            "{shown}"
+        );
+        assert!(shown.contains("<b\\x1b@example.org>"), "{shown}");
+        assert!(
+            shown.contains("  Subject: \\x1b]0;pwned\\x07hi\\x0dthere\n  From: a@example.com\n"),
+            "{shown}"
+        );
+        let listed = list(&config).unwrap();
+        assert!(
+            listed.contains("<ev\\x1b[2Jil\\x0d@example.com>"),
+            "{listed}"
+        );
+        for out in [&shown, &listed] {
+            assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out}");
+        }
     }
 
     #[test]

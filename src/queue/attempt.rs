@@ -408,7 +408,7 @@ fn queue_dsn(
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    tracing::info!(id, original = state.id, to = %state.sender, channel = ch.name, "DSN queued");
+    tracing::info!(id, original = state.id, to = %crate::text::escape_controls(&state.sender), channel = ch.name, "DSN queued");
     Ok(Some((id, 1)))
 }
 

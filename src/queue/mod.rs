@@ -23,6 +23,7 @@ pub mod worker;
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,6 +103,7 @@ impl Queue {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::fsutil::FILE_MODE)
             .open(spool.root.join("lock"))
             .map_err(|e| format!("spool {root}: {e}"))?;
         match lock.try_lock() {

@@ -16,6 +16,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -188,7 +189,11 @@ impl Spool {
         {
             return OpenOptions::new().write(true).truncate(true).open(path);
         }
-        OpenOptions::new().write(true).create_new(true).open(path)
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(crate::fsutil::FILE_MODE)
+            .open(path)
     }
 
     /// Removes a delivered message like [`Spool::remove`], but keeps its files, renamed to
@@ -254,16 +259,17 @@ impl Spool {
         self.queue_dir().join(format!("{id}.json"))
     }
 
-    /// Creates the folders that are missing.
+    /// Creates the folders that are missing, mode 0700, and narrows existing ones to 0700.
     pub fn create_dirs(&self) -> io::Result<()> {
         for dir in [
+            self.root.clone(),
             self.tmp_dir(),
             self.queue_dir(),
             self.failed_dir(),
             self.state_dir(),
             self.control_dir(),
         ] {
-            fs::create_dir_all(&dir)?;
+            crate::fsutil::private_dir(&dir)?;
         }
         Ok(())
     }
@@ -529,13 +535,17 @@ pub fn try_lock_data(path: &Path) -> io::Result<Option<File>> {
     }
 }
 
-/// The header section of a message file (up to the empty line; at most `max` bytes).
+/// The header section of a message file (up to the empty line; at most `max` bytes, cut
+/// after the last whole line: a cut between CR and LF would leave a bare CR, which no
+/// upstream is sent).
 pub fn read_headers(path: &Path, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = read_current(path, max as u64)?;
     if let Some(end) = find(&buf, b"\r\n\r\n") {
         buf.truncate(end + 2);
-    } else if let Some(end) = find(&buf, b"\n\n") {
+    } else if let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
         buf.truncate(end + 1);
+    } else {
+        buf.clear();
     }
     Ok(buf)
 }
@@ -634,6 +644,20 @@ mod tests {
             read_headers(&spool.data_path("m1"), 1000).unwrap(),
             b"Subject: x\r\n"
         );
+    }
+
+    #[test]
+    fn headers_cut_at_the_limit_end_on_a_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        fs::write(
+            &path,
+            b"Subject: x\r\nX-Long: abcdef\r\nX-More: y\r\n\r\nbody\r\n",
+        )
+        .unwrap();
+        // 27 bytes end between the CR and the LF of the second line.
+        assert_eq!(read_headers(&path, 27).unwrap(), b"Subject: x\r\n");
+        assert_eq!(read_headers(&path, 5).unwrap(), b"");
     }
 
     #[tokio::test]

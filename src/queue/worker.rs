@@ -10,7 +10,7 @@
 //! attempt counts too).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -30,6 +30,10 @@ pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// A message someone else holds the lock on (the CLI, briefly) is tried again after this.
 pub(super) const BUSY_RETRY_MS: u64 = 1000;
+
+/// After a failed write of the rate counters (a full disk), the channel tries again this
+/// much later.
+pub(super) const STATE_RETRY_MS: u64 = 2000;
 
 /// What a channel task hears.
 #[derive(Debug)]
@@ -84,7 +88,21 @@ pub struct ChannelTask {
     in_flight: HashSet<String>,
     health: Health,
     counters: Option<Counters>,
+    health_writer: Arc<HealthWriter>,
     rx: mpsc::UnboundedReceiver<Event>,
+}
+
+/// The channel's health on its way to disk.
+#[derive(Default)]
+struct HealthWriter {
+    /// Set, not yet written.
+    latest: Mutex<Option<Health>>,
+    /// Held while writing.
+    writing: Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ChannelTask {
@@ -111,6 +129,7 @@ impl ChannelTask {
             in_flight: HashSet::new(),
             health: Health::Ok,
             counters: None,
+            health_writer: Arc::default(),
             rx,
         }
     }
@@ -183,11 +202,25 @@ impl ChannelTask {
         }
     }
 
+    /// Persists on the blocking pool (it fsyncs). Each write takes the latest health, under
+    /// a lock held only by writers, so the file always ends with the last one set.
     fn set_health(&mut self, health: Health) {
-        if let Err(e) = self.queue.state.write_health(&self.name, &health) {
-            tracing::error!(channel = %self.name, error = %e, "queue: cannot persist channel state");
-        }
+        *lock(&self.health_writer.latest) = Some(health.clone());
         self.health = health;
+        let (writer, state, name) = (
+            self.health_writer.clone(),
+            self.queue.state.clone(),
+            self.name.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let _writing = lock(&writer.writing);
+            let Some(health) = lock(&writer.latest).take() else {
+                return;
+            };
+            if let Err(e) = state.write_health(&name, &health) {
+                tracing::error!(channel = %name, error = %e, "queue: cannot persist channel state");
+            }
+        });
     }
 
     fn schedule(&mut self, id: String, due: u64, pending: usize) {
@@ -265,12 +298,9 @@ impl ChannelTask {
                     Err(at) => return Some(at.max(now + 1)),
                 }
                 if let Err(e) = counters.record(&self.queue.state, now, rcpts as u64) {
-                    tracing::error!(channel = %self.name, error = %e, "queue: cannot persist rate counters; channel stopped");
-                    self.set_health(Health::Broken {
-                        since_ms: now,
-                        reason: format!("cannot persist rate counters: {e}"),
-                    });
-                    return None;
+                    // Temporary (a full disk): the message stays due and is tried again.
+                    tracing::warn!(id, channel = %self.name, error = %e, retry_ms = STATE_RETRY_MS, "queue: cannot persist rate counters; deferring");
+                    return Some(now + STATE_RETRY_MS);
                 }
             }
             self.due.remove(&(due, id.clone()));

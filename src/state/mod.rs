@@ -10,10 +10,12 @@
 
 pub mod tokens;
 
-use std::collections::VecDeque;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +90,19 @@ pub fn file_stem(channel: &str) -> String {
 pub struct LocalState {
     dir: PathBuf,
     tmp: PathBuf,
+    /// Per events file: serializes appends with the end of a compaction.
+    logs: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<EventLog>>>>>,
+}
+
+/// What a process knows about one events file.
+#[derive(Debug, Default)]
+struct EventLog {
+    /// Lines in the file.
+    lines: usize,
+    /// Lines the last load or compaction left.
+    kept: usize,
+    /// A compaction is running: the lines appended since it began, for its new file.
+    carried: Option<Vec<u8>>,
 }
 
 impl LocalState {
@@ -96,14 +111,15 @@ impl LocalState {
         LocalState {
             dir: spool_dir.join("state"),
             tmp: spool_dir.join("tmp"),
+            logs: Arc::default(),
         }
     }
 
-    /// [`LocalState::new`], creating its folders when missing.
+    /// [`LocalState::new`], creating its folders when missing (mode 0700).
     pub fn open(spool_dir: &Path) -> io::Result<Self> {
         let state = LocalState::new(spool_dir);
-        fs::create_dir_all(&state.dir)?;
-        fs::create_dir_all(&state.tmp)?;
+        fsutil::private_dir(&state.dir)?;
+        fsutil::private_dir(&state.tmp)?;
         Ok(state)
     }
 
@@ -132,25 +148,122 @@ impl LocalState {
         self.write_atomic(&self.health_path(channel), &json)
     }
 
-    /// Appends one event to a channel's log without a [`Counters`] (relay mode keeps its
-    /// own limiter): a transaction counted at `at_ms`, or with `taken_back` its cancellation.
+    /// Appends one event to a channel's log: a transaction counted at `at_ms`, or with
+    /// `taken_back` its cancellation (relay mode). `Ok(true)`: the log has grown enough
+    /// to be worth [`LocalState::compact_in_background`]. On an error (a full disk) the
+    /// file is as before: a torn line would merge with the next one.
     pub fn append_event(
         &self,
         channel: &str,
         at_ms: u64,
         recipients: u64,
         taken_back: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let line = if taken_back {
             format!("{at_ms} {recipients} -\n")
         } else {
             format!("{at_ms} {recipients}\n")
         };
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.events_path(channel))?
-            .write_all(line.as_bytes())
+        let path = self.events_path(channel);
+        let log = self.log(&path);
+        let mut log = lock(&log);
+        let mut file = fsutil::open_append(&path)?;
+        let before = file.metadata()?.len();
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            let _ = file.set_len(before);
+            return Err(e);
+        }
+        if let Some(carried) = &mut log.carried {
+            carried.extend_from_slice(line.as_bytes());
+        }
+        log.lines += 1;
+        Ok(log.carried.is_none() && log.lines > 2 * log.kept + 1024)
+    }
+
+    /// Rewrites a channel's log with only the events still inside the windows, on the
+    /// blocking pool when called from the runtime (it fsyncs), else right here.
+    /// `now_ms` is the clock of the events (they are kept if inside the windows then).
+    pub fn compact_in_background(&self, channel: &str, limits: &Limits, now_ms: u64) {
+        let (state, channel, limits) = (self.clone(), channel.to_string(), limits.clone());
+        let run = move || {
+            if let Err(e) = state.compact_events(&channel, &limits, now_ms) {
+                tracing::warn!(channel, error = %e, "cannot compact the rate counters' log");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+    }
+
+    /// Blocking: [`LocalState::compact_in_background`]'s work. Appends made meanwhile
+    /// are carried into the new file, so none is lost.
+    pub fn compact_events(&self, channel: &str, limits: &Limits, now_ms: u64) -> io::Result<()> {
+        let path = self.events_path(channel);
+        let log = self.log(&path);
+        let snapshot_len = {
+            let mut log = lock(&log);
+            if log.carried.is_some() {
+                return Ok(());
+            }
+            log.carried = Some(Vec::new());
+            match fs::metadata(&path) {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(e) => {
+                    log.carried = None;
+                    return Err(e);
+                }
+            }
+        };
+        let tmp = self.tmp_path(&path);
+        let result = (|| {
+            let mut text = Vec::new();
+            if snapshot_len > 0 {
+                fs::File::open(&path)?
+                    .take(snapshot_len)
+                    .read_to_end(&mut text)?;
+            }
+            let events = parse_events(&String::from_utf8_lossy(&text), limits, now_ms);
+            let body: String = events.iter().map(|(t, n)| format!("{t} {n}\n")).collect();
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(fsutil::FILE_MODE)
+                .open(&tmp)?;
+            file.write_all(body.as_bytes())?;
+            file.sync_all()?;
+            let mut log = lock(&log);
+            let carried = log.carried.take().unwrap_or_default();
+            file.write_all(&carried)?;
+            fs::rename(&tmp, &path)?;
+            log.kept = events.len();
+            log.lines = events.len() + carried.iter().filter(|&&b| b == b'\n').count();
+            drop(log);
+            fsutil::sync_dir(&self.dir)
+        })();
+        if result.is_err() {
+            lock(&log).carried = None;
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Notes what a load found in a log (lines in it, events kept).
+    fn loaded(&self, channel: &str, lines: usize, kept: usize) {
+        let log = self.log(&self.events_path(channel));
+        let mut log = lock(&log);
+        if log.carried.is_none() {
+            (log.lines, log.kept) = (lines, kept);
+        }
+    }
+
+    fn log(&self, path: &Path) -> Arc<Mutex<EventLog>> {
+        lock(&self.logs)
+            .entry(path.to_path_buf())
+            .or_default()
+            .clone()
     }
 
     /// The windows of a channel from its log, without touching the file (`queue list`).
@@ -173,54 +286,59 @@ impl LocalState {
     }
 
     fn write_atomic(&self, target: &Path, bytes: &[u8]) -> io::Result<()> {
+        fsutil::write_atomic(target, &self.tmp_path(target), bytes)
+    }
+
+    fn tmp_path(&self, target: &Path) -> PathBuf {
         let name = target
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("file");
-        let tmp = self
-            .tmp
-            .join(format!("{name}.{:016x}.part", rand::random::<u64>()));
-        fsutil::write_atomic(target, &tmp, bytes)
+        self.tmp
+            .join(format!("{name}.{:016x}.part", rand::random::<u64>()))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The rate and quota windows of one channel, backed by its events log.
 pub struct Counters {
+    channel: String,
     limits: Limits,
     limiter: Option<ChannelLimiter>,
     events: VecDeque<(u64, u64)>,
-    path: PathBuf,
-    lines_in_file: usize,
 }
 
 impl Counters {
     /// Loads the events log of `channel`, drops what is older than the windows, and
-    /// rebuilds the limiter from the rest.
+    /// rebuilds the limiter from the rest (the file is compacted in the background).
     pub fn load(
         state: &LocalState,
         channel: &str,
         limits: &Limits,
         now_ms: u64,
     ) -> io::Result<Self> {
-        let path = state.events_path(channel);
-        let text = match fs::read_to_string(&path) {
+        let text = match fs::read_to_string(state.events_path(channel)) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e),
         };
         let events = parse_events(&text, limits, now_ms);
         let mut counters = Counters {
+            channel: channel.to_string(),
             limits: limits.clone(),
             limiter: has_windows(limits).then(|| ChannelLimiter::new(limits)),
             events: VecDeque::new(),
-            path,
-            lines_in_file: text.lines().count(),
         };
         for (t, n) in events {
             counters.remember(t, n);
         }
-        if counters.lines_in_file != counters.events.len() {
-            counters.compact(state)?;
+        let lines = text.lines().count();
+        state.loaded(channel, lines, counters.events.len());
+        if lines != counters.events.len() {
+            state.compact_in_background(channel, limits, now_ms);
         }
         Ok(counters)
     }
@@ -234,19 +352,15 @@ impl Counters {
         }
     }
 
-    /// Counts a transaction started now, in memory and in the log.
+    /// Counts a transaction started now, in the log and then in memory. On an error (a
+    /// full disk) nothing is counted: the caller must not start the transaction.
     pub fn record(&mut self, state: &LocalState, now_ms: u64, recipients: u64) -> io::Result<()> {
-        self.remember(now_ms, recipients);
         // O_APPEND of one short line: other lines are never torn; the page cache keeps it
         // across a kill -9 (only a power loss can lose the last few events).
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        file.write_all(format!("{now_ms} {recipients}\n").as_bytes())?;
-        self.lines_in_file += 1;
-        if self.lines_in_file > 2 * self.events.len() + 1024 {
-            self.compact(state)?;
+        let compact = state.append_event(&self.channel, now_ms, recipients, false)?;
+        self.remember(now_ms, recipients);
+        if compact {
+            state.compact_in_background(&self.channel, &self.limits, now_ms);
         }
         Ok(())
     }
@@ -285,17 +399,6 @@ impl Counters {
         {
             self.events.pop_front();
         }
-    }
-
-    fn compact(&mut self, state: &LocalState) -> io::Result<()> {
-        let text: String = self
-            .events
-            .iter()
-            .map(|(t, n)| format!("{t} {n}\n"))
-            .collect();
-        state.write_atomic(&self.path, text.as_bytes())?;
-        self.lines_in_file = self.events.len();
-        Ok(())
     }
 }
 

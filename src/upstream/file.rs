@@ -65,7 +65,7 @@ enum Content {
 }
 
 fn write_message(dir: &Path, id: &str, envelope: &[u8], content: Content) -> io::Result<String> {
-    fs::create_dir_all(dir)?;
+    fsutil::private_dir(dir)?;
     write_atomically(dir, &format!("{id}.envelope"), |f| f.write_all(envelope))?;
     let eml = format!("{id}.eml");
     write_atomically(dir, &eml, |f| match &content {
@@ -86,7 +86,7 @@ pub(super) fn write_atomically(
 }
 
 fn probe_dir(dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
+    fsutil::private_dir(dir)?;
     let probe = dir.join(format!(".probe-{}.tmp", crate::message::new_id()));
     let written = fs::File::create(&probe)
         .and_then(|mut f| f.write_all(b"probe").and_then(|()| f.sync_all()));
