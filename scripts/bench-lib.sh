@@ -1,7 +1,7 @@
-# Sourced by scripts/bench.sh and scripts/bench-queue.sh: the set-up they share.
-# Expects NAME (for messages), SINK_PORT and PORT; sets BENCH (smtp-bench.sh), SINK,
-# WORK (a new temp dir), BIN (the mailgate binary) and the SMTP_BENCH_* variables;
-# defines die and port_open.
+# Sourced by scripts/bench.sh, bench-queue.sh and bench-relay-rss.sh: the set-up they
+# share. Expects NAME (for messages), SINK_PORT and PORT; sets BENCH (smtp-bench.sh),
+# SINK, WORK (a new temp dir), BIN (the mailgate binary) and the SMTP_BENCH_* variables;
+# defines die, port_open, and start_mailgate / stop_mailgate (on $WORK/bench.toml, PID in MG).
 
 die() { echo "$NAME: $*" >&2; exit 2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -29,3 +29,19 @@ else
     cargo build --release --quiet
     BIN=$PWD/target/release/mailgate
 fi
+
+MG=""
+stop_mailgate() {  # SIGTERM by PID, bounded wait, then SIGKILL
+    [[ -n $MG ]] || return 0
+    kill "$MG" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$MG" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$MG" 2>/dev/null || true
+    wait "$MG" 2>/dev/null || true
+    MG=""
+}
+start_mailgate() {  # sets MG; waits (bounded) until the port answers
+    MAILGATE_LOG=warn "$BIN" -c "$WORK/bench.toml" run 2>> "$WORK/mailgate.log" &
+    MG=$!
+    for _ in $(seq 100); do port_open "$PORT" && return 0; kill -0 "$MG" 2>/dev/null || break; sleep 0.1; done
+    cat "$WORK/mailgate.log" >&2; die "mailgate did not start"
+}

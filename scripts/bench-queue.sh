@@ -78,21 +78,6 @@ configure_postfix() {
 postfix_queue_empty() { [[ $(postqueue -j 2>/dev/null | wc -l) == 0 ]]; }
 
 # ---- mailgate ------------------------------------------------------------------
-MG=""
-stop_mailgate() {  # SIGTERM by PID, bounded wait, then SIGKILL
-    [[ -n $MG ]] || return 0
-    kill "$MG" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$MG" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$MG" 2>/dev/null || true
-    wait "$MG" 2>/dev/null || true
-    MG=""
-}
-start_mailgate() {  # sets MG; waits (bounded) until the port answers
-    MAILGATE_LOG=warn "$BIN" -c "$WORK/bench.toml" run 2>> "$WORK/mailgate.log" &
-    MG=$!
-    for _ in $(seq 100); do port_open "$PORT" && return 0; kill -0 "$MG" 2>/dev/null || break; sleep 0.1; done
-    cat "$WORK/mailgate.log" >&2; die "mailgate did not start"
-}
 cleanup() {
     stop_mailgate
     bash "$BENCH" sink stop >/dev/null 2>&1 || true

@@ -36,15 +36,6 @@ senders = ["*"]
 connections = 20
 TOML
 
-MG=""
-stop_mailgate() {
-    [[ -n $MG ]] || return 0
-    kill "$MG" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$MG" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$MG" 2>/dev/null || true
-    wait "$MG" 2>/dev/null || true
-    MG=""
-}
 cleanup() {
     stop_mailgate
     bash "$BENCH" sink stop >/dev/null 2>&1 || true
@@ -55,10 +46,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 bash "$BENCH" sink start >&2
-MAILGATE_LOG=warn "$BIN" -c "$WORK/bench.toml" run 2>> "$WORK/mailgate.log" &
-MG=$!
-for _ in $(seq 100); do port_open "$PORT" && break; kill -0 "$MG" 2>/dev/null || break; sleep 0.1; done
-port_open "$PORT" || { cat "$WORK/mailgate.log" >&2; die "mailgate did not start"; }
+start_mailgate
 
 echo "## mailgate relay mode, peak RSS $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d" " -f1-3 /proc/loadavg)"
 echo "# $("$BIN" --version 2>/dev/null || echo "mailgate ?") ($BIN)"

@@ -33,6 +33,7 @@ use toml_edit::ImDocument;
 
 pub use model::*;
 pub use secrets::Secret;
+pub use values::parse_listen;
 
 use reader::{Expect, Keys, Reader, Section};
 

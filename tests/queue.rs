@@ -5,8 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mailgate::config::{
-    BareLf, Channel, ChannelId, ChannelKind, Config, DeliveryMode, Limits, Rate, SenderPattern,
-    Server,
+    Channel, ChannelId, ChannelKind, Config, DeliveryMode, Limits, Rate, SenderPattern, Server,
 };
 use mailgate::message::Envelope;
 use mailgate::queue::{Queue, Transport, admin};
@@ -141,26 +140,15 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
     Config {
         path: "proxy.toml".into(),
         server: Server {
-            listen: vec![],
-            tls_listen: vec![],
             hostname: "mx.test".into(),
-            tls: None,
             max_message_size: 1 << 20,
-            max_recipients: 1000,
             max_connections: 10,
             delivery: DeliveryMode::Queue,
             spool_dir: spool.to_path_buf(),
             retry_first: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             give_up_after: Duration::from_secs(86400),
-            require_auth: false,
-            allow_networks: vec![],
-            check_header_from: false,
-            bare_lf: BareLf::Normalize,
-            idle_timeout: Duration::from_secs(300),
-            max_header_size: 1 << 20,
-            max_connections_per_client: 50,
-            shutdown_grace: Duration::from_secs(30),
+            ..mailgate::testkit::config::server()
         },
         users: vec![],
         channels,

@@ -117,7 +117,7 @@ pub(super) fn parse_rate(text: &str) -> Result<Rate, String> {
 }
 
 /// `"127.0.0.1:2525"`, `"[::1]:2525"`; `"localhost:PORT"` means both loopback addresses.
-pub(super) fn parse_listen(text: &str) -> Result<Vec<SocketAddr>, String> {
+pub fn parse_listen(text: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(vec![addr]);
     }

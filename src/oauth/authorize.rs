@@ -74,23 +74,15 @@ where
                 expires_in: issued.expires_in,
             })
         }
-        (Grant::RefreshToken, Provider::Microsoft) => {
-            let token = device_flow(http, settings, output)
-                .await
-                .map_err(|e| match e {
-                    FlowError::Endpoint(f) => failed(f),
-                    FlowError::Other(text) => format!("channel {channel}: {text}"),
-                })?;
-            stored(channel, settings, store, &token, output).await
-        }
-        (Grant::RefreshToken, Provider::Google) => {
-            let token =
-                loopback_flow(http, settings, input, output)
-                    .await
-                    .map_err(|e| match e {
-                        FlowError::Endpoint(f) => failed(f),
-                        FlowError::Other(text) => format!("channel {channel}: {text}"),
-                    })?;
+        (Grant::RefreshToken, provider) => {
+            let flow = match provider {
+                Provider::Microsoft => device_flow(http, settings, output).await,
+                Provider::Google => loopback_flow(http, settings, input, output).await,
+            };
+            let token = flow.map_err(|e| match e {
+                FlowError::Endpoint(f) => failed(f),
+                FlowError::Other(text) => format!("channel {channel}: {text}"),
+            })?;
             stored(channel, settings, store, &token, output).await
         }
     }

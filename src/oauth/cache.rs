@@ -29,7 +29,16 @@ pub struct Tokens {
 impl Tokens {
     /// A cache for each channel with `oauth` settings, one HTTP client for all, and the
     /// local token store in `<spool_dir>/state`.
+    /// A config without OAuth channels gets an empty set, and no HTTP client is built
+    /// (start-up and every `Upstreams` stay as cheap as before OAuth).
     pub fn new(config: &Config) -> Result<Tokens, String> {
+        let uses_oauth = config
+            .channels
+            .iter()
+            .any(|c| matches!(&c.kind, ChannelKind::Smtp(t) if t.oauth.is_some()));
+        if !uses_oauth {
+            return Ok(Tokens::default());
+        }
         let store = Arc::new(LocalTokenStore::new(config.server.spool_dir.join("state")));
         Ok(Tokens::with_store(config, Http::new()?, store))
     }

@@ -335,19 +335,10 @@ fn server_view(text: &str) -> Result<ServerView, String> {
     })
 }
 
-/// A listener as the proxy reads it (`"localhost:PORT"` is both loopback addresses); a
-/// wildcard address is reached through loopback.
+/// A listener as the proxy reads it ([`crate::config::parse_listen`]: `"localhost:PORT"` is
+/// both loopback addresses); a wildcard address is reached through loopback.
 fn listen_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
-    let mut addrs = if let Ok(addr) = text.parse::<SocketAddr>() {
-        vec![addr]
-    } else if let Some(port) = text.strip_prefix("localhost:").and_then(|p| p.parse().ok()) {
-        vec![
-            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
-        ]
-    } else {
-        return Err(format!("invalid listener {text:?} in [server] listen"));
-    };
+    let mut addrs = crate::config::parse_listen(text)?;
     for addr in &mut addrs {
         match addr.ip() {
             ip if ip.is_unspecified() && ip.is_ipv4() => addr.set_ip(Ipv4Addr::LOCALHOST.into()),

@@ -1,11 +1,9 @@
 //! Configuration fixtures: a default `[server]`, channels, envelopes.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::config::{
-    BareLf, Channel, ChannelKind, Config, DeliveryMode, Limits, Routing, Server, SmtpTarget,
-    TlsMode,
+    Channel, ChannelKind, Config, DeliveryMode, Limits, Routing, Server, SmtpTarget, TlsMode,
 };
 use crate::message::Envelope;
 
@@ -14,25 +12,13 @@ use crate::message::Envelope;
 pub fn server() -> Server {
     Server {
         listen: Vec::new(),
-        tls_listen: Vec::new(),
         hostname: "mailgate.test".into(),
-        tls: None,
         max_message_size: 35_000_000,
         max_recipients: 1000,
         max_connections: 100,
         delivery: DeliveryMode::Relay,
-        spool_dir: "spool".into(),
-        retry_first: Duration::from_secs(60),
-        retry_max: Duration::from_secs(3600),
-        give_up_after: Duration::from_secs(5 * 86400),
-        require_auth: false,
-        allow_networks: Vec::new(),
         check_header_from: false,
-        bare_lf: BareLf::Normalize,
-        idle_timeout: Duration::from_secs(300),
-        max_header_size: 1 << 20,
-        max_connections_per_client: 50,
-        shutdown_grace: Duration::from_secs(30),
+        ..Server::default()
     }
 }
 
