@@ -47,7 +47,8 @@ class Device:
 class TokenEndpoint:
     """Token, device-authorization and code-exchange endpoints on one HTTP server.
 
-    `mode` scripts failures: "ok", "503", "invalid_grant", "invalid_client".
+    `mode` scripts failures: "ok", "503", "invalid_grant", "invalid_client",
+    "unauthorized_client".
     """
 
     def __init__(self, lifetime: int = 3600, rotate: bool = False):
@@ -126,7 +127,7 @@ class TokenEndpoint:
             self.requests.append({"path": path, **form})
             if self.mode == "503":
                 return 503, {"error": "temporarily_unavailable"}
-            if self.mode in ("invalid_grant", "invalid_client"):
+            if self.mode in ("invalid_grant", "invalid_client", "unauthorized_client"):
                 return 400, {"error": self.mode, "error_description": "scripted failure"}
             if form.get("client_id") != CLIENT_ID:
                 return 401, {"error": "invalid_client"}

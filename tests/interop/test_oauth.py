@@ -96,14 +96,16 @@ def test_delegated_refresh_grant_relay_mode_one_token_for_ten_messages(
     assert_no_secrets(mg.log(), endpoint)
 
 
-def test_client_credentials_grant_queue_mode(config, mailgate, upstream_factory, certs, endpoint):
-    queue_mode(config)
+@pytest.mark.parametrize("mode", ["queue", "relay"])
+def test_client_credentials_grant_in_both_modes(config, mailgate, upstream_factory, certs, endpoint, mode):
+    if mode == "queue":
+        queue_mode(config)
     up = xoauth_upstream(upstream_factory, certs, endpoint)
     oauth_channel(config, "app", up, endpoint, grant="client_credentials")
     mg = start(mailgate, config)
     for i in range(3):
         code, text = submit(mg.addr, MAILBOX, ["bob@example.org"], message(subject=f"q{i}"))
-        assert code == 250 and "queued as" in text, text
+        assert code == 250 and (mode == "relay" or "queued as" in text), text
     up.wait_messages(3, timeout=20)
     reqs = endpoint.grants()
     assert [r["grant_type"] for r in reqs] == ["client_credentials"], reqs
@@ -176,12 +178,13 @@ def test_revoked_access_token_gets_one_refresh_and_one_retry(
     assert_no_secrets(mg.log(), endpoint)
 
 
-def test_invalid_grant_breaks_the_channel_and_keeps_the_mail(
-        config, mailgate, upstream_factory, certs, endpoint):
+@pytest.mark.parametrize("refusal", ["invalid_grant", "invalid_client", "unauthorized_client"])
+def test_a_refused_grant_breaks_the_channel_and_keeps_the_mail(
+        config, mailgate, upstream_factory, certs, endpoint, refusal):
     queue_mode(config)
     up = xoauth_upstream(upstream_factory, certs, endpoint)
     oauth_channel(config, "m365", up, endpoint)
-    endpoint.mode = "invalid_grant"
+    endpoint.mode = refusal
     mg = start(mailgate, config)
     path = config.tmp / "proxy.toml"
     code, text = submit(mg.addr, MAILBOX, ["bob@example.org"], message())
@@ -192,7 +195,7 @@ def test_invalid_grant_breaks_the_channel_and_keeps_the_mail(
     time.sleep(2.5)  # longer than retry_first: a broken channel does not retry by itself
     assert len(endpoint.grants()) == calls
     listing = queue_list(path)
-    assert "1 message(s) queued" in listing and "broken" in listing and "invalid_grant" in listing, listing
+    assert "1 message(s) queued" in listing and "broken" in listing and refusal in listing, listing
     check = run_cli(["-c", str(path), "check"], env=config.env)
     assert "m365: broken" in check.stdout, check.stdout
     assert up.messages == []
