@@ -1,7 +1,8 @@
 # Sourced by scripts/bench.sh, bench-queue.sh and bench-relay-rss.sh: the set-up they
 # share. Expects NAME (for messages), SINK_PORT and PORT; sets BENCH (smtp-bench.sh),
 # SINK, WORK (a new temp dir), BIN (the mailgate binary) and the SMTP_BENCH_* variables;
-# defines die, port_open, and start_mailgate / stop_mailgate (on $WORK/bench.toml, PID in MG).
+# defines die, port_open, write_config, and start_mailgate / stop_mailgate (on
+# $WORK/bench.toml, PID in MG).
 
 die() { echo "$NAME: $*" >&2; exit 2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -29,6 +30,27 @@ else
     cargo build --release --quiet
     BIN=$PWD/target/release/mailgate
 fi
+
+# write_config DELIVERY CONNECTIONS: $WORK/bench.toml, one smtp channel to the sink for
+# every sender, the spool in $WORK.
+write_config() {
+    cat > "$WORK/bench.toml" <<TOML
+[server]
+listen = ["127.0.0.1:$PORT"]
+delivery = "$1"
+spool_dir = "$WORK/spool"
+max_message_size = "50MB"
+max_connections = 2000
+check_header_from = false
+
+[channels.sink]
+host = "127.0.0.1"
+port = $SINK_PORT
+tls = "none"
+senders = ["*"]
+connections = $2
+TOML
+}
 
 MG=""
 stop_mailgate() {  # SIGTERM by PID, bounded wait, then SIGKILL

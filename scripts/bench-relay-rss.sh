@@ -19,22 +19,7 @@ NAME=bench-relay-rss
 # shellcheck source=scripts/bench-lib.sh
 . scripts/bench-lib.sh
 
-cat > "$WORK/bench.toml" <<TOML
-[server]
-listen = ["127.0.0.1:$PORT"]
-delivery = "relay"
-spool_dir = "$WORK/spool"
-max_message_size = "50MB"
-max_connections = 2000
-check_header_from = false
-
-[channels.sink]
-host = "127.0.0.1"
-port = $SINK_PORT
-tls = "none"
-senders = ["*"]
-connections = 20
-TOML
+write_config relay 20
 
 cleanup() {
     stop_mailgate

@@ -23,21 +23,7 @@ NAME=bench
 # shellcheck source=scripts/bench-lib.sh
 . scripts/bench-lib.sh
 
-cat > "$WORK/bench.toml" <<TOML
-[server]
-listen = ["127.0.0.1:$PORT"]
-delivery = "relay"
-max_message_size = "50MB"
-max_connections = 2000
-check_header_from = false
-
-[channels.sink]
-host = "127.0.0.1"
-port = $SINK_PORT
-tls = "none"
-senders = ["*"]
-connections = 64
-TOML
+write_config relay 64
 
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 cleanup() {
