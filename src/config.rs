@@ -20,6 +20,7 @@ mod reader;
 mod routing;
 mod secrets;
 mod server;
+pub mod state;
 mod users;
 mod values;
 
@@ -125,6 +126,7 @@ const TOP_KEYS: Keys = &[
     ("users", Expect::Table),
     ("channels", Expect::Table),
     ("routing", Expect::Table),
+    ("state", Expect::Table),
     ("metrics", Expect::Table),
 ];
 
@@ -169,6 +171,11 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         .unwrap_or_else(|| blank("[routing]"));
     let routing = routing::read(r, &routing_section, &channels);
 
+    let state = match r.section(&root, "state", "[state]") {
+        Some(section) => state::read(r, &section),
+        None => StateBackend::Local,
+    };
+
     Config {
         path: path.to_path_buf(),
         server,
@@ -176,5 +183,6 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         channels,
         routing,
         has_literal_secrets: r.literal_secrets,
+        state,
     }
 }

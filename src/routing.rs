@@ -359,6 +359,7 @@ mod tests {
             channels,
             routing: Routing::default(),
             has_literal_secrets: false,
+            state: Default::default(),
         }
     }
 

@@ -154,6 +154,7 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
         channels,
         routing: Default::default(),
         has_literal_secrets: false,
+        state: Default::default(),
     }
 }
 

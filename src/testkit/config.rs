@@ -31,6 +31,7 @@ pub fn config(channels: Vec<Channel>) -> Config {
         channels,
         routing: Routing::default(),
         has_literal_secrets: false,
+        state: Default::default(),
     }
 }
 
