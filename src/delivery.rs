@@ -17,7 +17,8 @@ use crate::message::Envelope;
 use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;
-use crate::state::{self, Counters, LocalState};
+use crate::state::shared::{RedisState, Reserved};
+use crate::state::{self, Backend, Counters, LocalState};
 use crate::upstream::{Body, Upstreams};
 
 /// The delivery side of a running proxy.
@@ -32,6 +33,8 @@ pub struct Delivery {
     counters: Option<LocalState>,
     /// Relay mode: `spool_dir/tmp/`, where a large message waits for its upstream.
     relay_tmp: Spool,
+    /// Relay mode with `[state] backend = "redis"`: the shared windows, instead of `limiters`.
+    shared: Option<RedisState>,
 }
 
 /// A message being received: written to as the data streams in.
@@ -91,6 +94,11 @@ impl Delivery {
         let counters = (persist && queue.is_none())
             .then(|| relay_counters(&config))
             .flatten();
+        let shared = match (&queue, Backend::of(&config)?) {
+            (None, Backend::Redis(redis)) => Some(redis),
+            _ => None,
+        };
+        let counters = counters.filter(|_| shared.is_none());
         let relay_tmp = Spool::new(&config.server.spool_dir);
         if persist && queue.is_none() {
             clean_relay_tmp(&relay_tmp)
@@ -117,6 +125,7 @@ impl Delivery {
             queue,
             counters,
             relay_tmp,
+            shared,
         })
     }
 
@@ -215,6 +224,9 @@ impl Delivery {
             return Reply::too_many_recipients(max);
         }
         let rcpts = envelope.recipients.len() as u64;
+        if let Some(redis) = &self.shared {
+            return self.relay_shared(redis, id, draft, channel, envelope).await;
+        }
         // Checked and counted in one step, so concurrent sessions can never overshoot a
         // limit; the reservation is taken back if the upstream refuses the message.
         let reserved_at = {
@@ -257,6 +269,67 @@ impl Delivery {
 }
 
 impl Delivery {
+    /// Relay mode, shared backend: one reservation in Redis (both windows, atomically),
+    /// given back if the upstream does not take the message.
+    async fn relay_shared(
+        &self,
+        redis: &RedisState,
+        id: &str,
+        mut draft: SpoolDraft,
+        channel: ChannelId,
+        envelope: &Envelope,
+    ) -> Reply {
+        let ch = &self.config.channels[channel];
+        let rcpts = envelope.recipients.len() as u64;
+        let reservation = if state::has_windows(&ch.limits) {
+            match redis.reserve(&ch.name, &ch.limits, rcpts).await {
+                Ok(Reserved::Yes(token)) => Some(token),
+                Ok(Reserved::Wait(ms)) => {
+                    tracing::info!(id, channel = %ch.name, wait_ms = ms, "channel limit reached");
+                    return Reply::channel_limited(&ch.name);
+                }
+                Ok(Reserved::Never) => {
+                    tracing::info!(id, channel = %ch.name, "channel limit can never take this message");
+                    return Reply::channel_limited(&ch.name);
+                }
+                // Logged once per outage by the connection; never sent uncounted.
+                Err(_) => return Reply::limits_unavailable(&ch.name),
+            }
+        } else {
+            None
+        };
+        let give_back = || async {
+            if let Some(token) = &reservation
+                && let Err(e) = redis.release(&ch.name, token).await
+            {
+                tracing::warn!(id, channel = %ch.name, error = %e, "cannot give back a reservation: it counts until its window passes");
+            }
+        };
+        let outcome = match draft.close().await {
+            Ok(closed) => {
+                let body = match &closed.inline {
+                    Some(bytes) => Body::Bytes(bytes),
+                    None => Body::File(&closed.path),
+                };
+                self.upstreams
+                    .send_with_id(channel, Some(id), envelope, body, true)
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(id, error = %e, "cannot write the message's temporary file");
+                give_back().await;
+                return Reply::local_error();
+            }
+        };
+        match outcome.result {
+            Ok(reply) => reply,
+            Err(error) => {
+                give_back().await;
+                error.client_reply(&ch.name)
+            }
+        }
+    }
+
     /// Relay mode: logs a counted (or taken back) message so the windows survive a restart,
     /// and compacts the log once it has grown (as queue mode's workers do).
     fn persist(&self, channel: &str, at_ms: u64, rcpts: u64, taken_back: bool) {

@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ChannelId, Config};
 use crate::message::Envelope;
 use crate::reply::Reply;
-use crate::state::LocalState;
+use crate::state::Backend;
 use crate::upstream::{Body, Outcome, Upstreams};
 
 pub use crate::state::format_time;
@@ -83,7 +83,7 @@ pub struct Queue {
     config: Arc<Config>,
     spool: Spool,
     /// Channel health and rate counters, beside the spool.
-    state: LocalState,
+    state: Backend,
     senders: Vec<mpsc::UnboundedSender<Event>>,
     receivers: Mutex<Vec<mpsc::UnboundedReceiver<Event>>>,
     /// Held for the life of the queue: one proxy per spool.
@@ -126,7 +126,12 @@ impl Queue {
             .iter()
             .map(|_| mpsc::unbounded_channel())
             .unzip();
-        let state = LocalState::new(&spool.root);
+        let state = match &config.state {
+            crate::config::StateBackend::Local => {
+                Backend::Local(crate::state::LocalState::new(&spool.root))
+            }
+            _ => Backend::of(&config)?,
+        };
         Ok(Arc::new(Queue {
             config,
             spool,

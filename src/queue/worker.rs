@@ -21,7 +21,8 @@ use super::attempt::Attempt;
 use super::spool::now_ms;
 use super::{Queue, Transport};
 use crate::config::{Channel, ChannelId};
-use crate::state::{Counters, Health, format_time};
+use crate::state::shared::{RedisState, Reserved};
+use crate::state::{Backend, Counters, Health, format_time};
 
 /// Longest a single upstream transaction may take, on top of the upstream's own
 /// per-command timeouts (a large message on a slow link).
@@ -34,6 +35,10 @@ pub(super) const BUSY_RETRY_MS: u64 = 1000;
 /// After a failed write of the rate counters (a full disk), the channel tries again this
 /// much later.
 pub(super) const STATE_RETRY_MS: u64 = 2000;
+
+/// With the shared backend, how often a channel looks at the health and `queue retry`
+/// requests other hosts left in Redis.
+pub const SHARED_POLL: Duration = Duration::from_secs(1);
 
 /// What a channel task hears.
 #[derive(Debug)]
@@ -90,6 +95,18 @@ pub struct ChannelTask {
     counters: Option<Counters>,
     health_writer: Arc<HealthWriter>,
     rx: mpsc::UnboundedReceiver<Event>,
+    /// The shared backend, when `[state] backend = "redis"`.
+    shared: Option<SharedView>,
+}
+
+/// What a channel knows of the shared state.
+struct SharedView {
+    redis: RedisState,
+    /// The `queue retry` generation last seen (`None`: not read yet).
+    retry_seen: Option<u64>,
+    /// A health set here that Redis has not taken yet (it was down): written before
+    /// anything is read back, so a stale remote value never undoes it.
+    unsaved: Option<Health>,
 }
 
 /// The channel's health on its way to disk.
@@ -117,6 +134,14 @@ impl ChannelTask {
         let name = ch.name.clone();
         let connections = ch.limits.connections.max(1);
         let chunk = chunk_size(ch);
+        let shared = match &queue.state {
+            Backend::Redis(redis) => Some(SharedView {
+                redis: redis.clone(),
+                retry_seen: None,
+                unsaved: None,
+            }),
+            Backend::Local(_) => None,
+        };
         ChannelTask {
             queue,
             transport,
@@ -131,15 +156,18 @@ impl ChannelTask {
             counters: None,
             health_writer: Arc::default(),
             rx,
+            shared,
         }
     }
 
     /// Schedules and delivers until `shutdown`, then waits (bounded) for transactions in flight.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        self.load_state();
+        self.load_state().await;
         let mut deliveries: JoinSet<Report> = JoinSet::new();
+        let mut poll = tokio::time::interval(SHARED_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wake = self.dispatch(&mut deliveries);
+            let wake = self.dispatch(&mut deliveries).await;
             let sleep = match wake {
                 Some(at) => {
                     tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
@@ -149,20 +177,21 @@ impl ChannelTask {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = self.rx.recv() => match event {
-                    Some(event) => self.handle(event),
+                    Some(event) => self.handle(event).await,
                     None => break,
                 },
                 Some(done) = deliveries.join_next(), if !deliveries.is_empty() => match done {
-                    Ok(report) => self.apply(report),
+                    Ok(report) => self.apply(report).await,
                     Err(e) => tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed"),
                 },
                 _ = tokio::time::sleep_until(sleep) => {}
+                _ = poll.tick(), if self.shared.is_some() => self.sync_shared().await,
             }
         }
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while let Some(done) = deliveries.join_next().await {
                 if let Ok(report) = done {
-                    self.apply(report);
+                    self.apply(report).await;
                 }
             }
         })
@@ -173,14 +202,27 @@ impl ChannelTask {
         }
     }
 
-    fn load_state(&mut self) {
+    async fn load_state(&mut self) {
         let queue = self.queue.clone();
         let now = now_ms();
-        match queue.state.read_health(&self.name) {
+        let health = match &queue.state {
+            Backend::Local(local) => local.read_health(&self.name),
+            Backend::Redis(redis) => match redis.health(&self.name).await {
+                Ok((health, retry)) => {
+                    if let Some(view) = &mut self.shared {
+                        view.retry_seen = Some(retry);
+                    }
+                    health
+                }
+                // Redis is down: every reservation waits for it anyway.
+                Err(_) => Health::Ok,
+            },
+        };
+        match health {
             Health::Broken { reason, .. } => {
                 // A restart is one of the ways to resume a broken channel.
                 tracing::warn!(channel = %self.name, reason, "queue: channel was broken; trying it again");
-                self.set_health(Health::Ok);
+                self.set_health(Health::Ok).await;
             }
             Health::Held { until_ms, reason } if until_ms > now => {
                 tracing::warn!(channel = %self.name, until = %format_time(until_ms), reason, "queue: channel held for provider quota");
@@ -189,7 +231,10 @@ impl ChannelTask {
             _ => {}
         }
         let limits = &queue.config.channels[self.channel].limits;
-        match Counters::load(&queue.state, &self.name, limits, now) {
+        let Backend::Local(local) = &queue.state else {
+            return; // the shared counters are asked at each reservation
+        };
+        match Counters::load(local, &self.name, limits, now) {
             Ok(counters) => self.counters = Some(counters),
             Err(e) => {
                 // Without its counters the channel could overrun the provider's limits: stop it.
@@ -204,14 +249,22 @@ impl ChannelTask {
 
     /// Persists on the blocking pool (it fsyncs). Each write takes the latest health, under
     /// a lock held only by writers, so the file always ends with the last one set.
-    fn set_health(&mut self, health: Health) {
-        *lock(&self.health_writer.latest) = Some(health.clone());
-        self.health = health;
-        let (writer, state, name) = (
-            self.health_writer.clone(),
-            self.queue.state.clone(),
-            self.name.clone(),
-        );
+    async fn set_health(&mut self, health: Health) {
+        self.health = health.clone();
+        if let Some(view) = &mut self.shared {
+            // Awaited: the next poll must read this back, not what was there before.
+            if view.redis.set_health(&self.name, &health).await.is_err() {
+                view.unsaved = Some(health);
+            } else {
+                view.unsaved = None;
+            }
+            return;
+        }
+        let Backend::Local(local) = &self.queue.state else {
+            return;
+        };
+        *lock(&self.health_writer.latest) = Some(health);
+        let (writer, state, name) = (self.health_writer.clone(), local.clone(), self.name.clone());
         tokio::task::spawn_blocking(move || {
             let _writing = lock(&writer.writing);
             let Some(health) = lock(&writer.latest).take() else {
@@ -230,7 +283,7 @@ impl ChannelTask {
         self.due.insert((due, id));
     }
 
-    fn handle(&mut self, event: Event) {
+    async fn handle(&mut self, event: Event) {
         match event {
             Event::Queued {
                 id,
@@ -244,9 +297,9 @@ impl ChannelTask {
             Event::Retry(which) => {
                 if self.health != Health::Ok {
                     tracing::info!(channel = %self.name, "queue: channel resumed by retry");
-                    self.set_health(Health::Ok);
-                    if self.counters.is_none() {
-                        self.load_state();
+                    self.set_health(Health::Ok).await;
+                    if self.counters.is_none() && self.shared.is_none() {
+                        self.load_state().await;
                     }
                 }
                 let now = now_ms();
@@ -268,14 +321,14 @@ impl ChannelTask {
     }
 
     /// Starts every transaction that may start now; returns when to look again.
-    fn dispatch(&mut self, deliveries: &mut JoinSet<Report>) -> Option<u64> {
-        let now = now_ms();
+    async fn dispatch(&mut self, deliveries: &mut JoinSet<Report>) -> Option<u64> {
+        let mut now = now_ms();
         match &self.health {
             Health::Broken { .. } => return None,
             Health::Held { until_ms, .. } if *until_ms > now => return Some(*until_ms),
             Health::Held { .. } => {
                 tracing::info!(channel = %self.name, "queue: quota window rolled over; channel resumes");
-                self.set_health(Health::Ok);
+                self.set_health(Health::Ok).await;
             }
             Health::Ok => {}
         }
@@ -286,7 +339,28 @@ impl ChannelTask {
             }
             let pending = self.entries[&id].1;
             let rcpts = pending.min(self.chunk);
-            if rcpts > 0 {
+            if rcpts > 0
+                && let Some(view) = &self.shared
+            {
+                let limits = &self.queue.config.channels[self.channel].limits;
+                if crate::state::has_windows(limits) {
+                    match view.redis.reserve(&self.name, limits, rcpts as u64).await {
+                        Ok(Reserved::Yes(_)) => {}
+                        Ok(Reserved::Never) => {
+                            tracing::error!(id, channel = %self.name, rcpts, "queue: the channel's limits can never take this transaction; holding it an hour");
+                            self.schedule(id, now + 3_600_000, pending);
+                            continue;
+                        }
+                        Ok(Reserved::Wait(ms)) => return Some(now_ms() + ms),
+                        // Never sent past a limit nobody can count: the mail waits.
+                        Err(_) => return Some(now_ms() + STATE_RETRY_MS),
+                    }
+                    now = now_ms();
+                }
+            } else if rcpts > 0 {
+                let Backend::Local(local) = &self.queue.state else {
+                    return None;
+                };
                 let counters = self.counters.as_mut()?;
                 match counters.check(now, rcpts as u64) {
                     Ok(()) => {}
@@ -297,7 +371,7 @@ impl ChannelTask {
                     }
                     Err(at) => return Some(at.max(now + 1)),
                 }
-                if let Err(e) = counters.record(&self.queue.state, now, rcpts as u64) {
+                if let Err(e) = counters.record(local, now, rcpts as u64) {
                     // Temporary (a full disk): the message stays due and is tried again.
                     tracing::warn!(id, channel = %self.name, error = %e, retry_ms = STATE_RETRY_MS, "queue: cannot persist rate counters; deferring");
                     return Some(now + STATE_RETRY_MS);
@@ -317,7 +391,7 @@ impl ChannelTask {
         None
     }
 
-    fn apply(&mut self, report: Report) {
+    async fn apply(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
         if let Some((due, pending)) = report.next {
             self.schedule(report.id.clone(), due, pending);
@@ -329,18 +403,21 @@ impl ChannelTask {
             ChannelEffect::None => {}
             ChannelEffect::Hold(reason) => {
                 let now = now_ms();
-                let until_ms = self
-                    .counters
-                    .as_ref()
-                    .map(|c| c.hold_until(now))
-                    .unwrap_or(now + 3_600_000);
+                let until_ms = match (&self.shared, &self.counters) {
+                    (Some(view), _) => match view.redis.events(&self.name).await {
+                        Ok(events) => crate::state::hold_until(&events, now),
+                        Err(_) => now + 3_600_000,
+                    },
+                    (None, Some(counters)) => counters.hold_until(now),
+                    (None, None) => now + 3_600_000,
+                };
                 tracing::warn!(
                     channel = %self.name,
                     until = %format_time(until_ms),
                     reason,
                     "queue: provider quota reached; channel held"
                 );
-                self.set_health(Health::Held { until_ms, reason });
+                self.set_health(Health::Held { until_ms, reason }).await;
             }
             ChannelEffect::Broken(reason) => {
                 if !matches!(self.health, Health::Broken { .. }) {
@@ -352,9 +429,54 @@ impl ChannelTask {
                     self.set_health(Health::Broken {
                         since_ms: now_ms(),
                         reason,
-                    });
+                    })
+                    .await;
                 }
             }
+        }
+    }
+}
+
+impl ChannelTask {
+    /// Shared backend: takes what other hosts did to this channel (broken, held,
+    /// resumed, `queue retry`). Runs every [`SHARED_POLL`].
+    async fn sync_shared(&mut self) {
+        let Some(view) = &mut self.shared else { return };
+        if let Some(health) = view.unsaved.clone() {
+            if view.redis.set_health(&self.name, &health).await.is_err() {
+                return;
+            }
+            view.unsaved = None;
+        }
+        let Ok((remote, retry)) = view.redis.health(&self.name).await else {
+            return;
+        };
+        let retried = view.retry_seen.is_some_and(|seen| seen != retry);
+        view.retry_seen = Some(retry);
+        if retried {
+            tracing::info!(channel = %self.name, "queue: retry requested on another host");
+            self.health = remote;
+            let now = now_ms();
+            let ids: Vec<String> = self.entries.keys().cloned().collect();
+            for id in ids {
+                let pending = self.entries[&id].1;
+                self.schedule(id, now, pending);
+            }
+            return;
+        }
+        if remote != self.health {
+            match &remote {
+                Health::Broken { reason, .. } => {
+                    tracing::error!(channel = %self.name, reason, "CHANNEL BROKEN (seen on another host): its mail stays queued until `mailgate queue retry --all`");
+                }
+                Health::Held { until_ms, reason } => {
+                    tracing::warn!(channel = %self.name, until = %format_time(*until_ms), reason, "queue: channel held for provider quota (seen on another host)");
+                }
+                Health::Ok => {
+                    tracing::info!(channel = %self.name, "queue: channel resumed on another host");
+                }
+            }
+            self.health = remote;
         }
     }
 }
