@@ -332,6 +332,9 @@ impl ChannelTask {
             }
             Health::Ok => {}
         }
+        // Shared backend: reserved in batches ahead of the loop that starts them.
+        let mut reserved: HashSet<String> = HashSet::new();
+        let mut refused: Option<(String, Reserved)> = None;
         while self.in_flight.len() < self.connections {
             let (due, id) = self.due.first().cloned()?;
             if due > now {
@@ -339,25 +342,54 @@ impl ChannelTask {
             }
             let pending = self.entries[&id].1;
             let rcpts = pending.min(self.chunk);
+            let limits = &self.queue.config.channels[self.channel].limits;
             if rcpts > 0
                 && let Some(view) = &self.shared
+                && crate::state::has_windows(limits)
             {
-                let limits = &self.queue.config.channels[self.channel].limits;
-                if crate::state::has_windows(limits) {
-                    match view.redis.reserve(&self.name, limits, rcpts as u64).await {
-                        Ok(Reserved::Yes(_)) => {}
-                        Ok(Reserved::Never) => {
-                            tracing::error!(id, channel = %self.name, rcpts, "queue: the channel's limits can never take this transaction; holding it an hour");
-                            self.schedule(id, now + 3_600_000, pending);
-                            continue;
+                if reserved.is_empty() && refused.is_none() {
+                    // One round trip for this one and the next due ones, as many as
+                    // connections are free.
+                    let free = self.connections - self.in_flight.len();
+                    let batch: Vec<(String, u64)> = self
+                        .due
+                        .iter()
+                        .take_while(|(d, _)| *d <= now)
+                        .take(free)
+                        .filter_map(|(_, id)| {
+                            let n = self.entries[id].1.min(self.chunk) as u64;
+                            (n > 0).then(|| (id.clone(), n))
+                        })
+                        .collect();
+                    let counts: Vec<u64> = batch.iter().map(|b| b.1).collect();
+                    match view.redis.reserve_many(&self.name, limits, &counts).await {
+                        Ok((granted, refusal)) => {
+                            reserved.extend(batch.iter().take(granted.len()).map(|b| b.0.clone()));
+                            refused = refusal
+                                .and_then(|r| Some((batch.get(granted.len())?.0.clone(), r)));
                         }
-                        Ok(Reserved::Wait(ms)) => return Some(now_ms() + ms),
                         // Never sent past a limit nobody can count: the mail waits.
                         Err(_) => return Some(now_ms() + STATE_RETRY_MS),
                     }
                     now = now_ms();
                 }
-            } else if rcpts > 0 {
+                if !reserved.remove(&id) {
+                    match refused.take() {
+                        Some((refused_id, Reserved::Never)) if refused_id == id => {
+                            tracing::error!(id, channel = %self.name, rcpts, "queue: the channel's limits can never take this transaction; holding it an hour");
+                            self.schedule(id, now + 3_600_000, pending);
+                            continue;
+                        }
+                        Some((_, Reserved::Wait(ms))) => return Some(now_ms() + ms),
+                        // Not in the batch (cannot happen: the batch is the front of
+                        // `due`, taken in order); reserve afresh rather than loop.
+                        _ => {
+                            reserved.clear();
+                            continue;
+                        }
+                    }
+                }
+            } else if rcpts > 0 && self.shared.is_none() {
                 let Backend::Local(local) = &self.queue.state else {
                     return None;
                 };

@@ -52,58 +52,76 @@ pub enum Reserved {
     Never,
 }
 
+/// KEYS: rate, day, daysum. ARGV: rate count (-1: none), rate window ms, recipients per
+/// day (-1: none), a unique tag, then the recipients of each transaction to reserve, in
+/// order. Reserves them one by one until one does not fit. Returns
+/// `{0, "", member…}` when all fit, else `{1, wait_ms, member…}` or `{2, "", member…}`
+/// (never fits) for the first that did not, with the members of those reserved before it.
 const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local count, per = tonumber(ARGV[1]), tonumber(ARGV[2])
-local limit, n = tonumber(ARGV[3]), tonumber(ARGV[4])
+local count, per, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local day = 86400000
-local earliest = now
-if count >= 0 then
-  if count == 0 then return {2, '0'} end
+local function rcpts(m) return tonumber(string.match(m, '^%d+:(%d+):')) end
+local used = 0
+if count > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - per)
-  local inw = redis.call('ZCARD', KEYS[1])
-  if inw >= count then
-    local e = redis.call('ZRANGE', KEYS[1], inw - count, inw - count, 'WITHSCORES')
-    earliest = math.max(earliest, tonumber(e[2]) + per)
-  end
 end
 if limit >= 0 then
-  if n > limit then return {2, '0'} end
-  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  used = tonumber(redis.call('GET', KEYS[3]) or '0')
   local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - day)
   if #old > 0 then
-    for _, m in ipairs(old) do
-      used = used - tonumber(string.match(m, '^%d+:(%d+):'))
-    end
+    for _, m in ipairs(old) do used = used - rcpts(m) end
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - day)
     if used < 0 then used = 0 end
     redis.call('SET', KEYS[3], used, 'PX', day)
   end
-  if used + n > limit then
+end
+local out = {0, ''}
+for i = 5, #ARGV do
+  local n = tonumber(ARGV[i])
+  if count == 0 or (limit >= 0 and n > limit) then
+    out[1] = 2
+    return out
+  end
+  local earliest = now
+  if count > 0 then
+    local inw = redis.call('ZCARD', KEYS[1])
+    if inw >= count then
+      local e = redis.call('ZRANGE', KEYS[1], inw - count, inw - count, 'WITHSCORES')
+      earliest = math.max(earliest, tonumber(e[2]) + per)
+    end
+  end
+  if limit >= 0 and used + n > limit then
+    local left = used
     local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-    for i = 1, #all, 2 do
-      used = used - tonumber(string.match(all[i], '^%d+:(%d+):'))
-      if used + n <= limit then
-        earliest = math.max(earliest, tonumber(all[i + 1]) + day)
+    for j = 1, #all, 2 do
+      left = left - rcpts(all[j])
+      if left + n <= limit then
+        earliest = math.max(earliest, tonumber(all[j + 1]) + day)
         break
       end
     end
   end
+  if earliest > now then
+    out[1] = 1
+    out[2] = string.format('%d', earliest - now)
+    return out
+  end
+  local member = string.format('%d', now) .. ':' .. string.format('%d', n) .. ':' .. ARGV[4] .. i
+  if count > 0 then
+    redis.call('ZADD', KEYS[1], now, member)
+    redis.call('PEXPIRE', KEYS[1], per)
+  end
+  if limit >= 0 and n > 0 then
+    redis.call('ZADD', KEYS[2], now, member)
+    used = used + n
+    redis.call('SET', KEYS[3], used, 'PX', day)
+    redis.call('PEXPIRE', KEYS[2], day)
+  end
+  out[#out + 1] = member
 end
-if earliest > now then return {1, string.format('%d', earliest - now)} end
-local member = string.format('%d', now) .. ':' .. string.format('%d', n) .. ':' .. ARGV[5]
-if count >= 0 then
-  redis.call('ZADD', KEYS[1], now, member)
-  redis.call('PEXPIRE', KEYS[1], per)
-end
-if limit >= 0 and n > 0 then
-  redis.call('ZADD', KEYS[2], now, member)
-  redis.call('INCRBY', KEYS[3], n)
-  redis.call('PEXPIRE', KEYS[2], day)
-  redis.call('PEXPIRE', KEYS[3], day)
-end
-return {0, member}
+return out
 "#;
 
 const RELEASE: &str = r#"
@@ -274,46 +292,71 @@ impl RedisState {
     }
 
     /// Checks both windows of `channel` for a transaction of `rcpts` recipients and
-    /// records it in both, or says how long to wait. Channels without windows never
-    /// ask Redis.
+    /// records it in both, or says how long to wait.
     pub async fn reserve(
         &self,
         channel: &str,
         limits: &Limits,
         rcpts: u64,
     ) -> Result<Reserved, Unavailable> {
+        let (mut granted, refused) = self.reserve_many(channel, limits, &[rcpts]).await?;
+        Ok(match (granted.pop(), refused) {
+            (Some(token), _) => Reserved::Yes(token),
+            (None, Some(refused)) => refused,
+            (None, None) => Reserved::Never,
+        })
+    }
+
+    /// [`RedisState::reserve`] for several transactions in one round trip, in order,
+    /// until one does not fit: the tokens of those reserved, and what refused the next
+    /// ([`Reserved::Wait`] or [`Reserved::Never`]), if any.
+    pub async fn reserve_many(
+        &self,
+        channel: &str,
+        limits: &Limits,
+        rcpts: &[u64],
+    ) -> Result<(Vec<String>, Option<Reserved>), Unavailable> {
         let (count, per) = match limits.rate {
             Some(rate) => (rate.count as i64, rate.per.as_millis() as i64),
             None => (-1, 0),
         };
         let per_day = limits.recipients_per_day.map_or(-1, |d| d as i64);
-        let uniq = format!("{:016x}", rand::random::<u64>());
+        let uniq = format!("{:016x}-", rand::random::<u64>());
         let keys = [
             self.key("rate", channel),
             self.key("day", channel),
             self.key("daysum", channel),
         ];
         let script = &self.inner.reserve;
-        let (status, value): (i64, String) = self
+        let answer: Vec<String> = self
             .call(|mut c| async move {
-                script
-                    .key(&keys[0])
+                let mut invocation = script.key(&keys[0]);
+                invocation
                     .key(&keys[1])
                     .key(&keys[2])
                     .arg(count)
                     .arg(per)
                     .arg(per_day)
-                    .arg(rcpts)
-                    .arg(uniq)
-                    .invoke_async(&mut c)
-                    .await
+                    .arg(uniq);
+                for n in rcpts {
+                    invocation.arg(*n);
+                }
+                invocation.invoke_async(&mut c).await
             })
             .await?;
-        Ok(match status {
-            0 => Reserved::Yes(value),
-            1 => Reserved::Wait(value.parse().unwrap_or(1000).max(1)),
-            _ => Reserved::Never,
-        })
+        let (status, wait) = (
+            answer.first().map(String::as_str),
+            answer.get(1).map(String::as_str),
+        );
+        let granted = answer.iter().skip(2).cloned().collect();
+        let refused = match status {
+            Some("0") => None,
+            Some("1") => Some(Reserved::Wait(
+                wait.and_then(|w| w.parse().ok()).unwrap_or(1000).max(1),
+            )),
+            _ => Some(Reserved::Never),
+        };
+        Ok((granted, refused))
     }
 
     /// Gives back a reservation the upstream never took (relay mode).

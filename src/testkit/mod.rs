@@ -4,4 +4,5 @@
 pub mod config;
 pub mod fake_smtp;
 pub mod pki;
+pub mod redis_server;
 pub mod token_endpoint;
