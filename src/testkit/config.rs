@@ -57,6 +57,7 @@ pub fn channel(name: &str, kind: ChannelKind, connections: usize) -> Channel {
         name: name.into(),
         scope: Vec::new(),
         address_scoped: false,
+        fallback: None,
         preset: None,
         kind,
         limits: Limits {
