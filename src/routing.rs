@@ -10,7 +10,7 @@
 
 use mail_parser::{HeaderName, HeaderValue, MessageParser};
 
-use crate::config::{Channel, ChannelId, ChannelKind, Config, SenderPattern, User};
+use crate::config::{Channel, ChannelId, Config, SenderPattern, User};
 use crate::message::recipients::{self, HeaderFit};
 // The queue still imports `channel_allows` from here; `crate::scope` is its home.
 use crate::scope::{best_match, channel_allows, describe, specificity, user_allows};
@@ -336,21 +336,6 @@ fn check_header_addresses(
     Ok(())
 }
 
-/// The graph channel a message routed to `channel` may go out through: the channel
-/// itself, or one on its fallback chain (the chain is loop-free; the bound is defensive).
-pub fn graph_channel_on_path(config: &Config, channel: ChannelId) -> Option<ChannelId> {
-    let mut at = Some(channel);
-    for _ in 0..=config.channels.len() {
-        let id = at?;
-        let ch = config.channels.get(id)?;
-        if matches!(ch.kind, ChannelKind::Graph(_)) {
-            return Some(id);
-        }
-        at = ch.fallback;
-    }
-    None
-}
-
 /// SPEC §5, §7: a message that may go out through Microsoft Graph (its channel or that
 /// channel's fallback is a graph channel) must name in `To:`/`Cc:`/`Bcc:` no address that
 /// is not an envelope recipient, since Graph sends to the header addresses.
@@ -361,7 +346,7 @@ pub fn check_header_recipients(
     recipients: &[String],
     header_section: &[u8],
 ) -> Result<(), Refusal> {
-    let Some(graph) = graph_channel_on_path(config, channel) else {
+    let Some(graph) = config.graph_on_path(channel) else {
         return Ok(());
     };
     let headers = recipients::recipient_headers(header_section);
@@ -394,7 +379,7 @@ pub fn authorize_user(config: &Config, user: &str, sender: &str) -> Result<(), R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DeliveryMode, Routing, Server, User};
+    use crate::config::{ChannelKind, DeliveryMode, Routing, Server, User};
     use crate::scope::{channel, pattern};
     use std::path::PathBuf;
 
@@ -1011,7 +996,7 @@ mod tests {
         dave2.kind = graph_kind();
         alice.fallback = Some(1);
         let cfg = config(vec![alice, dave2]);
-        assert_eq!(graph_channel_on_path(&cfg, 0), Some(1));
+        assert_eq!(cfg.graph_on_path(0), Some(1));
         assert!(matches!(
             check_header_recipients(&cfg, 0, &rcpts(&["bob@x.org"]), msg),
             Err(Refusal::HeaderRecipientNotInEnvelope { .. })

@@ -289,6 +289,21 @@ impl Config {
         self.channels.iter().position(|c| c.name == name)
     }
 
+    /// The graph channel a message routed to `channel` may go out through: the channel
+    /// itself, or one on its fallback chain (loop-free after validation; bounded anyway).
+    pub fn graph_on_path(&self, channel: ChannelId) -> Option<ChannelId> {
+        let mut at = Some(channel);
+        for _ in 0..=self.channels.len() {
+            let id = at?;
+            let ch = self.channels.get(id)?;
+            if matches!(ch.kind, ChannelKind::Graph(_)) {
+                return Some(id);
+            }
+            at = ch.fallback;
+        }
+        None
+    }
+
     /// Some channel names `id` as its `fallback`: it is no routing candidate of its own.
     pub fn is_fallback(&self, id: ChannelId) -> bool {
         self.channels.iter().any(|c| c.fallback == Some(id))
