@@ -488,4 +488,54 @@ async fn an_smtp_channel_refused_535_5_7_139_hands_its_mail_to_the_graph_fallbac
     .unwrap_or_default();
     assert!(health.contains("fallback dave"), "{health}");
     assert!(wait_for(Duration::from_secs(5), || s.spool_files("queue").is_empty()).await);
+    // The tenant allows SMTP AUTH again (the fake's script is spent): after `queue retry
+    // --all` (or a reload, or a restart) mail returns to the first channel.
+    delivery.resume_queue();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let third = submit("erin@example.org").await;
+    assert!(third.text.starts_with("queued as"), "{third}");
+    assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
+    assert_eq!(s.graph.sent().len(), 2);
+}
+
+#[tokio::test]
+async fn relay_mode_hands_over_to_the_fallback_at_once() {
+    use mailgate::testkit::fake_smtp;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_script: vec!["550 5.7.30 Basic authentication is not supported for Client Submission"],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let mut smtp = mailgate::testkit::config::channel(
+        "alice",
+        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
+            port,
+            mailgate::config::TlsMode::None,
+        )),
+        2,
+    );
+    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let s = setup_with(DeliveryMode::Relay, vec![smtp], Some(("alice", "dave"))).await;
+    let body = message("bob@example.org");
+    let reply = s
+        .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(reply.text.contains("Microsoft Graph"), "{reply}");
+    assert_eq!(s.graph.sent()[0].mime, body);
+    // The next message does not knock on the refusing door again.
+    let reply = s
+        .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(s.graph.sent().len(), 2);
+    assert_eq!(upstream.txns().len(), 0);
+    assert_eq!(
+        upstream
+            .commands()
+            .iter()
+            .filter(|c| c.starts_with("MAIL"))
+            .count(),
+        1
+    );
 }
