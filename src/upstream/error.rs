@@ -301,7 +301,10 @@ impl Error {
                 (reply.code, reply.enhanced),
                 (535, Some((5, 7, 139))) | (550, Some((5, 7, 30)))
             ),
-            Error::OAuth(e) => !e.is_transient(),
+            // The provider refused the grant; not a token that was never stored or read.
+            Error::OAuth(e) => e
+                .code()
+                .is_some_and(|c| !matches!(c, "no_refresh_token" | "token_unreadable")),
             _ => false,
         }
     }
@@ -576,6 +579,52 @@ mod tests {
             .class(),
             Class::Permanent
         );
+    }
+
+    #[test]
+    fn only_a_refused_auth_method_lets_mail_go_over_a_fallback() {
+        let rejected = |step, reply| Error::Rejected { step, reply };
+        let yes = [
+            rejected(
+                Step::Auth,
+                r(
+                    535,
+                    Some((5, 7, 139)),
+                    "SmtpClientAuthentication is disabled",
+                ),
+            ),
+            rejected(Step::EndOfData, r(535, Some((5, 7, 139)), "disabled")),
+            rejected(
+                Step::Auth,
+                r(
+                    550,
+                    Some((5, 7, 30)),
+                    "Basic authentication is not supported",
+                ),
+            ),
+        ];
+        for e in &yes {
+            assert!(e.refuses_auth_method(), "{e}");
+        }
+        let broken = |code: &str| {
+            Error::OAuth(crate::oauth::Error::Broken {
+                channel: "c".into(),
+                code: code.into(),
+                description: String::new(),
+                hint: String::new(),
+            })
+        };
+        assert!(broken("invalid_grant").refuses_auth_method());
+        assert!(broken("unauthorized_client").refuses_auth_method());
+        let no = [
+            rejected(Step::Auth, r(535, Some((5, 7, 8)), "bad password")),
+            rejected(Step::Rcpt, r(535, Some((5, 7, 139)), "about a recipient")),
+            broken("no_refresh_token"),
+            Error::Timeout { step: Step::Auth },
+        ];
+        for e in &no {
+            assert!(!e.refuses_auth_method(), "{e}");
+        }
     }
 
     #[test]
