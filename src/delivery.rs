@@ -7,12 +7,13 @@
 //! [`crate::queue`] stores the message and delivers it later.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ChannelId, Config, DeliveryMode};
+use crate::config::{Channel, ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
 use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
@@ -33,8 +34,19 @@ pub struct Delivery {
     counters: Option<LocalState>,
     /// Relay mode: `spool_dir/tmp/`, where a large message waits for its upstream.
     relay_tmp: Spool,
+    /// Relay mode, per channel: the provider refuses how it authenticates, so its mail
+    /// goes over its fallback (cleared by a reload).
+    handing_over: Vec<AtomicBool>,
     /// Relay mode with `[state] backend = "redis"`: the shared windows, instead of `limiters`.
     shared: Option<RedisState>,
+}
+
+/// A relay-mode message counted against its channel's windows.
+enum Reservation {
+    /// In this process's limiter, at this unix ms.
+    Local(u64),
+    /// In Redis, with the token that gives it back (`None`: the channel has no windows).
+    Shared(Option<String>),
 }
 
 /// A message being received: written to as the data streams in.
@@ -118,6 +130,11 @@ impl Delivery {
                 Mutex::new(ChannelLimiter::restore(&c.limits, saved, now))
             })
             .collect();
+        let handing_over = config
+            .channels
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
         Ok(Delivery {
             config,
             upstreams: Arc::new(upstreams),
@@ -125,6 +142,7 @@ impl Delivery {
             queue,
             counters,
             relay_tmp,
+            handing_over,
             shared,
         })
     }
@@ -145,6 +163,9 @@ impl Delivery {
     /// Queue mode: resumes broken or held channels and makes every queued message due
     /// now (what a config reload should do; `queue retry --all` does the same).
     pub fn resume_queue(&self) {
+        for flag in &self.handing_over {
+            flag.store(false, Ordering::Relaxed);
+        }
         if let Some(queue) = &self.queue {
             queue.resume_all();
         }
@@ -198,7 +219,9 @@ impl Delivery {
         reply
     }
 
-    /// Relay mode: limits, then the upstream's answer.
+    /// Relay mode: limits, then the upstream's answer. A channel whose provider refuses
+    /// how it authenticates hands the message to its fallback (SPEC §7), at once and for
+    /// the messages after it, until a reload or a restart.
     async fn relay(
         &self,
         id: &str,
@@ -206,127 +229,152 @@ impl Delivery {
         channel: ChannelId,
         envelope: &Envelope,
     ) -> Reply {
-        let (Some(ch), Some(limiter)) = (
-            self.config.channels.get(channel),
-            self.limiters.get(channel),
-        ) else {
-            tracing::error!(id, channel, "no such channel");
-            return Reply::local_error();
+        let mut channel = self.fallback_for(channel);
+        let closed = match draft.close().await {
+            Ok(closed) => closed,
+            Err(e) => {
+                tracing::error!(id, error = %e, "cannot write the message's temporary file");
+                return Reply::local_error();
+            }
         };
-        if let Some(max) = ch.limits.max_message_size
-            && draft.len() > max
-        {
-            return Reply::too_big(max);
+        let body = match &closed.inline {
+            Some(bytes) => Body::Bytes(bytes),
+            None => Body::File(&closed.path),
+        };
+        // At most the channel and its fallback chain (loop-free after validation).
+        for _ in 0..=self.config.channels.len() {
+            let (Some(ch), Some(limiter)) = (
+                self.config.channels.get(channel),
+                self.limiters.get(channel),
+            ) else {
+                tracing::error!(id, channel, "no such channel");
+                return Reply::local_error();
+            };
+            if let Some(max) = ch.limits.max_message_size
+                && draft.len() > max
+            {
+                return Reply::too_big(max);
+            }
+            if let Some(max) = ch.limits.max_recipients
+                && envelope.recipients.len() > max
+            {
+                return Reply::too_many_recipients(max);
+            }
+            let rcpts = envelope.recipients.len() as u64;
+            let reservation = match self.reserve(id, ch, limiter, rcpts).await {
+                Ok(reservation) => reservation,
+                Err(reply) => return reply,
+            };
+            let outcome = self
+                .upstreams
+                .send_with_id(channel, Some(id), envelope, body, true)
+                .await;
+            let error = match outcome.result {
+                Ok(reply) => return reply,
+                Err(error) => error,
+            };
+            self.give_back(id, ch, limiter, reservation, rcpts).await;
+            match ch.fallback {
+                Some(fallback) if error.refuses_auth_method() => {
+                    let to = &self.config.channels[fallback].name;
+                    if !self.handing_over[channel].swap(true, Ordering::Relaxed) {
+                        tracing::error!(
+                            channel = %ch.name,
+                            fallback = %to,
+                            error = %error,
+                            "CHANNEL BROKEN: the provider refuses how this channel authenticates; its mail goes over its fallback until a reload or a restart"
+                        );
+                    }
+                    tracing::info!(id, channel = %ch.name, fallback = %to, "message handed to the fallback channel");
+                    channel = fallback;
+                }
+                _ => return error.client_reply(&ch.name),
+            }
         }
-        if let Some(max) = ch.limits.max_recipients
-            && envelope.recipients.len() > max
-        {
-            return Reply::too_many_recipients(max);
+        Reply::local_error()
+    }
+
+    /// Relay mode: the channel a message for `channel` goes over now: its fallback (and
+    /// that one's) while the provider refuses how it authenticates.
+    fn fallback_for(&self, mut channel: ChannelId) -> ChannelId {
+        for _ in 0..self.config.channels.len() {
+            let handing_over = self
+                .handing_over
+                .get(channel)
+                .is_some_and(|h| h.load(Ordering::Relaxed));
+            match self.config.channels.get(channel).and_then(|c| c.fallback) {
+                Some(fallback) if handing_over => channel = fallback,
+                _ => break,
+            }
         }
-        let rcpts = envelope.recipients.len() as u64;
+        channel
+    }
+}
+
+impl Delivery {
+    /// Relay mode: checks and counts a message in one step (in this process, or in Redis
+    /// for every host), so concurrent sessions never overshoot a limit; or the reply.
+    async fn reserve(
+        &self,
+        id: &str,
+        ch: &Channel,
+        limiter: &Mutex<ChannelLimiter>,
+        rcpts: u64,
+    ) -> Result<Reservation, Reply> {
         if let Some(redis) = &self.shared {
-            return self.relay_shared(redis, id, draft, channel, envelope).await;
+            if !state::has_windows(&ch.limits) {
+                return Ok(Reservation::Shared(None));
+            }
+            return match redis.reserve(&ch.name, &ch.limits, rcpts).await {
+                Ok(Reserved::Yes(token)) => Ok(Reservation::Shared(Some(token))),
+                Ok(Reserved::Wait(ms)) => {
+                    tracing::info!(id, channel = %ch.name, wait_ms = ms, "channel limit reached");
+                    Err(Reply::channel_limited(&ch.name))
+                }
+                Ok(Reserved::Never) => {
+                    tracing::info!(id, channel = %ch.name, "channel limit can never take this message");
+                    Err(Reply::channel_limited(&ch.name))
+                }
+                // Logged once per outage by the connection; never sent uncounted.
+                Err(_) => Err(Reply::limits_unavailable(&ch.name)),
+            };
         }
-        // Checked and counted in one step, so concurrent sessions can never overshoot a
-        // limit; the reservation is taken back if the upstream refuses the message.
         let reserved_at = {
             let mut limiter = lock(limiter);
             let now = now_ms();
             if let Err(until) = limiter.check(now, rcpts) {
                 tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
-                return Reply::channel_limited(&ch.name);
+                return Err(Reply::channel_limited(&ch.name));
             }
             limiter.record(now, rcpts);
             now
         };
         self.persist(&ch.name, reserved_at, rcpts, false);
-        let outcome = match draft.close().await {
-            Ok(closed) => {
-                let body = match &closed.inline {
-                    Some(bytes) => Body::Bytes(bytes),
-                    None => Body::File(&closed.path),
-                };
-                self.upstreams
-                    .send_with_id(channel, Some(id), envelope, body, true)
-                    .await
-            }
-            Err(e) => {
-                tracing::error!(id, error = %e, "cannot write the message's temporary file");
-                lock(limiter).unrecord(reserved_at, rcpts);
-                self.persist(&ch.name, reserved_at, rcpts, true);
-                return Reply::local_error();
-            }
-        };
-        match outcome.result {
-            Ok(reply) => reply,
-            Err(error) => {
-                lock(limiter).unrecord(reserved_at, rcpts);
-                self.persist(&ch.name, reserved_at, rcpts, true);
-                error.client_reply(&ch.name)
-            }
-        }
+        Ok(Reservation::Local(reserved_at))
     }
-}
 
-impl Delivery {
-    /// Relay mode, shared backend: one reservation in Redis (both windows, atomically),
-    /// given back if the upstream does not take the message.
-    async fn relay_shared(
+    /// Takes back a reservation the upstream did not use.
+    async fn give_back(
         &self,
-        redis: &RedisState,
         id: &str,
-        mut draft: SpoolDraft,
-        channel: ChannelId,
-        envelope: &Envelope,
-    ) -> Reply {
-        let ch = &self.config.channels[channel];
-        let rcpts = envelope.recipients.len() as u64;
-        let reservation = if state::has_windows(&ch.limits) {
-            match redis.reserve(&ch.name, &ch.limits, rcpts).await {
-                Ok(Reserved::Yes(token)) => Some(token),
-                Ok(Reserved::Wait(ms)) => {
-                    tracing::info!(id, channel = %ch.name, wait_ms = ms, "channel limit reached");
-                    return Reply::channel_limited(&ch.name);
+        ch: &Channel,
+        limiter: &Mutex<ChannelLimiter>,
+        reservation: Reservation,
+        rcpts: u64,
+    ) {
+        match reservation {
+            Reservation::Local(at) => {
+                lock(limiter).unrecord(at, rcpts);
+                self.persist(&ch.name, at, rcpts, true);
+            }
+            Reservation::Shared(Some(token)) => {
+                if let Some(redis) = &self.shared
+                    && let Err(e) = redis.release(&ch.name, &token).await
+                {
+                    tracing::warn!(id, channel = %ch.name, error = %e, "cannot give back a reservation: it counts until its window passes");
                 }
-                Ok(Reserved::Never) => {
-                    tracing::info!(id, channel = %ch.name, "channel limit can never take this message");
-                    return Reply::channel_limited(&ch.name);
-                }
-                // Logged once per outage by the connection; never sent uncounted.
-                Err(_) => return Reply::limits_unavailable(&ch.name),
             }
-        } else {
-            None
-        };
-        let give_back = || async {
-            if let Some(token) = &reservation
-                && let Err(e) = redis.release(&ch.name, token).await
-            {
-                tracing::warn!(id, channel = %ch.name, error = %e, "cannot give back a reservation: it counts until its window passes");
-            }
-        };
-        let outcome = match draft.close().await {
-            Ok(closed) => {
-                let body = match &closed.inline {
-                    Some(bytes) => Body::Bytes(bytes),
-                    None => Body::File(&closed.path),
-                };
-                self.upstreams
-                    .send_with_id(channel, Some(id), envelope, body, true)
-                    .await
-            }
-            Err(e) => {
-                tracing::error!(id, error = %e, "cannot write the message's temporary file");
-                give_back().await;
-                return Reply::local_error();
-            }
-        };
-        match outcome.result {
-            Ok(reply) => reply,
-            Err(error) => {
-                give_back().await;
-                error.client_reply(&ch.name)
-            }
+            Reservation::Shared(None) => {}
         }
     }
 

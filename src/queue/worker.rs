@@ -54,6 +54,18 @@ pub enum Event {
     },
     /// `queue retry`: this message (or every one, `None`) is due now; the channel resumes.
     Retry(Option<String>),
+    /// A message of channel `owner` handed over while `owner` is broken because its
+    /// provider refuses how it authenticates (SPEC §7 "Fallback"): deliver it here.
+    Lent {
+        /// Queue id.
+        id: String,
+        /// Earliest attempt (unix ms).
+        due_ms: u64,
+        /// Recipients still pending.
+        pending: usize,
+        /// The channel it belongs to (and goes back to once that one resumes).
+        owner: ChannelId,
+    },
 }
 
 /// What a channel needs to do after a transaction.
@@ -65,6 +77,9 @@ pub enum ChannelEffect {
     Hold(String),
     /// Credentials refused (the reply or error).
     Broken(String),
+    /// The provider refuses the way the channel authenticates (`535 5.7.139`, `550
+    /// 5.7.30`, an OAuth grant refused): broken, and its mail may go over its fallback.
+    AuthMethodRefused(String),
 }
 
 /// The result of one delivery step, back to the channel task.
@@ -97,6 +112,13 @@ pub struct ChannelTask {
     rx: mpsc::UnboundedReceiver<Event>,
     /// The shared backend, when `[state] backend = "redis"`.
     shared: Option<SharedView>,
+    /// `fallback = "…"` of this channel.
+    fallback: Option<ChannelId>,
+    /// Broken because the provider refuses the auth method, with a fallback: queued and
+    /// new mail goes there.
+    handing_over: bool,
+    /// Messages other channels lent to this one, with their owner.
+    borrowed: HashMap<String, ChannelId>,
 }
 
 /// What a channel knows of the shared state.
@@ -142,6 +164,7 @@ impl ChannelTask {
             }),
             Backend::Local(_) => None,
         };
+        let fallback = ch.fallback;
         ChannelTask {
             queue,
             transport,
@@ -157,6 +180,35 @@ impl ChannelTask {
             health_writer: Arc::default(),
             rx,
             shared,
+            fallback,
+            handing_over: false,
+            borrowed: HashMap::new(),
+        }
+    }
+
+    /// Hands every message scheduled here to the fallback (their state files keep this
+    /// channel's name, so a restart brings them back).
+    fn hand_over_all(&mut self) {
+        let Some(fallback) = self.fallback else {
+            return;
+        };
+        let entries: Vec<(String, (u64, usize))> = self.entries.drain().collect();
+        self.due.clear();
+        let count = entries.len();
+        for (id, (due_ms, pending)) in entries {
+            self.queue.notify(
+                fallback,
+                Event::Lent {
+                    id,
+                    due_ms,
+                    pending,
+                    owner: self.channel,
+                },
+            );
+        }
+        if count > 0 {
+            let to = &self.queue.config.channels[fallback].name;
+            tracing::warn!(channel = %self.name, fallback = %to, messages = count, "queue: queued mail handed to the fallback channel");
         }
     }
 
@@ -186,6 +238,19 @@ impl ChannelTask {
                 },
                 _ = tokio::time::sleep_until(sleep) => {}
                 _ = poll.tick(), if self.shared.is_some() => self.sync_shared().await,
+            }
+            // Everything already there before dispatching again: the shared backend then
+            // reserves for all the connections freed meanwhile in one round trip.
+            while let Some(done) = deliveries.try_join_next() {
+                match done {
+                    Ok(report) => self.apply(report).await,
+                    Err(e) => {
+                        tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed")
+                    }
+                }
+            }
+            while let Ok(event) = self.rx.try_recv() {
+                self.handle(event).await;
             }
         }
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -290,7 +355,31 @@ impl ChannelTask {
                 due_ms,
                 pending,
             } => {
+                if self.handing_over
+                    && let Some(fallback) = self.fallback
+                {
+                    tracing::info!(id, channel = %self.name, "queue: channel broken (auth method refused); new message goes over its fallback");
+                    self.queue.notify(
+                        fallback,
+                        Event::Lent {
+                            id,
+                            due_ms,
+                            pending,
+                            owner: self.channel,
+                        },
+                    );
+                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                    self.schedule(id, due_ms, pending);
+                }
+            }
+            Event::Lent {
+                id,
+                due_ms,
+                pending,
+                owner,
+            } => {
                 if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                    self.borrowed.insert(id.clone(), owner);
                     self.schedule(id, due_ms, pending);
                 }
             }
@@ -300,6 +389,30 @@ impl ChannelTask {
                     self.set_health(Health::Ok).await;
                     if self.counters.is_none() && self.shared.is_none() {
                         self.load_state().await;
+                    }
+                }
+                self.handing_over = false;
+                if which.is_none() {
+                    // Every channel resumes: lent mail goes back to its own channel.
+                    let lent: Vec<(String, ChannelId)> = self
+                        .borrowed
+                        .iter()
+                        .filter(|(id, _)| !self.in_flight.contains(*id))
+                        .map(|(id, owner)| (id.clone(), *owner))
+                        .collect();
+                    for (id, owner) in lent {
+                        self.borrowed.remove(&id);
+                        if let Some((due, pending)) = self.entries.remove(&id) {
+                            self.due.remove(&(due, id.clone()));
+                            self.queue.notify(
+                                owner,
+                                Event::Queued {
+                                    id,
+                                    due_ms: now_ms(),
+                                    pending,
+                                },
+                            );
+                        }
                     }
                 }
                 let now = now_ms();
@@ -427,6 +540,8 @@ impl ChannelTask {
         self.in_flight.remove(&report.id);
         if let Some((due, pending)) = report.next {
             self.schedule(report.id.clone(), due, pending);
+        } else {
+            self.borrowed.remove(&report.id);
         }
         if let Some((dsn, pending)) = report.dsn {
             self.schedule(dsn, now_ms(), pending);
@@ -451,7 +566,30 @@ impl ChannelTask {
                 );
                 self.set_health(Health::Held { until_ms, reason }).await;
             }
-            ChannelEffect::Broken(reason) => {
+            ChannelEffect::AuthMethodRefused(reason) if self.fallback.is_some() => {
+                let fallback = self
+                    .fallback
+                    .map(|f| self.queue.config.channels[f].name.clone());
+                if !self.handing_over {
+                    tracing::error!(
+                        channel = %self.name,
+                        fallback = fallback.as_deref().unwrap_or(""),
+                        reason,
+                        "CHANNEL BROKEN: the provider refuses how this channel authenticates; its queued and new mail goes over its fallback until `mailgate queue retry --all`, a reload or a restart"
+                    );
+                    self.set_health(Health::Broken {
+                        since_ms: now_ms(),
+                        reason: format!(
+                            "{reason} (mail goes over fallback {})",
+                            fallback.as_deref().unwrap_or("")
+                        ),
+                    })
+                    .await;
+                    self.handing_over = true;
+                }
+                self.hand_over_all();
+            }
+            ChannelEffect::Broken(reason) | ChannelEffect::AuthMethodRefused(reason) => {
                 if !matches!(self.health, Health::Broken { .. }) {
                     tracing::error!(
                         channel = %self.name,
@@ -465,6 +603,9 @@ impl ChannelTask {
                     .await;
                 }
             }
+        }
+        if self.handing_over {
+            self.hand_over_all();
         }
     }
 }
