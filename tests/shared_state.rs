@@ -190,3 +190,30 @@ async fn a_batch_reserves_in_order_until_one_does_not_fit() {
     assert_eq!((granted.len(), refused), (0, Some(Reserved::Never)));
     assert_eq!(redis.events("c").await.unwrap().len(), 5);
 }
+
+#[tokio::test]
+async fn rediss_verifies_the_server_certificate() {
+    use mailgate::config::RedisSettings;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let server = RedisServer::start_tls(cert_file.to_str().unwrap(), key_file.to_str().unwrap());
+    let settings = |url: String| RedisSettings {
+        display: url.clone(),
+        url: Secret::new(url),
+        key_prefix: "tls:".into(),
+    };
+    // A self-signed certificate is no trusted one: nothing is sent over that connection.
+    let verified =
+        RedisState::new(&settings(format!("rediss://localhost:{}/0", server.port))).unwrap();
+    let started = std::time::Instant::now();
+    let err = verified.ping().await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+    assert_eq!(verified.reachable(), Some(false));
+}

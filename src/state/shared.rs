@@ -195,6 +195,8 @@ impl RedisState {
 
     /// A new connection (tests: one per simulated host).
     pub fn new(settings: &RedisSettings) -> Result<RedisState, String> {
+        // rediss:// builds its rustls config on the process's provider (ring, as elsewhere).
+        crate::tls::install_crypto_provider();
         let client = redis::Client::open(settings.url.expose())
             .map_err(|e| format!("Redis {}: {}", settings.display, e.category()))?;
         Ok(RedisState {

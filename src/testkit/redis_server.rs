@@ -12,6 +12,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// `--tls-port` instead of `--port`: its certificate and key files.
+    tls: Option<(String, String)>,
 }
 
 impl RedisServer {
@@ -22,15 +24,43 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut server = RedisServer { child: None, port };
+        let mut server = RedisServer {
+            child: None,
+            port,
+            tls: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// As [`RedisServer::start`], speaking TLS only (`rediss://`) with this certificate
+    /// and key (PEM files); clients need no certificate.
+    pub fn start_tls(cert_file: &str, key_file: &str) -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = RedisServer {
+            child: None,
+            port,
+            tls: Some((cert_file.into(), key_file.into())),
+        };
         server.restart();
         server
     }
 
     /// Starts it again on the same port after [`RedisServer::stop`] (empty: no persistence).
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-cert-file", cert, "--tls-key-file", key])
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -29,8 +29,9 @@ class RedisServer:
     """`redis-server` on 127.0.0.1:port without persistence; stop() and start() again on
     the same port."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, tls: tuple[Path, Path] | None = None):
         self.port = port or free_port()
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -39,12 +40,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls[0]),
+                     "--tls-key-file", str(self.tls[1]), "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [REDIS, *ports, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        wait_until(self.ping, 10, "redis-server answering PING")
+        if self.tls:
+            wait_until(lambda: port_open(self.port), 10, "redis-server listening")
+        else:
+            wait_until(self.ping, 10, "redis-server answering PING")
 
     def ping(self) -> bool:
         try:
@@ -62,6 +70,14 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
             self.proc.wait(10)
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -274,3 +290,28 @@ def test_export_import_moves_the_quota_local_to_redis_and_back(tmp_path, mailgat
     assert back["backend"] == "local"
     assert len(back["channels"]["shared"]["events"]) == 5
     assert back["channels"]["shared"]["events"] == json.loads((d / "redis.json").read_text())["channels"]["shared"]["events"]
+
+
+def test_rediss_with_a_private_ca_through_ssl_cert_file(tmp_path, mailgate, upstream, certs):
+    if not Path(REDIS).exists():
+        pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
+    server = RedisServer(tls=(certs.cert_file, certs.key_file))
+    try:
+        cfg = host(tmp_path, "a", server, upstream, rate="1/min")
+        cfg.server["delivery"] = "relay"
+        cfg.state["url"] = f"rediss://localhost:{server.port}/0"
+        mg = mailgate(cfg, env={"SSL_CERT_FILE": str(certs.ca_file)})
+        code, _ = submit(mg.addr, "alice@example.com", ["x@example.org"], message())
+        assert code == 250
+        code, text = submit(mg.addr, "alice@example.com", ["x@example.org"], message())
+        assert code == 451 and "rate or quota reached" in text, text
+        assert len(upstream.messages) == 1
+        # Without the CA the certificate is refused: the limits cannot be checked.
+        mg.signal()
+        mg.wait(20)
+        other = mailgate(cfg)
+        code, text = submit(other.addr, "alice@example.com", ["x@example.org"], message())
+        assert code == 451 and "cannot be checked" in text, text
+        other.wait_log("Redis is unreachable")
+    finally:
+        server.stop()
