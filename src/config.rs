@@ -163,7 +163,12 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         .unwrap_or_else(|| blank("[routing]"));
     let routing = routing::read(r, &routing_section, &channels);
 
-    let smtp_listeners: Vec<_> = server.listen.iter().chain(&server.tls_listen).copied().collect();
+    let smtp_listeners: Vec<_> = server
+        .listen
+        .iter()
+        .chain(&server.tls_listen)
+        .copied()
+        .collect();
     let metrics = r
         .section(&root, "metrics", "[metrics]")
         .and_then(|section| metrics::read(r, &section, &smtp_listeners));

@@ -103,7 +103,11 @@ pub enum ChannelState {
 }
 
 impl ChannelState {
-    const ALL: [ChannelState; 3] = [ChannelState::Ok, ChannelState::Limited, ChannelState::Broken];
+    const ALL: [ChannelState; 3] = [
+        ChannelState::Ok,
+        ChannelState::Limited,
+        ChannelState::Broken,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -426,18 +430,31 @@ mod tests {
         m.message("out", Outcome::Accepted);
         m.message("", Outcome::Refused);
         m.token_refresh("ms", Refresh::Rejected);
+        m.delivery_time("out", Duration::from_millis(5));
         let text = m.prometheus_text();
-        assert!(text.contains("# TYPE mailgate_messages_total counter\n"), "{text}");
+        assert!(
+            text.contains("# TYPE mailgate_messages_total counter\n"),
+            "{text}"
+        );
         assert!(text.contains("# HELP mailgate_messages_total "), "{text}");
         assert!(text.contains("# TYPE mailgate_oauth_token_refreshes_total counter\n"));
-        assert!(text.contains("# TYPE mailgate_delivery_seconds histogram\n"));
+        assert!(
+            text.contains("# TYPE mailgate_delivery_seconds histogram\n"),
+            "{text}"
+        );
         assert!(!text.contains("# EOF"));
         assert_eq!(
-            sample(&text, r#"mailgate_messages_total{channel="out",outcome="accepted"}"#),
+            sample(
+                &text,
+                r#"mailgate_messages_total{channel="out",outcome="accepted"}"#
+            ),
             Some("2")
         );
         assert_eq!(
-            sample(&text, r#"mailgate_messages_total{channel="",outcome="refused"}"#),
+            sample(
+                &text,
+                r#"mailgate_messages_total{channel="",outcome="refused"}"#
+            ),
             Some("1")
         );
         let om = m.openmetrics();
@@ -474,7 +491,10 @@ mod tests {
         m.channel_state("a", ChannelState::Broken);
         let text = m.prometheus_text();
         assert_eq!(
-            sample(&text, r#"mailgate_messages_total{channel="a",outcome="failed"}"#),
+            sample(
+                &text,
+                r#"mailgate_messages_total{channel="a",outcome="failed"}"#
+            ),
             Some("0")
         );
         assert_eq!(
@@ -489,7 +509,10 @@ mod tests {
         m.declare_channels(&cfg);
         let text = m.prometheus_text();
         assert_eq!(
-            sample(&text, r#"mailgate_channel_state{channel="a",state="broken"}"#),
+            sample(
+                &text,
+                r#"mailgate_channel_state{channel="a",state="broken"}"#
+            ),
             Some("1")
         );
         let cfg = {
@@ -499,8 +522,14 @@ mod tests {
         };
         m.declare_channels(&cfg);
         let text = m.prometheus_text();
-        assert!(!text.contains(r#"mailgate_queue_messages{channel="b\"q"}"#), "{text}");
-        assert!(!text.contains(r#"mailgate_channel_state{channel="b\"q""#), "{text}");
+        assert!(
+            !text.contains(r#"mailgate_queue_messages{channel="b\"q"}"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"mailgate_channel_state{channel="b\"q""#),
+            "{text}"
+        );
         assert_eq!(
             sample(&text, r#"mailgate_queue_messages{channel="a"}"#),
             Some("3")

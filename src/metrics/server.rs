@@ -116,7 +116,9 @@ impl MetricsServer {
             match TcpListener::bind(addr).await {
                 Ok(listener) => listeners.push(listener),
                 Err(e) if addr.is_ipv6() && crate::listener::host_lacks_ipv6(addr, &e) => {
-                    tracing::warn!("skipping metrics address {addr}: this host has no such address ({e})");
+                    tracing::warn!(
+                        "skipping metrics address {addr}: this host has no such address ({e})"
+                    );
                 }
                 Err(e) => return Err(format!("cannot serve metrics on {addr}: {e}")),
             }
@@ -133,7 +135,9 @@ impl MetricsServer {
                 .local_addr()
                 .map_err(|e| format!("metrics address: {e}"))?;
             // Not "listening on": that phrase announces SMTP listeners.
-            tracing::info!("serving metrics at http://{addr}/metrics and health at http://{addr}/healthz");
+            tracing::info!(
+                "serving metrics at http://{addr}/metrics and health at http://{addr}/healthz"
+            );
             addrs.push(addr);
             tasks.spawn(accept_loop(
                 listener,
