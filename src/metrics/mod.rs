@@ -463,6 +463,34 @@ mod tests {
     }
 
     #[test]
+    fn the_exposition_holds_exactly_the_spec_names() {
+        let m = Metrics::new();
+        m.message("a", Outcome::Delivered);
+        m.queued("a", 1);
+        m.channel_state("a", ChannelState::Ok);
+        m.delivery_time("a", Duration::from_millis(1));
+        m.token_refresh("a", Refresh::Ok);
+        let text = m.prometheus_text();
+        let mut served: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(|name| {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|base| base.ends_with("_seconds"))
+                    .unwrap_or(name)
+            })
+            .collect();
+        served.dedup();
+        served.sort_unstable();
+        let mut names = NAMES.to_vec();
+        names.sort_unstable();
+        assert_eq!(served, names);
+    }
+
+    #[test]
     fn channel_state_has_exactly_one_current_state() {
         let m = Metrics::new();
         m.channel_state("a", ChannelState::Broken);

@@ -310,3 +310,22 @@ def test_the_grafana_dashboard_uses_only_served_metrics():
             used.add(re.sub(r"_(bucket|sum|count)$", "", name) if "delivery_seconds" in name else name)
     assert used <= METRIC_NAMES, used - METRIC_NAMES
     assert used == METRIC_NAMES, f"no panel for {METRIC_NAMES - used}"
+
+
+def test_the_commented_metrics_example_in_the_shipped_config_is_valid(tmp_path):
+    from conftest import run_cli
+    text = (REPO / "proxy.toml").read_text()
+    lines = text.splitlines()
+    start = lines.index("# [metrics]")
+    block = [lines[start][2:]]
+    for line in lines[start + 1:]:
+        if not re.match(r"# \w+ = ", line):
+            break
+        block.append(line[2:])
+    assert block == ["[metrics]", 'listen = "127.0.0.1:9325"'], block
+    (tmp_path / "outbox").mkdir()
+    path = tmp_path / "proxy.toml"
+    path.write_text(text + "\n" + "\n".join(block) + "\n")
+    p = run_cli(["-c", str(path), "check"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "metrics: 127.0.0.1:9325 (/metrics, /healthz)\n" in p.stdout, p.stdout
