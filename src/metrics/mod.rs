@@ -483,8 +483,8 @@ mod tests {
                     .unwrap_or(name)
             })
             .collect();
-        served.dedup();
         served.sort_unstable();
+        served.dedup();
         let mut names = NAMES.to_vec();
         names.sort_unstable();
         assert_eq!(served, names);

@@ -329,3 +329,66 @@ def test_the_commented_metrics_example_in_the_shipped_config_is_valid(tmp_path):
     p = run_cli(["-c", str(path), "check"])
     assert p.returncode == 0, p.stdout + p.stderr
     assert "metrics: 127.0.0.1:9325 (/metrics, /healthz)\n" in p.stdout, p.stdout
+
+
+def test_the_http_server_bounds_connections_and_times_out_idle_ones(config, mailgate):
+    """16 connections at once; the 17th is closed at once. A client that sends nothing is
+    dropped after the 5 s header timeout."""
+    import socket
+    with_metrics(config)
+    config.file_channel("outbox")
+    mg = mailgate(config)
+    base = base_url(mg)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=IO_TIMEOUT) for _ in range(16)]
+    try:
+        time.sleep(0.3)  # let the server take them all
+        extra = socket.create_connection((host, int(port)), timeout=IO_TIMEOUT)
+        assert extra.recv(100) == b"", "closed without an answer"
+        extra.close()
+        started = time.monotonic()
+        assert idle[0].recv(100) == b"", "the idle connection is closed by the server"
+        took = time.monotonic() - started
+        assert 3.5 < took < 8, took
+    finally:
+        for s in idle:
+            s.close()
+    wait_until(lambda: get(base + "/healthz")[0] == 200, 5, "the server to serve again")
+
+
+def test_queue_mode_channel_states_broken_and_limited(config, mailgate, upstream_factory, certs):
+    """Refused credentials break a channel; a provider quota reply holds it (limited). Both
+    keep their mail queued, each attempt counted as deferred."""
+    queue_mode(config)
+    with_metrics(config)
+    creds = upstream_factory(certs=certs, starttls=True, users={"relay-user": UPSTREAM_PASSWORD},
+                             auth_required=True)
+    config.env["MG_TEST_WRONG_PW"] = "wrong-" + UPSTREAM_PASSWORD
+    config.smtp_channel("creds", creds, senders=["*@creds.example"], username="relay-user",
+                        password_env="MG_TEST_WRONG_PW")
+    quota = upstream_factory()
+    quota.handler.data_reply = ("554 5.2.0 STOREDRV.Submission.Exception:"
+                                "SubmissionQuotaExceededException; Failed")
+    config.smtp_channel("quota", quota, senders=["*@quota.example"])
+    mg = mailgate(config)
+    base = base_url(mg)
+    for sender in ("a@creds.example", "a@quota.example"):
+        code, text = submit(mg.addr, sender, ["bob@example.org"], message(sender=sender))
+        assert code == 250, text
+
+    def settled():
+        s = Scrape(base)
+        return s.state("creds")["broken"] == 1 and s.state("quota")["limited"] == 1
+    wait_until(settled, 15, "both channels to change state")
+    s = Scrape(base)
+    assert s.state("creds") == {"ok": 0, "limited": 0, "broken": 1}
+    assert s.state("quota") == {"ok": 0, "limited": 1, "broken": 0}
+    for channel in ("creds", "quota"):
+        assert s.messages(channel) == {
+            "accepted": 1, "refused": 0, "delivered": 0, "deferred": 1, "failed": 0,
+        }, channel
+        assert s.value("mailgate_queue_messages", channel=channel) == 1
+        assert s.value("mailgate_delivery_seconds_count", channel=channel) == 1
+    log = mg.log()
+    for secret in (UPSTREAM_PASSWORD, "wrong-" + UPSTREAM_PASSWORD):
+        assert secret not in log and secret not in s.text
