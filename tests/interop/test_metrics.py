@@ -392,3 +392,23 @@ def test_queue_mode_channel_states_broken_and_limited(config, mailgate, upstream
     log = mg.log()
     for secret in (UPSTREAM_PASSWORD, "wrong-" + UPSTREAM_PASSWORD):
         assert secret not in log and secret not in s.text
+
+
+def test_healthz_is_503_while_shutting_down(config, mailgate):
+    """/healthz is served until the end: while a transaction in flight drains after SIGTERM,
+    it says the listeners are not running."""
+    import signal
+    with_metrics(config)
+    config.server["shutdown_grace"] = "10s"
+    config.file_channel("outbox")
+    mg = mailgate(config)
+    base = base_url(mg)
+    assert get(base + "/healthz")[0] == 200
+    with smtp_client(mg.addr) as c:
+        c.ehlo()
+        assert c.mail("alice@example.com")[0] == 250  # an open transaction keeps it draining
+        mg.signal(signal.SIGTERM)
+        mg.wait_log("shutting down")
+        status, body, _ = get(base + "/healthz")
+        assert (status, body) == (503, "SMTP listeners are not running\n")
+    assert mg.wait(15) == 0
