@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 import smtplib
 import urllib.error
@@ -19,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import IO_TIMEOUT, hash_password, message, smtp_client, wait_until
-from oauth_peers import TokenEndpoint, XOAuth2Handler
+from oauth_peers import CLIENT_SECRET, REFRESH_TOKEN, TokenEndpoint, XOAuth2Handler
 from test_oauth import MAILBOX, assert_no_secrets, oauth_channel
 from test_queue import queue_mode, script_data, submit
 
@@ -37,6 +38,32 @@ SERVED = re.compile(r"serving metrics at (http://\S+)/metrics")
 
 CLIENT_PASSWORD = "client-pw-Zq81!metrics"
 UPSTREAM_PASSWORD = "upstream-pw-Kd27!metrics"
+
+
+# Every secret a test here uses; the OAuth test adds the tokens its endpoint issued.
+SECRETS = [CLIENT_PASSWORD, UPSTREAM_PASSWORD, "wrong-" + UPSTREAM_PASSWORD, CLIENT_SECRET,
+           REFRESH_TOKEN]
+
+
+@pytest.fixture
+def mailgate(mailgate):
+    """conftest's runner, and at the end of each test a grep of every log it produced
+    (complete: the process is stopped first) for every secret."""
+    started = []
+
+    def start(*args, **kw):
+        mg = mailgate(*args, **kw)
+        started.append(mg)
+        return mg
+
+    yield start
+    for mg in started:
+        if mg.proc.poll() is None:
+            mg.signal(signal.SIGTERM)
+            mg.wait(15)
+        log = mg.log()
+        leaked = [s[:10] + "…" for s in SECRETS if s in log]
+        assert not leaked, f"secrets in the log of {mg.config_path}: {leaked}"
 
 
 def with_metrics(config) -> None:
@@ -227,6 +254,7 @@ def test_oauth_token_refreshes_by_result_and_no_secret_anywhere(config, mailgate
         }
         assert_no_secrets(mg.log() + s.text, endpoint)
     finally:
+        SECRETS.extend(x for x in endpoint.secrets() if x not in SECRETS)
         endpoint.stop()
 
 
@@ -397,7 +425,6 @@ def test_queue_mode_channel_states_broken_and_limited(config, mailgate, upstream
 def test_healthz_is_503_while_shutting_down(config, mailgate):
     """/healthz is served until the end: while a transaction in flight drains after SIGTERM,
     it says the listeners are not running."""
-    import signal
     with_metrics(config)
     config.server["shutdown_grace"] = "10s"
     config.file_channel("outbox")
