@@ -121,6 +121,7 @@ fn channel(name: &str, limits: Limits) -> Channel {
         name: name.into(),
         scope: vec![SenderPattern::Any],
         address_scoped: false,
+        fallback: None,
         preset: None,
         kind: ChannelKind::File {
             dir: "unused".into(),
