@@ -11,6 +11,7 @@ use super::store;
 use super::{AccessToken, Error, Http};
 use crate::config::oauth::{Grant, OAuth};
 use crate::config::{ChannelId, Config, Secret};
+use crate::metrics::{self, Refresh};
 use crate::state::Backend;
 use crate::state::shared::RedisState;
 use crate::state::tokens::TokenStore;
@@ -280,6 +281,7 @@ impl ChannelToken {
             Ok((issued, asked_endpoint)) => {
                 if asked_endpoint {
                     inner.refreshed.fetch_add(1, Ordering::Relaxed);
+                    metrics::token_refresh(&inner.channel, Refresh::Ok);
                     tracing::info!(
                         channel = %inner.channel,
                         expires_in_s = issued.expires_in.as_secs(),
@@ -295,6 +297,12 @@ impl ChannelToken {
             }
             Err(error) => {
                 inner.failed.fetch_add(1, Ordering::Relaxed);
+                let result = if error.is_transient() {
+                    Refresh::Error
+                } else {
+                    Refresh::Rejected
+                };
+                metrics::token_refresh(&inner.channel, result);
                 state.last_failure = Some((Instant::now(), error.clone()));
                 match &state.current {
                     Some(cached) if error.is_transient() && cached.lasts(STILL_USABLE) => {

@@ -122,6 +122,7 @@ class MailgateConfig:
         self.channels: dict[str, dict] = {}
         self.routing: dict = {}
         self.state: dict = {}
+        self.metrics: dict = {}
         self.env: dict[str, str] = {}
 
     def file_channel(self, name: str = "outbox", senders=("*",), **extra) -> Path:
@@ -162,6 +163,8 @@ class MailgateConfig:
             out += ["", "[routing]"] + [f"{k} = {toml_value(v)}" for k, v in self.routing.items()]
         if self.state:
             out += ["", "[state]"] + [f"{k} = {toml_value(v)}" for k, v in self.state.items()]
+        if self.metrics:
+            out += ["", "[metrics]"] + [f"{k} = {toml_value(v)}" for k, v in self.metrics.items()]
         return "\n".join(out) + "\n"
 
     def write(self, name: str = "proxy.toml") -> Path:

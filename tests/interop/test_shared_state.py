@@ -13,6 +13,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -198,7 +200,10 @@ def test_one_token_refresh_for_both_hosts(tmp_path, mailgate, upstream_factory, 
 
 def test_redis_down_keeps_mail_and_limits_then_resumes(tmp_path, mailgate, upstream, redis):
     cfg = host(tmp_path, "a", redis, upstream, rate="5/min")
+    metrics_port = free_port()
+    cfg.metrics = {"listen": f"127.0.0.1:{metrics_port}"}
     mg = mailgate(cfg)
+    assert healthz(metrics_port) == (200, "ok")
     redis.stop()
     for i in range(3):
         code, _ = submit(mg.addr, "alice@example.com", ["x@example.org"], message(subject=f"m{i}"))
@@ -208,6 +213,8 @@ def test_redis_down_keeps_mail_and_limits_then_resumes(tmp_path, mailgate, upstr
     assert queued(cfg) == 3
     check = run_cli(["-c", str(cfg.tmp / "proxy.toml"), "check"])
     assert "UNREACHABLE" in check.stdout, check.stdout
+    status, text = healthz(metrics_port)
+    assert status == 503 and "shared state unavailable" in text, text
     redis.start()
     upstream.wait_messages(3, timeout=15)
     time.sleep(1)
@@ -216,6 +223,15 @@ def test_redis_down_keeps_mail_and_limits_then_resumes(tmp_path, mailgate, upstr
     assert log.count("Redis is unreachable") == 1, log
     assert log.count("Redis is reachable again") == 1, log
     wait_until(lambda: queued(cfg) == 0, 10, "an empty queue")
+    assert healthz(metrics_port) == (200, "ok")
+
+
+def healthz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def test_relay_mode_answers_451_while_redis_is_down(tmp_path, mailgate, upstream, redis):
