@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::endpoint::{self, Failure};
 use super::store;
 use super::{AccessToken, Error, Http};
-use crate::config::oauth::{Grant, OAuth};
+use crate::config::oauth::{Grant, OAuth, TokenSource};
 use crate::config::{ChannelId, Config, Secret};
 use crate::metrics::{self, Refresh};
 use crate::state::Backend;
@@ -322,6 +322,36 @@ impl ChannelToken {
         }
     }
 
+    /// The refresh token to use. Shared: one another host rotated (in Redis) wins over
+    /// this host's file, which that rotation spent.
+    async fn stored_refresh_token(&self) -> Result<Secret, Error> {
+        let inner = &*self.inner;
+        let (channel, settings) = (inner.channel.as_str(), &inner.settings);
+        if inner.shared.is_some() {
+            let rotated = inner
+                .store
+                .load(channel)
+                .await
+                .map_err(|reason| Error::Transient {
+                    channel: channel.to_string(),
+                    reason,
+                })?;
+            if let Some(token) = rotated {
+                return Ok(token);
+            }
+        }
+        let broken = |code: &str, description: String| Error::Broken {
+            channel: channel.to_string(),
+            code: code.to_string(),
+            description,
+            hint: endpoint::hint(channel, settings, code),
+        };
+        store::load_refresh_token(channel, settings, &*inner.store)
+            .await
+            .map_err(|e| broken("token_unreadable", e))?
+            .ok_or_else(|| broken("no_refresh_token", String::new()))
+    }
+
     /// Shared backend: the token another host put in Redis, or one from the endpoint
     /// asked by this host under the refresh lock (then shared). `true` when this host
     /// asked the endpoint. Redis unreachable: this host refreshes on its own.
@@ -396,12 +426,6 @@ impl ChannelToken {
         let inner = &*self.inner;
         let (channel, settings) = (inner.channel.as_str(), &inner.settings);
         let client_secret = settings.client_secret.as_ref().map(Secret::expose);
-        let broken = |code: &str, description: String| Error::Broken {
-            channel: channel.to_string(),
-            code: code.to_string(),
-            description,
-            hint: endpoint::hint(channel, settings, code),
-        };
         let refresh_token = match settings.grant {
             Grant::ClientCredentials => {
                 return endpoint::client_credentials_grant(&inner.http, settings)
@@ -410,10 +434,7 @@ impl ChannelToken {
             }
             Grant::RefreshToken => match state.unsaved_refresh_token.clone() {
                 Some(token) => token,
-                None => store::load_refresh_token(channel, settings, &*inner.store)
-                    .await
-                    .map_err(|e| broken("token_unreadable", e))?
-                    .ok_or_else(|| broken("no_refresh_token", String::new()))?,
+                None => self.stored_refresh_token().await?,
             },
         };
         let secrets = [client_secret.unwrap_or(""), refresh_token.expose()];
@@ -423,7 +444,29 @@ impl ChannelToken {
         if let Some(rotated) = &issued.refresh_token
             && *rotated != refresh_token
         {
-            match store::save_refresh_token(channel, settings, &*inner.store, rotated).await {
+            let saved = match &inner.shared {
+                // Shared: in Redis, where every host looks first; this host's file (if
+                // any) is kept current too, for a move back to the local backend.
+                Some(_) => {
+                    let saved = inner
+                        .store
+                        .save(channel, rotated)
+                        .await
+                        .map(|()| inner.store.location(channel));
+                    if saved.is_ok()
+                        && let TokenSource::File(path) = &settings.refresh_token_source
+                        && let Err(e) = store::write_token_file(path, rotated)
+                    {
+                        tracing::warn!(
+                            channel,
+                            "rotated OAuth refresh token not copied to the token file: {e}"
+                        );
+                    }
+                    saved
+                }
+                None => store::save_refresh_token(channel, settings, &*inner.store, rotated).await,
+            };
+            match saved {
                 Ok(location) => {
                     state.unsaved_refresh_token = None;
                     tracing::info!(channel, "rotated OAuth refresh token stored in {location}");

@@ -331,3 +331,33 @@ def test_rediss_with_a_private_ca_through_ssl_cert_file(tmp_path, mailgate, upst
         other.wait_log("Redis is unreachable")
     finally:
         server.stop()
+
+
+def test_a_refresh_token_rotated_on_one_host_is_used_by_the_other(
+        tmp_path, mailgate, upstream_factory, certs, redis):
+    endpoint = TokenEndpoint(rotate=True)  # each refresh token works once
+    try:
+        up = xoauth_upstream(upstream_factory, certs, endpoint)
+        hosts = []
+        for name in ("a", "b"):
+            d = tmp_path / name
+            d.mkdir()
+            cfg = MailgateConfig(d)
+            oauth_channel(cfg, "m365", up, endpoint)  # each host's own refresh_token_file
+            cfg.state = {"backend": "redis", "url": redis.url}
+            hosts.append((cfg, mailgate(cfg, env=dict(cfg.env))))
+        (cfg_a, a), (cfg_b, b) = hosts
+        assert submit(a.addr, MAILBOX, ["bob@example.org"], message(sender=MAILBOX))[0] == 250
+        # The access token dies; B must refresh with the token A's refresh rotated to,
+        # not with the one in its own file (already spent).
+        time.sleep(0.3)
+        endpoint.revoke_all()
+        assert submit(b.addr, MAILBOX, ["bob@example.org"], message(sender=MAILBOX))[0] == 250
+        grants = [g["refresh_token"] for g in endpoint.grants("refresh_token")]
+        assert len(grants) == 2 and grants[0] == REFRESH_TOKEN and grants[1] != REFRESH_TOKEN, grants
+        assert redis.command("GET", "mailgate:refresh:m365") != "$-1"
+        for _, mg in hosts:
+            for s in endpoint.secrets():
+                assert s not in mg.log()
+    finally:
+        endpoint.stop()
