@@ -160,6 +160,7 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
 /// A running queue: its handle, the worker task and the shutdown switch.
 struct Running {
     queue: Arc<Queue>,
+    config: Config,
     task: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,
 }
@@ -171,6 +172,7 @@ impl Running {
         let task = tokio::spawn(queue.clone().run(transport, shutdown.clone()));
         Running {
             queue,
+            config: config.clone(),
             task,
             shutdown,
         }
@@ -193,6 +195,7 @@ impl Running {
             recipients: rcpts.to_vec(),
             ..Default::default()
         };
+        let channel = &self.config.channels[channel];
         self.queue.finish(draft, channel, &envelope).await
     }
 
@@ -917,7 +920,8 @@ async fn a_full_disk_defers_and_delivery_resumes_by_itself() {
                     recipients: rcpts(1),
                     ..Default::default()
                 };
-                running.queue.finish(draft, 0, &envelope).await
+                let channel = &running.config.channels[0];
+                running.queue.finish(draft, channel, &envelope).await
             }
             Err(_) => Reply::new(451, (4, 3, 0), "write failed"),
         };

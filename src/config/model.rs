@@ -144,7 +144,8 @@ pub struct Channel {
 /// What a channel is.
 // A handful of channels, built once at load: their size does not matter.
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
+// PartialEq: a reload restarts a channel whose transport differs in any way.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelKind {
     /// An upstream SMTP server.
     Smtp(SmtpTarget),
@@ -156,7 +157,7 @@ pub enum ChannelKind {
 }
 
 /// An upstream SMTP server and how to log in to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmtpTarget {
     /// Host name (also the TLS server name).
     pub host: String,

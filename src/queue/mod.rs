@@ -24,15 +24,16 @@ use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ChannelId, Config};
+use crate::config::{Channel, ChannelId, Config};
 use crate::message::Envelope;
 use crate::reply::Reply;
 use crate::state::LocalState;
@@ -78,16 +79,60 @@ impl Transport for Upstreams {
 /// How often the running proxy looks for `mailgate queue retry` requests.
 pub const CONTROL_POLL: Duration = Duration::from_millis(500);
 
+/// A config and the transports built for it: what a channel's worker delivers with. A
+/// reload hands the workers of unchanged channels the new generation (their channel's
+/// [`ChannelId`] may differ in it; their pools are shared).
+#[derive(Clone)]
+pub struct Generation {
+    /// The config.
+    pub config: Arc<Config>,
+    /// Its transports, indexed by the config's [`ChannelId`]s.
+    pub transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Generation({})", self.config.path.display())
+    }
+}
+
 /// The durable queue of a running proxy.
 pub struct Queue {
-    config: Arc<Config>,
     spool: Spool,
     /// Channel health and rate counters, beside the spool.
     state: LocalState,
-    senders: Vec<mpsc::UnboundedSender<Event>>,
-    receivers: Mutex<Vec<mpsc::UnboundedReceiver<Event>>>,
+    workers: Mutex<Workers>,
     /// Held for the life of the queue: one proxy per spool.
     _lock: File,
+}
+
+/// The channel workers, by channel name.
+struct Workers {
+    /// The config the queue was opened with, until [`Queue::run`] starts the workers.
+    initial: Option<Arc<Config>>,
+    running: HashMap<String, WorkerHandle>,
+    /// Where workers are spawned (set by [`Queue::run`]).
+    tracker: Option<TaskTracker>,
+    shutdown: CancellationToken,
+}
+
+struct WorkerHandle {
+    sender: mpsc::UnboundedSender<Event>,
+    /// Stops this worker alone (a child of the proxy's shutdown).
+    stop: CancellationToken,
+}
+
+/// How a reload changes the channels: [`crate::reload::diff_channels`] makes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelChanges {
+    /// New names: a worker starts.
+    pub added: Vec<String>,
+    /// Gone: the worker stops; the channel's mail stays in the spool.
+    pub removed: Vec<String>,
+    /// Transport or limits differ: the worker is restarted, its pool rebuilt.
+    pub changed: Vec<String>,
+    /// The same: the worker keeps running (counters, health, pool), with the new config.
+    pub unchanged: Vec<String>,
 }
 
 impl Queue {
@@ -121,20 +166,22 @@ impl Queue {
         if removed > 0 {
             tracing::info!(removed, spool = %root, "spool: removed files of messages never acknowledged");
         }
-        let (senders, receivers) = config
-            .channels
-            .iter()
-            .map(|_| mpsc::unbounded_channel())
-            .unzip();
         let state = LocalState::new(&spool.root);
         Ok(Arc::new(Queue {
-            config,
             spool,
             state,
-            senders,
-            receivers: Mutex::new(receivers),
+            workers: Mutex::new(Workers {
+                initial: Some(config),
+                running: HashMap::new(),
+                tracker: None,
+                shutdown: CancellationToken::new(),
+            }),
             _lock: lock,
         }))
+    }
+
+    fn workers(&self) -> MutexGuard<'_, Workers> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The spool.
@@ -153,19 +200,11 @@ impl Queue {
             })
     }
 
-    /// Makes a received message durable and queues it; the reply for the client is
-    /// `250 2.0.0 queued as <id>` only once file, state and directories are fsync'd.
-    pub async fn finish(
-        &self,
-        mut draft: SpoolDraft,
-        channel: ChannelId,
-        envelope: &Envelope,
-    ) -> Reply {
+    /// Makes a received message durable and queues it for channel `ch` (as the session's
+    /// config has it); the reply for the client is `250 2.0.0 queued as <id>` only once
+    /// file, state and directories are fsync'd.
+    pub async fn finish(&self, mut draft: SpoolDraft, ch: &Channel, envelope: &Envelope) -> Reply {
         let id = draft.id().to_string();
-        let Some(ch) = self.config.channels.get(channel) else {
-            tracing::error!(id, channel, "queue: no such channel");
-            return Reply::local_error();
-        };
         let name = ch.name.clone();
         // The provider would refuse it anyway: tell the client now rather than bounce later.
         if let Some(max) = ch.limits.max_message_size
@@ -192,8 +231,10 @@ impl Queue {
             tracing::error!(id, channel = %name, error = %e, "spool: cannot store message");
             return Reply::local_error();
         }
+        // A channel removed by a reload while this session ran has no worker: the message
+        // waits in the spool until the channel comes back.
         self.notify(
-            channel,
+            &name,
             Event::Queued {
                 id: id.clone(),
                 due_ms: state.next_attempt_ms,
@@ -206,32 +247,105 @@ impl Queue {
     /// Resumes every channel (clears broken and held states) and makes every message due
     /// now: what `queue retry --all` and a reload do.
     pub fn resume_all(&self) {
-        for sender in &self.senders {
-            let _ = sender.send(Event::Retry(None));
+        for worker in self.workers().running.values() {
+            let _ = worker.sender.send(Event::Retry(None));
         }
     }
 
-    fn notify(&self, channel: ChannelId, event: Event) {
-        if let Some(sender) = self.senders.get(channel) {
-            // The receiver is gone only while shutting down: the message is on disk anyway.
-            let _ = sender.send(event);
+    /// Whether channel `name` has a worker now.
+    fn has_worker(&self, name: &str) -> bool {
+        self.workers().running.contains_key(name)
+    }
+
+    fn notify(&self, channel: &str, event: Event) {
+        if let Some(worker) = self.workers().running.get(channel) {
+            // The receiver is gone only while stopping: the message is on disk anyway.
+            let _ = worker.sender.send(event);
+        }
+    }
+
+    /// Starts the worker of channel `channel` of `generation` (under the workers' lock).
+    fn start_worker(
+        self: &Arc<Self>,
+        workers: &mut Workers,
+        generation: &Generation,
+        channel: ChannelId,
+    ) {
+        let Some(tracker) = workers.tracker.clone() else {
+            return;
+        };
+        let (sender, rx) = mpsc::unbounded_channel();
+        let stop = workers.shutdown.child_token();
+        let task = worker::ChannelTask::new(self.clone(), generation.clone(), channel, rx);
+        tracker.spawn(task.run(stop.clone()));
+        let name = generation.config.channels[channel].name.clone();
+        workers.running.insert(name, WorkerHandle { sender, stop });
+    }
+
+    /// A reload: stops the workers of removed and changed channels (their transactions in
+    /// flight finish, bounded), starts those of added and changed ones and hands them their
+    /// messages from the spool, and gives the workers of unchanged channels the new
+    /// generation (a broken one resumes). Before [`Queue::run`], only the config is kept.
+    pub async fn reconfigure(self: &Arc<Self>, generation: Generation, changes: &ChannelChanges) {
+        let started: HashSet<String> = {
+            let mut workers = self.workers();
+            if workers.tracker.is_none() {
+                workers.initial = Some(generation.config.clone());
+                return;
+            }
+            if workers.shutdown.is_cancelled() {
+                return;
+            }
+            for name in changes.removed.iter().chain(&changes.changed) {
+                if let Some(worker) = workers.running.remove(name) {
+                    worker.stop.cancel();
+                }
+            }
+            for name in &changes.unchanged {
+                let (Some(worker), Some(channel)) = (
+                    workers.running.get(name),
+                    generation.config.channel_id(name),
+                ) else {
+                    continue;
+                };
+                let _ = worker
+                    .sender
+                    .send(Event::Reload(generation.clone(), channel));
+            }
+            let mut started = HashSet::new();
+            for name in changes.added.iter().chain(&changes.changed) {
+                if let Some(channel) = generation.config.channel_id(name) {
+                    self.start_worker(&mut workers, &generation, channel);
+                    started.insert(name.clone());
+                }
+            }
+            started
+        };
+        if !started.is_empty() {
+            self.rescan(Some(&started)).await;
         }
     }
 
     /// Runs the channel workers until `shutdown`; then lets transactions in flight finish
     /// (bounded) and returns. Call once.
     pub async fn run(self: Arc<Self>, transport: Arc<dyn Transport>, shutdown: CancellationToken) {
-        let receivers = std::mem::take(&mut *self.receivers.lock().expect("queue receivers"));
-        if receivers.is_empty() && !self.config.channels.is_empty() {
-            tracing::error!("queue: run called twice");
-            return;
-        }
         let tracker = TaskTracker::new();
-        for (channel, rx) in receivers.into_iter().enumerate() {
-            let task = worker::ChannelTask::new(self.clone(), transport.clone(), channel, rx);
-            tracker.spawn(task.run(shutdown.clone()));
+        {
+            let mut workers = self.workers();
+            let Some(config) = workers.initial.take() else {
+                tracing::error!("queue: run called twice");
+                return;
+            };
+            workers.tracker = Some(tracker.clone());
+            workers.shutdown = shutdown.clone();
+            let generation = Generation { config, transport };
+            for channel in 0..generation.config.channels.len() {
+                self.start_worker(&mut workers, &generation, channel);
+            }
         }
-        self.rescan().await;
+        // After the workers are in place: a message committed before this scan is found
+        // by it, one committed after it reaches its worker directly.
+        self.rescan(None).await;
         tracker.close();
         let control = self.clone();
         let poll = shutdown.clone();
@@ -247,8 +361,9 @@ impl Queue {
         tracker.wait().await;
     }
 
-    /// Hands every queued message to its channel's worker.
-    async fn rescan(&self) {
+    /// Hands every queued message (of the channels in `only`, or all) to its channel's
+    /// worker. A message whose channel has no worker stays queued, untouched.
+    async fn rescan(&self, only: Option<&HashSet<String>>) {
         let spool = self.spool.clone();
         let found = tokio::task::spawn_blocking(move || -> io::Result<Vec<MessageState>> {
             let mut states = Vec::new();
@@ -267,22 +382,27 @@ impl Queue {
             Ok(Err(e)) => return tracing::error!(error = %e, "spool: cannot scan queue"),
             Err(e) => return tracing::error!(error = %e, "spool: scan failed"),
         };
+        let states: Vec<MessageState> = states
+            .into_iter()
+            .filter(|state| only.is_none_or(|names| names.contains(&state.channel)))
+            .collect();
         let count = states.len();
         for state in states {
-            match self.config.channel_id(&state.channel) {
-                Some(channel) => self.notify(
-                    channel,
+            if self.has_worker(&state.channel) {
+                self.notify(
+                    &state.channel,
                     Event::Queued {
                         id: state.id.clone(),
                         due_ms: state.next_attempt_ms,
                         pending: state.pending(),
                     },
-                ),
-                None => tracing::error!(
+                );
+            } else {
+                tracing::error!(
                     id = state.id,
                     channel = state.channel,
-                    "queue: message for a channel that is no longer configured stays queued"
-                ),
+                    "queue: message for a channel that is not configured stays queued"
+                );
             }
         }
         if count > 0 {
@@ -307,15 +427,16 @@ impl Queue {
                         .read_state(&id)
                         .ok()
                         .flatten()
-                        .and_then(|state| self.config.channel_id(&state.channel));
+                        .map(|state| state.channel)
+                        .filter(|channel| self.has_worker(channel));
                     match channel {
                         Some(channel) => {
                             tracing::info!(id, "queue: retry requested");
-                            self.notify(channel, Event::Retry(Some(id)));
+                            self.notify(&channel, Event::Retry(Some(id)));
                         }
                         None => tracing::warn!(
                             id,
-                            "queue: retry requested for a message not in the queue"
+                            "queue: retry requested for a message not in the queue or for a channel that is not configured"
                         ),
                     }
                 }

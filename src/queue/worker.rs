@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::attempt::Attempt;
 use super::spool::now_ms;
-use super::{Queue, Transport};
+use super::{Generation, Queue};
 use crate::config::{Channel, ChannelId};
 use crate::state::{Counters, Health, format_time};
 
@@ -49,6 +49,9 @@ pub enum Event {
     },
     /// `queue retry`: this message (or every one, `None`) is due now; the channel resumes.
     Retry(Option<String>),
+    /// A reload left the channel unchanged: deliver with the new generation, where the
+    /// channel has this id. A broken channel is tried again.
+    Reload(Generation, ChannelId),
 }
 
 /// What a channel needs to do after a transaction.
@@ -78,7 +81,8 @@ pub(super) struct Report {
 /// The scheduler of one channel.
 pub struct ChannelTask {
     queue: Arc<Queue>,
-    transport: Arc<dyn Transport>,
+    generation: Generation,
+    /// The channel's id in `generation.config`.
     channel: ChannelId,
     name: String,
     connections: usize,
@@ -109,17 +113,17 @@ impl ChannelTask {
     /// A task for `channel`; its health and counters are loaded when it runs.
     pub fn new(
         queue: Arc<Queue>,
-        transport: Arc<dyn Transport>,
+        generation: Generation,
         channel: ChannelId,
         rx: mpsc::UnboundedReceiver<Event>,
     ) -> Self {
-        let ch = &queue.config.channels[channel];
+        let ch = &generation.config.channels[channel];
         let name = ch.name.clone();
         let connections = ch.limits.connections.max(1);
         let chunk = chunk_size(ch);
         ChannelTask {
             queue,
-            transport,
+            generation,
             channel,
             name,
             connections,
@@ -188,7 +192,7 @@ impl ChannelTask {
             }
             _ => {}
         }
-        let limits = &queue.config.channels[self.channel].limits;
+        let limits = &self.generation.config.channels[self.channel].limits;
         match Counters::load(&queue.state, &self.name, limits, now) {
             Ok(counters) => self.counters = Some(counters),
             Err(e) => {
@@ -241,29 +245,49 @@ impl ChannelTask {
                     self.schedule(id, due_ms, pending);
                 }
             }
+            Event::Reload(generation, channel) => {
+                // Same name, transport and limits: counters, health and schedule go on.
+                self.generation = generation;
+                self.channel = channel;
+                if matches!(self.health, Health::Broken { .. }) {
+                    tracing::info!(channel = %self.name, "queue: broken channel tried again after reload");
+                    self.resume();
+                    self.make_due(None);
+                }
+            }
             Event::Retry(which) => {
                 if self.health != Health::Ok {
                     tracing::info!(channel = %self.name, "queue: channel resumed by retry");
-                    self.set_health(Health::Ok);
-                    if self.counters.is_none() {
-                        self.load_state();
-                    }
+                    self.resume();
                 }
-                let now = now_ms();
-                let ids: Vec<String> = match which {
-                    Some(id) => self
-                        .entries
-                        .contains_key(&id)
-                        .then_some(id)
-                        .into_iter()
-                        .collect(),
-                    None => self.entries.keys().cloned().collect(),
-                };
-                for id in ids {
-                    let pending = self.entries[&id].1;
-                    self.schedule(id, now, pending);
-                }
+                self.make_due(which);
             }
+        }
+    }
+
+    /// Clears a broken or held state (and reads the counters if they were unreadable).
+    fn resume(&mut self) {
+        self.set_health(Health::Ok);
+        if self.counters.is_none() {
+            self.load_state();
+        }
+    }
+
+    /// Makes this message (or every one, `None`) due now.
+    fn make_due(&mut self, which: Option<String>) {
+        let now = now_ms();
+        let ids: Vec<String> = match which {
+            Some(id) => self
+                .entries
+                .contains_key(&id)
+                .then_some(id)
+                .into_iter()
+                .collect(),
+            None => self.entries.keys().cloned().collect(),
+        };
+        for id in ids {
+            let pending = self.entries[&id].1;
+            self.schedule(id, now, pending);
         }
     }
 
@@ -308,7 +332,7 @@ impl ChannelTask {
             self.in_flight.insert(id.clone());
             let attempt = Attempt {
                 queue: self.queue.clone(),
-                transport: self.transport.clone(),
+                generation: self.generation.clone(),
                 channel: self.channel,
                 rcpts,
             };
@@ -347,7 +371,7 @@ impl ChannelTask {
                     tracing::error!(
                         channel = %self.name,
                         reason,
-                        "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all` or a restart"
+                        "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all`, a reload or a restart"
                     );
                     self.set_health(Health::Broken {
                         since_ms: now_ms(),
