@@ -13,8 +13,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ChannelId, Config, DeliveryMode};
-use crate::queue::{ChannelChanges, Generation};
 use crate::message::Envelope;
+use crate::queue::{ChannelChanges, Generation};
 use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;

@@ -101,14 +101,22 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
 pub async fn reload(live: &Live, shutdown: &CancellationToken) -> Result<Reloaded, Vec<String>> {
     let running = live.current();
     let path = running.config.path.clone();
-    let mut config = crate::config::load(&path)
-        .map_err(|errors| errors.to_string().lines().map(str::to_string).collect::<Vec<_>>())?;
+    let mut config = crate::config::load(&path).map_err(|errors| {
+        errors
+            .to_string()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    })?;
     let need_restart = keep_restart_only(&running.config, &mut config);
     let changes = diff_channels(&running.config, &config);
     let config = Arc::new(config);
     let at = |e: String| vec![format!("{}: {e}", path.display())];
     // Everything that can fail is built before anything changes.
-    let next = running.delivery.reload(config.clone(), &changes).map_err(at)?;
+    let next = running
+        .delivery
+        .reload(config.clone(), &changes)
+        .map_err(at)?;
     let ctx = crate::listener::session_ctx(
         config,
         Arc::new(next),
@@ -236,7 +244,10 @@ mod tests {
         assert_eq!(changes.removed, names(&["c"]));
         assert_eq!(changes.changed, names(&["b", "d"]), "port, limits");
         assert_eq!(changes.unchanged, names(&["a"]), "a scope only routes");
-        assert_eq!(diff_channels(&old, &old).unchanged, names(&["a", "b", "c", "d"]));
+        assert_eq!(
+            diff_channels(&old, &old).unchanged,
+            names(&["a", "b", "c", "d"])
+        );
     }
 
     #[test]

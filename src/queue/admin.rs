@@ -96,7 +96,9 @@ pub fn unconfigured(config: &Config) -> Vec<(String, usize)> {
 
 /// The line `check` and `queue list` give a channel that is not configured but has mail.
 pub fn unconfigured_line(count: usize) -> String {
-    format!("not configured: {count} queued message(s) wait in the spool until it is configured again")
+    format!(
+        "not configured: {count} queued message(s) wait in the spool until it is configured again"
+    )
 }
 
 /// Whether a proxy holds the spool right now.

@@ -20,11 +20,11 @@ pub mod dsn;
 pub mod spool;
 pub mod worker;
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -322,7 +322,8 @@ impl Queue {
             started
         };
         if !started.is_empty() {
-            self.rescan(Some(&started)).await;
+            // Added or changed: the change may be the fix their mail waited for.
+            self.rescan(Some(&started), true).await;
         }
     }
 
@@ -345,7 +346,7 @@ impl Queue {
         }
         // After the workers are in place: a message committed before this scan is found
         // by it, one committed after it reaches its worker directly.
-        self.rescan(None).await;
+        self.rescan(None, false).await;
         tracker.close();
         let control = self.clone();
         let poll = shutdown.clone();
@@ -362,8 +363,9 @@ impl Queue {
     }
 
     /// Hands every queued message (of the channels in `only`, or all) to its channel's
-    /// worker. A message whose channel has no worker stays queued, untouched.
-    async fn rescan(&self, only: Option<&HashSet<String>>) {
+    /// worker, due at its next attempt or, with `due_now`, now. A message whose channel
+    /// has no worker stays queued, untouched.
+    async fn rescan(&self, only: Option<&HashSet<String>>, due_now: bool) {
         let spool = self.spool.clone();
         let found = tokio::task::spawn_blocking(move || -> io::Result<Vec<MessageState>> {
             let mut states = Vec::new();
@@ -393,7 +395,11 @@ impl Queue {
                     &state.channel,
                     Event::Queued {
                         id: state.id.clone(),
-                        due_ms: state.next_attempt_ms,
+                        due_ms: if due_now {
+                            state.next_attempt_ms.min(spool::now_ms())
+                        } else {
+                            state.next_attempt_ms
+                        },
                         pending: state.pending(),
                     },
                 );

@@ -166,6 +166,7 @@ impl ChannelTask {
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while let Some(done) = deliveries.join_next().await {
                 if let Ok(report) = done {
+                    self.hand_over(&report);
                     self.apply(report);
                 }
             }
@@ -174,6 +175,29 @@ impl ChannelTask {
         if drained.is_err() {
             tracing::warn!(channel = %self.name, "queue: shutdown interrupted transactions in flight; they will be retried");
             deliveries.abort_all();
+        }
+    }
+
+    /// While stopping: a reload may have started this channel's next worker already, and
+    /// it has to hear of a message still pending or a DSN this transaction queued (a
+    /// duplicate notice is ignored; without a worker the message waits in the spool).
+    fn hand_over(&self, report: &Report) {
+        let next = report
+            .next
+            .map(|(due_ms, pending)| (report.id.clone(), due_ms, pending));
+        let dsn = report
+            .dsn
+            .clone()
+            .map(|(id, pending)| (id, now_ms(), pending));
+        for (id, due_ms, pending) in next.into_iter().chain(dsn) {
+            self.queue.notify(
+                &self.name,
+                Event::Queued {
+                    id,
+                    due_ms,
+                    pending,
+                },
+            );
         }
     }
 

@@ -124,7 +124,11 @@ impl Upstreams {
         Ok(next)
     }
 
-    fn build(config: &Config, previous: Option<&Upstreams>, keep: &[String]) -> Result<Self, String> {
+    fn build(
+        config: &Config,
+        previous: Option<&Upstreams>,
+        keep: &[String],
+    ) -> Result<Self, String> {
         let tokens = crate::oauth::Tokens::new(config)?;
         let mut channels = Vec::with_capacity(config.channels.len());
         for (id, channel) in config.channels.iter().enumerate() {
