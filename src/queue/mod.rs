@@ -252,6 +252,11 @@ impl Queue {
         }
     }
 
+    /// Whether the proxy is stopping (not merely one worker, as a reload does).
+    fn shutting_down(&self) -> bool {
+        self.workers().shutdown.is_cancelled()
+    }
+
     /// Whether channel `name` has a worker now.
     fn has_worker(&self, name: &str) -> bool {
         self.workers().running.contains_key(name)

@@ -163,10 +163,16 @@ impl ChannelTask {
                 _ = tokio::time::sleep_until(sleep) => {}
             }
         }
+        // Stopped by a reload rather than the proxy's shutdown: the channel's health is
+        // its successor's now (or the channel is gone), so the last reports do not set it.
+        let superseded = !self.queue.shutting_down();
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while let Some(done) = deliveries.join_next().await {
-                if let Ok(report) = done {
+                if let Ok(mut report) = done {
                     self.hand_over(&report);
+                    if superseded {
+                        report.effect = ChannelEffect::None;
+                    }
                     self.apply(report);
                 }
             }
