@@ -1041,3 +1041,47 @@ async fn reconfigure_keeps_a_removed_channels_mail_until_it_returns() {
     assert!(wait_for(Duration::from_secs(5), || queued(&both) == 0).await);
     q.stop().await;
 }
+
+/// A reload that lands before the workers start (SIGHUP right after start-up): they start
+/// with the reloaded generation, not the transports of the first config.
+#[tokio::test]
+async fn a_reload_before_the_workers_start_is_the_one_they_run_with() {
+    use mailgate::queue::{ChannelChanges, Generation};
+    let dir = tempfile::tempdir().unwrap();
+    let first = config(dir.path(), vec![channel("a", limits())]);
+    let second = config(
+        dir.path(),
+        vec![channel("a", limits()), channel("b", limits())],
+    );
+    let queue = Queue::open(Arc::new(first.clone())).expect("spool opens");
+    let old = Fake::new(|_, _, _| ok());
+    let new = Fake::new(|_, _, _| ok());
+    let changes = ChannelChanges {
+        added: vec!["b".into()],
+        unchanged: vec!["a".into()],
+        ..Default::default()
+    };
+    let generation = Generation {
+        config: Arc::new(second.clone()),
+        transport: new.clone(),
+    };
+    queue.reconfigure(generation, &changes).await;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(queue.clone().run(old.clone(), shutdown.clone()));
+    let running = Running {
+        queue,
+        config: second.clone(),
+        task,
+        shutdown,
+    };
+    assert_eq!(
+        running
+            .submit(1, "s@example.com", &rcpts(1), MESSAGE)
+            .await
+            .code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || new.accepted_on(1).len() == 1).await);
+    assert!(old.sent().is_empty());
+    running.stop().await;
+}

@@ -110,6 +110,8 @@ pub struct Queue {
 struct Workers {
     /// The config the queue was opened with, until [`Queue::run`] starts the workers.
     initial: Option<Arc<Config>>,
+    /// A reload that came before [`Queue::run`]: the workers start with it.
+    reloaded: Option<Generation>,
     running: HashMap<String, WorkerHandle>,
     /// Where workers are spawned (set by [`Queue::run`]).
     tracker: Option<TaskTracker>,
@@ -172,6 +174,7 @@ impl Queue {
             state,
             workers: Mutex::new(Workers {
                 initial: Some(config),
+                reloaded: None,
                 running: HashMap::new(),
                 tracker: None,
                 shutdown: CancellationToken::new(),
@@ -231,16 +234,15 @@ impl Queue {
             tracing::error!(id, channel = %name, error = %e, "spool: cannot store message");
             return Reply::local_error();
         }
-        // A channel removed by a reload while this session ran has no worker: the message
-        // waits in the spool until the channel comes back.
-        self.notify(
-            &name,
-            Event::Queued {
-                id: id.clone(),
-                due_ms: state.next_attempt_ms,
-                pending: state.pending(),
-            },
-        );
+        let event = Event::Queued {
+            id: id.clone(),
+            due_ms: state.next_attempt_ms,
+            pending: state.pending(),
+        };
+        if !self.notify(&name, event) && self.workers().tracker.is_some() {
+            // Routed before a reload removed its channel: it waits for the channel's return.
+            tracing::warn!(id, channel = %name, "queue: the message's channel was removed by a reload; it stays in the spool until the channel is configured again");
+        }
         Reply::queued(&id)
     }
 
@@ -262,10 +264,15 @@ impl Queue {
         self.workers().running.contains_key(name)
     }
 
-    fn notify(&self, channel: &str, event: Event) {
-        if let Some(worker) = self.workers().running.get(channel) {
-            // The receiver is gone only while stopping: the message is on disk anyway.
-            let _ = worker.sender.send(event);
+    /// Tells channel `channel`'s worker; false when it has none.
+    fn notify(&self, channel: &str, event: Event) -> bool {
+        match self.workers().running.get(channel) {
+            Some(worker) => {
+                // The receiver is gone only while stopping: the message is on disk anyway.
+                let _ = worker.sender.send(event);
+                true
+            }
+            None => false,
         }
     }
 
@@ -290,12 +297,13 @@ impl Queue {
     /// A reload: stops the workers of removed and changed channels (their transactions in
     /// flight finish, bounded), starts those of added and changed ones and hands them their
     /// messages from the spool, and gives the workers of unchanged channels the new
-    /// generation (a broken one resumes). Before [`Queue::run`], only the config is kept.
+    /// generation (a broken one resumes). Before [`Queue::run`], the workers will start
+    /// with `generation` instead of the first one.
     pub async fn reconfigure(self: &Arc<Self>, generation: Generation, changes: &ChannelChanges) {
         let started: HashSet<String> = {
             let mut workers = self.workers();
             if workers.tracker.is_none() {
-                workers.initial = Some(generation.config.clone());
+                workers.reloaded = Some(generation);
                 return;
             }
             if workers.shutdown.is_cancelled() {
@@ -344,7 +352,10 @@ impl Queue {
             };
             workers.tracker = Some(tracker.clone());
             workers.shutdown = shutdown.clone();
-            let generation = Generation { config, transport };
+            let generation = workers
+                .reloaded
+                .take()
+                .unwrap_or(Generation { config, transport });
             for channel in 0..generation.config.channels.len() {
                 self.start_worker(&mut workers, &generation, channel);
             }

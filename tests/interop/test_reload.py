@@ -259,3 +259,32 @@ def test_reload_reads_a_renewed_tls_certificate(config, mailgate, tmp_path):
     assert renewed != first_der
     assert renewed == ssl.PEM_cert_to_DER_cert(second.cert_file.read_text().split("-----END CERTIFICATE-----")[0]
                                                + "-----END CERTIFICATE-----\n")
+
+
+def test_queue_mode_a_session_routed_to_a_removed_channel_leaves_its_mail_queued(config, mailgate):
+    queue_mode(config)
+    old_dir = config.file_channel("old", senders=["*@example.com"])
+    mg = mailgate(config)
+    c = Raw(mg.addr)
+    c.greet()
+    c.expect("MAIL FROM:<alice@example.com>", 250)
+    c.expect("RCPT TO:<bob@example.org>", 250)
+    del config.channels["old"]
+    config.file_channel("new", senders=["*@other.org"])
+    reloaded(mg, config)
+    c.expect("DATA", 354)
+    c.send(message(subject="routed before the reload") + b".\r\n")
+    r = c.reply()
+    assert_reply(r, 250)
+    qid = r.text.split()[-1]
+    c.expect("QUIT", 221)
+    mg.wait_log(f"channel was removed by a reload.*{qid}")
+    path = config.tmp / "proxy.toml"
+    listing = run_cli(["-c", str(path), "queue", "list"]).stdout
+    assert qid in listing and "old (not configured)" in listing, listing
+    assert not any(old_dir.iterdir())
+
+    config.file_channel("old", senders=["*@example.com"])
+    reloaded(mg, config)
+    wait_until(lambda: len(list(old_dir.glob("*.eml"))) == 1, 10, "the message in old/")
+    assert b"routed before the reload" in next(old_dir.glob("*.eml")).read_bytes()
