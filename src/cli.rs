@@ -44,7 +44,7 @@ pub enum LogFormat {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy in the foreground until SIGINT/SIGTERM
+    /// Run the proxy in the foreground until SIGINT/SIGTERM; SIGHUP reloads the config
     Run,
     /// Load and validate the config; print channels, scopes and the routing table
     Check,
