@@ -7,6 +7,8 @@
 //! backoff, holds the channel on a provider quota reply, stops it when its credentials
 //! are refused, and moves permanent failures to `failed/` with a DSN ([`dsn`]) to the
 //! sender. [`admin`] has the `mailgate queue` commands, safe while the proxy runs.
+//! Workers are kept by channel name: a reload ([`Queue::reconfigure`]) starts, stops or
+//! restarts them; a message whose channel is not configured waits in the spool untouched.
 //!
 //! Guarantees: an acknowledged message is on disk (file and directory fsync'd); a crash
 //! at any moment loses none; a message is delivered twice only if the process dies
