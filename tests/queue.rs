@@ -121,6 +121,7 @@ fn channel(name: &str, limits: Limits) -> Channel {
         name: name.into(),
         scope: vec![SenderPattern::Any],
         address_scoped: false,
+        fallback: None,
         preset: None,
         kind: ChannelKind::File {
             dir: "unused".into(),
@@ -195,8 +196,9 @@ impl Running {
             recipients: rcpts.to_vec(),
             ..Default::default()
         };
-        let channel = &self.config.channels[channel];
-        self.queue.finish(draft, channel, &envelope).await
+        self.queue
+            .finish(draft, &self.config, channel, &envelope)
+            .await
     }
 
     async fn stop(self) {
@@ -925,8 +927,10 @@ async fn a_full_disk_defers_and_delivery_resumes_by_itself() {
                     recipients: rcpts(1),
                     ..Default::default()
                 };
-                let channel = &running.config.channels[0];
-                running.queue.finish(draft, channel, &envelope).await
+                running
+                    .queue
+                    .finish(draft, &running.config, 0, &envelope)
+                    .await
             }
             Err(_) => Reply::new(451, (4, 3, 0), "write failed"),
         };

@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Channel, ChannelId, Config};
+use crate::config::{ChannelId, Config};
 use crate::message::Envelope;
 use crate::reply::Reply;
 use crate::state::LocalState;
@@ -205,11 +205,22 @@ impl Queue {
             })
     }
 
-    /// Makes a received message durable and queues it for channel `ch` (as the session's
-    /// config has it); the reply for the client is `250 2.0.0 queued as <id>` only once
-    /// file, state and directories are fsync'd.
-    pub async fn finish(&self, mut draft: SpoolDraft, ch: &Channel, envelope: &Envelope) -> Reply {
+    /// Makes a received message durable and queues it for channel `channel` of `config`
+    /// (the session's config: a reload may have changed the queue's since); the reply for
+    /// the client is `250 2.0.0 queued as <id>` only once file, state and directories
+    /// are fsync'd.
+    pub async fn finish(
+        &self,
+        mut draft: SpoolDraft,
+        config: &Config,
+        channel: ChannelId,
+        envelope: &Envelope,
+    ) -> Reply {
         let id = draft.id().to_string();
+        let Some(ch) = config.channels.get(channel) else {
+            tracing::error!(id, channel, "queue: no such channel");
+            return Reply::local_error();
+        };
         let name = ch.name.clone();
         // The provider would refuse it anyway: tell the client now rather than bounce later.
         if let Some(max) = ch.limits.max_message_size
@@ -217,6 +228,16 @@ impl Queue {
         {
             tracing::info!(id, channel = %name, size = draft.len(), max, "refused: over the channel's size limit");
             return Reply::too_big(max);
+        }
+        // Graph sends to every header recipient in one request: such a message is never
+        // split across transactions, so it must fit in one.
+        if let Some(max) = config
+            .graph_on_path(channel)
+            .and_then(|g| config.channels[g].limits.max_recipients)
+            && envelope.recipients.len() > max
+        {
+            tracing::info!(id, channel = %name, rcpts = envelope.recipients.len(), max, "refused: more recipients than one Graph request takes");
+            return Reply::too_many_recipients(max);
         }
         let state = MessageState::new(&id, &name, envelope, draft.len(), spool::now_ms());
         let committed = async {
@@ -336,10 +357,10 @@ impl Queue {
             }
             started
         };
-        if !started.is_empty() {
-            // Added or changed: the change may be the fix their mail waited for.
-            self.rescan(Some(&started), true).await;
-        }
+        // Every message, not only the started channels': one lent to a fallback whose
+        // worker was just stopped goes back to its own channel this way (a duplicate
+        // notice is ignored).
+        self.rescan(&started, false).await;
     }
 
     /// Runs the channel workers until `shutdown`; then lets transactions in flight finish
@@ -364,7 +385,7 @@ impl Queue {
         }
         // After the workers are in place: a message committed before this scan is found
         // by it, one committed after it reaches its worker directly.
-        self.rescan(None, false).await;
+        self.rescan(&HashSet::new(), true).await;
         tracker.close();
         let control = self.clone();
         let poll = shutdown.clone();
@@ -380,10 +401,11 @@ impl Queue {
         tracker.wait().await;
     }
 
-    /// Hands every queued message (of the channels in `only`, or all) to its channel's
-    /// worker, due at its next attempt or, with `due_now`, now. A message whose channel
-    /// has no worker stays queued, untouched.
-    async fn rescan(&self, only: Option<&HashSet<String>>, due_now: bool) {
+    /// Hands every queued message to its channel's worker, due at its next attempt or,
+    /// for the channels in `due_now` (added or changed by a reload: the change may be the
+    /// fix their mail waited for), now. A message whose channel has no worker stays
+    /// queued, untouched (logged one by one `at_start`; a reload logs a count).
+    async fn rescan(&self, due_now: &HashSet<String>, at_start: bool) {
         let spool = self.spool.clone();
         let found = tokio::task::spawn_blocking(move || -> io::Result<Vec<MessageState>> {
             let mut states = Vec::new();
@@ -402,10 +424,6 @@ impl Queue {
             Ok(Err(e)) => return tracing::error!(error = %e, "spool: cannot scan queue"),
             Err(e) => return tracing::error!(error = %e, "spool: scan failed"),
         };
-        let states: Vec<MessageState> = states
-            .into_iter()
-            .filter(|state| only.is_none_or(|names| names.contains(&state.channel)))
-            .collect();
         let count = states.len();
         for state in states {
             if self.has_worker(&state.channel) {
@@ -413,7 +431,7 @@ impl Queue {
                     &state.channel,
                     Event::Queued {
                         id: state.id.clone(),
-                        due_ms: if due_now {
+                        due_ms: if due_now.contains(&state.channel) {
                             state.next_attempt_ms.min(spool::now_ms())
                         } else {
                             state.next_attempt_ms
@@ -421,7 +439,7 @@ impl Queue {
                         pending: state.pending(),
                     },
                 );
-            } else {
+            } else if at_start {
                 tracing::error!(
                     id = state.id,
                     channel = state.channel,
@@ -429,7 +447,7 @@ impl Queue {
                 );
             }
         }
-        if count > 0 {
+        if count > 0 && at_start {
             tracing::info!(messages = count, "queue: resumed messages from the spool");
         }
     }

@@ -50,8 +50,21 @@ pub enum Event {
     /// `queue retry`: this message (or every one, `None`) is due now; the channel resumes.
     Retry(Option<String>),
     /// A reload left the channel unchanged: deliver with the new generation, where the
-    /// channel has this id. A broken channel is tried again.
+    /// channel has this id. A broken channel is tried again; mail lent to this channel
+    /// goes back to its own (a reload ends every hand-over to a fallback).
     Reload(Generation, ChannelId),
+    /// A message of channel `owner` handed over while `owner` is broken because its
+    /// provider refuses how it authenticates (SPEC §7 "Fallback"): deliver it here.
+    Lent {
+        /// Queue id.
+        id: String,
+        /// Earliest attempt (unix ms).
+        due_ms: u64,
+        /// Recipients still pending.
+        pending: usize,
+        /// The name of the channel it belongs to (and goes back to once that one resumes).
+        owner: String,
+    },
 }
 
 /// What a channel needs to do after a transaction.
@@ -63,6 +76,9 @@ pub enum ChannelEffect {
     Hold(String),
     /// Credentials refused (the reply or error).
     Broken(String),
+    /// The provider refuses the way the channel authenticates (`535 5.7.139`, `550
+    /// 5.7.30`, an OAuth grant refused): broken, and its mail may go over its fallback.
+    AuthMethodRefused(String),
 }
 
 /// The result of one delivery step, back to the channel task.
@@ -94,6 +110,13 @@ pub struct ChannelTask {
     counters: Option<Counters>,
     health_writer: Arc<HealthWriter>,
     rx: mpsc::UnboundedReceiver<Event>,
+    /// `fallback = "…"` of this channel (its name: ids differ between generations).
+    fallback: Option<String>,
+    /// Broken because the provider refuses the auth method, with a fallback: queued and
+    /// new mail goes there.
+    handing_over: bool,
+    /// Messages other channels lent to this one, with their owner's name.
+    borrowed: HashMap<String, String>,
 }
 
 /// The channel's health on its way to disk.
@@ -121,6 +144,9 @@ impl ChannelTask {
         let name = ch.name.clone();
         let connections = ch.limits.connections.max(1);
         let chunk = chunk_size(ch);
+        let fallback = ch
+            .fallback
+            .map(|f| generation.config.channels[f].name.clone());
         ChannelTask {
             queue,
             generation,
@@ -135,6 +161,34 @@ impl ChannelTask {
             counters: None,
             health_writer: Arc::default(),
             rx,
+            fallback,
+            handing_over: false,
+            borrowed: HashMap::new(),
+        }
+    }
+
+    /// Hands every message scheduled here to the fallback (their state files keep this
+    /// channel's name, so a restart brings them back).
+    fn hand_over_all(&mut self) {
+        let Some(fallback) = self.fallback.clone() else {
+            return;
+        };
+        let entries: Vec<(String, (u64, usize))> = self.entries.drain().collect();
+        self.due.clear();
+        let count = entries.len();
+        for (id, (due_ms, pending)) in entries {
+            self.queue.notify(
+                &fallback,
+                Event::Lent {
+                    id,
+                    due_ms,
+                    pending,
+                    owner: self.name.clone(),
+                },
+            );
+        }
+        if count > 0 {
+            tracing::warn!(channel = %self.name, fallback = %fallback, messages = count, "queue: queued mail handed to the fallback channel");
         }
     }
 
@@ -169,7 +223,7 @@ impl ChannelTask {
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while let Some(done) = deliveries.join_next().await {
                 if let Ok(mut report) = done {
-                    self.hand_over(&report);
+                    self.tell_successor(&report);
                     if superseded {
                         report.effect = ChannelEffect::None;
                     }
@@ -187,7 +241,7 @@ impl ChannelTask {
     /// While stopping: a reload may have started this channel's next worker already, and
     /// it has to hear of a message still pending or a DSN this transaction queued (a
     /// duplicate notice is ignored; without a worker the message waits in the spool).
-    fn hand_over(&self, report: &Report) {
+    fn tell_successor(&self, report: &Report) {
         let next = report
             .next
             .map(|(due_ms, pending)| (report.id.clone(), due_ms, pending));
@@ -271,12 +325,39 @@ impl ChannelTask {
                 due_ms,
                 pending,
             } => {
+                if self.handing_over
+                    && let Some(fallback) = &self.fallback
+                {
+                    tracing::info!(id, channel = %self.name, "queue: channel broken (auth method refused); new message goes over its fallback");
+                    self.queue.notify(
+                        fallback,
+                        Event::Lent {
+                            id,
+                            due_ms,
+                            pending,
+                            owner: self.name.clone(),
+                        },
+                    );
+                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                    self.schedule(id, due_ms, pending);
+                }
+            }
+            Event::Lent {
+                id,
+                due_ms,
+                pending,
+                owner,
+            } => {
                 if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                    self.borrowed.insert(id.clone(), owner);
                     self.schedule(id, due_ms, pending);
                 }
             }
             Event::Reload(generation, channel) => {
                 // Same name, transport and limits: counters, health and schedule go on.
+                self.fallback = generation.config.channels[channel]
+                    .fallback
+                    .map(|f| generation.config.channels[f].name.clone());
                 self.generation = generation;
                 self.channel = channel;
                 if matches!(self.health, Health::Broken { .. }) {
@@ -284,22 +365,53 @@ impl ChannelTask {
                     self.resume();
                     self.make_due(None);
                 }
+                self.return_lent();
             }
             Event::Retry(which) => {
                 if self.health != Health::Ok {
                     tracing::info!(channel = %self.name, "queue: channel resumed by retry");
                     self.resume();
                 }
+                self.handing_over = false;
+                if which.is_none() {
+                    self.return_lent();
+                }
                 self.make_due(which);
             }
         }
     }
 
-    /// Clears a broken or held state (and reads the counters if they were unreadable).
+    /// Clears a broken or held state (and reads the counters if they were unreadable);
+    /// the channel's own mail stays here again.
     fn resume(&mut self) {
         self.set_health(Health::Ok);
+        self.handing_over = false;
         if self.counters.is_none() {
             self.load_state();
+        }
+    }
+
+    /// Every channel resumes: mail lent to this one goes back to its own channel.
+    fn return_lent(&mut self) {
+        let lent: Vec<(String, String)> = self
+            .borrowed
+            .iter()
+            .filter(|(id, _)| !self.in_flight.contains(*id))
+            .map(|(id, owner)| (id.clone(), owner.clone()))
+            .collect();
+        for (id, owner) in lent {
+            self.borrowed.remove(&id);
+            if let Some((due, pending)) = self.entries.remove(&id) {
+                self.due.remove(&(due, id.clone()));
+                self.queue.notify(
+                    &owner,
+                    Event::Queued {
+                        id,
+                        due_ms: now_ms(),
+                        pending,
+                    },
+                );
+            }
         }
     }
 
@@ -375,6 +487,8 @@ impl ChannelTask {
         self.in_flight.remove(&report.id);
         if let Some((due, pending)) = report.next {
             self.schedule(report.id.clone(), due, pending);
+        } else {
+            self.borrowed.remove(&report.id);
         }
         if let Some((dsn, pending)) = report.dsn {
             self.schedule(dsn, now_ms(), pending);
@@ -396,7 +510,27 @@ impl ChannelTask {
                 );
                 self.set_health(Health::Held { until_ms, reason });
             }
-            ChannelEffect::Broken(reason) => {
+            ChannelEffect::AuthMethodRefused(reason) if self.fallback.is_some() => {
+                let fallback = self.fallback.clone();
+                if !self.handing_over {
+                    tracing::error!(
+                        channel = %self.name,
+                        fallback = fallback.as_deref().unwrap_or(""),
+                        reason,
+                        "CHANNEL BROKEN: the provider refuses how this channel authenticates; its queued and new mail goes over its fallback until `mailgate queue retry --all`, a reload or a restart"
+                    );
+                    self.set_health(Health::Broken {
+                        since_ms: now_ms(),
+                        reason: format!(
+                            "{reason} (mail goes over fallback {})",
+                            fallback.as_deref().unwrap_or("")
+                        ),
+                    });
+                    self.handing_over = true;
+                }
+                self.hand_over_all();
+            }
+            ChannelEffect::Broken(reason) | ChannelEffect::AuthMethodRefused(reason) => {
                 if !matches!(self.health, Health::Broken { .. }) {
                     tracing::error!(
                         channel = %self.name,
@@ -409,6 +543,9 @@ impl ChannelTask {
                     });
                 }
             }
+        }
+        if self.handing_over {
+            self.hand_over_all();
         }
     }
 }
