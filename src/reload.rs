@@ -10,8 +10,8 @@
 //!   A broken channel is tried again.
 //! - The listeners' certificate and key are read again (a renewed certificate is served to
 //!   new connections). What is bound at start-up (listen addresses, the spool, the
-//!   delivery mode, the connection limits) needs a restart: a change is logged and the
-//!   running value kept.
+//!   delivery mode, the connection limits, the metrics listener) needs a restart: a
+//!   change is logged and the running value kept.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -92,6 +92,10 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
         server.max_connections_per_client = old.max_connections_per_client;
         kept.push("max_connections_per_client");
     }
+    if running.metrics != new.metrics {
+        new.metrics = running.metrics.clone();
+        kept.push("[metrics] listen");
+    }
     kept
 }
 
@@ -125,8 +129,10 @@ pub async fn reload(live: &Live, shutdown: &CancellationToken) -> Result<Reloade
     )
     .map_err(at)?;
     let next = ctx.delivery.clone();
+    let config = ctx.config.clone();
     live.replace(ctx);
     running.delivery.apply(&next, &changes).await;
+    crate::metrics::global().declare_channels(&config);
     Ok(Reloaded {
         changes,
         need_restart,
@@ -276,8 +282,15 @@ mod tests {
         };
         new.server.max_connections += 1;
         new.server.max_message_size += 1;
+        new.metrics = Some(crate::config::Metrics {
+            listen: vec!["127.0.0.1:9325".parse().unwrap()],
+        });
         let kept = keep_restart_only(&running, &mut new);
-        assert_eq!(kept, vec!["listen", "delivery", "max_connections"]);
+        assert_eq!(
+            kept,
+            vec!["listen", "delivery", "max_connections", "[metrics] listen"]
+        );
+        assert_eq!(new.metrics, running.metrics);
         assert_eq!(new.server.listen, running.server.listen);
         assert_eq!(new.server.delivery, running.server.delivery);
         assert_eq!(new.server.max_connections, running.server.max_connections);
