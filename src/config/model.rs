@@ -33,7 +33,7 @@ pub struct Config {
 }
 
 /// `[state] backend`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum StateBackend {
     /// Files beside the spool, this host only.
     #[default]
@@ -43,7 +43,7 @@ pub enum StateBackend {
 }
 
 /// `[state] backend = "redis"`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
     /// `redis://` or `rediss://` url; may hold a password, so it is a secret.
     pub url: Secret,
@@ -172,7 +172,8 @@ pub struct Channel {
 /// What a channel is.
 // A handful of channels, built once at load: their size does not matter.
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
+// PartialEq: a reload restarts a channel whose transport differs in any way.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelKind {
     /// An upstream SMTP server.
     Smtp(SmtpTarget),
@@ -197,7 +198,7 @@ impl ChannelKind {
 }
 
 /// An upstream SMTP server and how to log in to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmtpTarget {
     /// Host name (also the TLS server name).
     pub host: String,
@@ -217,7 +218,7 @@ pub struct SmtpTarget {
 }
 
 /// A mailbox reached through Microsoft Graph (`kind = "graph"`, SPEC §7).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GraphTarget {
     /// The mailbox that sends (`POST {graph_url}/v1.0/users/{mailbox}/sendMail`).
     pub mailbox: String,
