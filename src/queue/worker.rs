@@ -716,14 +716,13 @@ impl ChannelTask {
         let retried = view.retry_seen.is_some_and(|seen| seen != retry);
         view.retry_seen = Some(retry);
         if retried {
+            // As `queue retry --all` here: resumed (Redis says so already), mail lent to
+            // this channel goes back, every message is due now.
             tracing::info!(channel = %self.name, "queue: retry requested on another host");
             self.health = remote;
-            let now = now_ms();
-            let ids: Vec<String> = self.entries.keys().cloned().collect();
-            for id in ids {
-                let pending = self.entries[&id].1;
-                self.schedule(id, now, pending);
-            }
+            self.handing_over = false;
+            self.return_lent();
+            self.make_due(None);
             return;
         }
         if remote != self.health {
@@ -736,6 +735,7 @@ impl ChannelTask {
                 }
                 Health::Ok => {
                     tracing::info!(channel = %self.name, "queue: channel resumed on another host");
+                    self.handing_over = false;
                 }
             }
             self.health = remote;
