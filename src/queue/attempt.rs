@@ -206,7 +206,9 @@ pub fn apply_outcome(
         Ok(reply) => (Verdict::Delivered, reply.clone()),
         Err(error) => (classify_error(error), error.record_reply(channel)),
     };
-    // The upstream said when to come back (Graph's Retry-After): that, not our backoff.
+    // The upstream said when to come back (Graph's Retry-After): that, not our backoff,
+    // but never sooner than `retry_first`: `Retry-After: 0` or a date in the past from a
+    // server that keeps throttling would otherwise be a retry loop without a pause.
     let retry_after = outcome.result.as_ref().err().and_then(Error::retry_after);
     let method_refused = outcome
         .result
@@ -255,8 +257,10 @@ pub fn apply_outcome(
     if deferred {
         state.deferrals += 1;
         let server = &config.server;
-        let wait = retry_after
-            .unwrap_or_else(|| backoff(server.retry_first, server.retry_max, state.deferrals));
+        let wait = retry_after.map_or_else(
+            || backoff(server.retry_first, server.retry_max, state.deferrals),
+            |asked| asked.max(server.retry_first),
+        );
         state.next_attempt_ms = now + wait.as_millis() as u64;
         let age = Duration::from_millis(now.saturating_sub(state.created_ms));
         if age >= server.give_up_after {
@@ -536,6 +540,43 @@ mod tests {
             dsn::status_of(st.recipients[0].reply.as_deref().unwrap()),
             "5.4.7"
         );
+    }
+
+    #[test]
+    fn a_zero_or_past_retry_after_never_makes_a_tight_retry_loop() {
+        let config = config(60, 3600, 86400);
+        let throttled = |retry_after: Option<Duration>| Outcome {
+            refused: vec![],
+            result: Err(Error::Graph {
+                status: 429,
+                code: "TooManyRequests".into(),
+                retry_after,
+                reply: reply(451, (4, 7, 0), "throttled"),
+            }),
+        };
+        let mut st = state(&["b@x"]);
+        // `Retry-After: 0`, or an HTTP date in the past (parsed as zero): not "now".
+        for _ in 0..3 {
+            apply_outcome(
+                &mut st,
+                &[0],
+                &throttled(Some(Duration::ZERO)),
+                "c",
+                2_000_000,
+                &config,
+            );
+            assert_eq!(st.next_attempt_ms, 2_000_000 + 60_000);
+        }
+        // A longer Retry-After is honoured as it is, instead of the backoff.
+        apply_outcome(
+            &mut st,
+            &[0],
+            &throttled(Some(Duration::from_secs(600))),
+            "c",
+            2_000_000,
+            &config,
+        );
+        assert_eq!(st.next_attempt_ms, 2_000_000 + 600_000);
     }
 
     #[test]
