@@ -199,6 +199,44 @@ async fn a_header_recipient_outside_the_envelope_is_never_sent_to() {
 }
 
 #[tokio::test]
+async fn no_byte_of_the_message_can_add_a_recipient_to_the_added_bcc() {
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    // A folded line at the very top would continue the Bcc: line put before it.
+    let mut folded = b" , eve@example.org\r\n".to_vec();
+    folded.extend_from_slice(&message("bob@example.org"));
+    let reply = s
+        .submit(&["bob@example.org", "carol@example.org"], &folded)
+        .await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (550, Some((5, 7, 1))),
+        "{reply}"
+    );
+    assert!(reply.text.contains("<eve@example.org>"), "{reply}");
+    // An envelope address that reads as two in a header (it came quoted in RCPT TO).
+    let reply = s
+        .submit(
+            &["bob@example.org", "eve@example.org,carol@example.org"],
+            &message("bob@example.org"),
+        )
+        .await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (550, Some((5, 7, 1))),
+        "{reply}"
+    );
+    // A display name alone that looks like an address.
+    let reply = s
+        .submit(
+            &["bob@example.org"],
+            &message("bob@example.org, \"eve@example.org\""),
+        )
+        .await;
+    assert_eq!(reply.code, 550, "{reply}");
+    assert_eq!(s.graph.requests(), 0, "nothing reached Graph");
+}
+
+#[tokio::test]
 async fn throttled_429_waits_for_retry_after_then_delivers() {
     let s = setup(DeliveryMode::Queue, vec![]).await;
     s.graph.script([Scripted::throttled("1")]);

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use super::{Body, Error, Step};
 use crate::config::GraphTarget;
 use crate::message::Envelope;
-use crate::message::recipients::{self, HeaderFit};
+use crate::message::recipients::{self, Unfit};
 use crate::oauth::{AccessToken, ChannelToken};
 use crate::reply::Reply;
 
@@ -104,17 +104,21 @@ impl GraphChannel {
         timeout: Duration,
     ) -> Result<Reply, Error> {
         let message = self.read(body).await?;
-        let headers = recipients::recipient_headers(&message);
-        let missing = match recipients::fit(&envelope.recipients, &headers) {
-            HeaderFit::Fits { missing } => missing,
-            HeaderFit::Stranger { field, address } => {
-                return Err(Error::Rejected {
+        let (copy, added) =
+            recipients::graph_copy(&envelope.recipients, &message).map_err(|unfit| {
+                let reply = match unfit {
+                    Unfit::Stranger { field, address } => {
+                        Reply::header_recipient_not_in_envelope(field, &address, &self.name)
+                    }
+                    Unfit::Unwritable { address } => {
+                        Reply::header_recipient_unwritable(&address, &self.name)
+                    }
+                };
+                Error::Rejected {
                     step: Step::EndOfData,
-                    reply: Reply::header_recipient_not_in_envelope(field, &address, &self.name),
-                });
-            }
-        };
-        let copy = recipients::with_bcc(&message, &missing);
+                    reply,
+                }
+            })?;
         let encoded = bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&*copy));
         drop(copy);
         drop(message);
@@ -143,10 +147,10 @@ impl GraphChannel {
                 .request_id
                 .map(|id| format!(", request-id {id}"))
                 .unwrap_or_default();
-            let bcc = if missing.is_empty() {
+            let bcc = if added == 0 {
                 String::new()
             } else {
-                format!(", {} recipient(s) added in Bcc:", missing.len())
+                format!(", {added} recipient(s) added in Bcc:")
             };
             return Ok(Reply::new(
                 250,
