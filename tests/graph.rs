@@ -350,6 +350,38 @@ async fn a_403_breaks_the_channel_and_keeps_the_mail() {
 }
 
 #[tokio::test]
+async fn a_403_send_as_denied_fails_that_message_only() {
+    // Graph answers 403 ErrorSendAsDenied when the MIME From:/Sender: is not the mailbox
+    // (possible with check_header_from = false): one message, not the channel's rights.
+    let s = setup(DeliveryMode::Queue, vec![]).await;
+    s.graph.script([Scripted::status(403, "ErrorSendAsDenied")]);
+    s.submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert!(
+        wait_for(Duration::from_secs(10), || s.spool_files("failed").len()
+            == 1)
+        .await,
+        "the message fails"
+    );
+    assert!(s.spool_files("failed")[0].contains("ErrorSendAsDenied"));
+    // The channel is not broken: the next message goes out.
+    s.submit(&["carol@example.org"], &message("carol@example.org"))
+        .await;
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    // No DSN went through the channel that refused the sender.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.graph.sent().len(), 1);
+    // Relay mode: the client hears a permanent refusal of this message.
+    let r = setup(DeliveryMode::Relay, vec![]).await;
+    r.graph.script([Scripted::status(403, "ErrorSendAsDenied")]);
+    let reply = r
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(reply.code, 554, "{reply}");
+    assert!(reply.text.contains("ErrorSendAsDenied"), "{reply}");
+}
+
+#[tokio::test]
 async fn invalid_recipient_and_too_large_fail_with_a_dsn() {
     for (status, code) in [
         (400, "ErrorInvalidRecipients"),

@@ -378,6 +378,11 @@ pub(crate) fn http_reply(
     let text = |about: &str| format!("Channel {channel}: Microsoft Graph {about} ({what}){wait}");
     let recipient = code.to_ascii_lowercase().contains("recipient");
     match status {
+        403 if code.eq_ignore_ascii_case("ErrorSendAsDenied") => Reply::new(
+            554,
+            (5, 2, 0),
+            text("refused to send as the message's From:/Sender: (SendAsDenied)"),
+        ),
         429 => Reply::new(451, (4, 7, 0), text("throttled the request")),
         500..=599 => Reply::new(451, (4, 3, 0), text("is unavailable")),
         401 => Reply::new(535, (5, 7, 8), text("refused the access token")),
@@ -464,9 +469,12 @@ mod tests {
             (413, Class::Permanent, 552),
         ];
         for (status, class, code) in table {
-            assert_eq!(classify_http(status), class, "{status}");
+            assert_eq!(classify_http(status, ""), class, "{status}");
             assert_eq!(http_reply("g", status, "", "", None).code, code, "{status}");
         }
+        assert_eq!(classify_http(403, "ErrorSendAsDenied"), Class::SenderDenied);
+        let denied = http_reply("g", 403, "ErrorSendAsDenied", "", None);
+        assert_eq!((denied.code, denied.enhanced), (554, Some((5, 2, 0))));
         let r = http_reply("g", 400, "ErrorInvalidRecipients", "bad\u{1b}[31m", None);
         assert_eq!(r.code, 550);
         assert_eq!(r.enhanced, Some((5, 1, 1)));
