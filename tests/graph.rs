@@ -609,3 +609,64 @@ async fn relay_mode_hands_over_to_the_fallback_at_once() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_graph() {
+    use mailgate::testkit::fake_smtp;
+    // bob takes the message over SMTP, carol's server says "later"; then the tenant
+    // switches SMTP AUTH off and the channel hands its mail to the graph fallback.
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        replies: vec![("RCPT TO:<carol@", "451 4.2.0 try again later")],
+        data_script: vec![
+            "250 2.0.0 Ok",
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+        ],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let mut smtp = mailgate::testkit::config::channel(
+        "alice",
+        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
+            port,
+            mailgate::config::TlsMode::None,
+        )),
+        2,
+    );
+    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let s = setup_with(DeliveryMode::Queue, vec![smtp], Some(("alice", "dave"))).await;
+    let both = message("bob@example.org, carol@example.org");
+    let first = s
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["bob@example.org", "carol@example.org"],
+            &both,
+        )
+        .await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
+    let second = s
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["erin@example.org"],
+            &message("erin@example.org"),
+        )
+        .await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Graph would send to every header recipient, bob included: the message waits for
+    // its own channel instead of failing carol or mailing bob twice.
+    assert_eq!(
+        s.graph.sent().len(),
+        1,
+        "only the untouched message went over Graph"
+    );
+    assert!(
+        s.spool_files("failed").is_empty(),
+        "{:?}",
+        s.spool_files("failed")
+    );
+    assert_eq!(s.spool_files("queue").len(), 1, "carol's copy stays queued");
+}

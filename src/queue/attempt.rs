@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{ChannelId, Config};
+use crate::config::{ChannelId, ChannelKind, Config};
 use crate::message::Envelope;
 use crate::reply::Reply;
 use crate::state::format_time;
@@ -99,20 +99,43 @@ impl Attempt {
             };
             let data = self.queue.spool.data_path(&id);
             let started = Instant::now();
-            let outcome = match tokio::time::timeout(
-                TRANSACTION_TIMEOUT,
-                self.transport
-                    .send(self.channel, &id, &envelope, Body::File(&data)),
-            )
-            .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Outcome {
+            // Graph sends to every recipient the headers name, done or not: a message
+            // that its own (SMTP) channel delivered in part before handing it over would
+            // reach those recipients again, or be refused for naming them. It waits for
+            // its own channel instead (`queue retry --all` gives it back).
+            let done_before = matches!(config.channels[self.channel].kind, ChannelKind::Graph(_))
+                && state
+                    .recipients
+                    .iter()
+                    .any(|r| r.status != RcptStatus::Pending);
+            let outcome = if done_before {
+                tracing::warn!(
+                    id,
+                    channel = %channel_name,
+                    "queue: some recipients of this message are done already; Microsoft Graph would send to them again, so it waits for its own channel"
+                );
+                Outcome {
                     refused: Vec::new(),
-                    result: Err(Error::Timeout {
-                        step: upstream::Step::Transaction,
-                    }),
-                },
+                    result: Err(Error::local(
+                        "partly delivered before: Microsoft Graph would send to every header recipient again",
+                    )),
+                }
+            } else {
+                match tokio::time::timeout(
+                    TRANSACTION_TIMEOUT,
+                    self.transport
+                        .send(self.channel, &id, &envelope, Body::File(&data)),
+                )
+                .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(_) => Outcome {
+                        refused: Vec::new(),
+                        result: Err(Error::Timeout {
+                            step: upstream::Step::Transaction,
+                        }),
+                    },
+                }
             };
             let now = now_ms();
             let applied = apply_outcome(&mut state, &chunk, &outcome, &channel_name, now, &config);
