@@ -103,6 +103,15 @@ impl GraphChannel {
         body: Body<'_>,
         timeout: Duration,
     ) -> Result<Reply, Error> {
+        // The permit comes before the message is read: what a send holds in memory (the
+        // message and its base64) is then bounded by `connections`, however many relay
+        // sessions wait for a turn.
+        let _permit = tokio::time::timeout(timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| Error::Timeout {
+                step: Step::Connect,
+            })?
+            .map_err(|_| Error::local("Graph request permits closed"))?;
         let message = self.read(body).await?;
         let (copy, added) =
             recipients::graph_copy(&envelope.recipients, &message).map_err(|unfit| {
@@ -123,12 +132,6 @@ impl GraphChannel {
         drop(copy);
         drop(message);
 
-        let _permit = tokio::time::timeout(timeout, self.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| Error::Timeout {
-                step: Step::Connect,
-            })?
-            .map_err(|_| Error::local("Graph request permits closed"))?;
         let cache = self.cache()?;
         let url = format!("{}/sendMail", self.user_url());
         let token = cache.access_token().await?;
@@ -487,6 +490,31 @@ mod tests {
             Some(Duration::from_secs(3)),
         );
         assert!(throttled.text.ends_with("retry after 3s"), "{throttled}");
+    }
+
+    #[tokio::test]
+    async fn a_send_waiting_for_its_turn_holds_no_message_in_memory() {
+        let target = GraphTarget {
+            mailbox: "dave@example.com".into(),
+            oauth: crate::config::oauth::placeholder_for_tests(),
+        };
+        let channel = GraphChannel::new("dave", &target, 1, Some(3_000_000)).unwrap();
+        let _busy = channel.permits.clone().acquire_owned().await.unwrap();
+        // The message is not read while every request slot is taken: a missing file is
+        // not even noticed before the wait for a slot times out.
+        let envelope = Envelope {
+            sender: "dave@example.com".into(),
+            recipients: vec!["bob@example.org".into()],
+            ..Default::default()
+        };
+        let missing = std::path::Path::new("/nonexistent/mailgate/graph-test.eml");
+        let got = channel
+            .send(&envelope, Body::File(missing), Duration::from_millis(50))
+            .await;
+        assert!(
+            matches!(got, Err(Error::Timeout { step: Step::Connect })),
+            "{got:?}"
+        );
     }
 
     #[test]
