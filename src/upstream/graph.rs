@@ -512,7 +512,12 @@ mod tests {
             .send(&envelope, Body::File(missing), Duration::from_millis(50))
             .await;
         assert!(
-            matches!(got, Err(Error::Timeout { step: Step::Connect })),
+            matches!(
+                got,
+                Err(Error::Timeout {
+                    step: Step::Connect
+                })
+            ),
             "{got:?}"
         );
     }

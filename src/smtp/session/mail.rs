@@ -80,16 +80,22 @@ impl Session {
         Reply::recipient_ok()
     }
 
-    /// `max_recipients`, and in relay mode also the channel's own per-message limit.
+    /// `max_recipients`, and in relay mode also the channel's own per-message limit; in
+    /// queue mode that of a graph channel on the way (Graph never splits a message, and
+    /// a `452` here lets the client send the rest in another transaction).
     fn recipient_limit(&self) -> usize {
         let server = self.config.server.max_recipients;
-        match (&self.tx, self.config.server.delivery) {
+        let channel = match (&self.tx, self.config.server.delivery) {
             (Some(tx), DeliveryMode::Relay) => {
-                let channel = self.config.channels[tx.channel].limits.max_recipients;
-                channel.map_or(server, |c| c.min(server))
+                self.config.channels[tx.channel].limits.max_recipients
             }
-            _ => server,
-        }
+            (Some(tx), DeliveryMode::Queue) => self
+                .config
+                .graph_on_path(tx.channel)
+                .and_then(|g| self.config.channels[g].limits.max_recipients),
+            (None, _) => None,
+        };
+        channel.map_or(server, |c| c.min(server))
     }
 }
 
