@@ -229,9 +229,9 @@ pub fn apply_outcome(
         Ok(reply) => (Verdict::Delivered, reply.clone()),
         Err(error) => (classify_error(error), error.record_reply(channel)),
     };
-    // The upstream said when to come back (Graph's Retry-After): that, not our backoff,
-    // but never sooner than `retry_first`: `Retry-After: 0` or a date in the past from a
-    // server that keeps throttling would otherwise be a retry loop without a pause.
+    // The upstream said when to come back (Graph's Retry-After): that, not our backoff.
+    // `Retry-After: 0` or a date in the past says nothing: the backoff then, or a server
+    // that keeps answering so would get a retry loop without a pause.
     let retry_after = outcome.result.as_ref().err().and_then(Error::retry_after);
     let method_refused = outcome
         .result
@@ -280,10 +280,9 @@ pub fn apply_outcome(
     if deferred {
         state.deferrals += 1;
         let server = &config.server;
-        let wait = retry_after.map_or_else(
-            || backoff(server.retry_first, server.retry_max, state.deferrals),
-            |asked| asked.max(server.retry_first),
-        );
+        let wait = retry_after
+            .filter(|asked| !asked.is_zero())
+            .unwrap_or_else(|| backoff(server.retry_first, server.retry_max, state.deferrals));
         state.next_attempt_ms = now + wait.as_millis() as u64;
         let age = Duration::from_millis(now.saturating_sub(state.created_ms));
         if age >= server.give_up_after {
@@ -578,8 +577,9 @@ mod tests {
             }),
         };
         let mut st = state(&["b@x"]);
-        // `Retry-After: 0`, or an HTTP date in the past (parsed as zero): not "now".
-        for _ in 0..3 {
+        // `Retry-After: 0`, or an HTTP date in the past (parsed as zero): not "now", the
+        // backoff.
+        for wait in [60_000, 120_000, 240_000] {
             apply_outcome(
                 &mut st,
                 &[0],
@@ -588,9 +588,18 @@ mod tests {
                 2_000_000,
                 &config,
             );
-            assert_eq!(st.next_attempt_ms, 2_000_000 + 60_000);
+            assert_eq!(st.next_attempt_ms, 2_000_000 + wait);
         }
-        // A longer Retry-After is honoured as it is, instead of the backoff.
+        // A Retry-After, shorter or longer than the backoff, is honoured as it is.
+        apply_outcome(
+            &mut st,
+            &[0],
+            &throttled(Some(Duration::from_secs(1))),
+            "c",
+            2_000_000,
+            &config,
+        );
+        assert_eq!(st.next_attempt_ms, 2_000_000 + 1_000);
         apply_outcome(
             &mut st,
             &[0],
