@@ -33,15 +33,11 @@ impl Drop for Setup {
 }
 
 async fn setup(mode: DeliveryMode, extra: Vec<Channel>) -> Setup {
-    setup_with(mode, extra, None).await
+    setup_with(mode, extra, &[]).await
 }
 
-/// `fallback`: (channel, its fallback) wired after the channels are sorted.
-async fn setup_with(
-    mode: DeliveryMode,
-    extra: Vec<Channel>,
-    fallback: Option<(&str, &str)>,
-) -> Setup {
+/// `fallbacks`: (channel, its fallback) wired after the channels are sorted.
+async fn setup_with(mode: DeliveryMode, extra: Vec<Channel>, fallbacks: &[(&str, &str)]) -> Setup {
     mailgate::tls::install_crypto_provider();
     let tokens = Arc::new(TokenEndpoint::start().await);
     let graph = GraphApi::start(tokens.clone()).await;
@@ -54,9 +50,9 @@ async fn setup_with(
     )];
     channels.extend(extra);
     channels.sort_by(|a, b| a.name.cmp(&b.name));
-    if let Some((from, to)) = fallback {
-        let to = channels.iter().position(|c| c.name == to).unwrap();
-        let from = channels.iter().position(|c| c.name == from).unwrap();
+    for (from, to) in fallbacks {
+        let to = channels.iter().position(|c| c.name == *to).unwrap();
+        let from = channels.iter().position(|c| c.name == *from).unwrap();
         channels[from].fallback = Some(to);
     }
     let config = Arc::new(Config {
@@ -524,7 +520,7 @@ async fn an_smtp_channel_refused_535_5_7_139_hands_its_mail_to_the_graph_fallbac
         2,
     );
     smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
-    let s = setup_with(DeliveryMode::Queue, vec![smtp], Some(("alice", "dave"))).await;
+    let s = setup_with(DeliveryMode::Queue, vec![smtp], &[("alice", "dave")]).await;
     let (alice, delivery, config) = (s.id("alice"), s.delivery.clone(), s.config.clone());
     let submit = |to: &'static str| {
         let delivery = delivery.clone();
@@ -585,7 +581,7 @@ async fn relay_mode_hands_over_to_the_fallback_at_once() {
         2,
     );
     smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
-    let s = setup_with(DeliveryMode::Relay, vec![smtp], Some(("alice", "dave"))).await;
+    let s = setup_with(DeliveryMode::Relay, vec![smtp], &[("alice", "dave")]).await;
     let body = message("bob@example.org");
     let reply = s
         .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
@@ -633,7 +629,7 @@ async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_gr
         2,
     );
     smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
-    let s = setup_with(DeliveryMode::Queue, vec![smtp], Some(("alice", "dave"))).await;
+    let s = setup_with(DeliveryMode::Queue, vec![smtp], &[("alice", "dave")]).await;
     let both = message("bob@example.org, carol@example.org");
     let first = s
         .submit_to(
@@ -669,4 +665,61 @@ async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_gr
         s.spool_files("failed")
     );
     assert_eq!(s.spool_files("queue").len(), 1, "carol's copy stays queued");
+}
+
+#[tokio::test]
+async fn mail_handed_along_a_fallback_chain_reaches_its_end() {
+    use mailgate::testkit::fake_smtp;
+    let refusing = || fake_smtp::Fake {
+        data_script: vec![
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+        ],
+        ..fake_smtp::plain_fake()
+    };
+    let (port_a, up_a) = fake_smtp::start(refusing()).await;
+    let (port_b, up_b) = fake_smtp::start(refusing()).await;
+    let smtp = |name: &str, port| {
+        let mut c = mailgate::testkit::config::channel(
+            name,
+            ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
+                port,
+                mailgate::config::TlsMode::None,
+            )),
+            2,
+        );
+        c.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+        c
+    };
+    // alice -> bravo -> dave (graph); bravo's provider refuses it first.
+    let s = setup_with(
+        DeliveryMode::Queue,
+        vec![smtp("alice", port_a), smtp("bravo", port_b)],
+        &[("alice", "bravo"), ("bravo", "dave")],
+    )
+    .await;
+    let first = s
+        .submit_to(
+            "bravo",
+            MAILBOX,
+            &["bob@example.org"],
+            &message("bob@example.org"),
+        )
+        .await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    // Now alice is refused too: its mail goes to bravo, which hands it on to dave.
+    let second = s
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["carol@example.org"],
+            &message("carol@example.org"),
+        )
+        .await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(
+        wait_for(Duration::from_secs(10), || s.graph.sent().len() == 2).await,
+        "alice's mail stuck at broken bravo"
+    );
+    assert_eq!((up_a.txns().len(), up_b.txns().len()), (0, 0));
 }

@@ -170,13 +170,15 @@ impl ChannelTask {
         self.due.clear();
         let count = entries.len();
         for (id, (due_ms, pending)) in entries {
+            // Mail lent to this channel keeps its own owner, where it goes back.
+            let owner = self.borrowed.remove(&id).unwrap_or(self.channel);
             self.queue.notify(
                 fallback,
                 Event::Lent {
                     id,
                     due_ms,
                     pending,
-                    owner: self.channel,
+                    owner,
                 },
             );
         }
@@ -312,7 +314,20 @@ impl ChannelTask {
                 pending,
                 owner,
             } => {
-                if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                if self.handing_over
+                    && let Some(fallback) = self.fallback
+                {
+                    // Broken itself: on along the chain (a broken channel would sit on it).
+                    self.queue.notify(
+                        fallback,
+                        Event::Lent {
+                            id,
+                            due_ms,
+                            pending,
+                            owner,
+                        },
+                    );
+                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
                     self.borrowed.insert(id.clone(), owner);
                     self.schedule(id, due_ms, pending);
                 }
