@@ -15,26 +15,33 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
+use crate::metrics::{self, ChannelState, Outcome};
+use crate::queue::{ChannelChanges, Generation};
 use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;
 use crate::state::{self, Counters, LocalState};
-use crate::upstream::{Body, Upstreams};
+use crate::upstream::{Body, Class, Upstreams};
 
-/// The delivery side of a running proxy.
+/// The delivery side of a running proxy, for one config: a reload makes the next one
+/// ([`Delivery::reload`]), sharing the queue and the unchanged channels' parts, while the
+/// sessions begun before it finish with this one.
 pub struct Delivery {
     config: Arc<Config>,
     upstreams: Arc<Upstreams>,
-    /// One per channel, indexed by [`ChannelId`].
-    limiters: Vec<Mutex<ChannelLimiter>>,
+    /// One per channel, indexed by [`ChannelId`]; shared with the next generation when
+    /// the channel is unchanged, so its windows carry on.
+    limiters: Vec<Arc<Mutex<ChannelLimiter>>>,
     /// Queue mode: the spool and its workers.
     queue: Option<Arc<Queue>>,
     /// Relay mode: where the limiters' counts are kept across restarts.
     counters: Option<LocalState>,
     /// Relay mode: `spool_dir/tmp/`, where a large message waits for its upstream.
     relay_tmp: Spool,
+    /// Relay-mode counters are kept on disk (not in tests built on [`Delivery::with_upstreams`]).
+    persist: bool,
     /// Relay mode, per channel: the provider refuses how it authenticates, so its mail
-    /// goes over its fallback (cleared by a reload).
+    /// goes over its fallback (cleared by a reload: each generation starts with none).
     handing_over: Vec<AtomicBool>,
 }
 
@@ -100,25 +107,8 @@ impl Delivery {
             clean_relay_tmp(&relay_tmp)
                 .map_err(|e| format!("spool {}: {e}", config.server.spool_dir.display()))?;
         }
-        let now = now_ms();
-        let limiters = config
-            .channels
-            .iter()
-            .map(|c| {
-                let saved = counters
-                    .as_ref()
-                    .filter(|_| state::has_windows(&c.limits))
-                    .and_then(|st| Counters::load(st, &c.name, &c.limits, now).ok())
-                    .map(|counters| counters.events())
-                    .unwrap_or_default();
-                Mutex::new(ChannelLimiter::restore(&c.limits, saved, now))
-            })
-            .collect();
-        let handing_over = config
-            .channels
-            .iter()
-            .map(|_| AtomicBool::new(false))
-            .collect();
+        let limiters = limiters(&config, counters.as_ref(), None, &[]);
+        let handing_over = handing_over(&config);
         Ok(Delivery {
             config,
             upstreams: Arc::new(upstreams),
@@ -126,8 +116,54 @@ impl Delivery {
             queue,
             counters,
             relay_tmp,
+            persist,
             handing_over,
         })
+    }
+
+    /// The next generation for a reloaded `config` (whose restart-only settings, the
+    /// delivery mode and the spool among them, are this one's): unchanged channels keep
+    /// their transports and limiters; added and changed ones get new ones (a changed one's
+    /// windows are read back from the spool's state, as at start-up). Nothing runs
+    /// differently until [`Delivery::apply`].
+    pub fn reload(&self, config: Arc<Config>, changes: &ChannelChanges) -> Result<Self, String> {
+        let upstreams = self.upstreams.rebuild(&config, &changes.unchanged)?;
+        let counters = match &self.counters {
+            Some(store) => Some(store.clone()),
+            None if self.persist && self.queue.is_none() => relay_counters(&config),
+            None => None,
+        };
+        let limiters = limiters(&config, counters.as_ref(), Some(self), &changes.unchanged);
+        let handing_over = handing_over(&config);
+        Ok(Delivery {
+            config,
+            upstreams: Arc::new(upstreams),
+            limiters,
+            queue: self.queue.clone(),
+            counters,
+            relay_tmp: self.relay_tmp.clone(),
+            persist: self.persist,
+            handing_over,
+        })
+    }
+
+    /// Puts the next generation (from [`Delivery::reload`] on `self`) to work: the queue's
+    /// workers follow `changes`, and this generation's idle upstream connections of
+    /// channels not taken over are closed.
+    pub async fn apply(&self, next: &Delivery, changes: &ChannelChanges) {
+        if let Some(queue) = &next.queue {
+            let generation = Generation {
+                config: next.config.clone(),
+                transport: next.upstreams.clone(),
+            };
+            queue.reconfigure(generation, changes).await;
+        }
+        self.upstreams.close_idle_except(&changes.unchanged).await;
+    }
+
+    /// The config of this generation.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     /// Queue mode: runs the queue's workers until `shutdown`, then lets transactions in
@@ -182,7 +218,11 @@ impl Delivery {
         let started = Instant::now();
         let (id, size) = (draft.id().to_string(), draft.len());
         let reply = match &self.queue {
-            Some(queue) => queue.finish(draft.body, channel, envelope).await,
+            Some(queue) => {
+                queue
+                    .finish(draft.body, &self.config, channel, envelope)
+                    .await
+            }
             // The draft (and its file) goes once the upstream has answered.
             None => self.relay(&id, draft.body, channel, envelope).await,
         };
@@ -195,8 +235,10 @@ impl Delivery {
         let (id, rcpts) = (id.as_str(), envelope.recipients.len());
         let sender = crate::text::escape_controls(&envelope.sender);
         if reply.is_positive() {
+            metrics::message(name, Outcome::Accepted);
             tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
         } else {
+            metrics::message(name, Outcome::Refused);
             tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message refused");
         }
         reply
@@ -251,23 +293,38 @@ impl Delivery {
                 let now = now_ms();
                 if let Err(until) = limiter.check(now, rcpts) {
                     tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
+                    metrics::channel_state(&ch.name, ChannelState::Limited);
                     return Reply::channel_limited(&ch.name);
                 }
                 limiter.record(now, rcpts);
                 now
             };
             self.persist(&ch.name, reserved_at, rcpts, false);
+            let started = Instant::now();
             let outcome = self
                 .upstreams
                 .send_with_id(channel, Some(id), envelope, body, true)
                 .await;
+            metrics::delivery_time(&ch.name, started.elapsed());
             let error = match outcome.result {
-                Ok(reply) => return reply,
+                Ok(reply) => {
+                    metrics::message(&ch.name, Outcome::Delivered);
+                    metrics::channel_state(&ch.name, ChannelState::Ok);
+                    return reply;
+                }
                 Err(error) => error,
             };
             lock(limiter).unrecord(reserved_at, rcpts);
             self.persist(&ch.name, reserved_at, rcpts, true);
+            // Relay mode holds no channel: the state shows what the last answer said.
+            let state = match error.class() {
+                Class::CredentialsBroken => ChannelState::Broken,
+                Class::Quota => ChannelState::Limited,
+                _ => ChannelState::Ok,
+            };
+            metrics::channel_state(&ch.name, state);
             match ch.fallback {
+                // The message's fate is counted on the channel that answers last.
                 Some(fallback) if error.refuses_auth_method() => {
                     let to = &self.config.channels[fallback].name;
                     if !self.handing_over[channel].swap(true, Ordering::Relaxed) {
@@ -281,7 +338,17 @@ impl Delivery {
                     tracing::info!(id, channel = %ch.name, fallback = %to, "message handed to the fallback channel");
                     channel = fallback;
                 }
-                _ => return error.client_reply(&ch.name),
+                _ => {
+                    let reply = error.client_reply(&ch.name);
+                    // The client's reply is the message's fate here: it retries after a 4xx.
+                    let fate = if reply.is_permanent() {
+                        Outcome::Failed
+                    } else {
+                        Outcome::Deferred
+                    };
+                    metrics::message(&ch.name, fate);
+                    return reply;
+                }
             }
         }
         Reply::local_error()
@@ -323,6 +390,44 @@ impl Delivery {
             Err(e) => tracing::warn!(channel, error = %e, "cannot persist rate counters"),
         }
     }
+}
+
+/// One limiter per channel of `config`: taken over from `previous` for the channels named
+/// in `keep`, else restored from the saved counters (relay mode) or empty.
+fn limiters(
+    config: &Config,
+    counters: Option<&LocalState>,
+    previous: Option<&Delivery>,
+    keep: &[String],
+) -> Vec<Arc<Mutex<ChannelLimiter>>> {
+    let now = now_ms();
+    config
+        .channels
+        .iter()
+        .map(|c| {
+            let kept = previous.filter(|_| keep.contains(&c.name)).and_then(|p| {
+                let id = p.config.channel_id(&c.name)?;
+                p.limiters.get(id).cloned()
+            });
+            kept.unwrap_or_else(|| {
+                let saved = counters
+                    .filter(|_| state::has_windows(&c.limits))
+                    .and_then(|st| Counters::load(st, &c.name, &c.limits, now).ok())
+                    .map(|counters| counters.events())
+                    .unwrap_or_default();
+                Arc::new(Mutex::new(ChannelLimiter::restore(&c.limits, saved, now)))
+            })
+        })
+        .collect()
+}
+
+/// One flag per channel, all clear.
+fn handing_over(config: &Config) -> Vec<AtomicBool> {
+    config
+        .channels
+        .iter()
+        .map(|_| AtomicBool::new(false))
+        .collect()
 }
 
 /// Relay mode: the spool's `state/` for rate counters, when some channel has limits.

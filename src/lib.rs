@@ -22,9 +22,11 @@
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre), Microsoft Graph `sendMail` (HTTPS) and the `file` drop; [`upstream::Error`] and its SPEC §7 class |
+//! | [`reload`] | SIGHUP: re-reads the config, swaps it in for new sessions, starts/stops/restarts channel workers |
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
+//! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`) |
 //! | [`state`] | below the flow: channel health and rate/quota counters (files beside the spool) |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
 //! | [`text`] | below the flow: outside text made safe to print (control characters escaped) |
@@ -37,9 +39,11 @@ pub mod delivery;
 pub mod fsutil;
 pub mod listener;
 pub mod message;
+pub mod metrics;
 pub mod oauth;
 pub mod queue;
 pub mod ratelimit;
+pub mod reload;
 pub mod reply;
 pub mod routing;
 pub mod scope;
@@ -57,19 +61,39 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the proxy on `config` until `shutdown` is cancelled: binds the listeners,
-/// serves sessions, and on shutdown lets the sessions in flight finish.
+/// serves sessions, reloads the config file on SIGHUP, and on shutdown lets the
+/// sessions in flight finish.
 pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Result<(), String> {
     tls::install_crypto_provider();
+    metrics::global().declare_channels(&config);
     let delivery = Arc::new(delivery::Delivery::new(config.clone())?);
+    let live = Arc::new(listener::Live::new(
+        config.clone(),
+        delivery.clone(),
+        shutdown.clone(),
+    )?);
+    let reloads = tokio::spawn(reload::on_sighup(live.clone(), shutdown.clone())?);
     let listeners = listener::bind(&config).await?;
+    // Served until the very end, so that /healthz says 503 while sessions drain.
+    let health = Arc::new(metrics::server::Health::new(&config.server.spool_dir));
+    let monitor = match &config.metrics {
+        Some(m) => Some(metrics::server::MetricsServer::start(&m.listen, health.clone()).await?),
+        None => None,
+    };
+    health.set_listening(true);
+    health.stop_with(shutdown.clone());
     // Queue mode: the workers deliver from the spool while the listeners accept.
     let workers = {
         let (delivery, shutdown) = (delivery.clone(), shutdown.clone());
         tokio::spawn(async move { delivery.run_queue(shutdown).await })
     };
-    let served = listener::serve(config, delivery.clone(), listeners, shutdown.clone()).await;
+    let served = listener::serve_live(live.clone(), listeners, shutdown.clone()).await;
     shutdown.cancel();
+    let _ = reloads.await;
     let _ = workers.await;
-    delivery.upstreams().close_idle().await;
+    live.current().delivery.upstreams().close_idle().await;
+    if let Some(monitor) = monitor {
+        monitor.stop().await;
+    }
     served
 }

@@ -6,8 +6,9 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{ChannelId, ChannelKind, Config};
+use crate::config::{Channel, ChannelId, ChannelKind, Config};
 use crate::message::Envelope;
+use crate::metrics;
 use crate::reply::Reply;
 use crate::state::format_time;
 use crate::upstream::{self, Body, Error, Outcome};
@@ -15,13 +16,14 @@ use crate::upstream::{self, Body, Error, Outcome};
 use super::classify::{Verdict, backoff, classify_error, classify_refusal};
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
 use super::worker::{BUSY_RETRY_MS, ChannelEffect, Report, TRANSACTION_TIMEOUT};
-use super::{Queue, Transport, dsn};
+use super::{Generation, Queue, dsn};
 
 /// One delivery step: one upstream transaction for up to `rcpts` pending recipients of
 /// one message, under the message's lock.
 pub(super) struct Attempt {
     pub(super) queue: Arc<Queue>,
-    pub(super) transport: Arc<dyn Transport>,
+    /// The config and transports of the channel's worker; `channel` is its id there.
+    pub(super) generation: Generation,
     pub(super) channel: ChannelId,
     pub(super) rcpts: usize,
 }
@@ -75,7 +77,7 @@ impl Attempt {
                 };
             }
         };
-        let config = self.queue.config.clone();
+        let config = self.generation.config.clone();
         let channel_name = config.channels[self.channel].name.clone();
 
         let mut effect = ChannelEffect::None;
@@ -102,7 +104,7 @@ impl Attempt {
             // Graph sends to every recipient the headers name, done or not: a message
             // that its own (SMTP) channel delivered in part before handing it over would
             // reach those recipients again, or be refused for naming them. It waits for
-            // its own channel instead (`queue retry --all` gives it back).
+            // its own channel instead (`queue retry --all` or a reload gives it back).
             let done_before = matches!(config.channels[self.channel].kind, ChannelKind::Graph(_))
                 && state
                     .recipients
@@ -123,7 +125,8 @@ impl Attempt {
             } else {
                 match tokio::time::timeout(
                     TRANSACTION_TIMEOUT,
-                    self.transport
+                    self.generation
+                        .transport
                         .send(self.channel, &id, &envelope, Body::File(&data)),
                 )
                 .await
@@ -137,6 +140,7 @@ impl Attempt {
                     },
                 }
             };
+            metrics::delivery_time(&channel_name, started.elapsed());
             let now = now_ms();
             let applied = apply_outcome(&mut state, &chunk, &outcome, &channel_name, now, &config);
             let pending = state.pending();
@@ -156,20 +160,35 @@ impl Attempt {
             effect = applied.effect;
         }
 
+        // What the message's state says now, counted once it is saved: a message left
+        // queued after a transaction was deferred; one with nothing pending is done.
+        let fate = if state.pending() > 0 {
+            (!chunk.is_empty()).then_some(metrics::Outcome::Deferred)
+        } else if state.failed() == 0 {
+            Some(metrics::Outcome::Delivered)
+        } else {
+            Some(metrics::Outcome::Failed)
+        };
         let queue = self.queue.clone();
         let channel = self.channel;
         let finished = tokio::task::spawn_blocking(move || {
+            let ch = &config.channels[channel];
             // settle releases the message's delivery lock when it is done with the message.
-            settle(&queue, channel, state, lock)
+            settle(&queue, ch, &config.server.hostname, state, lock)
         })
         .await;
         match finished {
-            Ok(Ok((next, dsn))) => Report {
-                id,
-                next,
-                effect,
-                dsn,
-            },
+            Ok(Ok((next, dsn))) => {
+                if let Some(fate) = fate {
+                    metrics::message(&channel_name, fate);
+                }
+                Report {
+                    id,
+                    next,
+                    effect,
+                    dsn,
+                }
+            }
             Ok(Err(e)) => {
                 tracing::error!(id, error = %e, "queue: cannot update message state; it will be tried again");
                 Report {
@@ -313,7 +332,8 @@ pub fn apply_outcome(
 #[allow(clippy::type_complexity)]
 fn settle(
     queue: &Queue,
-    channel: ChannelId,
+    channel: &Channel,
+    hostname: &str,
     mut state: MessageState,
     lock: File,
 ) -> std::io::Result<(Option<(u64, usize)>, Option<(String, usize)>)> {
@@ -336,7 +356,7 @@ fn settle(
     if state.dsn.is_none() {
         // Record the outcome before queuing the DSN, so that a crash cannot lose it.
         spool.write_state(&state)?;
-        if let Some(queued) = queue_dsn(queue, channel, &state)? {
+        if let Some(queued) = queue_dsn(queue, channel, hostname, &state)? {
             state.dsn = Some(queued.0.clone());
             dsn = Some(queued);
         }
@@ -370,7 +390,8 @@ fn settle(
 /// itself (SendAsDenied), and only with a `From:` the channel may use.
 fn queue_dsn(
     queue: &Queue,
-    channel: ChannelId,
+    ch: &Channel,
+    hostname: &str,
     state: &MessageState,
 ) -> std::io::Result<Option<(String, usize)>> {
     if state.sender.is_empty() {
@@ -389,7 +410,6 @@ fn queue_dsn(
             )
         })
         .collect();
-    let ch = &queue.config.channels[channel];
     let domain = state.sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
     let daemon = format!("MAILER-DAEMON@{domain}");
     let from = if state.sender_denied {
@@ -413,7 +433,7 @@ fn queue_dsn(
     let now = now_ms();
     let boundary = format!("{:016x}", rand::random::<u64>());
     let bytes = dsn::build(&dsn::DsnInput {
-        hostname: &queue.config.server.hostname,
+        hostname,
         original_id: &state.id,
         to: &state.sender,
         from: &from,
