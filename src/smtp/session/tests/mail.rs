@@ -151,6 +151,31 @@ async fn queue_mode_takes_no_more_recipients_than_one_graph_request() {
 }
 
 #[tokio::test]
+async fn relay_mode_takes_no_more_recipients_than_a_graph_fallback_can() {
+    // partner's own limit is lifted; its fallback, a graph channel, takes 2 per request.
+    let h = Harness::with("", |mut config| {
+        config.server.max_recipients = 10;
+        let partner = config.channel_id("partner").unwrap();
+        let mut graph = config.channels[partner].clone();
+        graph.name = "partner-graph".into();
+        graph.kind = crate::config::ChannelKind::Graph(crate::config::GraphTarget {
+            mailbox: "x@partner.test".into(),
+            oauth: crate::config::oauth::placeholder_for_tests(),
+        });
+        config.channels[partner].limits.max_recipients = None;
+        config.channels.push(graph);
+        config.channels[partner].fallback = Some(config.channels.len() - 1);
+        config
+    });
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<x@partner.test>").await;
+    assert_code(&c.cmd("RCPT TO:<a@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<b@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<c@example.org>").await, "452 4.5.3");
+}
+
+#[tokio::test]
 async fn unknown_bad_parameters_and_bad_order() {
     let h = Harness::new("");
     let mut c = h.connect().await;
