@@ -418,11 +418,11 @@ fn oauth_authorize(path: &Path, name: &str) -> Result<(), String> {
     let id = config
         .channel_id(name)
         .ok_or_else(|| format!("no channel named {name:?} in {}", path.display()))?;
-    let settings = match &config.channels[id].kind {
-        config::ChannelKind::Smtp(target) => target.oauth.clone(),
-        _ => None,
-    }
-    .ok_or_else(|| format!("channel {name} has no oauth settings: nothing to authorize"))?;
+    let settings = config.channels[id]
+        .kind
+        .oauth()
+        .cloned()
+        .ok_or_else(|| format!("channel {name} has no oauth settings: nothing to authorize"))?;
     let http = crate::oauth::Http::new()?;
     let store = crate::oauth::LocalTokenStore::new(config.server.spool_dir.join("state"));
     let runtime = runtime()?;

@@ -7,6 +7,7 @@
 //! [`crate::queue`] stores the message and delivers it later.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +33,9 @@ pub struct Delivery {
     counters: Option<LocalState>,
     /// Relay mode: `spool_dir/tmp/`, where a large message waits for its upstream.
     relay_tmp: Spool,
+    /// Relay mode, per channel: the provider refuses how it authenticates, so its mail
+    /// goes over its fallback (cleared by a reload).
+    handing_over: Vec<AtomicBool>,
 }
 
 /// A message being received: written to as the data streams in.
@@ -110,6 +114,11 @@ impl Delivery {
                 Mutex::new(ChannelLimiter::restore(&c.limits, saved, now))
             })
             .collect();
+        let handing_over = config
+            .channels
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
         Ok(Delivery {
             config,
             upstreams: Arc::new(upstreams),
@@ -117,6 +126,7 @@ impl Delivery {
             queue,
             counters,
             relay_tmp,
+            handing_over,
         })
     }
 
@@ -136,6 +146,9 @@ impl Delivery {
     /// Queue mode: resumes broken or held channels and makes every queued message due
     /// now (what a config reload should do; `queue retry --all` does the same).
     pub fn resume_queue(&self) {
+        for flag in &self.handing_over {
+            flag.store(false, Ordering::Relaxed);
+        }
         if let Some(queue) = &self.queue {
             queue.resume_all();
         }
@@ -189,7 +202,9 @@ impl Delivery {
         reply
     }
 
-    /// Relay mode: limits, then the upstream's answer.
+    /// Relay mode: limits, then the upstream's answer. A channel whose provider refuses
+    /// how it authenticates hands the message to its fallback (SPEC §7), at once and for
+    /// the messages after it, until a reload or a restart.
     async fn relay(
         &self,
         id: &str,
@@ -197,62 +212,95 @@ impl Delivery {
         channel: ChannelId,
         envelope: &Envelope,
     ) -> Reply {
-        let (Some(ch), Some(limiter)) = (
-            self.config.channels.get(channel),
-            self.limiters.get(channel),
-        ) else {
-            tracing::error!(id, channel, "no such channel");
-            return Reply::local_error();
-        };
-        if let Some(max) = ch.limits.max_message_size
-            && draft.len() > max
-        {
-            return Reply::too_big(max);
-        }
-        if let Some(max) = ch.limits.max_recipients
-            && envelope.recipients.len() > max
-        {
-            return Reply::too_many_recipients(max);
-        }
-        let rcpts = envelope.recipients.len() as u64;
-        // Checked and counted in one step, so concurrent sessions can never overshoot a
-        // limit; the reservation is taken back if the upstream refuses the message.
-        let reserved_at = {
-            let mut limiter = lock(limiter);
-            let now = now_ms();
-            if let Err(until) = limiter.check(now, rcpts) {
-                tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
-                return Reply::channel_limited(&ch.name);
-            }
-            limiter.record(now, rcpts);
-            now
-        };
-        self.persist(&ch.name, reserved_at, rcpts, false);
-        let outcome = match draft.close().await {
-            Ok(closed) => {
-                let body = match &closed.inline {
-                    Some(bytes) => Body::Bytes(bytes),
-                    None => Body::File(&closed.path),
-                };
-                self.upstreams
-                    .send_with_id(channel, Some(id), envelope, body, true)
-                    .await
-            }
+        let mut channel = self.fallback_for(channel);
+        let closed = match draft.close().await {
+            Ok(closed) => closed,
             Err(e) => {
                 tracing::error!(id, error = %e, "cannot write the message's temporary file");
-                lock(limiter).unrecord(reserved_at, rcpts);
-                self.persist(&ch.name, reserved_at, rcpts, true);
                 return Reply::local_error();
             }
         };
-        match outcome.result {
-            Ok(reply) => reply,
-            Err(error) => {
-                lock(limiter).unrecord(reserved_at, rcpts);
-                self.persist(&ch.name, reserved_at, rcpts, true);
-                error.client_reply(&ch.name)
+        let body = match &closed.inline {
+            Some(bytes) => Body::Bytes(bytes),
+            None => Body::File(&closed.path),
+        };
+        // At most the channel and its fallback chain (loop-free after validation).
+        for _ in 0..=self.config.channels.len() {
+            let (Some(ch), Some(limiter)) = (
+                self.config.channels.get(channel),
+                self.limiters.get(channel),
+            ) else {
+                tracing::error!(id, channel, "no such channel");
+                return Reply::local_error();
+            };
+            if let Some(max) = ch.limits.max_message_size
+                && draft.len() > max
+            {
+                return Reply::too_big(max);
+            }
+            if let Some(max) = ch.limits.max_recipients
+                && envelope.recipients.len() > max
+            {
+                return Reply::too_many_recipients(max);
+            }
+            let rcpts = envelope.recipients.len() as u64;
+            // Checked and counted in one step, so concurrent sessions can never overshoot a
+            // limit; the reservation is taken back if the upstream refuses the message.
+            let reserved_at = {
+                let mut limiter = lock(limiter);
+                let now = now_ms();
+                if let Err(until) = limiter.check(now, rcpts) {
+                    tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
+                    return Reply::channel_limited(&ch.name);
+                }
+                limiter.record(now, rcpts);
+                now
+            };
+            self.persist(&ch.name, reserved_at, rcpts, false);
+            let outcome = self
+                .upstreams
+                .send_with_id(channel, Some(id), envelope, body, true)
+                .await;
+            let error = match outcome.result {
+                Ok(reply) => return reply,
+                Err(error) => error,
+            };
+            lock(limiter).unrecord(reserved_at, rcpts);
+            self.persist(&ch.name, reserved_at, rcpts, true);
+            match ch.fallback {
+                Some(fallback) if error.refuses_auth_method() => {
+                    let to = &self.config.channels[fallback].name;
+                    if !self.handing_over[channel].swap(true, Ordering::Relaxed) {
+                        tracing::error!(
+                            channel = %ch.name,
+                            fallback = %to,
+                            error = %error,
+                            "CHANNEL BROKEN: the provider refuses how this channel authenticates; its mail goes over its fallback until a reload or a restart"
+                        );
+                    }
+                    tracing::info!(id, channel = %ch.name, fallback = %to, "message handed to the fallback channel");
+                    channel = fallback;
+                }
+                _ => return error.client_reply(&ch.name),
             }
         }
+        Reply::local_error()
+    }
+
+    /// Relay mode: the channel a message for `channel` goes over now: its fallback (and
+    /// that one's) while the provider refuses how it authenticates.
+    fn fallback_for(&self, mut channel: ChannelId) -> ChannelId {
+        for _ in 0..self.config.channels.len() {
+            let handing_over = self
+                .handing_over
+                .get(channel)
+                .is_some_and(|h| h.load(Ordering::Relaxed));
+            match self.config.channels.get(channel).and_then(|c| c.fallback) {
+                Some(fallback) if handing_over => channel = fallback,
+                _ => break,
+            }
+        }
+        channel
     }
 }
 

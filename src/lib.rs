@@ -16,19 +16,19 @@
 //! | [`listener`] | accept loop, connection limit, allow-list, TLS acceptors, graceful shutdown |
 //! | [`tls`] | rustls server config, `cert generate` |
 //! | [`smtp`] | the SMTP server: [`smtp::session`] state machine (read/write loop, one file per verb group), [`smtp::data`] DATA/BDAT decoder, [`smtp::reply`] catalogue, [`smtp::auth`] client AUTH |
-//! | [`message`] | the envelope of a message, message ids |
+//! | [`message`] | the envelope of a message, message ids, the recipient headers and the Graph `Bcc:` completion |
 //! | [`routing`] | pure: envelope + headers → channel or a [`routing::Refusal`] (the session words it from the catalogue) |
 //! | [`scope`] | pure: sender-scope patterns: does one take an address, how specific is it (routing and the queue) |
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
-//! | [`upstream`] | channel transports: pooled SMTP (lettre) and the `file` drop; [`upstream::Error`] and its SPEC §7 class |
+//! | [`upstream`] | channel transports: pooled SMTP (lettre), Microsoft Graph `sendMail` (HTTPS) and the `file` drop; [`upstream::Error`] and its SPEC §7 class |
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 //! | [`state`] | below the flow: channel health and rate/quota counters (files beside the spool) |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
 //! | [`text`] | below the flow: outside text made safe to print (control characters escaped) |
-//! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, test PKI, config builders |
+//! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, Microsoft Graph stand-in, test PKI, config builders |
 #![forbid(unsafe_code)]
 
 pub mod cli;

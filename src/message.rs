@@ -1,5 +1,7 @@
 //! What the session hands on: the envelope of a message and its queue id.
 
+pub mod recipients;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -187,6 +187,17 @@ impl Reply {
             "Bad sequence of commands: no valid recipients",
         )
     }
+    /// `550 5.7.1` a `To:`/`Cc:`/`Bcc:` address is no envelope recipient, and the message
+    /// may go through Microsoft Graph, which sends to the header addresses (SPEC §5).
+    pub fn header_recipient_not_in_envelope(field: &str, address: &str, channel: &str) -> Self {
+        Reply::new(
+            550,
+            (5, 7, 1),
+            format!(
+                "{field}: address <{address}> is not a recipient of this message (RCPT TO); channel {channel} would send to it"
+            ),
+        )
+    }
     /// `250 2.0.0` the `file` channel stored the message.
     pub fn stored_in_file(channel: &str, file: &str) -> Self {
         Reply::new(

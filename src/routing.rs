@@ -11,6 +11,7 @@
 use mail_parser::{HeaderName, HeaderValue, MessageParser};
 
 use crate::config::{Channel, ChannelId, Config, SenderPattern, User};
+use crate::message::recipients::{self, HeaderFit};
 // The queue still imports `channel_allows` from here; `crate::scope` is its home.
 use crate::scope::{best_match, channel_allows, describe, specificity, user_allows};
 
@@ -59,6 +60,16 @@ pub enum Refusal {
     },
     /// `check_header_from`: the `From:`/`Sender:` headers do not fit the channel.
     HeaderFromNotAllowed(HeaderProblem),
+    /// The message may go through Microsoft Graph, which sends to the addresses of its
+    /// headers, and a `To:`/`Cc:`/`Bcc:` address is no envelope recipient.
+    HeaderRecipientNotInEnvelope {
+        /// `To`, `Cc` or `Bcc`.
+        field: &'static str,
+        /// The address.
+        address: String,
+        /// The graph channel the message may go through.
+        channel: String,
+    },
 }
 
 /// What is wrong with a message's `From:`/`Sender:` headers for its channel.
@@ -184,6 +195,10 @@ fn push_addresses(out: &mut Vec<Option<String>>, value: &HeaderValue<'_>) {
 pub fn route_sender(config: &Config, sender: &str) -> Result<Decision, Refusal> {
     let mut best: Option<(ChannelId, &SenderPattern)> = None;
     for (id, channel) in config.channels.iter().enumerate() {
+        // SPEC §7: a fallback takes mail only from the channels that fall back to it.
+        if config.is_fallback(id) {
+            continue;
+        }
         let Some(pattern) = best_match(&channel.scope, sender) else {
             continue;
         };
@@ -321,6 +336,30 @@ fn check_header_addresses(
     Ok(())
 }
 
+/// SPEC §5, §7: a message that may go out through Microsoft Graph (its channel or that
+/// channel's fallback is a graph channel) must name in `To:`/`Cc:`/`Bcc:` no address that
+/// is not an envelope recipient, since Graph sends to the header addresses.
+/// `header_section`: the raw header section.
+pub fn check_header_recipients(
+    config: &Config,
+    channel: ChannelId,
+    recipients: &[String],
+    header_section: &[u8],
+) -> Result<(), Refusal> {
+    let Some(graph) = config.graph_on_path(channel) else {
+        return Ok(());
+    };
+    let headers = recipients::recipient_headers(header_section);
+    match recipients::fit(recipients, &headers) {
+        HeaderFit::Fits { .. } => Ok(()),
+        HeaderFit::Stranger { field, address } => Err(Refusal::HeaderRecipientNotInEnvelope {
+            field,
+            address,
+            channel: config.channels[graph].name.clone(),
+        }),
+    }
+}
+
 /// Whether the authenticated `user` may use envelope sender `sender` (SPEC §9).
 pub fn authorize_user(config: &Config, user: &str, sender: &str) -> Result<(), Refusal> {
     let owned = config
@@ -340,7 +379,7 @@ pub fn authorize_user(config: &Config, user: &str, sender: &str) -> Result<(), R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DeliveryMode, Routing, Server, User};
+    use crate::config::{ChannelKind, DeliveryMode, Routing, Server, User};
     use crate::scope::{channel, pattern};
     use std::path::PathBuf;
 
@@ -908,5 +947,61 @@ mod tests {
                 channel: "alice".into()
             })
         );
+    }
+
+    fn graph_kind() -> ChannelKind {
+        ChannelKind::Graph(crate::config::GraphTarget {
+            mailbox: "dave@example.com".into(),
+            oauth: crate::config::oauth::placeholder_for_tests(),
+        })
+    }
+
+    #[test]
+    fn graph_channels_refuse_header_recipients_outside_the_envelope() {
+        let mut dave = channel("dave", true, &["dave@example.com"]);
+        dave.kind = graph_kind();
+        let cfg = config(vec![dave, channel("pool", false, &["*"])]);
+        let (dave, pool) = (
+            cfg.channel_id("dave").unwrap(),
+            cfg.channel_id("pool").unwrap(),
+        );
+        let rcpts = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let msg = b"From: dave@example.com\r\nTo: Bob <bob@x.org>\r\nCc: carol@x.org\r\n\r\n";
+        // Every header address is a recipient; an extra envelope recipient is fine (Bcc).
+        assert_eq!(
+            check_header_recipients(
+                &cfg,
+                dave,
+                &rcpts(&["BOB@x.org", "carol@x.org", "e@x.org"]),
+                msg
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_header_recipients(&cfg, dave, &rcpts(&["bob@x.org"]), msg),
+            Err(Refusal::HeaderRecipientNotInEnvelope {
+                field: "Cc",
+                address: "carol@x.org".into(),
+                channel: "dave".into()
+            })
+        );
+        // Not a graph channel: headers are the client's business.
+        assert_eq!(
+            check_header_recipients(&cfg, pool, &rcpts(&["bob@x.org"]), msg),
+            Ok(())
+        );
+        // A channel that may fall back to the graph channel gets the check too.
+        let mut alice = channel("alice", true, &["dave@example.com"]);
+        let mut dave2 = channel("dave", true, &["dave@example.com"]);
+        dave2.kind = graph_kind();
+        alice.fallback = Some(1);
+        let cfg = config(vec![alice, dave2]);
+        assert_eq!(cfg.graph_on_path(0), Some(1));
+        assert!(matches!(
+            check_header_recipients(&cfg, 0, &rcpts(&["bob@x.org"]), msg),
+            Err(Refusal::HeaderRecipientNotInEnvelope { .. })
+        ));
+        // And the fallback itself is no routing candidate.
+        assert_eq!(route_sender(&cfg, "dave@example.com").unwrap().channel, 0);
     }
 }

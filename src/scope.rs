@@ -112,6 +112,7 @@ pub(crate) fn channel(name: &str, address_scoped: bool, scope: &[&str]) -> Chann
         name: name.to_string(),
         scope: scope.iter().map(|s| pattern(s)).collect(),
         address_scoped,
+        fallback: None,
         preset: None,
         kind: crate::config::ChannelKind::File {
             dir: std::path::PathBuf::from("outbox"),

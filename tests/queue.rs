@@ -121,6 +121,7 @@ fn channel(name: &str, limits: Limits) -> Channel {
         name: name.into(),
         scope: vec![SenderPattern::Any],
         address_scoped: false,
+        fallback: None,
         preset: None,
         kind: ChannelKind::File {
             dir: "unused".into(),
@@ -307,7 +308,12 @@ async fn permanent_failure_goes_to_failed_with_a_dsn() {
     assert_eq!(dsn.envelope.sender, "", "null sender on the DSN");
     assert_eq!(dsn.envelope.recipients, vec!["a@example.com".to_string()]);
     let text = String::from_utf8(dsn.body.clone()).unwrap();
-    assert!(text.contains("multipart/report; report-type=delivery-status"));
+    let parsed = mail_parser::MessageParser::default()
+        .parse(text.as_bytes())
+        .unwrap();
+    let ct = mail_parser::MimeHeaders::content_type(&parsed).unwrap();
+    assert_eq!((ct.ctype(), ct.subtype()), ("multipart", Some("report")));
+    assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
     assert!(
         text.contains("Final-Recipient: rfc822; r0@example.org\r\nAction: failed\r\nStatus: 5.1.1")
     );

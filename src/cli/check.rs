@@ -5,7 +5,7 @@ use std::fmt::{self, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::oauth::{Grant, TokenSource};
+use crate::config::oauth::{Grant, OAuth, TokenSource};
 use crate::config::{ChannelKind, Config, DeliveryMode, Limits, Rate, SenderPattern, SmtpTarget};
 
 /// One kilobyte, megabyte, gigabyte: sizes print in the binary units the file uses.
@@ -43,7 +43,40 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
                 }
                 write_auth(out, &c.name, t)?;
             }
+            ChannelKind::Graph(g) => {
+                writeln!(
+                    out,
+                    "  {}: graph {}/v1.0/users/{}/sendMail",
+                    c.name,
+                    g.graph_url(),
+                    g.mailbox
+                )?;
+                write_oauth(out, &c.name, &g.oauth)?;
+            }
             ChannelKind::File { dir } => writeln!(out, "  {}: file {}", c.name, dir.display())?,
+        }
+        if let Some(f) = c.fallback {
+            writeln!(
+                out,
+                "    fallback: {} (takes this channel's queued and new mail while the provider refuses how it authenticates: 535 5.7.139, 550 5.7.30, an OAuth grant refused)",
+                config.channels[f].name
+            )?;
+        }
+        let fallback_for: Vec<&str> = config
+            .channels
+            .iter()
+            .filter(|o| {
+                o.fallback
+                    .is_some_and(|f| config.channels[f].name == c.name)
+            })
+            .map(|o| o.name.as_str())
+            .collect();
+        if !fallback_for.is_empty() {
+            writeln!(
+                out,
+                "    fallback for: {} (not a routing candidate of its own)",
+                fallback_for.join(", ")
+            )?;
         }
         if let Some(preset) = &c.preset {
             writeln!(out, "    preset: {preset}")?;
@@ -69,6 +102,9 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
     let mut table: Vec<(&SenderPattern, &str)> = config
         .channels
         .iter()
+        .enumerate()
+        .filter(|(id, _)| !config.is_fallback(*id))
+        .map(|(_, c)| c)
         .flat_map(|c| c.scope.iter().map(move |p| (p, c.name.as_str())))
         .collect();
     table.sort_by(|a, b| a.0.key().cmp(&b.0.key()).then(a.1.cmp(b.1)));
@@ -133,33 +169,38 @@ fn write_auth(out: &mut String, channel: &str, t: &SmtpTarget) -> fmt::Result {
     match (&t.username, &t.password, &t.oauth) {
         (Some(user), _, Some(oauth)) => {
             writeln!(out, "    auth xoauth2: {user}")?;
-            writeln!(
-                out,
-                "    oauth: provider {}, grant {}, client_id {}",
-                oauth.provider.name(),
-                oauth.grant.name(),
-                oauth.client_id
-            )?;
-            let source = match &oauth.refresh_token_source {
-                TokenSource::File(path) if oauth.refresh_token.is_some() => {
-                    format!("refresh_token_file {}", path.display())
-                }
-                TokenSource::File(path) => format!(
-                    "refresh_token_file {} (not there yet: run mailgate oauth authorize {channel})",
-                    path.display()
-                ),
-                TokenSource::Env(name) => format!("refresh_token_env {name}"),
-                TokenSource::Literal => "literal".to_owned(),
-                TokenSource::None if oauth.grant == Grant::ClientCredentials => {
-                    "none (client credentials)".to_owned()
-                }
-                TokenSource::None => format!("none (run: mailgate oauth authorize {channel})"),
-            };
-            writeln!(out, "    token: {source}")
+            write_oauth(out, channel, oauth)
         }
         (Some(user), Some(_), None) => writeln!(out, "    auth: {user} (password set)"),
         _ => writeln!(out, "    auth: none"),
     }
+}
+
+/// Where the channel's OAuth tokens come from (never a secret).
+fn write_oauth(out: &mut String, channel: &str, oauth: &OAuth) -> fmt::Result {
+    writeln!(
+        out,
+        "    oauth: provider {}, grant {}, client_id {}",
+        oauth.provider.name(),
+        oauth.grant.name(),
+        oauth.client_id
+    )?;
+    let source = match &oauth.refresh_token_source {
+        TokenSource::File(path) if oauth.refresh_token.is_some() => {
+            format!("refresh_token_file {}", path.display())
+        }
+        TokenSource::File(path) => format!(
+            "refresh_token_file {} (not there yet: run mailgate oauth authorize {channel})",
+            path.display()
+        ),
+        TokenSource::Env(name) => format!("refresh_token_env {name}"),
+        TokenSource::Literal => "literal".to_owned(),
+        TokenSource::None if oauth.grant == Grant::ClientCredentials => {
+            "none (client credentials)".to_owned()
+        }
+        TokenSource::None => format!("none (run: mailgate oauth authorize {channel})"),
+    };
+    writeln!(out, "    token: {source}")
 }
 
 fn limits_text(l: &Limits) -> String {

@@ -11,7 +11,9 @@ use super::server::MAX_RECIPIENTS;
 use super::values::{
     default_port, is_loopback_host, parse_domain, parse_rate, parse_sender_pattern,
 };
-use super::{Channel, ChannelKind, Limits, SenderPattern, SmtpTarget, TlsMode, oauth, presets};
+use super::{
+    Channel, ChannelKind, GraphTarget, Limits, SenderPattern, SmtpTarget, TlsMode, oauth, presets,
+};
 
 /// SPEC §9: most upstream connections of one channel.
 const MAX_CHANNEL_CONNECTIONS: u64 = 1_000;
@@ -41,6 +43,8 @@ pub(super) struct RawChannel {
     connections: Option<Spanned<i64>>,
     max_message_size: Option<Spanned<RawSize>>,
     dir: Option<Spanned<String>>,
+    mailbox: Option<Spanned<String>>,
+    fallback: Option<Spanned<String>>,
 }
 
 pub(super) const CHANNEL_KEYS: Keys = &[
@@ -66,6 +70,8 @@ pub(super) const CHANNEL_KEYS: Keys = &[
     ("connections", Expect::Count),
     ("max_message_size", Expect::Size),
     ("dir", Expect::Str),
+    ("mailbox", Expect::Str),
+    ("fallback", Expect::Str),
 ];
 
 /// Keys that only mean something for an upstream SMTP server.
@@ -83,6 +89,22 @@ const SMTP_ONLY_KEYS: &[&str] = &[
     "password_env",
     "password_file",
 ];
+/// Keys of an SMTP server that a graph channel has no use for (it keeps `oauth`).
+const NOT_FOR_GRAPH: &[&str] = &[
+    "preset",
+    "region",
+    "host",
+    "port",
+    "tls",
+    "ca_file",
+    "username",
+    "auth",
+    "password",
+    "password_env",
+    "password_file",
+    "dir",
+    "scope",
+];
 /// The password keys, in order of preference.
 const PASSWORD_KEYS: [&str; 3] = ["password_env", "password_file", "password"];
 
@@ -90,6 +112,16 @@ const PASSWORD_KEYS: [&str; 3] = ["password_env", "password_file", "password"];
 struct Draft {
     channel: Channel,
     scope: Vec<(SenderPattern, Option<usize>)>,
+    /// `fallback = "NAME"` and its line.
+    fallback: Option<(String, Option<usize>)>,
+}
+
+/// `kind` of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Smtp,
+    Graph,
+    File,
 }
 
 /// Reads and validates every channel; the result is sorted by name.
@@ -115,15 +147,27 @@ pub(super) fn read(r: &mut Reader, root: &Section) -> Vec<Channel> {
     }
     check_overlaps(r, &drafts);
     drafts.sort_by(|a, b| a.channel.name.cmp(&b.channel.name));
+    resolve_fallbacks(r, &mut drafts);
     drafts.into_iter().map(|d| d.channel).collect()
 }
 
 fn channel(r: &mut Reader, name: &str, s: &Section) -> Draft {
     let raw: RawChannel = r.read(s, CHANNEL_KEYS);
     let label = format!("[channels.{name}]");
-    let is_file = r
-        .choice(s, "kind", &raw.kind, &[("smtp", false), ("file", true)])
-        .unwrap_or(false);
+    let kinds = [
+        ("smtp", Kind::Smtp),
+        ("graph", Kind::Graph),
+        ("file", Kind::File),
+    ];
+    let kind = r.choice(s, "kind", &raw.kind, &kinds).unwrap_or(Kind::Smtp);
+    let is_file = kind == Kind::File;
+    if kind == Kind::Graph {
+        return graph_channel(r, name, s, raw);
+    }
+    if s.has("mailbox") {
+        let line = r.key_line(s, "mailbox");
+        r.bad(s, "mailbox", line, "only for kind = \"graph\"");
+    }
 
     let preset = raw.preset.as_ref().and_then(|at| {
         let found = presets::find(at.get_ref());
@@ -203,6 +247,7 @@ fn channel(r: &mut Reader, name: &str, s: &Section) -> Draft {
         ChannelKind::Smtp(smtp_target(r, &label, s, &raw, preset.as_ref()))
     };
 
+    let fallback = fallback_key(r, &raw);
     Draft {
         channel: Channel {
             name: name.to_owned(),
@@ -211,9 +256,185 @@ fn channel(r: &mut Reader, name: &str, s: &Section) -> Draft {
             preset: raw.preset.map(Spanned::into_inner),
             kind,
             limits,
+            fallback: None,
         },
         scope,
+        fallback,
     }
+}
+
+fn fallback_key(r: &Reader, raw: &RawChannel) -> Option<(String, Option<usize>)> {
+    raw.fallback
+        .as_ref()
+        .map(|at| (at.get_ref().clone(), r.at(at)))
+}
+
+/// A `kind = "graph"` channel (SPEC §3, §7): one mailbox, its OAuth settings, the Graph
+/// preset's limits; `senders` defaults to the mailbox and may list nothing else, since
+/// `sendMail` sends as that mailbox.
+fn graph_channel(r: &mut Reader, name: &str, s: &Section, raw: RawChannel) -> Draft {
+    let label = format!("[channels.{name}]");
+    for key in NOT_FOR_GRAPH {
+        if s.has(key) {
+            let line = r.key_line(s, key);
+            r.bad(s, key, line, "not used by kind = \"graph\"");
+        }
+    }
+    let mailbox = r.parsed(s, "mailbox", &raw.mailbox, |text| {
+        // It goes into the request path: an address, and nothing a URL would read as structure.
+        let url_safe = !text.contains(['/', '?', '#', '%', '\\']);
+        match parse_sender_pattern(text) {
+            Ok(SenderPattern::Exact(address)) if url_safe => Ok(address),
+            _ => Err(format!(
+                "{text:?} is not a mailbox address like \"alice@example.com\""
+            )),
+        }
+    });
+    if !s.has("mailbox") {
+        r.problem(
+            s.line,
+            format!(
+                "{label} has kind = \"graph\" but no mailbox = \"...\", the mailbox that sends"
+            ),
+        );
+    }
+    let oauth_label = format!("{label} oauth");
+    let oauth = r
+        .section(s, "oauth", &oauth_label)
+        .and_then(|o| oauth::read(r, &o, &oauth_label, true));
+    if !s.has("oauth") {
+        r.problem(
+            s.line,
+            format!(
+                "{label} has kind = \"graph\" but no oauth = {{ provider = \"microsoft\", client_id = \"...\", ... }}"
+            ),
+        );
+    }
+
+    let mut scope = r.list_of(s, "senders", &raw.senders, parse_sender_pattern);
+    let domains = r.list_of(s, "domains", &raw.domains, parse_domain);
+    scope.extend(
+        domains
+            .into_iter()
+            .map(|(d, line)| (SenderPattern::Domain(d), line)),
+    );
+    if let Some(mailbox) = &mailbox {
+        let mine = SenderPattern::Exact(mailbox.clone());
+        for (pattern, line) in &scope {
+            if pattern.key() != mine.key() {
+                let message = format!(
+                    "{label} is a graph channel: it sends as mailbox {mailbox:?} only, so senders may list that address alone, not {}",
+                    pattern.phrase()
+                );
+                r.problem(*line, message);
+            }
+        }
+        if scope.is_empty() {
+            scope.push((mine, r.key_line(s, "mailbox")));
+        }
+    }
+
+    let limits = limits(r, s, &raw, Some(&presets::graph()));
+    let fallback = fallback_key(r, &raw);
+    let kind = ChannelKind::Graph(GraphTarget {
+        mailbox: mailbox.unwrap_or_default(),
+        oauth: oauth.unwrap_or_else(oauth::placeholder),
+    });
+    Draft {
+        channel: Channel {
+            name: name.to_owned(),
+            scope: scope.iter().map(|(p, _)| p.clone()).collect(),
+            address_scoped: true,
+            preset: None,
+            kind,
+            limits,
+            fallback: None,
+        },
+        scope,
+        fallback,
+    }
+}
+
+/// Resolves every `fallback = "NAME"` (the drafts are sorted by name): the channel
+/// exists and is another one, the chain never loops, and the fallback's scope covers
+/// every sender of the channels that fall back to it.
+fn resolve_fallbacks(r: &mut Reader, drafts: &mut [Draft]) {
+    let names: Vec<String> = drafts.iter().map(|d| d.channel.name.clone()).collect();
+    for i in 0..drafts.len() {
+        let Some((target, line)) = drafts[i].fallback.clone() else {
+            continue;
+        };
+        let name = &names[i];
+        match names.iter().position(|n| *n == target) {
+            None => r.problem(
+                line,
+                format!("[channels.{name}] has fallback = {target:?}, but there is no channel {target:?}"),
+            ),
+            Some(j) if j == i => r.problem(
+                line,
+                format!("[channels.{name}] names itself as its fallback"),
+            ),
+            Some(j) => drafts[i].channel.fallback = Some(j),
+        }
+    }
+    // Loops: follow each chain at most once around the channels.
+    for start in 0..drafts.len() {
+        let mut at = start;
+        for _ in 0..drafts.len() {
+            match drafts[at].channel.fallback {
+                Some(next) if next == start => {
+                    let line = drafts[start].fallback.as_ref().and_then(|(_, l)| *l);
+                    r.problem(
+                        line,
+                        format!(
+                            "the fallback chain of channel {:?} loops back to it: a fallback must end at a channel without one",
+                            names[start]
+                        ),
+                    );
+                    break;
+                }
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+    }
+    for draft in drafts.iter() {
+        let Some(j) = draft.channel.fallback else {
+            continue;
+        };
+        let target = &drafts[j].channel;
+        let line = draft.fallback.as_ref().and_then(|(_, l)| *l);
+        for (pattern, _) in &draft.scope {
+            if !covers(&target.scope, pattern) {
+                let message = format!(
+                    "channel {:?} falls back to {:?}, whose scope does not cover sender {} of {:?}",
+                    draft.channel.name,
+                    target.name,
+                    pattern.phrase(),
+                    draft.channel.name
+                );
+                r.problem(line, message);
+            }
+        }
+    }
+}
+
+/// Whether `scope` takes every sender that `pattern` takes.
+fn covers(scope: &[SenderPattern], pattern: &SenderPattern) -> bool {
+    scope.iter().any(|p| match (p, pattern) {
+        (SenderPattern::Any, _) => true,
+        (_, SenderPattern::Any) => false,
+        (SenderPattern::Domain(d) | SenderPattern::AnyAtDomain(d), other) => {
+            let domain = match other {
+                SenderPattern::Exact(a) => a.rsplit_once('@').map_or("", |(_, d)| d),
+                SenderPattern::Domain(d) | SenderPattern::AnyAtDomain(d) => d,
+                SenderPattern::Any => "",
+            };
+            domain.eq_ignore_ascii_case(d.trim_start_matches("*@"))
+        }
+        (SenderPattern::Exact(_), SenderPattern::Exact(_)) => p.key() == pattern.key(),
+        (SenderPattern::Exact(_), _) => false,
+    })
 }
 
 /// The preset's limits, then the explicit keys.
@@ -354,7 +575,7 @@ fn smtp_target(
     let oauth_section = r.section(s, "oauth", &oauth_label);
     let oauth = oauth_section
         .as_ref()
-        .and_then(|o| oauth::read(r, o, &oauth_label));
+        .and_then(|o| oauth::read(r, o, &oauth_label, false));
     let username = raw.username.as_ref().map(|at| at.get_ref().clone());
     let password_given = PASSWORD_KEYS.iter().any(|k| s.has(k));
     let auth_line = raw.auth.as_ref().and_then(|at| r.at(at));
@@ -441,7 +662,13 @@ fn smtp_target(
 /// Two channels listing the same pattern at the same specificity make routing ambiguous.
 fn check_overlaps(r: &mut Reader, drafts: &[Draft]) {
     let mut owners: BTreeMap<(u8, String), &str> = BTreeMap::new();
-    for draft in drafts {
+    // A fallback is no routing candidate of its own (SPEC §7): its scope clashes with nothing.
+    let is_fallback = |name: &str| {
+        drafts
+            .iter()
+            .any(|d| d.fallback.as_ref().is_some_and(|(f, _)| f == name) && d.channel.name != name)
+    };
+    for draft in drafts.iter().filter(|d| !is_fallback(&d.channel.name)) {
         let name = draft.channel.name.as_str();
         for (pattern, line) in &draft.scope {
             let key = pattern.key();

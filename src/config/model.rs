@@ -139,6 +139,9 @@ pub struct Channel {
     pub kind: ChannelKind,
     /// Provider limits.
     pub limits: Limits,
+    /// `fallback = "OTHER"`: the channel that takes this one's mail while the provider
+    /// refuses the way this one authenticates (SPEC §7).
+    pub fallback: Option<ChannelId>,
 }
 
 /// What a channel is.
@@ -148,11 +151,24 @@ pub struct Channel {
 pub enum ChannelKind {
     /// An upstream SMTP server.
     Smtp(SmtpTarget),
+    /// Microsoft Graph `sendMail` over HTTPS.
+    Graph(GraphTarget),
     /// A local folder: one file per message.
     File {
         /// Target folder.
         dir: PathBuf,
     },
+}
+
+impl ChannelKind {
+    /// The channel's OAuth settings, when it uses OAuth (XOAUTH2 or Graph).
+    pub fn oauth(&self) -> Option<&oauth::OAuth> {
+        match self {
+            ChannelKind::Smtp(t) => t.oauth.as_ref(),
+            ChannelKind::Graph(g) => Some(&g.oauth),
+            ChannelKind::File { .. } => None,
+        }
+    }
 }
 
 /// An upstream SMTP server and how to log in to it.
@@ -173,6 +189,22 @@ pub struct SmtpTarget {
     /// `auth = "xoauth2"`: AUTH XOAUTH2 with a token from these settings (and `username`
     /// as the XOAUTH2 user) instead of a password.
     pub oauth: Option<oauth::OAuth>,
+}
+
+/// A mailbox reached through Microsoft Graph (`kind = "graph"`, SPEC §7).
+#[derive(Debug, Clone)]
+pub struct GraphTarget {
+    /// The mailbox that sends (`POST {graph_url}/v1.0/users/{mailbox}/sendMail`).
+    pub mailbox: String,
+    /// Where the bearer tokens come from (provider microsoft; `oauth.graph_url` is the API root).
+    pub oauth: oauth::OAuth,
+}
+
+impl GraphTarget {
+    /// The API root, e.g. `https://graph.microsoft.com` (no trailing slash).
+    pub fn graph_url(&self) -> &str {
+        self.oauth.graph_url.trim_end_matches('/')
+    }
 }
 
 /// `tls` of a channel.
@@ -255,6 +287,26 @@ impl Config {
     /// The channel with this name.
     pub fn channel_id(&self, name: &str) -> Option<ChannelId> {
         self.channels.iter().position(|c| c.name == name)
+    }
+
+    /// The graph channel a message routed to `channel` may go out through: the channel
+    /// itself, or one on its fallback chain (loop-free after validation; bounded anyway).
+    pub fn graph_on_path(&self, channel: ChannelId) -> Option<ChannelId> {
+        let mut at = Some(channel);
+        for _ in 0..=self.channels.len() {
+            let id = at?;
+            let ch = self.channels.get(id)?;
+            if matches!(ch.kind, ChannelKind::Graph(_)) {
+                return Some(id);
+            }
+            at = ch.fallback;
+        }
+        None
+    }
+
+    /// Some channel names `id` as its `fallback`: it is no routing candidate of its own.
+    pub fn is_fallback(&self, id: ChannelId) -> bool {
+        self.channels.iter().any(|c| c.fallback == Some(id))
     }
 }
 

@@ -89,6 +89,8 @@ pub struct OAuth {
     pub auth_url: String,
     /// `device_url`, or the provider's device-authorization endpoint (Microsoft).
     pub device_url: String,
+    /// `graph_url`, or `https://graph.microsoft.com` (graph channels only).
+    pub graph_url: String,
 }
 
 /// Default endpoints and scopes (SPEC §7).
@@ -106,6 +108,12 @@ pub mod defaults {
         "https://outlook.office.com/SMTP.Send offline_access";
     /// Exchange Online SMTP, app-only (SMTP.SendAsApp).
     pub const MICROSOFT_SMTP_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+    /// Microsoft Graph, delegated (`Mail.Send`).
+    pub const GRAPH_DELEGATED_SCOPE: &str = "https://graph.microsoft.com/Mail.Send offline_access";
+    /// Microsoft Graph, app-only (the `Mail.Send` application permission).
+    pub const GRAPH_APP_SCOPE: &str = "https://graph.microsoft.com/.default";
+    /// Microsoft Graph's API root.
+    pub const GRAPH_URL: &str = "https://graph.microsoft.com";
 
     /// `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/{endpoint}`.
     pub fn microsoft_url(tenant: &str, endpoint: &str) -> String {
@@ -153,18 +161,22 @@ pub(super) const OAUTH_KEYS: Keys = &[
 ];
 
 /// Reads and validates a channel's `oauth` table `s` (`label` names it in problems),
-/// filling in every default. `None` when it is too broken to use (the problems say why).
-pub(super) fn read(r: &mut Reader, s: &Section, label: &str) -> Option<OAuth> {
+/// filling in every default; `graph`: the table of a `kind = "graph"` channel (provider
+/// microsoft only, Graph scopes, `graph_url` allowed). `None` when it is too broken to
+/// use (the problems say why).
+pub(super) fn read(r: &mut Reader, s: &Section, label: &str, graph: bool) -> Option<OAuth> {
     let raw: RawOAuth = r.read(s, OAUTH_KEYS);
     let line_of = |r: &Reader, raw: &Option<Spanned<String>>| raw.as_ref().and_then(|at| r.at(at));
 
-    if let Some(at) = &raw.graph_url {
+    if let Some(at) = &raw.graph_url
+        && !graph
+    {
         let line = r.at(at);
         r.bad(
             s,
             "graph_url",
             line,
-            "only for kind = \"graph\" channels (Microsoft Graph), which are not implemented yet in this version",
+            "only for kind = \"graph\" channels (Microsoft Graph)",
         );
     }
 
@@ -173,6 +185,15 @@ pub(super) fn read(r: &mut Reader, s: &Section, label: &str) -> Option<OAuth> {
         ("google", Provider::Google),
     ];
     let provider = r.choice(s, "provider", &raw.provider, &providers);
+    if graph && provider == Some(Provider::Google) {
+        let line = line_of(r, &raw.provider);
+        r.bad(
+            s,
+            "provider",
+            line,
+            "a graph channel takes its tokens from provider = \"microsoft\" only",
+        );
+    }
     if !s.has("provider") {
         r.problem(
             s.line,
@@ -262,6 +283,8 @@ pub(super) fn read(r: &mut Reader, s: &Section, label: &str) -> Option<OAuth> {
         })
         .unwrap_or_else(|| {
             match (provider, grant) {
+                (_, Grant::ClientCredentials) if graph => defaults::GRAPH_APP_SCOPE,
+                (_, Grant::RefreshToken) if graph => defaults::GRAPH_DELEGATED_SCOPE,
                 (Some(Provider::Google), _) => defaults::GOOGLE_SCOPE,
                 (_, Grant::ClientCredentials) => defaults::MICROSOFT_SMTP_APP_SCOPE,
                 (_, Grant::RefreshToken) => defaults::MICROSOFT_SMTP_DELEGATED_SCOPE,
@@ -294,6 +317,11 @@ pub(super) fn read(r: &mut Reader, s: &Section, label: &str) -> Option<OAuth> {
         "devicecode",
     );
 
+    let graph_url = r
+        .parsed(s, "graph_url", &raw.graph_url, parse_endpoint)
+        .filter(|_| graph)
+        .unwrap_or_else(|| defaults::GRAPH_URL.to_owned());
+
     Some(OAuth {
         provider: provider?,
         grant,
@@ -306,7 +334,33 @@ pub(super) fn read(r: &mut Reader, s: &Section, label: &str) -> Option<OAuth> {
         token_url,
         auth_url,
         device_url,
+        graph_url,
     })
+}
+
+/// Settings that stand in where the `oauth` table was too broken to read: the config
+/// has problems then and is never used.
+pub(super) fn placeholder() -> OAuth {
+    OAuth {
+        provider: Provider::Microsoft,
+        grant: Grant::ClientCredentials,
+        tenant: "common".to_owned(),
+        client_id: String::new(),
+        client_secret: None,
+        refresh_token: None,
+        refresh_token_source: TokenSource::None,
+        scope: defaults::GRAPH_APP_SCOPE.to_owned(),
+        token_url: String::new(),
+        auth_url: String::new(),
+        device_url: String::new(),
+        graph_url: defaults::GRAPH_URL.to_owned(),
+    }
+}
+
+/// [`placeholder`] for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn placeholder_for_tests() -> OAuth {
+    placeholder()
 }
 
 /// The refresh token and where it comes from. None yet is fine (not authorized yet), and

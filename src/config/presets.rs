@@ -46,6 +46,28 @@ pub const NAMES: &[&str] = &[
     "ses",
 ];
 
+/// The limits of a `kind = "graph"` channel (SPEC §3): Exchange Online's sending limits,
+/// and 3,000,000 bytes so that the request, base64 and all, stays under Graph's 4 MB.
+pub fn graph() -> Preset {
+    Preset {
+        name: "graph",
+        host: "graph.microsoft.com",
+        port: 443,
+        tls: TlsMode::Implicit,
+        address_scoped: true,
+        limits: Limits {
+            rate: Some(Rate {
+                count: 30,
+                per: Duration::from_secs(60),
+            }),
+            recipients_per_day: Some(10_000),
+            max_recipients: Some(500),
+            connections: 4,
+            max_message_size: Some(3_000_000),
+        },
+    }
+}
+
 /// The preset called `name`, if there is one.
 pub fn find(name: &str) -> Option<Preset> {
     const MB: u64 = 1024 * 1024;

@@ -38,6 +38,7 @@ fn smtp(config: &Config, name: &str) -> SmtpTarget {
     let id = config.channel_id(name).expect("channel exists");
     match &config.channels[id].kind {
         ChannelKind::Smtp(t) => t.clone(),
+        ChannelKind::Graph(_) => panic!("{name} is a graph channel"),
         ChannelKind::File { .. } => panic!("{name} is a file channel"),
     }
 }
@@ -641,7 +642,7 @@ fn channel_kinds_need_their_own_keys() {
     let p = problem("[channels.r]\nkind = \"pigeon\"\nhost = \"h.example\"\nsenders = [\"*\"]\n");
     assert!(
         p.message
-            .contains("\"pigeon\" is not one of \"smtp\", \"file\""),
+            .contains("\"pigeon\" is not one of \"smtp\", \"graph\", \"file\""),
         "{}",
         p.message
     );
@@ -1197,4 +1198,158 @@ fn per_client_limit_and_shutdown_grace() {
     assert!(p.message.contains("at most 100000"), "{}", p.message);
     let p = problem(&format!("[server]\nshutdown_grace = \"soon\"\n{OUTBOX}"));
     assert_eq!(p.line, Some(2));
+}
+
+const DAVE: &str = "[channels.dave]\nkind = \"graph\"\nmailbox = \"dave@example.com\"\n\
+                    oauth = { provider = \"microsoft\", grant = \"client_credentials\", tenant = \"example.com\", client_id = \"app-id\", client_secret = \"s3cret\" }\n";
+
+fn graph(config: &Config, name: &str) -> GraphTarget {
+    let id = config.channel_id(name).expect("channel exists");
+    match &config.channels[id].kind {
+        ChannelKind::Graph(g) => g.clone(),
+        _ => panic!("{name} is not a graph channel"),
+    }
+}
+
+#[test]
+fn graph_channel_defaults_follow_the_spec() {
+    let config = ok(DAVE);
+    let ch = &config.channels[0];
+    assert_eq!(
+        ch.scope,
+        vec![SenderPattern::Exact("dave@example.com".into())]
+    );
+    assert!(ch.address_scoped);
+    assert_eq!(
+        ch.limits,
+        Limits {
+            rate: Some(Rate {
+                count: 30,
+                per: Duration::from_secs(60)
+            }),
+            recipients_per_day: Some(10_000),
+            max_recipients: Some(500),
+            connections: 4,
+            max_message_size: Some(3_000_000),
+        }
+    );
+    let g = graph(&config, "dave");
+    assert_eq!(g.mailbox, "dave@example.com");
+    assert_eq!(g.graph_url(), "https://graph.microsoft.com");
+    assert_eq!(g.oauth.scope, "https://graph.microsoft.com/.default");
+    assert_eq!(
+        g.oauth.token_url,
+        "https://login.microsoftonline.com/example.com/oauth2/v2.0/token"
+    );
+
+    // Delegated: the Graph delegated scope; graph_url overridable (loopback http for tests).
+    let delegated = ok(&DAVE.replace(
+        "grant = \"client_credentials\", tenant = \"example.com\", client_id = \"app-id\", client_secret = \"s3cret\"",
+        "client_id = \"app-id\", refresh_token = \"rt\", graph_url = \"http://127.0.0.1:8080/\"",
+    ));
+    let g = graph(&delegated, "dave");
+    assert_eq!(
+        g.oauth.scope,
+        "https://graph.microsoft.com/Mail.Send offline_access"
+    );
+    assert_eq!(g.graph_url(), "http://127.0.0.1:8080");
+
+    // Explicit limits override the preset; senders may repeat the mailbox.
+    let set = ok(&format!(
+        "{DAVE}senders = [\"Dave@Example.com\"]\nconnections = 2\nmax_message_size = 1000\n"
+    ));
+    assert_eq!(set.channels[0].limits.connections, 2);
+    assert_eq!(set.channels[0].limits.max_message_size, Some(1000));
+}
+
+#[test]
+fn graph_channel_problems_name_the_channel() {
+    let p = problem(&format!(
+        "{DAVE}senders = [\"dave@example.com\", \"*@example.com\"]\n"
+    ));
+    assert_eq!(p.line, Some(5));
+    assert!(
+        p.message.contains("[channels.dave] is a graph channel"),
+        "{}",
+        p.message
+    );
+    assert!(p.message.contains("\"*@example.com\""), "{}", p.message);
+    let p = problem(&format!("{DAVE}senders = [\"erin@example.com\"]\n"));
+    assert!(
+        p.message.contains("not \"erin@example.com\""),
+        "{}",
+        p.message
+    );
+    let p = problem(&format!("{DAVE}domains = [\"example.com\"]\n"));
+    assert!(
+        p.message.contains("domain \"example.com\""),
+        "{}",
+        p.message
+    );
+    let p = problem(&DAVE.replace("mailbox = \"dave@example.com\"\n", ""));
+    assert!(p.message.contains("no mailbox"), "{}", p.message);
+    let p = problem(&DAVE.replace("dave@example.com", "dave/../x@example.com"));
+    assert!(p.message.contains("not a mailbox address"), "{}", p.message);
+    let p = problem(&DAVE.replace(
+        "provider = \"microsoft\", grant = \"client_credentials\", tenant = \"example.com\", ",
+        "provider = \"google\", ",
+    ));
+    assert!(p.message.contains("microsoft"), "{}", p.message);
+    let p = problem(&format!("{DAVE}host = \"smtp.example.com\"\n"));
+    assert!(
+        p.message.contains("not used by kind = \"graph\""),
+        "{}",
+        p.message
+    );
+    let p = problem("[channels.dave]\nkind = \"graph\"\nmailbox = \"dave@example.com\"\n");
+    assert!(p.message.contains("no oauth"), "{}", p.message);
+    let p = problem(&format!("{OUTBOX}mailbox = \"x@example.com\"\n"));
+    assert!(
+        p.message.contains("only for kind = \"graph\""),
+        "{}",
+        p.message
+    );
+}
+
+const ALICE_SMTP: &str = "[channels.alice]\nhost = \"smtp.example.com\"\nusername = \"alice@example.com\"\n\
+                          password = \"pw\"\nsenders = [\"alice@example.com\"]\n";
+
+#[test]
+fn fallback_is_resolved_and_not_a_routing_candidate() {
+    let config = ok(&format!(
+        "{ALICE_SMTP}fallback = \"dave\"\n{}",
+        DAVE.replace("dave@example.com", "alice@example.com")
+    ));
+    let alice = config.channel_id("alice").unwrap();
+    let dave = config.channel_id("dave").unwrap();
+    assert_eq!(config.channels[alice].fallback, Some(dave));
+    assert!(config.is_fallback(dave) && !config.is_fallback(alice));
+    // Both claim alice@example.com, yet no clash: the fallback is no candidate.
+    let route = crate::routing::route_sender(&config, "alice@example.com").unwrap();
+    assert_eq!(route.channel, alice);
+}
+
+#[test]
+fn fallback_problems() {
+    let p = problem(&format!("{ALICE_SMTP}fallback = \"nobody\"\n"));
+    assert_eq!(p.line, Some(6));
+    assert!(p.message.contains("no channel \"nobody\""), "{}", p.message);
+    let p = problem(&format!("{ALICE_SMTP}fallback = \"alice\"\n"));
+    assert!(p.message.contains("names itself"), "{}", p.message);
+    // The fallback's mailbox must cover the channel's senders.
+    let p = problem(&format!("{ALICE_SMTP}fallback = \"dave\"\n{DAVE}"));
+    assert!(
+        p.message
+            .contains("does not cover sender \"alice@example.com\""),
+        "{}",
+        p.message
+    );
+    // A loop.
+    let all = problems(&format!(
+        "{ALICE_SMTP}fallback = \"bob\"\n[channels.bob]\nhost = \"smtp.example.com\"\nusername = \"u\"\npassword = \"pw\"\nsenders = [\"alice@example.com\"]\nfallback = \"alice\"\n"
+    ));
+    assert!(
+        all.iter().any(|p| p.message.contains("loops back")),
+        "{all:#?}"
+    );
 }

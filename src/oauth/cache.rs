@@ -10,7 +10,7 @@ use super::endpoint::{self, Failure};
 use super::store;
 use super::{AccessToken, Error, Http};
 use crate::config::oauth::{Grant, OAuth};
-use crate::config::{ChannelId, ChannelKind, Config, Secret};
+use crate::config::{ChannelId, Config, Secret};
 use crate::state::tokens::{LocalTokenStore, TokenStore};
 
 /// A cached token is refreshed when it expires within this margin (SPEC §7).
@@ -32,10 +32,7 @@ impl Tokens {
     /// A config without OAuth channels gets an empty set, and no HTTP client is built
     /// (start-up and every `Upstreams` stay as cheap as before OAuth).
     pub fn new(config: &Config) -> Result<Tokens, String> {
-        let uses_oauth = config
-            .channels
-            .iter()
-            .any(|c| matches!(&c.kind, ChannelKind::Smtp(t) if t.oauth.is_some()));
+        let uses_oauth = config.channels.iter().any(|c| c.kind.oauth().is_some());
         if !uses_oauth {
             return Ok(Tokens::default());
         }
@@ -48,11 +45,10 @@ impl Tokens {
         let by_channel = config
             .channels
             .iter()
-            .map(|channel| match &channel.kind {
-                ChannelKind::Smtp(target) => target.oauth.as_ref().map(|settings| {
+            .map(|channel| {
+                channel.kind.oauth().map(|settings| {
                     ChannelToken::new(&channel.name, settings.clone(), http.clone(), store.clone())
-                }),
-                _ => None,
+                })
             })
             .collect();
         Tokens {

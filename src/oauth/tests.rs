@@ -40,6 +40,7 @@ fn settings(ep: &TokenEndpoint, provider: Provider, grant: Grant) -> OAuth {
         token_url: ep.token_url(),
         auth_url: ep.auth_url(),
         device_url: ep.device_url(),
+        graph_url: "http://127.0.0.1:9".to_string(),
     }
 }
 

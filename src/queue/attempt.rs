@@ -206,11 +206,21 @@ pub fn apply_outcome(
         Ok(reply) => (Verdict::Delivered, reply.clone()),
         Err(error) => (classify_error(error), error.record_reply(channel)),
     };
+    // The upstream said when to come back (Graph's Retry-After): that, not our backoff.
+    let retry_after = outcome.result.as_ref().err().and_then(Error::retry_after);
+    let method_refused = outcome
+        .result
+        .as_ref()
+        .err()
+        .is_some_and(Error::refuses_auth_method);
     let mut effect = ChannelEffect::None;
     let mut deferred = false;
     let mut note = |verdict: Verdict, reply: &Reply, effect: &mut ChannelEffect| match verdict {
         Verdict::Hold if *effect == ChannelEffect::None => {
             *effect = ChannelEffect::Hold(reply.to_string())
+        }
+        Verdict::Broken if method_refused => {
+            *effect = ChannelEffect::AuthMethodRefused(reply.to_string())
         }
         Verdict::Broken => *effect = ChannelEffect::Broken(reply.to_string()),
         Verdict::Defer => deferred = true,
@@ -245,8 +255,9 @@ pub fn apply_outcome(
     if deferred {
         state.deferrals += 1;
         let server = &config.server;
-        state.next_attempt_ms =
-            now + backoff(server.retry_first, server.retry_max, state.deferrals).as_millis() as u64;
+        let wait = retry_after
+            .unwrap_or_else(|| backoff(server.retry_first, server.retry_max, state.deferrals));
+        state.next_attempt_ms = now + wait.as_millis() as u64;
         let age = Duration::from_millis(now.saturating_sub(state.created_ms));
         if age >= server.give_up_after {
             for rcpt in state

@@ -1,8 +1,13 @@
 //! Pure: builds an RFC 3464 delivery status notification (a "bounce") for the failed
 //! recipients of a message.
 
+use mail_builder::MessageBuilder;
+use mail_builder::headers::content_type::ContentType;
+use mail_builder::headers::date::Date;
+use mail_builder::headers::raw::Raw;
+use mail_builder::mime::{BodyPart, MimePart};
+
 use crate::reply::split_enhanced;
-use crate::state::civil_from_days;
 
 /// What a DSN reports.
 #[derive(Debug, Clone)]
@@ -38,7 +43,10 @@ pub fn status_of(reply: &str) -> String {
     }
 }
 
-/// The whole DSN message, CRLF line endings.
+/// The whole DSN message, CRLF line endings. mail-builder writes the headers (folding,
+/// RFC 2047 for non-ASCII, address quoting) and the MIME structure; the two report parts
+/// are written verbatim (7bit or 8bit), because RFC 3464 readers parse them as header
+/// fields and the original header section must come back byte for byte.
 pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
     let DsnInput {
         hostname,
@@ -51,70 +59,67 @@ pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
         headers,
         boundary,
     } = input;
-    let boundary = format!("=_mailgate_{boundary}");
-    let mut out = String::new();
-    let mut line = |s: &str| {
-        out.push_str(s);
-        out.push_str("\r\n");
-    };
-    line(&format!("From: Mail Delivery System <{from}>"));
-    line(&format!("To: <{to}>"));
-    line("Subject: Undelivered Mail Returned to Sender");
-    line(&format!("Date: {}", rfc5322_date(*now_ms)));
-    line(&format!(
-        "Message-ID: <{original_id}.dsn.{now_ms}@{hostname}>"
-    ));
-    line("Auto-Submitted: auto-replied");
-    line("MIME-Version: 1.0");
-    line(&format!(
-        "Content-Type: multipart/report; report-type=delivery-status; boundary=\"{boundary}\""
-    ));
-    line("");
-    line("This is a MIME-encapsulated message.");
-    line("");
-    line(&format!("--{boundary}"));
-    line("Content-Type: text/plain; charset=utf-8");
-    line("Content-Transfer-Encoding: 8bit");
-    line("");
-    line(&format!(
-        "mailgate at {hostname} could not deliver your message (queue id {original_id})"
-    ));
-    line("to the following recipients:");
-    line("");
+
+    let mut text = format!(
+        "mailgate at {hostname} could not deliver your message (queue id {original_id})\r\n\
+         to the following recipients:\r\n\r\n"
+    );
     for (rcpt, reply) in failed.iter() {
-        line(&format!("  <{rcpt}>: {}", one_line(reply)));
+        text.push_str(&format!("  <{rcpt}>: {}\r\n", one_line(reply)));
     }
-    line("");
-    line("The headers of your message are attached.");
-    line("");
-    line(&format!("--{boundary}"));
-    line("Content-Type: message/delivery-status");
-    line("");
-    line(&format!("Reporting-MTA: dns; {hostname}"));
-    line(&format!("X-Mailgate-Queue-ID: {original_id}"));
-    line(&format!("Arrival-Date: {}", rfc5322_date(*arrival_ms)));
+    text.push_str("\r\nThe headers of your message are attached.\r\n");
+
+    let mut status = format!(
+        "Reporting-MTA: dns; {hostname}\r\nX-Mailgate-Queue-ID: {original_id}\r\n\
+         Arrival-Date: {}\r\n",
+        rfc5322_date(*arrival_ms)
+    );
     for (rcpt, reply) in failed.iter() {
-        line("");
-        line(&format!("Final-Recipient: rfc822; {rcpt}"));
-        line("Action: failed");
-        line(&format!("Status: {}", status_of(reply)));
-        line(&format!("Diagnostic-Code: smtp; {}", one_line(reply)));
-        line(&format!("Last-Attempt-Date: {}", rfc5322_date(*now_ms)));
+        status.push_str(&format!(
+            "\r\nFinal-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: {}\r\n\
+             Diagnostic-Code: smtp; {}\r\nLast-Attempt-Date: {}\r\n",
+            status_of(reply),
+            one_line(reply),
+            rfc5322_date(*now_ms)
+        ));
     }
-    line("");
-    line(&format!("--{boundary}"));
-    line("Content-Type: text/rfc822-headers");
-    if headers.iter().any(|b| *b >= 0x80) {
-        line("Content-Transfer-Encoding: 8bit");
+
+    let mut original = headers.to_vec();
+    if !original.ends_with(b"\n") {
+        original.extend_from_slice(b"\r\n");
     }
-    line("");
-    let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(headers);
-    if !headers.ends_with(b"\n") {
-        bytes.extend_from_slice(b"\r\n");
-    }
-    bytes.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    bytes
+
+    let report = MimePart::new(
+        ContentType::new("multipart/report")
+            .attribute("report-type", "delivery-status")
+            .attribute("boundary", format!("=_mailgate_{boundary}")),
+        BodyPart::Multipart(vec![
+            MimePart::new("text/plain", text),
+            verbatim("message/delivery-status", status.into_bytes()),
+            verbatim("text/rfc822-headers", original),
+        ]),
+    );
+    let message = MessageBuilder::new()
+        .from(("Mail Delivery System", *from))
+        .to(*to)
+        .subject("Undelivered Mail Returned to Sender")
+        .date(Date::new((*now_ms / 1000) as i64))
+        .message_id(format!("{original_id}.dsn.{now_ms}@{hostname}"))
+        .header("Auto-Submitted", Raw::new("auto-replied"))
+        .body(report);
+    let mut out = Vec::new();
+    message.serialize(&mut out);
+    out
+}
+
+/// A leaf part whose body is written as it is, labelled 7bit or 8bit.
+fn verbatim(content_type: &'static str, body: Vec<u8>) -> MimePart<'static> {
+    let encoding = if body.is_ascii() { "7bit" } else { "8bit" };
+    MimePart::new(
+        ContentType::new(content_type),
+        BodyPart::Binary(body.into()),
+    )
+    .transfer_encoding(encoding)
 }
 
 /// A reply as one header-safe line.
@@ -124,33 +129,19 @@ fn one_line(text: &str) -> String {
         .collect()
 }
 
-/// `"Tue, 03 Nov 2026 14:05:09 +0000"` for a unix-ms time.
+/// `"Tue, 3 Nov 2026 14:05:09 +0000"` for a unix-ms time.
 pub fn rfc5322_date(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let (y, m, d) = civil_from_days(days);
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let rem = secs % 86_400;
-    format!(
-        "{}, {d:02} {} {y} {:02}:{:02}:{:02} +0000",
-        DAYS[(days % 7) as usize],
-        MONTHS[(m - 1) as usize],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    Date::new((ms / 1000) as i64).to_rfc822()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mail_parser::MimeHeaders;
 
     #[test]
     fn dates() {
-        assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
         assert_eq!(
             rfc5322_date(1_709_210_096_000),
             "Thu, 29 Feb 2024 12:34:56 +0000"
@@ -189,16 +180,54 @@ mod tests {
             boundary: "42",
         });
         let text = String::from_utf8(dsn).unwrap();
-        assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status; boundary=\"=_mailgate_42\"\r\n"));
+        let parsed = mail_parser::MessageParser::default()
+            .parse(text.as_bytes())
+            .unwrap();
+        let ct = parsed.content_type().unwrap();
+        assert_eq!((ct.ctype(), ct.subtype()), ("multipart", Some("report")));
+        assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+        assert_eq!(ct.attribute("boundary"), Some("=_mailgate_42"));
+        assert_eq!(parsed.parts.len(), 4, "the report and its three parts");
+        assert!(text.starts_with("From: \"Mail Delivery System\" <MAILER-DAEMON@example.com>\r\n"));
         assert!(text.contains(
             "\r\nFinal-Recipient: rfc822; bob@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
         ));
         assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1 User  unknown\r\n"));
-        assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hi\r\nFrom: alice@example.com\r\n\r\n--=_mailgate_42--\r\n"));
+        assert!(text.contains("Content-Type: text/rfc822-headers\r\nContent-Transfer-Encoding: 7bit\r\n\r\nSubject: hi\r\nFrom: alice@example.com\r\n\r\n--=_mailgate_42--\r\n"));
         assert!(text.lines().all(|l| !l.contains('\n')));
         assert!(
             !text.replace("\r\n", "").contains('\n'),
             "every line ends in CRLF"
         );
+    }
+
+    #[test]
+    fn eight_bit_parts_are_labelled_and_kept_verbatim() {
+        let failed = vec![(
+            "bob@example.org".to_string(),
+            "550 5.1.1 Benutzer unbekannt: Müller".to_string(),
+        )];
+        let headers = "Subject: Grüße\r\n".as_bytes();
+        let dsn = build(&DsnInput {
+            hostname: "mx.test",
+            original_id: "abc",
+            to: "alice@example.com",
+            from: "MAILER-DAEMON@example.com",
+            arrival_ms: 0,
+            now_ms: 1000,
+            failed: &failed,
+            headers,
+            boundary: "7",
+        });
+        let text = String::from_utf8(dsn).unwrap();
+        assert!(text.contains(
+            "Content-Type: message/delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n"
+        ));
+        assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1 Benutzer unbekannt: Müller\r\n"));
+        assert!(text.contains("Content-Transfer-Encoding: 8bit\r\n\r\nSubject: Grüße\r\n"));
+        // The plain-text part is re-encoded by the builder (quoted-printable), never raw 8-bit.
+        let plain =
+            &text[text.find("text/plain").unwrap()..text.find("message/delivery-status").unwrap()];
+        assert!(plain.is_ascii(), "{plain}");
     }
 }

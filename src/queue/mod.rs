@@ -174,6 +174,17 @@ impl Queue {
             tracing::info!(id, channel = %name, size = draft.len(), max, "refused: over the channel's size limit");
             return Reply::too_big(max);
         }
+        // Graph sends to every header recipient in one request: such a message is never
+        // split across transactions, so it must fit in one.
+        if let Some(max) = self
+            .config
+            .graph_on_path(channel)
+            .and_then(|g| self.config.channels[g].limits.max_recipients)
+            && envelope.recipients.len() > max
+        {
+            tracing::info!(id, channel = %name, rcpts = envelope.recipients.len(), max, "refused: more recipients than one Graph request takes");
+            return Reply::too_many_recipients(max);
+        }
         let state = MessageState::new(&id, &name, envelope, draft.len(), spool::now_ms());
         let committed = async {
             let closed = draft.close().await?;

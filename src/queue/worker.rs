@@ -49,6 +49,18 @@ pub enum Event {
     },
     /// `queue retry`: this message (or every one, `None`) is due now; the channel resumes.
     Retry(Option<String>),
+    /// A message of channel `owner` handed over while `owner` is broken because its
+    /// provider refuses how it authenticates (SPEC §7 "Fallback"): deliver it here.
+    Lent {
+        /// Queue id.
+        id: String,
+        /// Earliest attempt (unix ms).
+        due_ms: u64,
+        /// Recipients still pending.
+        pending: usize,
+        /// The channel it belongs to (and goes back to once that one resumes).
+        owner: ChannelId,
+    },
 }
 
 /// What a channel needs to do after a transaction.
@@ -60,6 +72,9 @@ pub enum ChannelEffect {
     Hold(String),
     /// Credentials refused (the reply or error).
     Broken(String),
+    /// The provider refuses the way the channel authenticates (`535 5.7.139`, `550
+    /// 5.7.30`, an OAuth grant refused): broken, and its mail may go over its fallback.
+    AuthMethodRefused(String),
 }
 
 /// The result of one delivery step, back to the channel task.
@@ -90,6 +105,13 @@ pub struct ChannelTask {
     counters: Option<Counters>,
     health_writer: Arc<HealthWriter>,
     rx: mpsc::UnboundedReceiver<Event>,
+    /// `fallback = "…"` of this channel.
+    fallback: Option<ChannelId>,
+    /// Broken because the provider refuses the auth method, with a fallback: queued and
+    /// new mail goes there.
+    handing_over: bool,
+    /// Messages other channels lent to this one, with their owner.
+    borrowed: HashMap<String, ChannelId>,
 }
 
 /// The channel's health on its way to disk.
@@ -117,6 +139,7 @@ impl ChannelTask {
         let name = ch.name.clone();
         let connections = ch.limits.connections.max(1);
         let chunk = chunk_size(ch);
+        let fallback = ch.fallback;
         ChannelTask {
             queue,
             transport,
@@ -131,6 +154,35 @@ impl ChannelTask {
             counters: None,
             health_writer: Arc::default(),
             rx,
+            fallback,
+            handing_over: false,
+            borrowed: HashMap::new(),
+        }
+    }
+
+    /// Hands every message scheduled here to the fallback (their state files keep this
+    /// channel's name, so a restart brings them back).
+    fn hand_over_all(&mut self) {
+        let Some(fallback) = self.fallback else {
+            return;
+        };
+        let entries: Vec<(String, (u64, usize))> = self.entries.drain().collect();
+        self.due.clear();
+        let count = entries.len();
+        for (id, (due_ms, pending)) in entries {
+            self.queue.notify(
+                fallback,
+                Event::Lent {
+                    id,
+                    due_ms,
+                    pending,
+                    owner: self.channel,
+                },
+            );
+        }
+        if count > 0 {
+            let to = &self.queue.config.channels[fallback].name;
+            tracing::warn!(channel = %self.name, fallback = %to, messages = count, "queue: queued mail handed to the fallback channel");
         }
     }
 
@@ -237,7 +289,31 @@ impl ChannelTask {
                 due_ms,
                 pending,
             } => {
+                if self.handing_over
+                    && let Some(fallback) = self.fallback
+                {
+                    tracing::info!(id, channel = %self.name, "queue: channel broken (auth method refused); new message goes over its fallback");
+                    self.queue.notify(
+                        fallback,
+                        Event::Lent {
+                            id,
+                            due_ms,
+                            pending,
+                            owner: self.channel,
+                        },
+                    );
+                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                    self.schedule(id, due_ms, pending);
+                }
+            }
+            Event::Lent {
+                id,
+                due_ms,
+                pending,
+                owner,
+            } => {
                 if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                    self.borrowed.insert(id.clone(), owner);
                     self.schedule(id, due_ms, pending);
                 }
             }
@@ -247,6 +323,30 @@ impl ChannelTask {
                     self.set_health(Health::Ok);
                     if self.counters.is_none() {
                         self.load_state();
+                    }
+                }
+                self.handing_over = false;
+                if which.is_none() {
+                    // Every channel resumes: lent mail goes back to its own channel.
+                    let lent: Vec<(String, ChannelId)> = self
+                        .borrowed
+                        .iter()
+                        .filter(|(id, _)| !self.in_flight.contains(*id))
+                        .map(|(id, owner)| (id.clone(), *owner))
+                        .collect();
+                    for (id, owner) in lent {
+                        self.borrowed.remove(&id);
+                        if let Some((due, pending)) = self.entries.remove(&id) {
+                            self.due.remove(&(due, id.clone()));
+                            self.queue.notify(
+                                owner,
+                                Event::Queued {
+                                    id,
+                                    due_ms: now_ms(),
+                                    pending,
+                                },
+                            );
+                        }
                     }
                 }
                 let now = now_ms();
@@ -321,6 +421,8 @@ impl ChannelTask {
         self.in_flight.remove(&report.id);
         if let Some((due, pending)) = report.next {
             self.schedule(report.id.clone(), due, pending);
+        } else {
+            self.borrowed.remove(&report.id);
         }
         if let Some((dsn, pending)) = report.dsn {
             self.schedule(dsn, now_ms(), pending);
@@ -342,7 +444,29 @@ impl ChannelTask {
                 );
                 self.set_health(Health::Held { until_ms, reason });
             }
-            ChannelEffect::Broken(reason) => {
+            ChannelEffect::AuthMethodRefused(reason) if self.fallback.is_some() => {
+                let fallback = self
+                    .fallback
+                    .map(|f| self.queue.config.channels[f].name.clone());
+                if !self.handing_over {
+                    tracing::error!(
+                        channel = %self.name,
+                        fallback = fallback.as_deref().unwrap_or(""),
+                        reason,
+                        "CHANNEL BROKEN: the provider refuses how this channel authenticates; its queued and new mail goes over its fallback until `mailgate queue retry --all`, a reload or a restart"
+                    );
+                    self.set_health(Health::Broken {
+                        since_ms: now_ms(),
+                        reason: format!(
+                            "{reason} (mail goes over fallback {})",
+                            fallback.as_deref().unwrap_or("")
+                        ),
+                    });
+                    self.handing_over = true;
+                }
+                self.hand_over_all();
+            }
+            ChannelEffect::Broken(reason) | ChannelEffect::AuthMethodRefused(reason) => {
                 if !matches!(self.health, Health::Broken { .. }) {
                     tracing::error!(
                         channel = %self.name,
@@ -355,6 +479,9 @@ impl ChannelTask {
                     });
                 }
             }
+        }
+        if self.handing_over {
+            self.hand_over_all();
         }
     }
 }

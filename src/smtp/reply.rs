@@ -179,6 +179,11 @@ impl From<Refusal> for Reply {
             Refusal::SenderNotOwned { user, sender } => Reply::sender_not_owned(&user, &sender),
             Refusal::BulkNotAllowed { channel } => Reply::bulk_not_allowed(&channel),
             Refusal::HeaderFromNotAllowed(problem) => Reply::header_from_not_allowed(&problem),
+            Refusal::HeaderRecipientNotInEnvelope {
+                field,
+                address,
+                channel,
+            } => Reply::header_recipient_not_in_envelope(field, &address, &channel),
         }
     }
 }
@@ -569,6 +574,15 @@ mod tests {
                 }
                 .into(),
                 "550 5.7.1 Bulk mail may not go over mailbox channel alice and no bulk channel takes this sender",
+            ),
+            (
+                Refusal::HeaderRecipientNotInEnvelope {
+                    field: "Cc",
+                    address: "carol@x.org".into(),
+                    channel: "dave".into(),
+                }
+                .into(),
+                "550 5.7.1 Cc: address <carol@x.org> is not a recipient of this message (RCPT TO); channel dave would send to it",
             ),
             (
                 Refusal::HeaderFromNotAllowed(HeaderProblem::NoFrom).into(),

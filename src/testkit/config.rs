@@ -57,6 +57,7 @@ pub fn channel(name: &str, kind: ChannelKind, connections: usize) -> Channel {
         name: name.into(),
         scope: Vec::new(),
         address_scoped: false,
+        fallback: None,
         preset: None,
         kind,
         limits: Limits {
@@ -72,5 +73,39 @@ pub fn envelope(sender: &str, recipients: &[&str]) -> Envelope {
         sender: sender.into(),
         recipients: recipients.iter().map(|r| r.to_string()).collect(),
         ..Envelope::default()
+    }
+}
+
+/// A graph channel sending as `mailbox` through the stand-in at `graph_url`, with an
+/// app-only (client-credentials) token from the local endpoint at `token_url`, and the
+/// graph preset's limits (scope: the mailbox).
+pub fn graph_channel(name: &str, mailbox: &str, graph_url: &str, token_url: &str) -> Channel {
+    use crate::config::oauth::{Grant, OAuth, Provider, TokenSource, defaults};
+    use crate::testkit::token_endpoint::{CLIENT_ID, CLIENT_SECRET};
+    let oauth = OAuth {
+        provider: Provider::Microsoft,
+        grant: Grant::ClientCredentials,
+        tenant: "example.com".into(),
+        client_id: CLIENT_ID.into(),
+        client_secret: Some(crate::config::Secret::new(CLIENT_SECRET)),
+        refresh_token: None,
+        refresh_token_source: TokenSource::None,
+        scope: defaults::GRAPH_APP_SCOPE.into(),
+        token_url: token_url.into(),
+        auth_url: token_url.into(),
+        device_url: token_url.into(),
+        graph_url: graph_url.into(),
+    };
+    Channel {
+        name: name.into(),
+        scope: vec![crate::config::SenderPattern::Exact(mailbox.into())],
+        address_scoped: true,
+        fallback: None,
+        preset: None,
+        kind: ChannelKind::Graph(crate::config::GraphTarget {
+            mailbox: mailbox.into(),
+            oauth,
+        }),
+        limits: crate::config::presets::graph().limits,
     }
 }

@@ -182,6 +182,20 @@ pub enum Error {
     /// (temporary) or refused the grant (the channel's credentials are broken).
     #[error(transparent)]
     OAuth(#[from] crate::oauth::Error),
+    /// Microsoft Graph answered with an HTTP error. `reply` is the SMTP reply that
+    /// stands for it (naming the channel, the status and Graph's error code); the class
+    /// follows the status (SPEC §7), not the reply.
+    #[error("Microsoft Graph answered HTTP {status}{}: {reply}", code_suffix(code))]
+    Graph {
+        /// The HTTP status.
+        status: u16,
+        /// The `error.code` of Graph's JSON answer (empty when there was none).
+        code: String,
+        /// `Retry-After`, when the answer had one.
+        retry_after: Option<std::time::Duration>,
+        /// The reply for the queue's records, DSNs and relay-mode clients.
+        reply: Reply,
+    },
     /// Local trouble: the file channel, reading the spool, a bad message, the pool.
     #[error("local error: {what}")]
     Local {
@@ -191,6 +205,26 @@ pub enum Error {
         #[source]
         source: Option<io::Error>,
     },
+}
+
+fn code_suffix(code: &str) -> String {
+    if code.is_empty() {
+        String::new()
+    } else {
+        format!(" ({code})")
+    }
+}
+
+/// What an HTTP status from Graph means (SPEC §7): 429 and 5xx are temporary; 401 (after
+/// the one refresh), 403 (no permission on the mailbox) and 404 (no such mailbox) stop
+/// the channel; every other 4xx (400 invalid recipient, 413 too large) fails the message.
+pub fn classify_http(status: u16) -> Class {
+    match status {
+        429 | 500..=599 => Class::Transient,
+        401 | 403 | 404 => Class::CredentialsBroken,
+        400..=499 => Class::Permanent,
+        _ => Class::Transient,
+    }
 }
 
 fn address_reply(address: &str, sender: bool) -> Reply {
@@ -223,6 +257,7 @@ impl Error {
         match self {
             Error::Rejected { step, reply } => classify(*step, reply),
             Error::NoSmtpUtf8 { .. } | Error::BadAddress { .. } => Class::Permanent,
+            Error::Graph { status, .. } => classify_http(*status),
             Error::OAuth(e) if e.is_transient() => Class::Transient,
             Error::OAuth(_) => Class::CredentialsBroken,
             Error::Connect { .. }
@@ -243,8 +278,33 @@ impl Error {
     /// The message (or the channel's credentials) is refused for good.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Error::Rejected { reply, .. } => reply.is_permanent(),
+            Error::Rejected { reply, .. } | Error::Graph { reply, .. } => reply.is_permanent(),
             Error::NoSmtpUtf8 { .. } | Error::BadAddress { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// How long the upstream asked us to wait before trying again (Graph's `Retry-After`).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Graph { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The provider refuses the way the channel authenticates, not just these
+    /// credentials (SPEC §7 "Fallback": `535 5.7.139` SMTP AUTH disabled, `550 5.7.30`
+    /// basic auth off, an OAuth grant refused): mail may go over the channel's fallback.
+    pub fn refuses_auth_method(&self) -> bool {
+        match self {
+            Error::Rejected { step, reply } if step.may_affect_channel() => matches!(
+                (reply.code, reply.enhanced),
+                (535, Some((5, 7, 139))) | (550, Some((5, 7, 30)))
+            ),
+            // The provider refused the grant; not a token that was never stored or read.
+            Error::OAuth(e) => e
+                .code()
+                .is_some_and(|c| !matches!(c, "no_refresh_token" | "token_unreadable")),
             _ => false,
         }
     }
@@ -252,7 +312,9 @@ impl Error {
     /// The upstream's code and enhanced code, when it answered with a reply.
     pub fn status(&self) -> Option<(u16, Option<Enhanced>)> {
         match self {
-            Error::Rejected { reply, .. } => Some((reply.code, reply.enhanced)),
+            Error::Rejected { reply, .. } | Error::Graph { reply, .. } => {
+                Some((reply.code, reply.enhanced))
+            }
             _ => None,
         }
     }
@@ -263,6 +325,10 @@ impl Error {
             Error::Connect { .. } => Some(Step::Connect),
             Error::Tls { .. } | Error::NoStartTls { .. } => Some(Step::Tls),
             Error::NoAuthMechanism { .. } | Error::OAuth(_) => Some(Step::Auth),
+            Error::Graph { status, .. } if classify_http(*status) == Class::CredentialsBroken => {
+                Some(Step::Auth)
+            }
+            Error::Graph { .. } => Some(Step::EndOfData),
             Error::Dropped { step, .. }
             | Error::Timeout { step }
             | Error::Rejected { step, .. } => Some(*step),
@@ -281,7 +347,10 @@ impl Error {
                 step: Step::Auth, ..
             } => Reply::upstream_auth_failed(channel),
             Error::Timeout { .. } => Reply::upstream_timeout(channel),
-            Error::Rejected { reply, .. } => reply.clone(),
+            Error::Graph { status, .. } if classify_http(*status) == Class::CredentialsBroken => {
+                Reply::upstream_auth_failed(channel)
+            }
+            Error::Rejected { reply, .. } | Error::Graph { reply, .. } => reply.clone(),
             Error::NoSmtpUtf8 { .. } => Reply::upstream_no_smtputf8(channel),
             Error::BadAddress { address, sender } => address_reply(address, *sender),
             Error::Local { .. } => Reply::local_error(),
@@ -292,7 +361,7 @@ impl Error {
     /// reply when there was one, else the client reply with the detail appended.
     pub fn record_reply(&self, channel: &str) -> Reply {
         match self {
-            Error::Rejected { reply, .. } => reply.clone(),
+            Error::Rejected { reply, .. } | Error::Graph { reply, .. } => reply.clone(),
             Error::NoAuthMechanism { .. } => Reply::upstream_no_auth_mechanism(channel),
             Error::NoSmtpUtf8 { .. } | Error::BadAddress { .. } | Error::Timeout { .. } => {
                 self.client_reply(channel)
@@ -510,6 +579,52 @@ mod tests {
             .class(),
             Class::Permanent
         );
+    }
+
+    #[test]
+    fn only_a_refused_auth_method_lets_mail_go_over_a_fallback() {
+        let rejected = |step, reply| Error::Rejected { step, reply };
+        let yes = [
+            rejected(
+                Step::Auth,
+                r(
+                    535,
+                    Some((5, 7, 139)),
+                    "SmtpClientAuthentication is disabled",
+                ),
+            ),
+            rejected(Step::EndOfData, r(535, Some((5, 7, 139)), "disabled")),
+            rejected(
+                Step::Auth,
+                r(
+                    550,
+                    Some((5, 7, 30)),
+                    "Basic authentication is not supported",
+                ),
+            ),
+        ];
+        for e in &yes {
+            assert!(e.refuses_auth_method(), "{e}");
+        }
+        let broken = |code: &str| {
+            Error::OAuth(crate::oauth::Error::Broken {
+                channel: "c".into(),
+                code: code.into(),
+                description: String::new(),
+                hint: String::new(),
+            })
+        };
+        assert!(broken("invalid_grant").refuses_auth_method());
+        assert!(broken("unauthorized_client").refuses_auth_method());
+        let no = [
+            rejected(Step::Auth, r(535, Some((5, 7, 8)), "bad password")),
+            rejected(Step::Rcpt, r(535, Some((5, 7, 139)), "about a recipient")),
+            broken("no_refresh_token"),
+            Error::Timeout { step: Step::Auth },
+        ];
+        for e in &no {
+            assert!(!e.refuses_auth_method(), "{e}");
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Channel transports: pooled upstream SMTP connections (lettre) and the `file` drop.
+//! Channel transports: pooled upstream SMTP connections (lettre), Microsoft Graph
+//! `sendMail` (HTTPS) and the `file` drop.
 //!
 //! One [`Upstreams`] per running proxy; each SMTP channel has a pool of idle
 //! connections and a semaphore so that no more than `connections` are open at once.
@@ -15,9 +16,10 @@
 //! | `stream.rs` | the stream lettre talks over (kill switch, write batching) |
 //! | `body.rs` | the body scan (8-bit, bare CR/LF) and the spool file in chunks |
 //! | `file.rs` | the `file` channel |
+//! | `graph.rs` | the `graph` channel: Microsoft Graph `sendMail` over HTTPS |
 //!
-//! A new transport (an HTTPS `graph` channel) is one more [`Transport`] variant and
-//! file; an OAuth-authenticated SMTP login is one more case of the AUTH step.
+//! A new transport is one more [`Transport`] variant and file; an OAuth-authenticated
+//! SMTP login is one more case of the AUTH step.
 //!
 //! We drive lettre's `AsyncSmtpConnection` command by command rather than using its
 //! transport, because we need per-recipient outcomes, our own connection cap, and TLS
@@ -40,6 +42,7 @@ mod body;
 mod connect;
 pub mod error;
 mod file;
+mod graph;
 mod pool;
 mod starttls;
 mod stream;
@@ -54,6 +57,7 @@ use crate::message::Envelope;
 use crate::reply::Reply;
 
 pub use error::{Class, Error, Step, classify};
+use graph::GraphChannel;
 use pool::SmtpChannel;
 
 /// The message bytes to send: as received (after dot-unstuffing and bare-LF
@@ -98,6 +102,7 @@ pub struct Upstreams {
 /// How one channel sends. A new kind of channel (`graph`) is a new variant here.
 enum Transport {
     Smtp(Box<SmtpChannel>),
+    Graph(Box<GraphChannel>),
     File { name: String, dir: PathBuf },
 }
 
@@ -105,6 +110,7 @@ impl Transport {
     fn name(&self) -> &str {
         match self {
             Transport::Smtp(ch) => &ch.name,
+            Transport::Graph(ch) => &ch.name,
             Transport::File { name, .. } => name,
         }
     }
@@ -131,6 +137,17 @@ impl Upstreams {
                     .map_err(|e| format!("channel {}: {e}", channel.name))?;
                     smtp.token = tokens.get(id).cloned();
                     Transport::Smtp(Box::new(smtp))
+                }
+                ChannelKind::Graph(target) => {
+                    let mut graph = GraphChannel::new(
+                        &channel.name,
+                        target,
+                        channel.limits.connections,
+                        channel.limits.max_message_size,
+                    )
+                    .map_err(|e| format!("channel {}: {e}", channel.name))?;
+                    graph.token = tokens.get(id).cloned();
+                    Transport::Graph(Box::new(graph))
                 }
             };
             channels.push(transport);
@@ -195,6 +212,10 @@ impl Upstreams {
                     .await;
                 Outcome { refused, result }
             }
+            Transport::Graph(ch) => Outcome {
+                refused: Vec::new(),
+                result: ch.send(envelope, body, self.timeout).await,
+            },
             Transport::File { name, dir } => {
                 let id = id.map_or_else(crate::message::new_id, str::to_string);
                 Outcome {
@@ -245,6 +266,7 @@ impl Upstreams {
         match transport {
             Transport::File { dir, .. } => file::test(dir, step).await,
             Transport::Smtp(ch) => self.test_smtp(ch, step).await,
+            Transport::Graph(ch) => ch.test(step, self.timeout).await,
         }
     }
 

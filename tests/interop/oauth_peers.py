@@ -252,3 +252,106 @@ class XOAuth2Handler(RecordingHandler):
             return AuthResult(success=False, handled=False,
                               message="535 5.7.8 Username and Password not accepted")
         return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
+
+
+@dataclass
+class GraphSent:
+    mailbox: str
+    mime: bytes
+
+
+class GraphApi:
+    """A Microsoft Graph stand-in on a real HTTP server (127.0.0.1, port 0):
+    `POST /v1.0/users/{mailbox}/sendMail` with a base64 MIME body and `GET
+    /v1.0/users/{mailbox}`. Bearer tokens are checked with the token endpoint; the
+    decoded MIME and the mailbox are recorded. `script` holds answers for the next
+    sendMail requests: (status, code) or (status, code, retry_after).
+    """
+
+    def __init__(self, endpoint: TokenEndpoint):
+        self.endpoint = endpoint
+        self.sent: list[GraphSent] = []
+        self.requests = 0
+        self.tokens: list[str] = []
+        self.script: list[tuple] = []
+        self.get_status = 200
+        self.lock = threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as Graph does
+
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body: Optional[dict] = None, headers=()):
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                if body is not None:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _error(self, status: int, code: str, retry_after: Optional[str] = None):
+                headers = [("Retry-After", retry_after)] if retry_after else []
+                self._answer(status, {"error": {"code": code, "message": f"stand-in {status}"}}, headers)
+
+            def _route(self):
+                n = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(n) if n else b""
+                path = self.path
+                if not path.startswith("/v1.0/users/"):
+                    return self._error(404, "ResourceNotFound")
+                rest = path[len("/v1.0/users/"):]
+                send = rest.endswith("/sendMail")
+                mailbox = urllib.parse.unquote(rest[: -len("/sendMail")] if send else rest)
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                with api.lock:
+                    api.tokens.append(token)
+                    if send:
+                        api.requests += 1
+                if not api.endpoint.valid(token):
+                    return self._error(401, "InvalidAuthenticationToken")
+                if self.command == "GET" and not send:
+                    if api.get_status == 200:
+                        return self._answer(200, {"mail": mailbox})
+                    return self._error(api.get_status, "ErrorAccessDenied")
+                if self.command != "POST" or not send:
+                    return self._error(405, "MethodNotAllowed")
+                with api.lock:
+                    scripted = api.script.pop(0) if api.script else None
+                if scripted:
+                    return self._error(*scripted)
+                if not self.headers.get("Content-Type", "").startswith("text/plain"):
+                    return self._error(400, "ErrorMimeContentInvalid")
+                try:
+                    mime = base64.b64decode(body, validate=True)
+                except ValueError:
+                    return self._error(400, "ErrorMimeContentInvalidBase64String")
+                with api.lock:
+                    api.sent.append(GraphSent(mailbox, mime))
+                self._answer(202)
+
+            do_GET = _route
+            do_POST = _route
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_sent(self, n: int, timeout: float = 15.0) -> list[GraphSent]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.sent) >= n:
+                    return list(self.sent)
+            time.sleep(0.05)
+        raise AssertionError(f"Graph got {len(self.sent)} messages, expected {n}")
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -189,6 +189,15 @@ impl Session {
                     envelope.recipients.len(),
                     &headers,
                 )
+                .and_then(|decision| {
+                    routing::check_header_recipients(
+                        &self.config,
+                        decision.channel,
+                        &envelope.recipients,
+                        section,
+                    )
+                    .map(|()| decision)
+                })
                 .map_err(Reply::from)
             }
             // finish() above leaves the capture either complete or too big.

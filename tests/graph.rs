@@ -1,0 +1,541 @@
+//! The Microsoft Graph channel end to end, in process: the real delivery layer (relay and
+//! queue modes, spool on disk, channel workers, token cache) against a local Graph
+//! stand-in and a local OAuth token endpoint (`mailgate::testkit`), both real HTTP servers
+//! on 127.0.0.1 port 0.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mailgate::config::{Channel, ChannelKind, Config, DeliveryMode};
+use mailgate::delivery::Delivery;
+use mailgate::message::Envelope;
+use mailgate::reply::Reply;
+use mailgate::testkit::config::{graph_channel, server};
+use mailgate::testkit::graph_api::{GraphApi, Scripted};
+use mailgate::testkit::token_endpoint::TokenEndpoint;
+use tokio_util::sync::CancellationToken;
+
+const MAILBOX: &str = "dave@example.com";
+
+struct Setup {
+    tokens: Arc<TokenEndpoint>,
+    graph: GraphApi,
+    _dir: tempfile::TempDir,
+    config: Arc<Config>,
+    delivery: Arc<Delivery>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn setup(mode: DeliveryMode, extra: Vec<Channel>) -> Setup {
+    setup_with(mode, extra, None).await
+}
+
+/// `fallback`: (channel, its fallback) wired after the channels are sorted.
+async fn setup_with(
+    mode: DeliveryMode,
+    extra: Vec<Channel>,
+    fallback: Option<(&str, &str)>,
+) -> Setup {
+    mailgate::tls::install_crypto_provider();
+    let tokens = Arc::new(TokenEndpoint::start().await);
+    let graph = GraphApi::start(tokens.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut channels = vec![graph_channel(
+        "dave",
+        MAILBOX,
+        &graph.url(),
+        &tokens.token_url(),
+    )];
+    channels.extend(extra);
+    channels.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some((from, to)) = fallback {
+        let to = channels.iter().position(|c| c.name == to).unwrap();
+        let from = channels.iter().position(|c| c.name == from).unwrap();
+        channels[from].fallback = Some(to);
+    }
+    let config = Arc::new(Config {
+        server: mailgate::config::Server {
+            delivery: mode,
+            spool_dir: dir.path().join("spool"),
+            retry_first: Duration::from_millis(300),
+            retry_max: Duration::from_secs(2),
+            ..server()
+        },
+        ..mailgate::testkit::config::config(channels)
+    });
+    let delivery = Arc::new(Delivery::new(config.clone()).unwrap());
+    let shutdown = CancellationToken::new();
+    {
+        let (d, s) = (delivery.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run_queue(s).await });
+    }
+    Setup {
+        tokens,
+        graph,
+        _dir: dir,
+        config,
+        delivery,
+        shutdown,
+    }
+}
+
+impl Setup {
+    fn id(&self, name: &str) -> usize {
+        self.config.channel_id(name).unwrap()
+    }
+
+    async fn submit_to(&self, channel: &str, sender: &str, rcpts: &[&str], body: &[u8]) -> Reply {
+        let mut draft = self.delivery.begin().await.unwrap();
+        for piece in body.chunks(1000) {
+            draft.write(piece).await.unwrap();
+        }
+        let envelope = Envelope {
+            sender: sender.into(),
+            recipients: rcpts.iter().map(|r| r.to_string()).collect(),
+            ..Default::default()
+        };
+        self.delivery
+            .finish(draft, self.id(channel), &envelope)
+            .await
+    }
+
+    async fn submit(&self, rcpts: &[&str], body: &[u8]) -> Reply {
+        self.submit_to("dave", MAILBOX, rcpts, body).await
+    }
+
+    fn spool_files(&self, folder: &str) -> Vec<String> {
+        let dir = self.config.server.spool_dir.join(folder);
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|x| x == "json") {
+                out.push(std::fs::read_to_string(entry.path()).unwrap());
+            }
+        }
+        out
+    }
+}
+
+async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+fn message(to: &str) -> Vec<u8> {
+    // A leading dot, 8-bit text, a long line: all must arrive byte for byte.
+    let mut m = format!(
+        "From: Dave <{MAILBOX}>\r\nTo: {to}\r\nSubject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\n\r\n.leading dot\r\n"
+    )
+    .into_bytes();
+    m.extend_from_slice("größe ünd 8 bit\r\n".as_bytes());
+    m.extend_from_slice(&[b'x'; 3000]);
+    m.extend_from_slice(b"\r\nend\r\n");
+    m
+}
+
+#[tokio::test]
+async fn relay_mode_delivers_the_exact_bytes() {
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    let body = message("bob@example.org");
+    let reply = s.submit(&["bob@example.org"], &body).await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (250, Some((2, 0, 0))),
+        "{reply}"
+    );
+    assert!(
+        reply.text.contains("accepted by Microsoft Graph (202"),
+        "{reply}"
+    );
+    let sent = s.graph.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].mailbox, MAILBOX);
+    assert_eq!(sent[0].mime, body, "byte for byte");
+    assert_eq!(s.tokens.requests("client_credentials"), 1);
+}
+
+#[tokio::test]
+async fn queue_mode_delivers_the_exact_bytes_and_adds_only_the_bcc() {
+    let s = setup(DeliveryMode::Queue, vec![]).await;
+    let body = message("bob@example.org");
+    let reply = s
+        .submit(&["bob@example.org", "carol@example.org"], &body)
+        .await;
+    assert!(reply.text.starts_with("queued as "), "{reply}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    let mut want = b"Bcc: carol@example.org\r\n".to_vec();
+    want.extend_from_slice(&body);
+    assert_eq!(s.graph.sent()[0].mime, want, "only the Bcc: line differs");
+    assert!(wait_for(Duration::from_secs(5), || s.spool_files("queue").is_empty()).await);
+}
+
+#[tokio::test]
+async fn a_header_recipient_outside_the_envelope_is_never_sent_to() {
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    let reply = s
+        .submit(
+            &["bob@example.org"],
+            &message("bob@example.org, eve@example.org"),
+        )
+        .await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (550, Some((5, 7, 1))),
+        "{reply}"
+    );
+    assert!(reply.text.contains("<eve@example.org>"), "{reply}");
+    assert_eq!(s.graph.requests(), 0);
+}
+
+#[tokio::test]
+async fn throttled_429_waits_for_retry_after_then_delivers() {
+    let s = setup(DeliveryMode::Queue, vec![]).await;
+    s.graph.script([Scripted::throttled("1")]);
+    let started = Instant::now();
+    s.submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    // Retry-After: 1 beats retry_first (300 ms).
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.graph.requests(), 2);
+
+    // Relay mode: the client hears the throttling as a temporary reply.
+    let r = setup(DeliveryMode::Relay, vec![]).await;
+    r.graph.script([Scripted::throttled("7")]);
+    let reply = r
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (451, Some((4, 7, 0))),
+        "{reply}"
+    );
+    assert!(
+        reply.text.contains("TooManyRequests") && reply.text.contains("retry after 7s"),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn service_unavailable_defers() {
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    s.graph
+        .script([Scripted::status(503, "ServiceNotAvailable")]);
+    let reply = s
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(reply.code, 451, "{reply}");
+    let reply = s
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+}
+
+#[tokio::test]
+async fn a_401_forces_exactly_one_refresh_and_one_retry() {
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    let first = s
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(first.code, 250);
+    assert_eq!(s.tokens.requests("client_credentials"), 1);
+    s.graph
+        .script([Scripted::status(401, "InvalidAuthenticationToken")]);
+    let reply = s
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(s.tokens.requests("client_credentials"), 2, "one refresh");
+    let tokens = s.graph.tokens();
+    assert_eq!(tokens.len(), 3);
+    assert_eq!(tokens[0], tokens[1], "the cached token first");
+    assert_ne!(tokens[1], tokens[2], "then the refreshed one");
+
+    // Refused twice: one refresh, then the channel's login is refused (454, temporary).
+    s.graph.script([
+        Scripted::status(401, "InvalidAuthenticationToken"),
+        Scripted::status(401, "InvalidAuthenticationToken"),
+    ]);
+    let reply = s
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (454, Some((4, 7, 0))),
+        "{reply}"
+    );
+    assert_eq!(s.tokens.requests("client_credentials"), 3, "never a loop");
+}
+
+#[tokio::test]
+async fn a_403_breaks_the_channel_and_keeps_the_mail() {
+    let s = setup(DeliveryMode::Queue, vec![]).await;
+    s.graph.script([Scripted::status(403, "ErrorAccessDenied")]);
+    s.submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert!(wait_for(Duration::from_secs(5), || s.graph.requests() >= 1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Mail that arrives while the channel is broken waits too.
+    s.submit(&["carol@example.org"], &message("carol@example.org"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.graph.requests(), 1, "a broken channel stops trying");
+    assert!(s.graph.sent().is_empty());
+    assert_eq!(s.spool_files("queue").len(), 2, "its mail stays queued");
+    let health = std::fs::read_to_string(
+        s.config
+            .server
+            .spool_dir
+            .join("state")
+            .join("dave.health.json"),
+    )
+    .unwrap_or_default();
+    assert!(health.contains("ErrorAccessDenied"), "{health}");
+    // `queue retry --all` (what a reload does too) resumes it.
+    s.delivery.resume_queue();
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 2).await);
+}
+
+#[tokio::test]
+async fn invalid_recipient_and_too_large_fail_with_a_dsn() {
+    for (status, code) in [
+        (400, "ErrorInvalidRecipients"),
+        (413, "ErrorMessageSizeExceeded"),
+    ] {
+        let s = setup(DeliveryMode::Queue, vec![]).await;
+        s.graph.script([Scripted::status(status, code)]);
+        // The null sender would get no DSN; the mailbox itself gets one.
+        s.submit(&["bob@example.org"], &message("bob@example.org"))
+            .await;
+        assert!(
+            wait_for(Duration::from_secs(10), || s.spool_files("failed").len()
+                == 1)
+            .await,
+            "{status}"
+        );
+        let failed = &s.spool_files("failed")[0];
+        assert!(
+            failed.contains(code),
+            "the Graph code is in the failure reason: {failed}"
+        );
+        // The DSN goes back to the sender through the channel, and Graph takes it.
+        assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+        let dsn = String::from_utf8_lossy(&s.graph.sent()[0].mime).to_string();
+        assert!(dsn.contains("multipart/report"), "{dsn}");
+        assert!(dsn.contains(code), "{dsn}");
+    }
+    // Relay mode: the client hears the permanent reply.
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    s.graph
+        .script([Scripted::status(413, "ErrorMessageSizeExceeded")]);
+    let reply = s
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (552, Some((5, 3, 4))),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_before_graph_sees_them() {
+    for mode in [DeliveryMode::Relay, DeliveryMode::Queue] {
+        let s = setup(mode, vec![]).await;
+        let mut body = message("bob@example.org");
+        body.resize(3_000_001, b'y');
+        let reply = s.submit(&["bob@example.org"], &body).await;
+        assert_eq!(
+            (reply.code, reply.enhanced),
+            (552, Some((5, 3, 4))),
+            "{reply}"
+        );
+        assert_eq!(s.graph.requests(), 0);
+    }
+}
+
+#[tokio::test]
+async fn connections_are_kept_alive_and_capped() {
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    s.graph.set_delay(Duration::from_millis(200));
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (delivery, id) = (s.delivery.clone(), s.id("dave"));
+        tasks.push(tokio::spawn(async move {
+            let mut draft = delivery.begin().await.unwrap();
+            draft.write(&message("bob@example.org")).await.unwrap();
+            let envelope = Envelope {
+                sender: MAILBOX.into(),
+                recipients: vec!["bob@example.org".into()],
+                ..Default::default()
+            };
+            (i, delivery.finish(draft, id, &envelope).await)
+        }));
+    }
+    for task in tasks {
+        let (i, reply) = task.await.unwrap();
+        assert_eq!(reply.code, 250, "{i}: {reply}");
+    }
+    assert_eq!(s.graph.sent().len(), 10);
+    assert!(
+        s.graph.most_in_flight() <= 4,
+        "at most `connections` at once"
+    );
+    assert!(
+        s.graph.connections() <= 4,
+        "kept alive: {} connections",
+        s.graph.connections()
+    );
+}
+
+#[tokio::test]
+async fn test_channel_checks_the_mailbox_and_sends_nothing() {
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    let upstreams = mailgate::upstream::Upstreams::new(&s.config).unwrap();
+    let mut steps = Vec::new();
+    let mut step = |line: &str| steps.push(line.to_string());
+    upstreams.test(s.id("dave"), &mut step).await.unwrap();
+    assert!(
+        steps
+            .iter()
+            .any(|l| l.contains("mailbox dave@example.com found")),
+        "{steps:#?}"
+    );
+    s.graph.set_get_status(403);
+    let mut steps = Vec::new();
+    let mut step = |line: &str| steps.push(line.to_string());
+    upstreams.test(s.id("dave"), &mut step).await.unwrap();
+    assert!(
+        steps.iter().any(|l| l.contains("could not be checked")),
+        "{steps:#?}"
+    );
+    assert_eq!(s.graph.requests(), 0, "nothing was sent");
+    for secret in s.tokens.secrets() {
+        assert!(
+            !steps.iter().any(|l| l.contains(&secret)),
+            "a secret in the output"
+        );
+    }
+}
+
+/// SPEC §7 "Fallback": an SMTP channel whose upstream starts answering `535 5.7.139`
+/// (SMTP AUTH disabled for the tenant) hands its queued and new mail to a graph channel.
+#[tokio::test]
+async fn an_smtp_channel_refused_535_5_7_139_hands_its_mail_to_the_graph_fallback() {
+    use mailgate::testkit::fake_smtp;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_script: vec![
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+        ],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let mut smtp = mailgate::testkit::config::channel(
+        "alice",
+        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
+            port,
+            mailgate::config::TlsMode::None,
+        )),
+        2,
+    );
+    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let s = setup_with(DeliveryMode::Queue, vec![smtp], Some(("alice", "dave"))).await;
+    let (alice, delivery, config) = (s.id("alice"), s.delivery.clone(), s.config.clone());
+    let submit = |to: &'static str| {
+        let delivery = delivery.clone();
+        async move {
+            let mut draft = delivery.begin().await.unwrap();
+            draft.write(&message(to)).await.unwrap();
+            let envelope = Envelope {
+                sender: MAILBOX.into(),
+                recipients: vec![to.into()],
+                ..Default::default()
+            };
+            delivery.finish(draft, alice, &envelope).await
+        }
+    };
+    let first = submit("bob@example.org").await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    // The SMTP upstream refuses at the end of data; the message moves to Graph.
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    assert_eq!(upstream.txns().len(), 0, "nothing accepted over SMTP");
+    // New mail goes straight over the fallback.
+    let second = submit("carol@example.org").await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 2).await);
+    let health = std::fs::read_to_string(
+        config
+            .server
+            .spool_dir
+            .join("state")
+            .join("alice.health.json"),
+    )
+    .unwrap_or_default();
+    assert!(health.contains("fallback dave"), "{health}");
+    assert!(wait_for(Duration::from_secs(5), || s.spool_files("queue").is_empty()).await);
+    // The tenant allows SMTP AUTH again (the fake's script is spent): after `queue retry
+    // --all` (or a reload, or a restart) mail returns to the first channel.
+    delivery.resume_queue();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let third = submit("erin@example.org").await;
+    assert!(third.text.starts_with("queued as"), "{third}");
+    assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
+    assert_eq!(s.graph.sent().len(), 2);
+}
+
+#[tokio::test]
+async fn relay_mode_hands_over_to_the_fallback_at_once() {
+    use mailgate::testkit::fake_smtp;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_script: vec!["550 5.7.30 Basic authentication is not supported for Client Submission"],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let mut smtp = mailgate::testkit::config::channel(
+        "alice",
+        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
+            port,
+            mailgate::config::TlsMode::None,
+        )),
+        2,
+    );
+    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let s = setup_with(DeliveryMode::Relay, vec![smtp], Some(("alice", "dave"))).await;
+    let body = message("bob@example.org");
+    let reply = s
+        .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(reply.text.contains("Microsoft Graph"), "{reply}");
+    assert_eq!(s.graph.sent()[0].mime, body);
+    // The next message does not knock on the refusing door again.
+    let reply = s
+        .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(s.graph.sent().len(), 2);
+    assert_eq!(upstream.txns().len(), 0);
+    assert_eq!(
+        upstream
+            .commands()
+            .iter()
+            .filter(|c| c.starts_with("MAIL"))
+            .count(),
+        1
+    );
+}
