@@ -12,8 +12,8 @@ use lettre::transport::smtp::client::AsyncTokioStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// The connection lettre talks over: plain or implicit TLS, with a kill switch that
-/// makes every later write fail.
+/// The connection lettre talks over: plain or TLS (implicit or after STARTTLS), with a
+/// kill switch that makes every later write fail.
 ///
 /// Writes are held back until the next read (or until [`HOLD`] bytes wait): an SMTP
 /// client always reads a reply after writing, so nothing waits longer than before,
