@@ -13,6 +13,7 @@
 //! against the configuration file's folder.
 
 mod channels;
+mod metrics;
 mod model;
 pub mod oauth;
 pub mod presets;
@@ -135,13 +136,6 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         line: None,
     };
     let RawTop {} = r.read(&root, TOP_KEYS);
-    if root.has("metrics") {
-        let line = r.key_line(&root, "metrics");
-        r.problem(
-            line,
-            "[metrics] is not implemented yet in this version: remove it",
-        );
-    }
 
     let empty = toml_edit::Table::new();
     let blank = |label: &str| Section {
@@ -169,12 +163,23 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         .unwrap_or_else(|| blank("[routing]"));
     let routing = routing::read(r, &routing_section, &channels);
 
+    let smtp_listeners: Vec<_> = server
+        .listen
+        .iter()
+        .chain(&server.tls_listen)
+        .copied()
+        .collect();
+    let metrics = r
+        .section(&root, "metrics", "[metrics]")
+        .and_then(|section| metrics::read(r, &section, &smtp_listeners));
+
     Config {
         path: path.to_path_buf(),
         server,
         users,
         channels,
         routing,
+        metrics,
         has_literal_secrets: r.literal_secrets,
     }
 }

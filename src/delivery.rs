@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
+use crate::metrics::{self, ChannelState, Outcome};
 use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;
 use crate::state::{self, Counters, LocalState};
-use crate::upstream::{Body, Upstreams};
+use crate::upstream::{Body, Class, Upstreams};
 
 /// The delivery side of a running proxy.
 pub struct Delivery {
@@ -195,8 +196,10 @@ impl Delivery {
         let (id, rcpts) = (id.as_str(), envelope.recipients.len());
         let sender = crate::text::escape_controls(&envelope.sender);
         if reply.is_positive() {
+            metrics::message(name, Outcome::Accepted);
             tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
         } else {
+            metrics::message(name, Outcome::Refused);
             tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message refused");
         }
         reply
@@ -251,23 +254,38 @@ impl Delivery {
                 let now = now_ms();
                 if let Err(until) = limiter.check(now, rcpts) {
                     tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
+                    metrics::channel_state(&ch.name, ChannelState::Limited);
                     return Reply::channel_limited(&ch.name);
                 }
                 limiter.record(now, rcpts);
                 now
             };
             self.persist(&ch.name, reserved_at, rcpts, false);
+            let started = Instant::now();
             let outcome = self
                 .upstreams
                 .send_with_id(channel, Some(id), envelope, body, true)
                 .await;
+            metrics::delivery_time(&ch.name, started.elapsed());
             let error = match outcome.result {
-                Ok(reply) => return reply,
+                Ok(reply) => {
+                    metrics::message(&ch.name, Outcome::Delivered);
+                    metrics::channel_state(&ch.name, ChannelState::Ok);
+                    return reply;
+                }
                 Err(error) => error,
             };
             lock(limiter).unrecord(reserved_at, rcpts);
             self.persist(&ch.name, reserved_at, rcpts, true);
+            // Relay mode holds no channel: the state shows what the last answer said.
+            let state = match error.class() {
+                Class::CredentialsBroken => ChannelState::Broken,
+                Class::Quota => ChannelState::Limited,
+                _ => ChannelState::Ok,
+            };
+            metrics::channel_state(&ch.name, state);
             match ch.fallback {
+                // The message's fate is counted on the channel that answers last.
                 Some(fallback) if error.refuses_auth_method() => {
                     let to = &self.config.channels[fallback].name;
                     if !self.handing_over[channel].swap(true, Ordering::Relaxed) {
@@ -281,7 +299,17 @@ impl Delivery {
                     tracing::info!(id, channel = %ch.name, fallback = %to, "message handed to the fallback channel");
                     channel = fallback;
                 }
-                _ => return error.client_reply(&ch.name),
+                _ => {
+                    let reply = error.client_reply(&ch.name);
+                    // The client's reply is the message's fate here: it retries after a 4xx.
+                    let fate = if reply.is_permanent() {
+                        Outcome::Failed
+                    } else {
+                        Outcome::Deferred
+                    };
+                    metrics::message(&ch.name, fate);
+                    return reply;
+                }
             }
         }
         Reply::local_error()

@@ -25,6 +25,7 @@
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
+//! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`) |
 //! | [`state`] | below the flow: channel health and rate/quota counters (files beside the spool) |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
 //! | [`text`] | below the flow: outside text made safe to print (control characters escaped) |
@@ -37,6 +38,7 @@ pub mod delivery;
 pub mod fsutil;
 pub mod listener;
 pub mod message;
+pub mod metrics;
 pub mod oauth;
 pub mod queue;
 pub mod ratelimit;
@@ -60,8 +62,23 @@ use tokio_util::sync::CancellationToken;
 /// serves sessions, and on shutdown lets the sessions in flight finish.
 pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Result<(), String> {
     tls::install_crypto_provider();
+    metrics::global().declare_channels(&config);
     let delivery = Arc::new(delivery::Delivery::new(config.clone())?);
     let listeners = listener::bind(&config).await?;
+    // Served until the very end, so that /healthz says 503 while sessions drain.
+    let health = Arc::new(metrics::server::Health::new(&config.server.spool_dir));
+    let monitor = match &config.metrics {
+        Some(m) => Some(metrics::server::MetricsServer::start(&m.listen, health.clone()).await?),
+        None => None,
+    };
+    health.set_listening(true);
+    {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            health.set_listening(false);
+        });
+    }
     // Queue mode: the workers deliver from the spool while the listeners accept.
     let workers = {
         let (delivery, shutdown) = (delivery.clone(), shutdown.clone());
@@ -71,5 +88,8 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
     shutdown.cancel();
     let _ = workers.await;
     delivery.upstreams().close_idle().await;
+    if let Some(monitor) = monitor {
+        monitor.stop().await;
+    }
     served
 }

@@ -73,7 +73,7 @@ pub async fn bind(config: &Config) -> Result<Vec<Bound>, String> {
 /// Binding an IPv6 address failed because the host has no IPv6 there: the address is
 /// missing (`EADDRNOTAVAIL`, e.g. IPv6 disabled on the interface) or the kernel has no
 /// IPv6 at all (`EAFNOSUPPORT`, which std does not map to an `ErrorKind`).
-fn host_lacks_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
+pub(crate) fn host_lacks_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
     addr.is_ipv6()
         && (e.kind() == std::io::ErrorKind::AddrNotAvailable
             || e.raw_os_error() == Some(libc::EAFNOSUPPORT))

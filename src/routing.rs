@@ -397,6 +397,7 @@ mod tests {
             users: vec![],
             channels,
             routing: Routing::default(),
+            metrics: None,
             has_literal_secrets: false,
         }
     }

@@ -154,6 +154,7 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
         users: vec![],
         channels,
         routing: Default::default(),
+        metrics: None,
         has_literal_secrets: false,
     }
 }

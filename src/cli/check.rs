@@ -161,6 +161,22 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
     if !users.is_empty() {
         writeln!(out, "  users: {}", users.join(", "))?;
     }
+    match &config.metrics {
+        Some(m) => {
+            let open = m.listen.iter().any(|a| !a.ip().is_loopback());
+            let note = if open {
+                " (not loopback: no authentication, allow only your Prometheus)"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "metrics: {} (/metrics, /healthz){note}",
+                addrs(&m.listen)
+            )?;
+        }
+        None => writeln!(out, "metrics: off")?,
+    }
     Ok(())
 }
 

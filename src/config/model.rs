@@ -24,6 +24,8 @@ pub struct Config {
     pub channels: Vec<Channel>,
     /// `[routing]`.
     pub routing: Routing,
+    /// `[metrics]`: absent = no metrics/health HTTP listener.
+    pub metrics: Option<Metrics>,
     /// True when the file holds a literal secret (password or token) rather than `*_env`/`*_file`.
     pub has_literal_secrets: bool,
 }
@@ -240,6 +242,13 @@ pub struct Rate {
     pub count: u64,
     /// Window length.
     pub per: Duration,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    /// Where `/metrics` and `/healthz` are served (`"localhost:PORT"` is both loopbacks).
+    pub listen: Vec<SocketAddr>,
 }
 
 /// `[routing]`.

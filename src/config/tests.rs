@@ -1200,6 +1200,64 @@ fn per_client_limit_and_shutdown_grace() {
     assert_eq!(p.line, Some(2));
 }
 
+#[test]
+fn metrics_listen_is_read_and_optional() {
+    let config = ok(&format!(
+        "{OUTBOX}\n[metrics]\nlisten = \"127.0.0.1:9325\"\n"
+    ));
+    let listen: SocketAddr = "127.0.0.1:9325".parse().unwrap();
+    assert_eq!(
+        config.metrics,
+        Some(Metrics {
+            listen: vec![listen]
+        })
+    );
+    let both = ok(&format!(
+        "{OUTBOX}\n[metrics]\nlisten = \"localhost:9325\"\n"
+    ));
+    assert_eq!(both.metrics.unwrap().listen.len(), 2);
+    // Not loopback is allowed: a Prometheus elsewhere must reach it (the README warns).
+    let open = ok(&format!("{OUTBOX}\n[metrics]\nlisten = \"0.0.0.0:9325\"\n"));
+    assert!(open.metrics.is_some());
+    assert_eq!(ok(OUTBOX).metrics, None);
+}
+
+#[test]
+fn metrics_problems_are_all_listed_with_their_lines() {
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:2525\"]\n{OUTBOX}\n[metrics]\nlisten = \"127.0.0.1:2525\"\nport = 9\n"
+    );
+    let all = problems(&text);
+    let lines: Vec<(Option<usize>, &str)> =
+        all.iter().map(|p| (p.line, p.message.as_str())).collect();
+    assert_eq!(
+        lines,
+        vec![
+            (
+                Some(9),
+                "\"listen\" in [metrics]: 127.0.0.1:2525 is also an SMTP listener in [server]"
+            ),
+            (Some(10), "unknown key \"port\" in [metrics]"),
+        ],
+        "{all:#?}"
+    );
+    let bad = problem(&format!("{OUTBOX}\n[metrics]\nlisten = \"nine\"\n"));
+    assert_eq!(bad.line, Some(7));
+    assert!(
+        bad.message
+            .starts_with("\"listen\" in [metrics]: invalid listener"),
+        "{bad:?}"
+    );
+    let missing = problem(&format!("{OUTBOX}\n[metrics]\n"));
+    assert_eq!(missing.line, Some(6));
+    assert!(
+        missing.message.contains("[metrics] needs listen"),
+        "{missing:?}"
+    );
+    let wrong = problem(&format!("metrics = 3\n{OUTBOX}"));
+    assert!(wrong.message.contains("expected a table"), "{wrong:?}");
+}
+
 const DAVE: &str = "[channels.dave]\nkind = \"graph\"\nmailbox = \"dave@example.com\"\n\
                     oauth = { provider = \"microsoft\", grant = \"client_credentials\", tenant = \"example.com\", client_id = \"app-id\", client_secret = \"s3cret\" }\n";
 

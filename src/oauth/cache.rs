@@ -11,6 +11,7 @@ use super::store;
 use super::{AccessToken, Error, Http};
 use crate::config::oauth::{Grant, OAuth};
 use crate::config::{ChannelId, Config, Secret};
+use crate::metrics::{self, Refresh};
 use crate::state::tokens::{LocalTokenStore, TokenStore};
 
 /// A cached token is refreshed when it expires within this margin (SPEC §7).
@@ -226,6 +227,7 @@ impl ChannelToken {
         match self.fetch(state).await {
             Ok(issued) => {
                 inner.refreshed.fetch_add(1, Ordering::Relaxed);
+                metrics::token_refresh(&inner.channel, Refresh::Ok);
                 tracing::info!(
                     channel = %inner.channel,
                     expires_in_s = issued.expires_in.as_secs(),
@@ -240,6 +242,12 @@ impl ChannelToken {
             }
             Err(error) => {
                 inner.failed.fetch_add(1, Ordering::Relaxed);
+                let result = if error.is_transient() {
+                    Refresh::Error
+                } else {
+                    Refresh::Rejected
+                };
+                metrics::token_refresh(&inner.channel, result);
                 state.last_failure = Some((Instant::now(), error.clone()));
                 match &state.current {
                     Some(cached) if error.is_transient() && cached.lasts(STILL_USABLE) => {

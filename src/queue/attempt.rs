@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{ChannelId, Config};
 use crate::message::Envelope;
+use crate::metrics;
 use crate::reply::Reply;
 use crate::state::format_time;
 use crate::upstream::{self, Body, Error, Outcome};
@@ -114,6 +115,7 @@ impl Attempt {
                     }),
                 },
             };
+            metrics::delivery_time(&channel_name, started.elapsed());
             let now = now_ms();
             let applied = apply_outcome(&mut state, &chunk, &outcome, &channel_name, now, &config);
             let pending = state.pending();
@@ -133,6 +135,15 @@ impl Attempt {
             effect = applied.effect;
         }
 
+        // What the message's state says now, counted once it is saved: a message left
+        // queued after a transaction was deferred; one with nothing pending is done.
+        let fate = if state.pending() > 0 {
+            (!chunk.is_empty()).then_some(metrics::Outcome::Deferred)
+        } else if state.failed() == 0 {
+            Some(metrics::Outcome::Delivered)
+        } else {
+            Some(metrics::Outcome::Failed)
+        };
         let queue = self.queue.clone();
         let channel = self.channel;
         let finished = tokio::task::spawn_blocking(move || {
@@ -141,12 +152,17 @@ impl Attempt {
         })
         .await;
         match finished {
-            Ok(Ok((next, dsn))) => Report {
-                id,
-                next,
-                effect,
-                dsn,
-            },
+            Ok(Ok((next, dsn))) => {
+                if let Some(fate) = fate {
+                    metrics::message(&channel_name, fate);
+                }
+                Report {
+                    id,
+                    next,
+                    effect,
+                    dsn,
+                }
+            }
             Ok(Err(e)) => {
                 tracing::error!(id, error = %e, "queue: cannot update message state; it will be tried again");
                 Report {

@@ -21,6 +21,7 @@ use super::attempt::Attempt;
 use super::spool::now_ms;
 use super::{Queue, Transport};
 use crate::config::{Channel, ChannelId};
+use crate::metrics::{self, ChannelState};
 use crate::state::{Counters, Health, format_time};
 
 /// Longest a single upstream transaction may take, on top of the upstream's own
@@ -104,6 +105,8 @@ pub struct ChannelTask {
     health: Health,
     counters: Option<Counters>,
     health_writer: Arc<HealthWriter>,
+    /// Mail is due but the channel's own rate or quota window makes it wait.
+    waiting_on_limits: bool,
     rx: mpsc::UnboundedReceiver<Event>,
     /// `fallback = "…"` of this channel.
     fallback: Option<ChannelId>,
@@ -153,6 +156,7 @@ impl ChannelTask {
             health: Health::Ok,
             counters: None,
             health_writer: Arc::default(),
+            waiting_on_limits: false,
             rx,
             fallback,
             handing_over: false,
@@ -192,6 +196,7 @@ impl ChannelTask {
         let mut deliveries: JoinSet<Report> = JoinSet::new();
         loop {
             let wake = self.dispatch(&mut deliveries);
+            self.publish();
             let sleep = match wake {
                 Some(at) => {
                     tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
@@ -223,6 +228,19 @@ impl ChannelTask {
             tracing::warn!(channel = %self.name, "queue: shutdown interrupted transactions in flight; they will be retried");
             deliveries.abort_all();
         }
+        self.publish();
+    }
+
+    /// The channel's queue depth and state, for the metrics.
+    fn publish(&self) {
+        metrics::queued(&self.name, self.entries.len() + self.in_flight.len());
+        let state = match &self.health {
+            Health::Broken { .. } => ChannelState::Broken,
+            Health::Held { until_ms, .. } if *until_ms > now_ms() => ChannelState::Limited,
+            _ if self.waiting_on_limits => ChannelState::Limited,
+            _ => ChannelState::Ok,
+        };
+        metrics::channel_state(&self.name, state);
     }
 
     fn load_state(&mut self) {
@@ -370,6 +388,7 @@ impl ChannelTask {
     /// Starts every transaction that may start now; returns when to look again.
     fn dispatch(&mut self, deliveries: &mut JoinSet<Report>) -> Option<u64> {
         let now = now_ms();
+        self.waiting_on_limits = false;
         match &self.health {
             Health::Broken { .. } => return None,
             Health::Held { until_ms, .. } if *until_ms > now => return Some(*until_ms),
@@ -395,7 +414,10 @@ impl ChannelTask {
                         self.schedule(id, now + 3_600_000, pending);
                         continue;
                     }
-                    Err(at) => return Some(at.max(now + 1)),
+                    Err(at) => {
+                        self.waiting_on_limits = true;
+                        return Some(at.max(now + 1));
+                    }
                 }
                 if let Err(e) = counters.record(&self.queue.state, now, rcpts as u64) {
                     // Temporary (a full disk): the message stays due and is tried again.

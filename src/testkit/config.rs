@@ -30,6 +30,7 @@ pub fn config(channels: Vec<Channel>) -> Config {
         users: Vec::new(),
         channels,
         routing: Routing::default(),
+        metrics: None,
         has_literal_secrets: false,
     }
 }

@@ -121,6 +121,7 @@ class MailgateConfig:
         self.users: list[dict] = []
         self.channels: dict[str, dict] = {}
         self.routing: dict = {}
+        self.metrics: dict = {}
         self.env: dict[str, str] = {}
 
     def file_channel(self, name: str = "outbox", senders=("*",), **extra) -> Path:
@@ -159,6 +160,8 @@ class MailgateConfig:
             out += ["", f"[channels.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in ch.items()]
         if self.routing:
             out += ["", "[routing]"] + [f"{k} = {toml_value(v)}" for k, v in self.routing.items()]
+        if self.metrics:
+            out += ["", "[metrics]"] + [f"{k} = {toml_value(v)}" for k, v in self.metrics.items()]
         return "\n".join(out) + "\n"
 
     def write(self, name: str = "proxy.toml") -> Path:

@@ -7,6 +7,7 @@ use tracing::{debug, info, warn};
 use super::{DATA_READ, Session, Stop};
 use crate::config::BareLf;
 use crate::delivery::Draft;
+use crate::metrics::{self, Outcome};
 use crate::routing;
 use crate::smtp::data::{Decoder, HeaderCapture};
 use crate::smtp::reply::{Reply, Sequence, Verb};
@@ -75,7 +76,10 @@ impl Session {
         }
         let draft = match self.ctx.delivery.begin().await {
             Ok(draft) => draft,
-            Err(refusal) => return self.reply(&refusal),
+            Err(refusal) => {
+                self.count_refusal();
+                return self.reply(&refusal);
+            }
         };
         self.reply(&Reply::start_data())?;
         let max = self.config.server.max_message_size;
@@ -110,6 +114,7 @@ impl Session {
             None => match self.ctx.delivery.begin().await {
                 Ok(draft) => Body::new(draft, Decoder::bdat(), header_limit(&self.config.server)),
                 Err(refusal) => {
+                    self.count_refusal();
                     self.skip(size).await?;
                     self.tx = None;
                     return self.reply(&refusal);
@@ -143,6 +148,14 @@ impl Session {
             tx.bdat = Some(body);
         }
         self.reply(&Reply::chunk_ok(size))
+    }
+
+    /// A message of the open transaction refused before delivery saw it: counted on the
+    /// channel its sender was routed to. (Delivery counts the messages it answers for.)
+    fn count_refusal(&self) {
+        if let Some(tx) = &self.tx {
+            metrics::message(&self.config.channels[tx.channel].name, Outcome::Refused);
+        }
     }
 
     /// Reads and drops `size` bytes of a refused BDAT chunk.
@@ -206,6 +219,8 @@ impl Session {
         let decision = match decision {
             Ok(decision) => decision,
             Err(refusal) => {
+                let channel = &self.config.channels[tx.channel].name;
+                metrics::message(channel, Outcome::Refused);
                 info!(
                     id,
                     peer = %self.peer,

@@ -6,6 +6,7 @@ use tracing::{debug, info};
 use super::{Session, Transaction};
 use crate::config::DeliveryMode;
 use crate::message::Envelope;
+use crate::metrics::{self, Outcome};
 use crate::routing;
 use crate::smtp::reply::{Reply, Sequence, Syntax, Verb};
 
@@ -20,7 +21,7 @@ impl Session {
         }
         let server = &self.config.server;
         if server.require_auth && self.user.is_none() {
-            return Reply::auth_required();
+            return refused(Reply::auth_required());
         }
         let sender = from.address.as_str();
         if !sender.is_empty() && !valid_address(sender) {
@@ -32,16 +33,16 @@ impl Session {
         if let Some(user) = &self.user
             && let Err(refusal) = routing::authorize_user(&self.config, user, sender)
         {
-            return refusal.into();
+            return refused(refusal.into());
         }
         if from.size as u64 > server.max_message_size {
-            return Reply::too_big(server.max_message_size);
+            return refused(Reply::too_big(server.max_message_size));
         }
         match routing::route_sender(&self.config, sender) {
             Err(refusal) => {
                 let refusal = Reply::from(refusal);
                 info!(peer = %self.peer, sender, reply = %refusal, "sender refused");
-                refusal
+                refused(refusal)
             }
             Ok(decision) => {
                 debug!(sender, channel = %self.config.channels[decision.channel].name, reason = %decision.reason, "sender routed");
@@ -91,6 +92,13 @@ impl Session {
             _ => server,
         }
     }
+}
+
+/// A message refused at MAIL FROM, before any channel is chosen: counted with
+/// `channel=""`. (Syntax and sequence errors are no message and are not counted.)
+fn refused(reply: Reply) -> Reply {
+    metrics::message("", Outcome::Refused);
+    reply
 }
 
 /// The recipient to keep for `RCPT TO:<address>`, or `None` if it is no mailbox.

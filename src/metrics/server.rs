@@ -1,0 +1,282 @@
+//! The `[metrics] listen` HTTP server: `/metrics` (Prometheus text, or OpenMetrics when
+//! the scraper asks for it) and `/healthz`; every other path is 404.
+//!
+//! hyper parses HTTP. Each connection serves one request (no keep-alive) within
+//! [`CONNECTION_TIMEOUT`]; at most [`MAX_CONNECTIONS`] are served at once and a connection
+//! beyond that is closed at once, so a slow or hostile client cannot hold the server.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Most connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Longest a connection may take, from accept to the response sent.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send its request's header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the spool probe of `/healthz` may take (a hung disk or NFS mount is unhealthy).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What `/healthz` looks at.
+#[derive(Debug)]
+pub struct Health {
+    /// The SMTP listeners accept connections (false before they run and once shutting down).
+    listening: AtomicBool,
+    /// Where a probe file is written and removed: `spool_dir/tmp`, where messages are drafted.
+    probe_dir: PathBuf,
+    probes: AtomicU64,
+}
+
+impl Health {
+    /// Health of a proxy whose spool is `spool_dir`; not listening yet.
+    pub fn new(spool_dir: &Path) -> Self {
+        Health {
+            listening: AtomicBool::new(false),
+            probe_dir: spool_dir.join("tmp"),
+            probes: AtomicU64::new(0),
+        }
+    }
+
+    /// The SMTP listeners run (true) or have stopped (false).
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::SeqCst);
+    }
+
+    /// `Ok(())`, or why the proxy is not healthy.
+    pub async fn check(&self) -> Result<(), String> {
+        if !self.listening.load(Ordering::SeqCst) {
+            return Err("SMTP listeners are not running".to_string());
+        }
+        let n = self.probes.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .probe_dir
+            .join(format!(".healthz-{}-{n}", std::process::id()));
+        let shown = self.probe_dir.display().to_string();
+        let probe = tokio::task::spawn_blocking(move || probe(&path));
+        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("spool is not writable: {shown}: {e}")),
+            Ok(Err(e)) => Err(format!("spool check failed: {e}")),
+            Err(_) => Err(format!(
+                "spool check timed out after {}s: {shown}",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+}
+
+/// Writes a few bytes to a new file and removes it: a read-only or full file system, a
+/// missing folder or a folder that is no folder any more all fail here, for root too
+/// (whom permission bits do not stop).
+fn probe(path: &Path) -> io::Result<()> {
+    use std::io::Write;
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.write_all(b"mailgate health probe\n")?;
+        file.sync_data()
+    })();
+    let removed = std::fs::remove_file(path);
+    written?;
+    removed
+}
+
+/// The HTTP server, bound and running.
+pub struct MetricsServer {
+    addrs: Vec<SocketAddr>,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl MetricsServer {
+    /// Binds every address of `listen` (an IPv6 one the host lacks is skipped, as for the
+    /// SMTP listeners) and starts serving `health` and the process's metrics.
+    pub async fn start(listen: &[SocketAddr], health: Arc<Health>) -> Result<Self, String> {
+        let mut listeners = Vec::new();
+        for addr in listen {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => listeners.push(listener),
+                Err(e) if addr.is_ipv6() && crate::listener::host_lacks_ipv6(addr, &e) => {
+                    tracing::warn!(
+                        "skipping metrics address {addr}: this host has no such address ({e})"
+                    );
+                }
+                Err(e) => return Err(format!("cannot serve metrics on {addr}: {e}")),
+            }
+        }
+        if listeners.is_empty() {
+            return Err("no metrics address could be bound".to_string());
+        }
+        let stop = CancellationToken::new();
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut tasks = JoinSet::new();
+        let mut addrs = Vec::new();
+        for listener in listeners {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| format!("metrics address: {e}"))?;
+            // Not "listening on": that phrase announces SMTP listeners.
+            tracing::info!(
+                "serving metrics at http://{addr}/metrics and health at http://{addr}/healthz"
+            );
+            addrs.push(addr);
+            tasks.spawn(accept_loop(
+                listener,
+                health.clone(),
+                permits.clone(),
+                stop.clone(),
+            ));
+        }
+        Ok(MetricsServer { addrs, stop, tasks })
+    }
+
+    /// The bound addresses (port 0 resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Stops accepting and waits for the connections in flight (each bounded).
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    health: Arc<Health>,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        while connections.try_join_next().is_some() {}
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("metrics: too many connections; closing one");
+            continue;
+        };
+        let health = health.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |request| {
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(respond(&health, &request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+        });
+    }
+    // Connections in flight end within CONNECTION_TIMEOUT.
+    while connections.join_next().await.is_some() {}
+}
+
+type Reply = Response<Full<Bytes>>;
+
+async fn respond(health: &Health, request: &Request<Incoming>) -> Reply {
+    let path = request.uri().path();
+    if path != "/metrics" && path != "/healthz" {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut reply = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        reply
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return reply;
+    }
+    if path == "/healthz" {
+        return match health.check().await {
+            // Exactly `ok` (SPEC §8), for checkers that compare the body.
+            Ok(()) => text(StatusCode::OK, "ok"),
+            Err(reason) => {
+                tracing::warn!(reason, "health check failed");
+                text(StatusCode::SERVICE_UNAVAILABLE, &reason)
+            }
+        };
+    }
+    let wants_openmetrics = request
+        .headers()
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let metrics = super::global();
+    let (body, content_type) = if wants_openmetrics {
+        (metrics.openmetrics(), OPENMETRICS_TEXT)
+    } else {
+        (metrics.prometheus_text(), PROMETHEUS_TEXT)
+    };
+    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    reply
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    reply
+}
+
+fn text(status: StatusCode, body: &str) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::from(body.to_string())));
+    *reply.status_mut() = status;
+    reply.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn health_needs_listeners_and_a_writable_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir_all(spool.join("tmp")).unwrap();
+        let health = Health::new(&spool);
+        assert!(health.check().await.unwrap_err().contains("listeners"));
+        health.set_listening(true);
+        health.check().await.unwrap();
+        assert_eq!(std::fs::read_dir(spool.join("tmp")).unwrap().count(), 0);
+        // A spool folder that is a file now: root cannot write under it either.
+        std::fs::remove_dir_all(&spool).unwrap();
+        std::fs::write(&spool, b"not a folder").unwrap();
+        let why = health.check().await.unwrap_err();
+        assert!(why.starts_with("spool is not writable"), "{why}");
+    }
+}
