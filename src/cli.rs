@@ -44,7 +44,7 @@ pub enum LogFormat {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy in the foreground until SIGINT/SIGTERM
+    /// Run the proxy in the foreground until SIGINT/SIGTERM; SIGHUP reloads the config
     Run,
     /// Load and validate the config; print channels, scopes and the routing table
     Check,
@@ -275,16 +275,14 @@ fn install_signals() -> Result<[tokio::signal::unix::Signal; 3], String> {
     ])
 }
 
-/// SIGINT/SIGTERM: graceful stop. SIGHUP: config reload is not implemented in this
-/// version; it is logged and ignored rather than killing the proxy (its default action).
+/// SIGINT/SIGTERM: graceful stop. SIGHUP is the reload ([`crate::reload`], which has its
+/// own handler); it is installed here too so that one arriving during start-up is
+/// ignored rather than fatal (its default action).
 async fn watch_signals(signals: [tokio::signal::unix::Signal; 3], shutdown: CancellationToken) {
-    let [mut term, mut int, mut hup] = signals;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => tracing::warn!("SIGHUP: config reload is not supported yet; restart mailgate to apply changes"),
-        }
+    let [mut term, mut int, _hup] = signals;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     tracing::info!("signal received, stopping");
     shutdown.cancel();
@@ -334,6 +332,14 @@ fn check(path: &Path) -> Result<(), String> {
         println!("channel health (from the spool):");
         for (name, state) in crate::queue::admin::channel_health(&config) {
             println!("  {name}: {state}");
+        }
+    }
+    let unconfigured = crate::queue::admin::unconfigured(&config);
+    if !unconfigured.is_empty() {
+        println!("queued mail for channels missing from this config:");
+        for (name, count) in unconfigured {
+            let line = crate::queue::admin::unconfigured_line(count);
+            println!("  {name}: {line}");
         }
     }
     println!("{}: OK", path.display());

@@ -16,26 +16,32 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
 use crate::metrics::{self, ChannelState, Outcome};
+use crate::queue::{ChannelChanges, Generation};
 use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;
 use crate::state::{self, Counters, LocalState};
 use crate::upstream::{Body, Class, Upstreams};
 
-/// The delivery side of a running proxy.
+/// The delivery side of a running proxy, for one config: a reload makes the next one
+/// ([`Delivery::reload`]), sharing the queue and the unchanged channels' parts, while the
+/// sessions begun before it finish with this one.
 pub struct Delivery {
     config: Arc<Config>,
     upstreams: Arc<Upstreams>,
-    /// One per channel, indexed by [`ChannelId`].
-    limiters: Vec<Mutex<ChannelLimiter>>,
+    /// One per channel, indexed by [`ChannelId`]; shared with the next generation when
+    /// the channel is unchanged, so its windows carry on.
+    limiters: Vec<Arc<Mutex<ChannelLimiter>>>,
     /// Queue mode: the spool and its workers.
     queue: Option<Arc<Queue>>,
     /// Relay mode: where the limiters' counts are kept across restarts.
     counters: Option<LocalState>,
     /// Relay mode: `spool_dir/tmp/`, where a large message waits for its upstream.
     relay_tmp: Spool,
+    /// Relay-mode counters are kept on disk (not in tests built on [`Delivery::with_upstreams`]).
+    persist: bool,
     /// Relay mode, per channel: the provider refuses how it authenticates, so its mail
-    /// goes over its fallback (cleared by a reload).
+    /// goes over its fallback (cleared by a reload: each generation starts with none).
     handing_over: Vec<AtomicBool>,
 }
 
@@ -101,25 +107,8 @@ impl Delivery {
             clean_relay_tmp(&relay_tmp)
                 .map_err(|e| format!("spool {}: {e}", config.server.spool_dir.display()))?;
         }
-        let now = now_ms();
-        let limiters = config
-            .channels
-            .iter()
-            .map(|c| {
-                let saved = counters
-                    .as_ref()
-                    .filter(|_| state::has_windows(&c.limits))
-                    .and_then(|st| Counters::load(st, &c.name, &c.limits, now).ok())
-                    .map(|counters| counters.events())
-                    .unwrap_or_default();
-                Mutex::new(ChannelLimiter::restore(&c.limits, saved, now))
-            })
-            .collect();
-        let handing_over = config
-            .channels
-            .iter()
-            .map(|_| AtomicBool::new(false))
-            .collect();
+        let limiters = limiters(&config, counters.as_ref(), None, &[]);
+        let handing_over = handing_over(&config);
         Ok(Delivery {
             config,
             upstreams: Arc::new(upstreams),
@@ -127,8 +116,54 @@ impl Delivery {
             queue,
             counters,
             relay_tmp,
+            persist,
             handing_over,
         })
+    }
+
+    /// The next generation for a reloaded `config` (whose restart-only settings, the
+    /// delivery mode and the spool among them, are this one's): unchanged channels keep
+    /// their transports and limiters; added and changed ones get new ones (a changed one's
+    /// windows are read back from the spool's state, as at start-up). Nothing runs
+    /// differently until [`Delivery::apply`].
+    pub fn reload(&self, config: Arc<Config>, changes: &ChannelChanges) -> Result<Self, String> {
+        let upstreams = self.upstreams.rebuild(&config, &changes.unchanged)?;
+        let counters = match &self.counters {
+            Some(store) => Some(store.clone()),
+            None if self.persist && self.queue.is_none() => relay_counters(&config),
+            None => None,
+        };
+        let limiters = limiters(&config, counters.as_ref(), Some(self), &changes.unchanged);
+        let handing_over = handing_over(&config);
+        Ok(Delivery {
+            config,
+            upstreams: Arc::new(upstreams),
+            limiters,
+            queue: self.queue.clone(),
+            counters,
+            relay_tmp: self.relay_tmp.clone(),
+            persist: self.persist,
+            handing_over,
+        })
+    }
+
+    /// Puts the next generation (from [`Delivery::reload`] on `self`) to work: the queue's
+    /// workers follow `changes`, and this generation's idle upstream connections of
+    /// channels not taken over are closed.
+    pub async fn apply(&self, next: &Delivery, changes: &ChannelChanges) {
+        if let Some(queue) = &next.queue {
+            let generation = Generation {
+                config: next.config.clone(),
+                transport: next.upstreams.clone(),
+            };
+            queue.reconfigure(generation, changes).await;
+        }
+        self.upstreams.close_idle_except(&changes.unchanged).await;
+    }
+
+    /// The config of this generation.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     /// Queue mode: runs the queue's workers until `shutdown`, then lets transactions in
@@ -183,7 +218,11 @@ impl Delivery {
         let started = Instant::now();
         let (id, size) = (draft.id().to_string(), draft.len());
         let reply = match &self.queue {
-            Some(queue) => queue.finish(draft.body, channel, envelope).await,
+            Some(queue) => {
+                queue
+                    .finish(draft.body, &self.config, channel, envelope)
+                    .await
+            }
             // The draft (and its file) goes once the upstream has answered.
             None => self.relay(&id, draft.body, channel, envelope).await,
         };
@@ -351,6 +390,44 @@ impl Delivery {
             Err(e) => tracing::warn!(channel, error = %e, "cannot persist rate counters"),
         }
     }
+}
+
+/// One limiter per channel of `config`: taken over from `previous` for the channels named
+/// in `keep`, else restored from the saved counters (relay mode) or empty.
+fn limiters(
+    config: &Config,
+    counters: Option<&LocalState>,
+    previous: Option<&Delivery>,
+    keep: &[String],
+) -> Vec<Arc<Mutex<ChannelLimiter>>> {
+    let now = now_ms();
+    config
+        .channels
+        .iter()
+        .map(|c| {
+            let kept = previous.filter(|_| keep.contains(&c.name)).and_then(|p| {
+                let id = p.config.channel_id(&c.name)?;
+                p.limiters.get(id).cloned()
+            });
+            kept.unwrap_or_else(|| {
+                let saved = counters
+                    .filter(|_| state::has_windows(&c.limits))
+                    .and_then(|st| Counters::load(st, &c.name, &c.limits, now).ok())
+                    .map(|counters| counters.events())
+                    .unwrap_or_default();
+                Arc::new(Mutex::new(ChannelLimiter::restore(&c.limits, saved, now)))
+            })
+        })
+        .collect()
+}
+
+/// One flag per channel, all clear.
+fn handing_over(config: &Config) -> Vec<AtomicBool> {
+    config
+        .channels
+        .iter()
+        .map(|_| AtomicBool::new(false))
+        .collect()
 }
 
 /// Relay mode: the spool's `state/` for rate counters, when some channel has limits.

@@ -22,6 +22,7 @@
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
 //! | [`upstream`] | channel transports: pooled SMTP (lettre), Microsoft Graph `sendMail` (HTTPS) and the `file` drop; [`upstream::Error`] and its SPEC §7 class |
+//! | [`reload`] | SIGHUP: re-reads the config, swaps it in for new sessions, starts/stops/restarts channel workers |
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod queue;
 pub mod ratelimit;
+pub mod reload;
 pub mod reply;
 pub mod routing;
 pub mod scope;
@@ -59,11 +61,18 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the proxy on `config` until `shutdown` is cancelled: binds the listeners,
-/// serves sessions, and on shutdown lets the sessions in flight finish.
+/// serves sessions, reloads the config file on SIGHUP, and on shutdown lets the
+/// sessions in flight finish.
 pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Result<(), String> {
     tls::install_crypto_provider();
     metrics::global().declare_channels(&config);
     let delivery = Arc::new(delivery::Delivery::new(config.clone())?);
+    let live = Arc::new(listener::Live::new(
+        config.clone(),
+        delivery.clone(),
+        shutdown.clone(),
+    )?);
+    let reloads = tokio::spawn(reload::on_sighup(live.clone(), shutdown.clone())?);
     let listeners = listener::bind(&config).await?;
     // Served until the very end, so that /healthz says 503 while sessions drain.
     let health = Arc::new(metrics::server::Health::new(&config.server.spool_dir));
@@ -84,10 +93,11 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
         let (delivery, shutdown) = (delivery.clone(), shutdown.clone());
         tokio::spawn(async move { delivery.run_queue(shutdown).await })
     };
-    let served = listener::serve(config, delivery.clone(), listeners, shutdown.clone()).await;
+    let served = listener::serve_live(live.clone(), listeners, shutdown.clone()).await;
     shutdown.cancel();
+    let _ = reloads.await;
     let _ = workers.await;
-    delivery.upstreams().close_idle().await;
+    live.current().delivery.upstreams().close_idle().await;
     if let Some(monitor) = monitor {
         monitor.stop().await;
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -79,6 +79,64 @@ pub(crate) fn host_lacks_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
             || e.raw_os_error() == Some(libc::EAFNOSUPPORT))
 }
 
+/// What a new session starts with: the current config, its delivery and TLS acceptor. A
+/// reload replaces it; a session keeps the one it began with to its end.
+pub struct Live {
+    current: RwLock<Arc<SessionCtx>>,
+}
+
+impl Live {
+    /// The context for `config` and `delivery`: reads the TLS certificate and key.
+    pub fn new(
+        config: Arc<Config>,
+        delivery: Arc<Delivery>,
+        shutdown: CancellationToken,
+    ) -> Result<Live, String> {
+        let ctx = session_ctx(config, delivery, shutdown, Default::default())?;
+        Ok(Live {
+            current: RwLock::new(Arc::new(ctx)),
+        })
+    }
+
+    /// The context new sessions get now.
+    pub fn current(&self) -> Arc<SessionCtx> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// From now on, new sessions get `ctx`; returns the one it replaces.
+    pub fn replace(&self, ctx: SessionCtx) -> Arc<SessionCtx> {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *current, Arc::new(ctx))
+    }
+}
+
+/// A session context for `config`: the TLS acceptor is built from the certificate and key
+/// files as they are now (a reload reads renewed ones). Implicit-TLS listeners need one.
+pub fn session_ctx(
+    config: Arc<Config>,
+    delivery: Arc<Delivery>,
+    shutdown: CancellationToken,
+    failed_logins: Arc<crate::smtp::auth::FailedLogins>,
+) -> Result<SessionCtx, String> {
+    let tls = match &config.server.tls {
+        Some(files) => Some(crate::tls::acceptor(&files.cert, &files.key)?),
+        None => None,
+    };
+    if !config.server.tls_listen.is_empty() && tls.is_none() {
+        return Err("tls_listen needs tls_cert and tls_key".to_string());
+    }
+    Ok(SessionCtx {
+        config,
+        delivery,
+        tls,
+        shutdown,
+        failed_logins,
+    })
+}
+
 /// Serves the bound listeners until `shutdown` is cancelled, then waits for the
 /// sessions in flight: idle ones are told `421 4.3.0` at once, open transactions may
 /// finish within `shutdown_grace` (then `421 4.3.0`).
@@ -88,20 +146,20 @@ pub async fn serve(
     listeners: Vec<Bound>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let tls = match &config.server.tls {
-        Some(files) => Some(crate::tls::acceptor(&files.cert, &files.key)?),
-        None => None,
-    };
-    if listeners.iter().any(|l| l.implicit_tls) && tls.is_none() {
+    let live = Arc::new(Live::new(config, delivery, shutdown.clone())?);
+    serve_live(live, listeners, shutdown).await
+}
+
+/// [`serve`] with the session context taken from `live` for each new connection.
+pub async fn serve_live(
+    live: Arc<Live>,
+    listeners: Vec<Bound>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let config = live.current().config.clone();
+    if listeners.iter().any(|l| l.implicit_tls) && live.current().tls.is_none() {
         return Err("tls_listen needs tls_cert and tls_key".to_string());
     }
-    let ctx = Arc::new(SessionCtx {
-        config: config.clone(),
-        delivery,
-        tls: tls.clone(),
-        shutdown: shutdown.clone(),
-        failed_logins: Default::default(),
-    });
     let gate = Arc::new(Gate {
         permits: Arc::new(Semaphore::new(config.server.max_connections)),
         per_client: PerClient::new(config.server.max_connections_per_client),
@@ -118,21 +176,25 @@ pub async fn serve(
         } else {
             tracing::info!("listening on {addr}");
         }
-        let ctx = ctx.clone();
+        let live = live.clone();
         let gate = gate.clone();
-        let tls = if bound.implicit_tls {
-            tls.clone()
-        } else {
-            None
-        };
         let sessions = tracker.clone();
-        tracker.spawn(accept_loop(bound.listener, tls, ctx, gate, sessions));
+        let shutdown = shutdown.clone();
+        tracker.spawn(accept_loop(
+            bound.listener,
+            bound.implicit_tls,
+            live,
+            gate,
+            sessions,
+            shutdown,
+        ));
     }
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new connections, waiting for sessions in flight");
     tracker.close();
-    let drain = config.server.shutdown_grace.saturating_add(DRAIN_MARGIN);
+    let grace = live.current().config.server.shutdown_grace;
+    let drain = grace.saturating_add(DRAIN_MARGIN);
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::warn!("sessions still open after {drain:?}; exiting anyway");
     }
@@ -141,14 +203,15 @@ pub async fn serve(
 
 async fn accept_loop(
     listener: TcpListener,
-    implicit_tls: Option<TlsAcceptor>,
-    ctx: Arc<SessionCtx>,
+    implicit_tls: bool,
+    live: Arc<Live>,
     gate: Arc<Gate>,
     sessions: TaskTracker,
+    shutdown: CancellationToken,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -160,6 +223,8 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        // The session's config from here to its end, even across a reload.
+        let ctx = live.current();
         let admitted = if network_allowed(&ctx.config.server.allow_networks, peer.ip()) {
             gate.admit(peer.ip())
         } else {
@@ -180,8 +245,15 @@ async fn accept_loop(
                 continue;
             }
         };
-        let ctx = ctx.clone();
-        let tls = implicit_tls.clone();
+        let tls: Option<TlsAcceptor> = match (implicit_tls, &ctx.tls) {
+            (false, _) => None,
+            (true, Some(acceptor)) => Some(acceptor.clone()),
+            // Never plaintext on a TLS port (session_ctx makes this unreachable).
+            (true, None) => {
+                tracing::error!(%peer, "no TLS certificate for an implicit-TLS listener; connection closed");
+                continue;
+            }
+        };
         sessions.spawn(async move {
             let _admitted = admitted;
             let is_tls = tls.is_some();

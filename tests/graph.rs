@@ -539,3 +539,49 @@ async fn relay_mode_hands_over_to_the_fallback_at_once() {
         1
     );
 }
+
+/// A reload ends a hand-over (SPEC §8 "a broken channel is retried"): the same file again,
+/// every channel unchanged, and the first channel's mail goes over SMTP again.
+#[tokio::test]
+async fn a_reload_ends_the_hand_over_to_the_fallback() {
+    use mailgate::testkit::fake_smtp;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_script: vec!["535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant"],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let mut smtp = mailgate::testkit::config::channel(
+        "alice",
+        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
+            port,
+            mailgate::config::TlsMode::None,
+        )),
+        2,
+    );
+    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let s = setup_with(DeliveryMode::Queue, vec![smtp], Some(("alice", "dave"))).await;
+    let alice = s.id("alice");
+    let submit = |delivery: Arc<Delivery>, to: &'static str| async move {
+        let mut draft = delivery.begin().await.unwrap();
+        draft.write(&message(to)).await.unwrap();
+        let envelope = Envelope {
+            sender: MAILBOX.into(),
+            recipients: vec![to.into()],
+            ..Default::default()
+        };
+        delivery.finish(draft, alice, &envelope).await
+    };
+    let first = submit(s.delivery.clone(), "bob@example.org").await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+
+    let changes = mailgate::reload::diff_channels(&s.config, &s.config);
+    assert_eq!(changes.unchanged.len(), 2);
+    let next = Arc::new(s.delivery.reload(s.config.clone(), &changes).unwrap());
+    s.delivery.apply(&next, &changes).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = submit(next.clone(), "carol@example.org").await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
+    assert_eq!(s.graph.sent().len(), 1, "nothing more over the fallback");
+}

@@ -162,6 +162,7 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
 /// A running queue: its handle, the worker task and the shutdown switch.
 struct Running {
     queue: Arc<Queue>,
+    config: Config,
     task: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,
 }
@@ -173,6 +174,7 @@ impl Running {
         let task = tokio::spawn(queue.clone().run(transport, shutdown.clone()));
         Running {
             queue,
+            config: config.clone(),
             task,
             shutdown,
         }
@@ -195,7 +197,9 @@ impl Running {
             recipients: rcpts.to_vec(),
             ..Default::default()
         };
-        self.queue.finish(draft, channel, &envelope).await
+        self.queue
+            .finish(draft, &self.config, channel, &envelope)
+            .await
     }
 
     async fn stop(self) {
@@ -924,7 +928,10 @@ async fn a_full_disk_defers_and_delivery_resumes_by_itself() {
                     recipients: rcpts(1),
                     ..Default::default()
                 };
-                running.queue.finish(draft, 0, &envelope).await
+                running
+                    .queue
+                    .finish(draft, &running.config, 0, &envelope)
+                    .await
             }
             Err(_) => Reply::new(451, (4, 3, 0), "write failed"),
         };
@@ -953,4 +960,133 @@ async fn a_full_disk_defers_and_delivery_resumes_by_itself() {
     assert!(!health.contains("broken"), "{health}");
     running.stop().await;
     drop(disk);
+}
+
+/// A reload in process: a removed channel's worker stops and its mail stays queued,
+/// untouched; an unchanged channel's worker carries on with the new generation (its
+/// channel id differs there); the channel's return sends the waiting mail at once.
+#[tokio::test]
+async fn reconfigure_keeps_a_removed_channels_mail_until_it_returns() {
+    use mailgate::queue::{ChannelChanges, Generation};
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let dir = tempfile::tempdir().unwrap();
+    let both = config(
+        dir.path(),
+        vec![channel("a", limits()), channel("b", limits())],
+    );
+    // Channel "a" (id 0) is down; "b" takes everything.
+    let first = Fake::new(|channel, _, _| {
+        if channel == 0 {
+            refused(451, (4, 4, 1), "upstream down")
+        } else {
+            ok()
+        }
+    });
+    let q = Running::start(&both, first.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || first.accepted_on(0).len() == 1).await);
+
+    let only_b = Arc::new(config(dir.path(), vec![channel("b", limits())]));
+    let second = Fake::new(|_, _, _| ok());
+    let removed = ChannelChanges {
+        removed: names(&["a"]),
+        unchanged: names(&["b"]),
+        ..Default::default()
+    };
+    let generation = Generation {
+        config: only_b.clone(),
+        transport: second.clone(),
+    };
+    q.queue.reconfigure(generation, &removed).await;
+    // "b" goes on, now as channel 0 of the new generation, over its transport.
+    assert_eq!(
+        q.submit(1, "s@example.com", &rcpts(1), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || second.accepted_on(0).len() == 1).await);
+    // Longer than retry_first: "a"'s message is not tried again, not failed, still queued.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        first.accepted_on(0).len(),
+        1,
+        "a removed channel is not tried"
+    );
+    assert!(
+        second
+            .sent()
+            .iter()
+            .all(|s| s.envelope.recipients == rcpts(1))
+    );
+    assert_eq!(second.sent().len(), 1);
+    assert_eq!(queued(&both), 1);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("failed"))
+            .unwrap()
+            .count(),
+        0,
+        "nothing failed, no DSN"
+    );
+
+    // "a" comes back: its waiting message goes (over the new generation's transport).
+    let third = Fake::new(|_, _, _| ok());
+    let back = ChannelChanges {
+        added: names(&["a"]),
+        unchanged: names(&["b"]),
+        ..Default::default()
+    };
+    let generation = Generation {
+        config: Arc::new(both.clone()),
+        transport: third.clone(),
+    };
+    q.queue.reconfigure(generation, &back).await;
+    assert!(wait_for(Duration::from_secs(5), || third.accepted_on(0).len() == 1).await);
+    assert!(wait_for(Duration::from_secs(5), || queued(&both) == 0).await);
+    q.stop().await;
+}
+
+/// A reload that lands before the workers start (SIGHUP right after start-up): they start
+/// with the reloaded generation, not the transports of the first config.
+#[tokio::test]
+async fn a_reload_before_the_workers_start_is_the_one_they_run_with() {
+    use mailgate::queue::{ChannelChanges, Generation};
+    let dir = tempfile::tempdir().unwrap();
+    let first = config(dir.path(), vec![channel("a", limits())]);
+    let second = config(
+        dir.path(),
+        vec![channel("a", limits()), channel("b", limits())],
+    );
+    let queue = Queue::open(Arc::new(first.clone())).expect("spool opens");
+    let old = Fake::new(|_, _, _| ok());
+    let new = Fake::new(|_, _, _| ok());
+    let changes = ChannelChanges {
+        added: vec!["b".into()],
+        unchanged: vec!["a".into()],
+        ..Default::default()
+    };
+    let generation = Generation {
+        config: Arc::new(second.clone()),
+        transport: new.clone(),
+    };
+    queue.reconfigure(generation, &changes).await;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(queue.clone().run(old.clone(), shutdown.clone()));
+    let running = Running {
+        queue,
+        config: second.clone(),
+        task,
+        shutdown,
+    };
+    assert_eq!(
+        running
+            .submit(1, "s@example.com", &rcpts(1), MESSAGE)
+            .await
+            .code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || new.accepted_on(1).len() == 1).await);
+    assert!(old.sent().is_empty());
+    running.stop().await;
 }

@@ -149,7 +149,8 @@ pub struct Channel {
 /// What a channel is.
 // A handful of channels, built once at load: their size does not matter.
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
+// PartialEq: a reload restarts a channel whose transport differs in any way.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelKind {
     /// An upstream SMTP server.
     Smtp(SmtpTarget),
@@ -174,7 +175,7 @@ impl ChannelKind {
 }
 
 /// An upstream SMTP server and how to log in to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmtpTarget {
     /// Host name (also the TLS server name).
     pub host: String,
@@ -194,7 +195,7 @@ pub struct SmtpTarget {
 }
 
 /// A mailbox reached through Microsoft Graph (`kind = "graph"`, SPEC §7).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GraphTarget {
     /// The mailbox that sends (`POST {graph_url}/v1.0/users/{mailbox}/sendMail`).
     pub mailbox: String,

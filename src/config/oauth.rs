@@ -62,7 +62,7 @@ pub enum TokenSource {
 }
 
 /// A channel's validated OAuth settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuth {
     /// `provider`.
     pub provider: Provider,

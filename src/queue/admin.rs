@@ -80,6 +80,27 @@ pub fn channel_health(config: &Config) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Queued messages for channels `config` does not have (removed from the file): each such
+/// channel with its count, by name. They stay in the spool, untouched, and go out once
+/// the channel is configured again (a reload or a restart).
+pub fn unconfigured(config: &Config) -> Vec<(String, usize)> {
+    let spool = Spool::new(&config.server.spool_dir);
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for state in read_all(&spool, false) {
+        if config.channel_id(&state.channel).is_none() {
+            *counts.entry(state.channel).or_default() += 1;
+        }
+    }
+    counts.into_iter().collect()
+}
+
+/// The line `check` and `queue list` give a channel that is not configured but has mail.
+pub fn unconfigured_line(count: usize) -> String {
+    format!(
+        "not configured: {count} queued message(s) wait in the spool until it is configured again"
+    )
+}
+
 /// Whether a proxy holds the spool right now.
 fn proxy_running(spool: &Spool) -> bool {
     let Ok(file) = fs::File::options()
@@ -175,6 +196,11 @@ pub fn list(config: &Config) -> Result<String, String> {
         channel_health(config)
             .into_iter()
             .map(|(name, state)| vec![name, state]),
+    );
+    rows.extend(
+        unconfigured(config)
+            .into_iter()
+            .map(|(name, count)| vec![name, unconfigured_line(count)]),
     );
     out.push_str(&table(&rows));
 

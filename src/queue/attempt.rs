@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{ChannelId, Config};
+use crate::config::{Channel, ChannelId, Config};
 use crate::message::Envelope;
 use crate::metrics;
 use crate::reply::Reply;
@@ -16,13 +16,14 @@ use crate::upstream::{self, Body, Error, Outcome};
 use super::classify::{Verdict, backoff, classify_error, classify_refusal};
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
 use super::worker::{BUSY_RETRY_MS, ChannelEffect, Report, TRANSACTION_TIMEOUT};
-use super::{Queue, Transport, dsn};
+use super::{Generation, Queue, dsn};
 
 /// One delivery step: one upstream transaction for up to `rcpts` pending recipients of
 /// one message, under the message's lock.
 pub(super) struct Attempt {
     pub(super) queue: Arc<Queue>,
-    pub(super) transport: Arc<dyn Transport>,
+    /// The config and transports of the channel's worker; `channel` is its id there.
+    pub(super) generation: Generation,
     pub(super) channel: ChannelId,
     pub(super) rcpts: usize,
 }
@@ -76,7 +77,7 @@ impl Attempt {
                 };
             }
         };
-        let config = self.queue.config.clone();
+        let config = self.generation.config.clone();
         let channel_name = config.channels[self.channel].name.clone();
 
         let mut effect = ChannelEffect::None;
@@ -102,7 +103,8 @@ impl Attempt {
             let started = Instant::now();
             let outcome = match tokio::time::timeout(
                 TRANSACTION_TIMEOUT,
-                self.transport
+                self.generation
+                    .transport
                     .send(self.channel, &id, &envelope, Body::File(&data)),
             )
             .await
@@ -147,8 +149,9 @@ impl Attempt {
         let queue = self.queue.clone();
         let channel = self.channel;
         let finished = tokio::task::spawn_blocking(move || {
+            let ch = &config.channels[channel];
             // settle releases the message's delivery lock when it is done with the message.
-            settle(&queue, channel, state, lock)
+            settle(&queue, ch, &config.server.hostname, state, lock)
         })
         .await;
         match finished {
@@ -303,7 +306,8 @@ pub fn apply_outcome(
 #[allow(clippy::type_complexity)]
 fn settle(
     queue: &Queue,
-    channel: ChannelId,
+    channel: &Channel,
+    hostname: &str,
     mut state: MessageState,
     lock: File,
 ) -> std::io::Result<(Option<(u64, usize)>, Option<(String, usize)>)> {
@@ -326,7 +330,7 @@ fn settle(
     if state.dsn.is_none() {
         // Record the outcome before queuing the DSN, so that a crash cannot lose it.
         spool.write_state(&state)?;
-        if let Some(queued) = queue_dsn(queue, channel, &state)? {
+        if let Some(queued) = queue_dsn(queue, channel, hostname, &state)? {
             state.dsn = Some(queued.0.clone());
             dsn = Some(queued);
         }
@@ -360,7 +364,8 @@ fn settle(
 /// itself (SendAsDenied), and only with a `From:` the channel may use.
 fn queue_dsn(
     queue: &Queue,
-    channel: ChannelId,
+    ch: &Channel,
+    hostname: &str,
     state: &MessageState,
 ) -> std::io::Result<Option<(String, usize)>> {
     if state.sender.is_empty() {
@@ -379,7 +384,6 @@ fn queue_dsn(
             )
         })
         .collect();
-    let ch = &queue.config.channels[channel];
     let domain = state.sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
     let daemon = format!("MAILER-DAEMON@{domain}");
     let from = if state.sender_denied {
@@ -403,7 +407,7 @@ fn queue_dsn(
     let now = now_ms();
     let boundary = format!("{:016x}", rand::random::<u64>());
     let bytes = dsn::build(&dsn::DsnInput {
-        hostname: &queue.config.server.hostname,
+        hostname,
         original_id: &state.id,
         to: &state.sender,
         from: &from,

@@ -7,6 +7,8 @@
 //! backoff, holds the channel on a provider quota reply, stops it when its credentials
 //! are refused, and moves permanent failures to `failed/` with a DSN ([`dsn`]) to the
 //! sender. [`admin`] has the `mailgate queue` commands, safe while the proxy runs.
+//! Workers are kept by channel name: a reload ([`Queue::reconfigure`]) starts, stops or
+//! restarts them; a message whose channel is not configured waits in the spool untouched.
 //!
 //! Guarantees: an acknowledged message is on disk (file and directory fsync'd); a crash
 //! at any moment loses none; a message is delivered twice only if the process dies
@@ -20,12 +22,13 @@ pub mod dsn;
 pub mod spool;
 pub mod worker;
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -78,16 +81,62 @@ impl Transport for Upstreams {
 /// How often the running proxy looks for `mailgate queue retry` requests.
 pub const CONTROL_POLL: Duration = Duration::from_millis(500);
 
+/// A config and the transports built for it: what a channel's worker delivers with. A
+/// reload hands the workers of unchanged channels the new generation (their channel's
+/// [`ChannelId`] may differ in it; their pools are shared).
+#[derive(Clone)]
+pub struct Generation {
+    /// The config.
+    pub config: Arc<Config>,
+    /// Its transports, indexed by the config's [`ChannelId`]s.
+    pub transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Generation({})", self.config.path.display())
+    }
+}
+
 /// The durable queue of a running proxy.
 pub struct Queue {
-    config: Arc<Config>,
     spool: Spool,
     /// Channel health and rate counters, beside the spool.
     state: LocalState,
-    senders: Vec<mpsc::UnboundedSender<Event>>,
-    receivers: Mutex<Vec<mpsc::UnboundedReceiver<Event>>>,
+    workers: Mutex<Workers>,
     /// Held for the life of the queue: one proxy per spool.
     _lock: File,
+}
+
+/// The channel workers, by channel name.
+struct Workers {
+    /// The config the queue was opened with, until [`Queue::run`] starts the workers.
+    initial: Option<Arc<Config>>,
+    /// A reload that came before [`Queue::run`]: the workers start with it.
+    reloaded: Option<Generation>,
+    running: HashMap<String, WorkerHandle>,
+    /// Where workers are spawned (set by [`Queue::run`]).
+    tracker: Option<TaskTracker>,
+    shutdown: CancellationToken,
+}
+
+struct WorkerHandle {
+    sender: mpsc::UnboundedSender<Event>,
+    /// Stops this worker alone (a child of the proxy's shutdown).
+    stop: CancellationToken,
+}
+
+/// How a reload changes the channels: [`crate::reload::diff_channels`] makes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelChanges {
+    /// New names: a worker starts.
+    pub added: Vec<String>,
+    /// Gone: the worker stops; the channel's mail stays in the spool.
+    pub removed: Vec<String>,
+    /// Transport or limits differ: the worker is restarted, its pool rebuilt.
+    pub changed: Vec<String>,
+    /// The same: the worker keeps running (counters, health, pool), with the new config.
+    pub unchanged: Vec<String>,
 }
 
 impl Queue {
@@ -121,20 +170,23 @@ impl Queue {
         if removed > 0 {
             tracing::info!(removed, spool = %root, "spool: removed files of messages never acknowledged");
         }
-        let (senders, receivers) = config
-            .channels
-            .iter()
-            .map(|_| mpsc::unbounded_channel())
-            .unzip();
         let state = LocalState::new(&spool.root);
         Ok(Arc::new(Queue {
-            config,
             spool,
             state,
-            senders,
-            receivers: Mutex::new(receivers),
+            workers: Mutex::new(Workers {
+                initial: Some(config),
+                reloaded: None,
+                running: HashMap::new(),
+                tracker: None,
+                shutdown: CancellationToken::new(),
+            }),
             _lock: lock,
         }))
+    }
+
+    fn workers(&self) -> MutexGuard<'_, Workers> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The spool.
@@ -153,16 +205,19 @@ impl Queue {
             })
     }
 
-    /// Makes a received message durable and queues it; the reply for the client is
-    /// `250 2.0.0 queued as <id>` only once file, state and directories are fsync'd.
+    /// Makes a received message durable and queues it for channel `channel` of `config`
+    /// (the session's config: a reload may have changed the queue's since); the reply for
+    /// the client is `250 2.0.0 queued as <id>` only once file, state and directories
+    /// are fsync'd.
     pub async fn finish(
         &self,
         mut draft: SpoolDraft,
+        config: &Config,
         channel: ChannelId,
         envelope: &Envelope,
     ) -> Reply {
         let id = draft.id().to_string();
-        let Some(ch) = self.config.channels.get(channel) else {
+        let Some(ch) = config.channels.get(channel) else {
             tracing::error!(id, channel, "queue: no such channel");
             return Reply::local_error();
         };
@@ -176,10 +231,9 @@ impl Queue {
         }
         // Graph sends to every header recipient in one request: such a message is never
         // split across transactions, so it must fit in one.
-        if let Some(max) = self
-            .config
+        if let Some(max) = config
             .graph_on_path(channel)
-            .and_then(|g| self.config.channels[g].limits.max_recipients)
+            .and_then(|g| config.channels[g].limits.max_recipients)
             && envelope.recipients.len() > max
         {
             tracing::info!(id, channel = %name, rcpts = envelope.recipients.len(), max, "refused: more recipients than one Graph request takes");
@@ -203,46 +257,135 @@ impl Queue {
             tracing::error!(id, channel = %name, error = %e, "spool: cannot store message");
             return Reply::local_error();
         }
-        self.notify(
-            channel,
-            Event::Queued {
-                id: id.clone(),
-                due_ms: state.next_attempt_ms,
-                pending: state.pending(),
-            },
-        );
+        let event = Event::Queued {
+            id: id.clone(),
+            due_ms: state.next_attempt_ms,
+            pending: state.pending(),
+        };
+        if !self.notify(&name, event) && self.workers().tracker.is_some() {
+            // Routed before a reload removed its channel: it waits for the channel's return.
+            tracing::warn!(id, channel = %name, "queue: the message's channel was removed by a reload; it stays in the spool until the channel is configured again");
+        }
         Reply::queued(&id)
     }
 
     /// Resumes every channel (clears broken and held states) and makes every message due
     /// now: what `queue retry --all` and a reload do.
     pub fn resume_all(&self) {
-        for sender in &self.senders {
-            let _ = sender.send(Event::Retry(None));
+        for worker in self.workers().running.values() {
+            let _ = worker.sender.send(Event::Retry(None));
         }
     }
 
-    fn notify(&self, channel: ChannelId, event: Event) {
-        if let Some(sender) = self.senders.get(channel) {
-            // The receiver is gone only while shutting down: the message is on disk anyway.
-            let _ = sender.send(event);
+    /// Whether the proxy is stopping (not merely one worker, as a reload does).
+    fn shutting_down(&self) -> bool {
+        self.workers().shutdown.is_cancelled()
+    }
+
+    /// Whether channel `name` has a worker now.
+    fn has_worker(&self, name: &str) -> bool {
+        self.workers().running.contains_key(name)
+    }
+
+    /// Tells channel `channel`'s worker; false when it has none.
+    fn notify(&self, channel: &str, event: Event) -> bool {
+        match self.workers().running.get(channel) {
+            Some(worker) => {
+                // The receiver is gone only while stopping: the message is on disk anyway.
+                let _ = worker.sender.send(event);
+                true
+            }
+            None => false,
         }
+    }
+
+    /// Starts the worker of channel `channel` of `generation` (under the workers' lock).
+    fn start_worker(
+        self: &Arc<Self>,
+        workers: &mut Workers,
+        generation: &Generation,
+        channel: ChannelId,
+    ) {
+        let Some(tracker) = workers.tracker.clone() else {
+            return;
+        };
+        let (sender, rx) = mpsc::unbounded_channel();
+        let stop = workers.shutdown.child_token();
+        let task = worker::ChannelTask::new(self.clone(), generation.clone(), channel, rx);
+        tracker.spawn(task.run(stop.clone()));
+        let name = generation.config.channels[channel].name.clone();
+        workers.running.insert(name, WorkerHandle { sender, stop });
+    }
+
+    /// A reload: stops the workers of removed and changed channels (their transactions in
+    /// flight finish, bounded), starts those of added and changed ones and hands them their
+    /// messages from the spool, and gives the workers of unchanged channels the new
+    /// generation (a broken one resumes). Before [`Queue::run`], the workers will start
+    /// with `generation` instead of the first one.
+    pub async fn reconfigure(self: &Arc<Self>, generation: Generation, changes: &ChannelChanges) {
+        let started: HashSet<String> = {
+            let mut workers = self.workers();
+            if workers.tracker.is_none() {
+                workers.reloaded = Some(generation);
+                return;
+            }
+            if workers.shutdown.is_cancelled() {
+                return;
+            }
+            for name in changes.removed.iter().chain(&changes.changed) {
+                if let Some(worker) = workers.running.remove(name) {
+                    worker.stop.cancel();
+                }
+            }
+            for name in &changes.unchanged {
+                let (Some(worker), Some(channel)) = (
+                    workers.running.get(name),
+                    generation.config.channel_id(name),
+                ) else {
+                    continue;
+                };
+                let _ = worker
+                    .sender
+                    .send(Event::Reload(generation.clone(), channel));
+            }
+            let mut started = HashSet::new();
+            for name in changes.added.iter().chain(&changes.changed) {
+                if let Some(channel) = generation.config.channel_id(name) {
+                    self.start_worker(&mut workers, &generation, channel);
+                    started.insert(name.clone());
+                }
+            }
+            started
+        };
+        // Every message, not only the started channels': one lent to a fallback whose
+        // worker was just stopped goes back to its own channel this way (a duplicate
+        // notice is ignored).
+        self.rescan(&started, false).await;
     }
 
     /// Runs the channel workers until `shutdown`; then lets transactions in flight finish
     /// (bounded) and returns. Call once.
     pub async fn run(self: Arc<Self>, transport: Arc<dyn Transport>, shutdown: CancellationToken) {
-        let receivers = std::mem::take(&mut *self.receivers.lock().expect("queue receivers"));
-        if receivers.is_empty() && !self.config.channels.is_empty() {
-            tracing::error!("queue: run called twice");
-            return;
-        }
         let tracker = TaskTracker::new();
-        for (channel, rx) in receivers.into_iter().enumerate() {
-            let task = worker::ChannelTask::new(self.clone(), transport.clone(), channel, rx);
-            tracker.spawn(task.run(shutdown.clone()));
+        {
+            let mut workers = self.workers();
+            let Some(config) = workers.initial.take() else {
+                tracing::error!("queue: run called twice");
+                return;
+            };
+            workers.tracker = Some(tracker.clone());
+            workers.shutdown = shutdown.clone();
+            let generation = workers
+                .reloaded
+                .take()
+                .unwrap_or(Generation { config, transport });
+            for channel in 0..generation.config.channels.len() {
+                self.start_worker(&mut workers, &generation, channel);
+            }
         }
-        self.rescan().await;
+        // After the workers are in place: a message committed before this scan is found
+        // by it, one committed after it reaches its worker directly.
+        self.rescan(&HashSet::new(), true).await;
         tracker.close();
         let control = self.clone();
         let poll = shutdown.clone();
@@ -258,8 +401,11 @@ impl Queue {
         tracker.wait().await;
     }
 
-    /// Hands every queued message to its channel's worker.
-    async fn rescan(&self) {
+    /// Hands every queued message to its channel's worker, due at its next attempt or,
+    /// for the channels in `due_now` (added or changed by a reload: the change may be the
+    /// fix their mail waited for), now. A message whose channel has no worker stays
+    /// queued, untouched (logged one by one `at_start`; a reload logs a count).
+    async fn rescan(&self, due_now: &HashSet<String>, at_start: bool) {
         let spool = self.spool.clone();
         let found = tokio::task::spawn_blocking(move || -> io::Result<Vec<MessageState>> {
             let mut states = Vec::new();
@@ -280,23 +426,28 @@ impl Queue {
         };
         let count = states.len();
         for state in states {
-            match self.config.channel_id(&state.channel) {
-                Some(channel) => self.notify(
-                    channel,
+            if self.has_worker(&state.channel) {
+                self.notify(
+                    &state.channel,
                     Event::Queued {
                         id: state.id.clone(),
-                        due_ms: state.next_attempt_ms,
+                        due_ms: if due_now.contains(&state.channel) {
+                            state.next_attempt_ms.min(spool::now_ms())
+                        } else {
+                            state.next_attempt_ms
+                        },
                         pending: state.pending(),
                     },
-                ),
-                None => tracing::error!(
+                );
+            } else if at_start {
+                tracing::error!(
                     id = state.id,
                     channel = state.channel,
-                    "queue: message for a channel that is no longer configured stays queued"
-                ),
+                    "queue: message for a channel that is not configured stays queued"
+                );
             }
         }
-        if count > 0 {
+        if count > 0 && at_start {
             tracing::info!(messages = count, "queue: resumed messages from the spool");
         }
     }
@@ -318,15 +469,16 @@ impl Queue {
                         .read_state(&id)
                         .ok()
                         .flatten()
-                        .and_then(|state| self.config.channel_id(&state.channel));
+                        .map(|state| state.channel)
+                        .filter(|channel| self.has_worker(channel));
                     match channel {
                         Some(channel) => {
                             tracing::info!(id, "queue: retry requested");
-                            self.notify(channel, Event::Retry(Some(id)));
+                            self.notify(&channel, Event::Retry(Some(id)));
                         }
                         None => tracing::warn!(
                             id,
-                            "queue: retry requested for a message not in the queue"
+                            "queue: retry requested for a message not in the queue or for a channel that is not configured"
                         ),
                     }
                 }

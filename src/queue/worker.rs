@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::attempt::Attempt;
 use super::spool::now_ms;
-use super::{Queue, Transport};
+use super::{Generation, Queue};
 use crate::config::{Channel, ChannelId};
 use crate::metrics::{self, ChannelState};
 use crate::state::{Counters, Health, format_time};
@@ -50,6 +50,10 @@ pub enum Event {
     },
     /// `queue retry`: this message (or every one, `None`) is due now; the channel resumes.
     Retry(Option<String>),
+    /// A reload left the channel unchanged: deliver with the new generation, where the
+    /// channel has this id. A broken channel is tried again; mail lent to this channel
+    /// goes back to its own (a reload ends every hand-over to a fallback).
+    Reload(Generation, ChannelId),
     /// A message of channel `owner` handed over while `owner` is broken because its
     /// provider refuses how it authenticates (SPEC §7 "Fallback"): deliver it here.
     Lent {
@@ -59,8 +63,8 @@ pub enum Event {
         due_ms: u64,
         /// Recipients still pending.
         pending: usize,
-        /// The channel it belongs to (and goes back to once that one resumes).
-        owner: ChannelId,
+        /// The name of the channel it belongs to (and goes back to once that one resumes).
+        owner: String,
     },
 }
 
@@ -94,7 +98,8 @@ pub(super) struct Report {
 /// The scheduler of one channel.
 pub struct ChannelTask {
     queue: Arc<Queue>,
-    transport: Arc<dyn Transport>,
+    generation: Generation,
+    /// The channel's id in `generation.config`.
     channel: ChannelId,
     name: String,
     connections: usize,
@@ -108,13 +113,13 @@ pub struct ChannelTask {
     /// Mail is due but the channel's own rate or quota window makes it wait.
     waiting_on_limits: bool,
     rx: mpsc::UnboundedReceiver<Event>,
-    /// `fallback = "…"` of this channel.
-    fallback: Option<ChannelId>,
+    /// `fallback = "…"` of this channel (its name: ids differ between generations).
+    fallback: Option<String>,
     /// Broken because the provider refuses the auth method, with a fallback: queued and
     /// new mail goes there.
     handing_over: bool,
-    /// Messages other channels lent to this one, with their owner.
-    borrowed: HashMap<String, ChannelId>,
+    /// Messages other channels lent to this one, with their owner's name.
+    borrowed: HashMap<String, String>,
 }
 
 /// The channel's health on its way to disk.
@@ -134,18 +139,20 @@ impl ChannelTask {
     /// A task for `channel`; its health and counters are loaded when it runs.
     pub fn new(
         queue: Arc<Queue>,
-        transport: Arc<dyn Transport>,
+        generation: Generation,
         channel: ChannelId,
         rx: mpsc::UnboundedReceiver<Event>,
     ) -> Self {
-        let ch = &queue.config.channels[channel];
+        let ch = &generation.config.channels[channel];
         let name = ch.name.clone();
         let connections = ch.limits.connections.max(1);
         let chunk = chunk_size(ch);
-        let fallback = ch.fallback;
+        let fallback = ch
+            .fallback
+            .map(|f| generation.config.channels[f].name.clone());
         ChannelTask {
             queue,
-            transport,
+            generation,
             channel,
             name,
             connections,
@@ -167,7 +174,7 @@ impl ChannelTask {
     /// Hands every message scheduled here to the fallback (their state files keep this
     /// channel's name, so a restart brings them back).
     fn hand_over_all(&mut self) {
-        let Some(fallback) = self.fallback else {
+        let Some(fallback) = self.fallback.clone() else {
             return;
         };
         let entries: Vec<(String, (u64, usize))> = self.entries.drain().collect();
@@ -175,18 +182,17 @@ impl ChannelTask {
         let count = entries.len();
         for (id, (due_ms, pending)) in entries {
             self.queue.notify(
-                fallback,
+                &fallback,
                 Event::Lent {
                     id,
                     due_ms,
                     pending,
-                    owner: self.channel,
+                    owner: self.name.clone(),
                 },
             );
         }
         if count > 0 {
-            let to = &self.queue.config.channels[fallback].name;
-            tracing::warn!(channel = %self.name, fallback = %to, messages = count, "queue: queued mail handed to the fallback channel");
+            tracing::warn!(channel = %self.name, fallback = %fallback, messages = count, "queue: queued mail handed to the fallback channel");
         }
     }
 
@@ -216,9 +222,16 @@ impl ChannelTask {
                 _ = tokio::time::sleep_until(sleep) => {}
             }
         }
+        // Stopped by a reload rather than the proxy's shutdown: the channel's health is
+        // its successor's now (or the channel is gone), so the last reports do not set it.
+        let superseded = !self.queue.shutting_down();
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while let Some(done) = deliveries.join_next().await {
-                if let Ok(report) = done {
+                if let Ok(mut report) = done {
+                    self.tell_successor(&report);
+                    if superseded {
+                        report.effect = ChannelEffect::None;
+                    }
                     self.apply(report);
                 }
             }
@@ -243,6 +256,29 @@ impl ChannelTask {
         metrics::channel_state(&self.name, state);
     }
 
+    /// While stopping: a reload may have started this channel's next worker already, and
+    /// it has to hear of a message still pending or a DSN this transaction queued (a
+    /// duplicate notice is ignored; without a worker the message waits in the spool).
+    fn tell_successor(&self, report: &Report) {
+        let next = report
+            .next
+            .map(|(due_ms, pending)| (report.id.clone(), due_ms, pending));
+        let dsn = report
+            .dsn
+            .clone()
+            .map(|(id, pending)| (id, now_ms(), pending));
+        for (id, due_ms, pending) in next.into_iter().chain(dsn) {
+            self.queue.notify(
+                &self.name,
+                Event::Queued {
+                    id,
+                    due_ms,
+                    pending,
+                },
+            );
+        }
+    }
+
     fn load_state(&mut self) {
         let queue = self.queue.clone();
         let now = now_ms();
@@ -258,7 +294,7 @@ impl ChannelTask {
             }
             _ => {}
         }
-        let limits = &queue.config.channels[self.channel].limits;
+        let limits = &self.generation.config.channels[self.channel].limits;
         match Counters::load(&queue.state, &self.name, limits, now) {
             Ok(counters) => self.counters = Some(counters),
             Err(e) => {
@@ -308,7 +344,7 @@ impl ChannelTask {
                 pending,
             } => {
                 if self.handing_over
-                    && let Some(fallback) = self.fallback
+                    && let Some(fallback) = &self.fallback
                 {
                     tracing::info!(id, channel = %self.name, "queue: channel broken (auth method refused); new message goes over its fallback");
                     self.queue.notify(
@@ -317,7 +353,7 @@ impl ChannelTask {
                             id,
                             due_ms,
                             pending,
-                            owner: self.channel,
+                            owner: self.name.clone(),
                         },
                     );
                 } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
@@ -335,53 +371,83 @@ impl ChannelTask {
                     self.schedule(id, due_ms, pending);
                 }
             }
+            Event::Reload(generation, channel) => {
+                // Same name, transport and limits: counters, health and schedule go on.
+                self.fallback = generation.config.channels[channel]
+                    .fallback
+                    .map(|f| generation.config.channels[f].name.clone());
+                self.generation = generation;
+                self.channel = channel;
+                if matches!(self.health, Health::Broken { .. }) {
+                    tracing::info!(channel = %self.name, "queue: broken channel tried again after reload");
+                    self.resume();
+                    self.make_due(None);
+                }
+                self.return_lent();
+            }
             Event::Retry(which) => {
                 if self.health != Health::Ok {
                     tracing::info!(channel = %self.name, "queue: channel resumed by retry");
-                    self.set_health(Health::Ok);
-                    if self.counters.is_none() {
-                        self.load_state();
-                    }
+                    self.resume();
                 }
                 self.handing_over = false;
                 if which.is_none() {
-                    // Every channel resumes: lent mail goes back to its own channel.
-                    let lent: Vec<(String, ChannelId)> = self
-                        .borrowed
-                        .iter()
-                        .filter(|(id, _)| !self.in_flight.contains(*id))
-                        .map(|(id, owner)| (id.clone(), *owner))
-                        .collect();
-                    for (id, owner) in lent {
-                        self.borrowed.remove(&id);
-                        if let Some((due, pending)) = self.entries.remove(&id) {
-                            self.due.remove(&(due, id.clone()));
-                            self.queue.notify(
-                                owner,
-                                Event::Queued {
-                                    id,
-                                    due_ms: now_ms(),
-                                    pending,
-                                },
-                            );
-                        }
-                    }
+                    self.return_lent();
                 }
-                let now = now_ms();
-                let ids: Vec<String> = match which {
-                    Some(id) => self
-                        .entries
-                        .contains_key(&id)
-                        .then_some(id)
-                        .into_iter()
-                        .collect(),
-                    None => self.entries.keys().cloned().collect(),
-                };
-                for id in ids {
-                    let pending = self.entries[&id].1;
-                    self.schedule(id, now, pending);
-                }
+                self.make_due(which);
             }
+        }
+    }
+
+    /// Clears a broken or held state (and reads the counters if they were unreadable);
+    /// the channel's own mail stays here again.
+    fn resume(&mut self) {
+        self.set_health(Health::Ok);
+        self.handing_over = false;
+        if self.counters.is_none() {
+            self.load_state();
+        }
+    }
+
+    /// Every channel resumes: mail lent to this one goes back to its own channel.
+    fn return_lent(&mut self) {
+        let lent: Vec<(String, String)> = self
+            .borrowed
+            .iter()
+            .filter(|(id, _)| !self.in_flight.contains(*id))
+            .map(|(id, owner)| (id.clone(), owner.clone()))
+            .collect();
+        for (id, owner) in lent {
+            self.borrowed.remove(&id);
+            if let Some((due, pending)) = self.entries.remove(&id) {
+                self.due.remove(&(due, id.clone()));
+                self.queue.notify(
+                    &owner,
+                    Event::Queued {
+                        id,
+                        due_ms: now_ms(),
+                        pending,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Makes this message (or every one, `None`) due now.
+    fn make_due(&mut self, which: Option<String>) {
+        let now = now_ms();
+        let ids: Vec<String> = match which {
+            Some(id) => self
+                .entries
+                .contains_key(&id)
+                .then_some(id)
+                .into_iter()
+                .collect(),
+            None => self.entries.keys().cloned().collect(),
+        };
+        for id in ids {
+            let pending = self.entries[&id].1;
+            self.schedule(id, now, pending);
         }
     }
 
@@ -430,7 +496,7 @@ impl ChannelTask {
             self.in_flight.insert(id.clone());
             let attempt = Attempt {
                 queue: self.queue.clone(),
-                transport: self.transport.clone(),
+                generation: self.generation.clone(),
                 channel: self.channel,
                 rcpts,
             };
@@ -467,9 +533,7 @@ impl ChannelTask {
                 self.set_health(Health::Held { until_ms, reason });
             }
             ChannelEffect::AuthMethodRefused(reason) if self.fallback.is_some() => {
-                let fallback = self
-                    .fallback
-                    .map(|f| self.queue.config.channels[f].name.clone());
+                let fallback = self.fallback.clone();
                 if !self.handing_over {
                     tracing::error!(
                         channel = %self.name,
@@ -493,7 +557,7 @@ impl ChannelTask {
                     tracing::error!(
                         channel = %self.name,
                         reason,
-                        "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all` or a restart"
+                        "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all`, a reload or a restart"
                     );
                     self.set_health(Health::Broken {
                         since_ms: now_ms(),

@@ -35,6 +35,8 @@ pub enum Failure {
     InvalidGrant,
     /// Accept the request and never answer (client timeouts).
     Hang,
+    /// Answer this HTTP status after this long (callers that arrive meanwhile wait).
+    SlowStatus(u16, Duration),
 }
 
 /// The local provider. Dropping it stops the server.
@@ -270,6 +272,13 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Reply {
                 Some(Failure::Hang) => {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({}))
+                }
+                Some(Failure::SlowStatus(code, delay)) => {
+                    tokio::time::sleep(delay).await;
+                    json(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        serde_json::json!({}),
+                    )
                 }
                 Some(Failure::Status(code)) => json(
                     StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),

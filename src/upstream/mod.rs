@@ -50,6 +50,7 @@ mod transaction;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{ChannelId, ChannelKind, Config};
@@ -91,9 +92,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// and the message is sent once more on a checked or new connection.
 pub const TRUSTED_IDLE: Duration = Duration::from_secs(2);
 
-/// Every channel's transport.
+/// Every channel's transport. A transport is shared with the next generation of a reload
+/// when its channel is unchanged, so its pool (and token cache) carries on.
 pub struct Upstreams {
-    channels: Vec<Transport>,
+    channels: Vec<Arc<Transport>>,
     timeout: Duration,
     idle_timeout: Duration,
     trusted_idle: Duration,
@@ -119,9 +121,35 @@ impl Transport {
 impl Upstreams {
     /// Builds the transports (reads `ca_file`s); connects lazily.
     pub fn new(config: &Config) -> Result<Self, String> {
+        Self::build(config, None, &[])
+    }
+
+    /// The transports for `config` after a reload: those of the channels named in `keep`
+    /// are taken over from `self` (pool, idle connections, token cache and all), the
+    /// others are built new. Timeouts carry over.
+    pub fn rebuild(&self, config: &Config, keep: &[String]) -> Result<Self, String> {
+        let mut next = Self::build(config, Some(self), keep)?;
+        next.timeout = self.timeout;
+        next.idle_timeout = self.idle_timeout;
+        next.trusted_idle = self.trusted_idle;
+        Ok(next)
+    }
+
+    fn build(
+        config: &Config,
+        previous: Option<&Upstreams>,
+        keep: &[String],
+    ) -> Result<Self, String> {
         let tokens = crate::oauth::Tokens::new(config)?;
         let mut channels = Vec::with_capacity(config.channels.len());
         for (id, channel) in config.channels.iter().enumerate() {
+            let kept = previous
+                .filter(|_| keep.contains(&channel.name))
+                .and_then(|p| p.channels.iter().find(|t| t.name() == channel.name));
+            if let Some(kept) = kept {
+                channels.push(kept.clone());
+                continue;
+            }
             let transport = match &channel.kind {
                 ChannelKind::File { dir } => Transport::File {
                     name: channel.name.clone(),
@@ -150,7 +178,7 @@ impl Upstreams {
                     Transport::Graph(Box::new(graph))
                 }
             };
-            channels.push(transport);
+            channels.push(Arc::new(transport));
         }
         Ok(Upstreams {
             channels,
@@ -204,7 +232,7 @@ impl Upstreams {
                 result: Err(Error::local(format!("no channel #{channel}"))),
             };
         };
-        let outcome = match transport {
+        let outcome = match &**transport {
             Transport::Smtp(ch) => {
                 let mut refused = Vec::new();
                 let result = self
@@ -263,7 +291,7 @@ impl Upstreams {
         let Some(transport) = self.channels.get(channel) else {
             return Err(Error::local(format!("no channel #{channel}")));
         };
-        match transport {
+        match &**transport {
             Transport::File { dir, .. } => file::test(dir, step).await,
             Transport::Smtp(ch) => self.test_smtp(ch, step).await,
             Transport::Graph(ch) => ch.test(step, self.timeout).await,
@@ -272,8 +300,16 @@ impl Upstreams {
 
     /// Says QUIT on every idle pooled connection and closes it (graceful shutdown).
     pub async fn close_idle(&self) {
+        self.close_idle_except(&[]).await;
+    }
+
+    /// [`Upstreams::close_idle`] but for the channels named in `keep` (a reload: the
+    /// transports the next generation did not take over).
+    pub async fn close_idle_except(&self, keep: &[String]) {
         for transport in &self.channels {
-            if let Transport::Smtp(ch) = transport {
+            if let Transport::Smtp(ch) = &**transport
+                && !keep.contains(&ch.name)
+            {
                 ch.quit_idle().await;
             }
         }

@@ -1219,7 +1219,7 @@ async fn spooled_file_streams_in_chunks() {
 async fn a_short_spool_file_aborts_data_without_the_final_dot() {
     let (port, rec) = start(plain_fake()).await;
     let up = upstreams(smtp_channel(port, TlsMode::None), 1);
-    let Transport::Smtp(ch) = &up.channels[0] else {
+    let Transport::Smtp(ch) = &*up.channels[0] else {
         unreachable!()
     };
     let dir = tempfile::tempdir().unwrap();

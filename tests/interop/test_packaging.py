@@ -62,7 +62,7 @@ def test_unit_settings_the_brief_relies_on():
         "UMask=0077", "KillSignal=SIGTERM",
     ]:
         assert line in text, f"{line!r} missing from {UNIT}"
-    assert "ExecReload" not in text.replace("# No ExecReload", "")
+    assert "ExecReload=/bin/kill -HUP $MAINPID\n" in text
     stop = re.search(r"^TimeoutStopSec=(\d+)s$", text, re.M)
     assert stop and int(stop.group(1)) > 30  # above the default 30 s shutdown_grace
 

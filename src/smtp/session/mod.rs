@@ -57,7 +57,7 @@ pub struct SessionCtx {
     /// Cancelled when the proxy shuts down.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Failed AUTH per client address, shared by all sessions.
-    pub failed_logins: crate::smtp::auth::FailedLogins,
+    pub failed_logins: Arc<crate::smtp::auth::FailedLogins>,
 }
 
 /// Longest command line, CRLF included (SPEC §5).
