@@ -81,13 +81,7 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
         None => None,
     };
     health.set_listening(true);
-    {
-        let (health, shutdown) = (health.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            health.set_listening(false);
-        });
-    }
+    health.stop_with(shutdown.clone());
     // Queue mode: the workers deliver from the spool while the listeners accept.
     let workers = {
         let (delivery, shutdown) = (delivery.clone(), shutdown.clone());

@@ -42,6 +42,9 @@ pub struct Health {
     /// Where a probe file is written and removed: `spool_dir/tmp`, where messages are drafted.
     probe_dir: PathBuf,
     probes: AtomicU64,
+    /// Cancelled at shutdown: read by `check` itself, so /healthz turns 503 the moment
+    /// the listeners start to stop, not when a watcher task gets round to it.
+    shutdown: std::sync::OnceLock<CancellationToken>,
 }
 
 impl Health {
@@ -51,7 +54,13 @@ impl Health {
             listening: AtomicBool::new(false),
             probe_dir: spool_dir.join("tmp"),
             probes: AtomicU64::new(0),
+            shutdown: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The listeners stop when `shutdown` is cancelled.
+    pub fn stop_with(&self, shutdown: CancellationToken) {
+        let _ = self.shutdown.set(shutdown);
     }
 
     /// The SMTP listeners run (true) or have stopped (false).
@@ -61,7 +70,8 @@ impl Health {
 
     /// `Ok(())`, or why the proxy is not healthy.
     pub async fn check(&self) -> Result<(), String> {
-        if !self.listening.load(Ordering::SeqCst) {
+        let stopping = self.shutdown.get().is_some_and(|t| t.is_cancelled());
+        if stopping || !self.listening.load(Ordering::SeqCst) {
             return Err("SMTP listeners are not running".to_string());
         }
         let n = self.probes.fetch_add(1, Ordering::Relaxed);
@@ -268,11 +278,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
         std::fs::create_dir_all(spool.join("tmp")).unwrap();
-        let health = Health::new(&spool);
+        let mut health = Health::new(&spool);
         assert!(health.check().await.unwrap_err().contains("listeners"));
         health.set_listening(true);
         health.check().await.unwrap();
         assert_eq!(std::fs::read_dir(spool.join("tmp")).unwrap().count(), 0);
+        // Shutdown turns it 503 at once, with no task in between.
+        let shutdown = CancellationToken::new();
+        health.stop_with(shutdown.clone());
+        health.check().await.unwrap();
+        shutdown.cancel();
+        assert!(health.check().await.unwrap_err().contains("listeners"));
+        health.shutdown.take();
         // A spool folder that is a file now: root cannot write under it either.
         std::fs::remove_dir_all(&spool).unwrap();
         std::fs::write(&spool, b"not a folder").unwrap();
