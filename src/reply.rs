@@ -198,7 +198,9 @@ impl Reply {
     }
     /// `550 5.7.1` a `To:`/`Cc:`/`Bcc:` address is no envelope recipient, and the message
     /// may go through Microsoft Graph, which sends to the header addresses (SPEC §5).
+    /// The address comes from the client's headers: control characters are escaped.
     pub fn header_recipient_not_in_envelope(field: &str, address: &str, channel: &str) -> Self {
+        let address = crate::text::escape_controls(address);
         Reply::new(
             550,
             (5, 7, 1),
@@ -207,6 +209,19 @@ impl Reply {
             ),
         )
     }
+    /// `554 5.6.0` an envelope recipient cannot be named in the `Bcc:` of the copy sent
+    /// through Microsoft Graph (the message's own `Bcc:` field would swallow it).
+    pub fn header_recipient_unwritable(address: &str, channel: &str) -> Self {
+        let address = crate::text::escape_controls(address);
+        Reply::new(
+            554,
+            (5, 6, 0),
+            format!(
+                "recipient <{address}> cannot be added to this message's Bcc: header; channel {channel} would not send to it"
+            ),
+        )
+    }
+
     /// `250 2.0.0` the `file` channel stored the message.
     pub fn stored_in_file(channel: &str, file: &str) -> Self {
         Reply::new(

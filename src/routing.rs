@@ -11,7 +11,7 @@
 use mail_parser::{HeaderName, HeaderValue, MessageParser};
 
 use crate::config::{Channel, ChannelId, Config, SenderPattern, User};
-use crate::message::recipients::{self, HeaderFit};
+use crate::message::recipients::{self, Unfit};
 // The queue still imports `channel_allows` from here; `crate::scope` is its home.
 use crate::scope::{best_match, channel_allows, describe, specificity, user_allows};
 
@@ -66,6 +66,14 @@ pub enum Refusal {
         /// `To`, `Cc` or `Bcc`.
         field: &'static str,
         /// The address.
+        address: String,
+        /// The graph channel the message may go through.
+        channel: String,
+    },
+    /// The message may go through Microsoft Graph, and an envelope recipient cannot be
+    /// named in the `Bcc:` of the copy sent (its own `Bcc:` field would swallow it).
+    HeaderRecipientUnwritable {
+        /// The envelope recipient.
         address: String,
         /// The graph channel the message may go through.
         channel: String,
@@ -349,14 +357,18 @@ pub fn check_header_recipients(
     let Some(graph) = config.graph_on_path(channel) else {
         return Ok(());
     };
-    let headers = recipients::recipient_headers(header_section);
-    match recipients::fit(recipients, &headers) {
-        HeaderFit::Fits { .. } => Ok(()),
-        HeaderFit::Stranger { field, address } => Err(Refusal::HeaderRecipientNotInEnvelope {
+    // The copy Graph would get, checked now so that the client hears any refusal.
+    let channel = config.channels[graph].name.clone();
+    match recipients::graph_copy(recipients, header_section) {
+        Ok(_) => Ok(()),
+        Err(Unfit::Stranger { field, address }) => Err(Refusal::HeaderRecipientNotInEnvelope {
             field,
             address,
-            channel: config.channels[graph].name.clone(),
+            channel,
         }),
+        Err(Unfit::Unwritable { address }) => {
+            Err(Refusal::HeaderRecipientUnwritable { address, channel })
+        }
     }
 }
 

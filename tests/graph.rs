@@ -33,15 +33,11 @@ impl Drop for Setup {
 }
 
 async fn setup(mode: DeliveryMode, extra: Vec<Channel>) -> Setup {
-    setup_with(mode, extra, None).await
+    setup_with(mode, extra, &[]).await
 }
 
-/// `fallback`: (channel, its fallback) wired after the channels are sorted.
-async fn setup_with(
-    mode: DeliveryMode,
-    extra: Vec<Channel>,
-    fallback: Option<(&str, &str)>,
-) -> Setup {
+/// `fallbacks`: (channel, its fallback) wired after the channels are sorted.
+async fn setup_with(mode: DeliveryMode, extra: Vec<Channel>, fallbacks: &[(&str, &str)]) -> Setup {
     mailgate::tls::install_crypto_provider();
     let tokens = Arc::new(TokenEndpoint::start().await);
     let graph = GraphApi::start(tokens.clone()).await;
@@ -54,9 +50,9 @@ async fn setup_with(
     )];
     channels.extend(extra);
     channels.sort_by(|a, b| a.name.cmp(&b.name));
-    if let Some((from, to)) = fallback {
-        let to = channels.iter().position(|c| c.name == to).unwrap();
-        let from = channels.iter().position(|c| c.name == from).unwrap();
+    for (from, to) in fallbacks {
+        let to = channels.iter().position(|c| c.name == *to).unwrap();
+        let from = channels.iter().position(|c| c.name == *from).unwrap();
         channels[from].fallback = Some(to);
     }
     let config = Arc::new(Config {
@@ -199,6 +195,44 @@ async fn a_header_recipient_outside_the_envelope_is_never_sent_to() {
 }
 
 #[tokio::test]
+async fn no_byte_of_the_message_can_add_a_recipient_to_the_added_bcc() {
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    // A folded line at the very top would continue the Bcc: line put before it.
+    let mut folded = b" , eve@example.org\r\n".to_vec();
+    folded.extend_from_slice(&message("bob@example.org"));
+    let reply = s
+        .submit(&["bob@example.org", "carol@example.org"], &folded)
+        .await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (550, Some((5, 7, 1))),
+        "{reply}"
+    );
+    assert!(reply.text.contains("<eve@example.org>"), "{reply}");
+    // An envelope address that reads as two in a header (it came quoted in RCPT TO).
+    let reply = s
+        .submit(
+            &["bob@example.org", "eve@example.org,carol@example.org"],
+            &message("bob@example.org"),
+        )
+        .await;
+    assert_eq!(
+        (reply.code, reply.enhanced),
+        (550, Some((5, 7, 1))),
+        "{reply}"
+    );
+    // A display name alone that looks like an address.
+    let reply = s
+        .submit(
+            &["bob@example.org"],
+            &message("bob@example.org, \"eve@example.org\""),
+        )
+        .await;
+    assert_eq!(reply.code, 550, "{reply}");
+    assert_eq!(s.graph.requests(), 0, "nothing reached Graph");
+}
+
+#[tokio::test]
 async fn throttled_429_waits_for_retry_after_then_delivers() {
     let s = setup(DeliveryMode::Queue, vec![]).await;
     s.graph.script([Scripted::throttled("1")]);
@@ -309,6 +343,38 @@ async fn a_403_breaks_the_channel_and_keeps_the_mail() {
     // `queue retry --all` (what a reload does too) resumes it.
     s.delivery.resume_queue();
     assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 2).await);
+}
+
+#[tokio::test]
+async fn a_403_send_as_denied_fails_that_message_only() {
+    // Graph answers 403 ErrorSendAsDenied when the MIME From:/Sender: is not the mailbox
+    // (possible with check_header_from = false): one message, not the channel's rights.
+    let s = setup(DeliveryMode::Queue, vec![]).await;
+    s.graph.script([Scripted::status(403, "ErrorSendAsDenied")]);
+    s.submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert!(
+        wait_for(Duration::from_secs(10), || s.spool_files("failed").len()
+            == 1)
+        .await,
+        "the message fails"
+    );
+    assert!(s.spool_files("failed")[0].contains("ErrorSendAsDenied"));
+    // The channel is not broken: the next message goes out.
+    s.submit(&["carol@example.org"], &message("carol@example.org"))
+        .await;
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    // No DSN went through the channel that refused the sender.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.graph.sent().len(), 1);
+    // Relay mode: the client hears a permanent refusal of this message.
+    let r = setup(DeliveryMode::Relay, vec![]).await;
+    r.graph.script([Scripted::status(403, "ErrorSendAsDenied")]);
+    let reply = r
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(reply.code, 554, "{reply}");
+    assert!(reply.text.contains("ErrorSendAsDenied"), "{reply}");
 }
 
 #[tokio::test]
@@ -454,7 +520,7 @@ async fn an_smtp_channel_refused_535_5_7_139_hands_its_mail_to_the_graph_fallbac
         2,
     );
     smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
-    let s = setup_with(DeliveryMode::Queue, vec![smtp], Some(("alice", "dave"))).await;
+    let s = setup_with(DeliveryMode::Queue, vec![smtp], &[("alice", "dave")]).await;
     let (alice, delivery, config) = (s.id("alice"), s.delivery.clone(), s.config.clone());
     let submit = |to: &'static str| {
         let delivery = delivery.clone();
@@ -515,7 +581,7 @@ async fn relay_mode_hands_over_to_the_fallback_at_once() {
         2,
     );
     smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
-    let s = setup_with(DeliveryMode::Relay, vec![smtp], Some(("alice", "dave"))).await;
+    let s = setup_with(DeliveryMode::Relay, vec![smtp], &[("alice", "dave")]).await;
     let body = message("bob@example.org");
     let reply = s
         .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
@@ -540,6 +606,124 @@ async fn relay_mode_hands_over_to_the_fallback_at_once() {
     );
 }
 
+#[tokio::test]
+async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_graph() {
+    use mailgate::testkit::fake_smtp;
+    // bob takes the message over SMTP, carol's server says "later"; then the tenant
+    // switches SMTP AUTH off and the channel hands its mail to the graph fallback.
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        replies: vec![("RCPT TO:<carol@", "451 4.2.0 try again later")],
+        data_script: vec![
+            "250 2.0.0 Ok",
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+        ],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let mut smtp = mailgate::testkit::config::channel(
+        "alice",
+        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
+            port,
+            mailgate::config::TlsMode::None,
+        )),
+        2,
+    );
+    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let s = setup_with(DeliveryMode::Queue, vec![smtp], &[("alice", "dave")]).await;
+    let both = message("bob@example.org, carol@example.org");
+    let first = s
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["bob@example.org", "carol@example.org"],
+            &both,
+        )
+        .await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
+    let second = s
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["erin@example.org"],
+            &message("erin@example.org"),
+        )
+        .await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Graph would send to every header recipient, bob included: the message waits for
+    // its own channel instead of failing carol or mailing bob twice.
+    assert_eq!(
+        s.graph.sent().len(),
+        1,
+        "only the untouched message went over Graph"
+    );
+    assert!(
+        s.spool_files("failed").is_empty(),
+        "{:?}",
+        s.spool_files("failed")
+    );
+    assert_eq!(s.spool_files("queue").len(), 1, "carol's copy stays queued");
+}
+
+#[tokio::test]
+async fn mail_handed_along_a_fallback_chain_reaches_its_end() {
+    use mailgate::testkit::fake_smtp;
+    let refusing = || fake_smtp::Fake {
+        data_script: vec![
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+        ],
+        ..fake_smtp::plain_fake()
+    };
+    let (port_a, up_a) = fake_smtp::start(refusing()).await;
+    let (port_b, up_b) = fake_smtp::start(refusing()).await;
+    let smtp = |name: &str, port| {
+        let mut c = mailgate::testkit::config::channel(
+            name,
+            ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
+                port,
+                mailgate::config::TlsMode::None,
+            )),
+            2,
+        );
+        c.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+        c
+    };
+    // alice -> bravo -> dave (graph); bravo's provider refuses it first.
+    let s = setup_with(
+        DeliveryMode::Queue,
+        vec![smtp("alice", port_a), smtp("bravo", port_b)],
+        &[("alice", "bravo"), ("bravo", "dave")],
+    )
+    .await;
+    let first = s
+        .submit_to(
+            "bravo",
+            MAILBOX,
+            &["bob@example.org"],
+            &message("bob@example.org"),
+        )
+        .await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    // Now alice is refused too: its mail goes to bravo, which hands it on to dave.
+    let second = s
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["carol@example.org"],
+            &message("carol@example.org"),
+        )
+        .await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(
+        wait_for(Duration::from_secs(10), || s.graph.sent().len() == 2).await,
+        "alice's mail stuck at broken bravo"
+    );
+    assert_eq!((up_a.txns().len(), up_b.txns().len()), (0, 0));
+}
+
 /// A reload ends a hand-over (SPEC §8 "a broken channel is retried"): the same file again,
 /// every channel unchanged, and the first channel's mail goes over SMTP again.
 #[tokio::test]
@@ -559,7 +743,7 @@ async fn a_reload_ends_the_hand_over_to_the_fallback() {
         2,
     );
     smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
-    let s = setup_with(DeliveryMode::Queue, vec![smtp], Some(("alice", "dave"))).await;
+    let s = setup_with(DeliveryMode::Queue, vec![smtp], &[("alice", "dave")]).await;
     let alice = s.id("alice");
     let submit = |delivery: Arc<Delivery>, to: &'static str| async move {
         let mut draft = delivery.begin().await.unwrap();

@@ -1,10 +1,13 @@
 //! `smtp::data::HeaderCapture` at and beyond its size limit, fed in arbitrary chunks,
 //! then `routing::parse_headers` on what it captured.
 //!
-//! Input layout: bytes 0-1 are the limit (u16, little-endian, so sections both under
-//! and over it are easy to reach); byte 2 bit 0 says whether the rest is first decoded
-//! as a DATA stream (as the session does), bits 1-3 how many chunk lengths follow
-//! (0 to 7); each following byte is one chunk length (0 to 255); the rest is the input.
+//! Input layout: bytes 0-1 (u16, little-endian) give the limit, taken modulo the input's
+//! length + 5: the limit stays within a few bytes of any section the input can hold,
+//! so sections under, at and beyond it stay likely however the fuzzer resizes the
+//! input (the session's limit is `max_header_size`; the code does not depend on its
+//! size); byte 2 bit 0 says whether the rest is first decoded as a DATA stream (as the
+//! session does), bits 1-3 how many chunk lengths follow (0 to 7); each following byte
+//! is one chunk length (0 to 255); the rest is the input.
 //!
 //! Invariants, checked on every input:
 //! - the outcome is the same whole, in the chosen chunks, and byte by byte;
@@ -21,12 +24,13 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 3 {
         return;
     }
-    let limit = usize::from(u16::from_le_bytes([data[0], data[1]]));
+    let raw_limit = usize::from(u16::from_le_bytes([data[0], data[1]]));
     let flags = data[2];
     let decode = flags & 1 == 1;
     let rest = &data[3..];
     let lengths = usize::from((flags >> 1) & 7).min(rest.len());
     let (lengths, input) = rest.split_at(lengths);
+    let limit = raw_limit % (input.len() + 5);
     let lengths: Vec<usize> = lengths.iter().map(|&b| usize::from(b)).collect();
 
     let (whole, message) = run(limit, decode, input, &[]);

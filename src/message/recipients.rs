@@ -17,6 +17,10 @@ pub struct RecipientHeaders {
     pub bcc: Vec<String>,
     /// The message has a `Bcc:` header (even an empty one).
     pub has_bcc: bool,
+    /// Entries of `To:`, `Cc:` or `Bcc:` without an address mailgate can read (a display
+    /// name alone like `"eve@example.org"` or `eve`, an encoded word), with their header's
+    /// name and text: Exchange may still read a recipient in one, so none is let through.
+    pub unreadable: Vec<(&'static str, String)>,
 }
 
 impl RecipientHeaders {
@@ -47,16 +51,29 @@ pub fn recipient_headers(raw: &[u8]) -> RecipientHeaders {
             }
             _ => continue,
         };
-        if let HeaderValue::Address(address) = &header.value {
-            for addr in address.iter() {
-                let Some(a) = addr.address().map(str::trim).filter(|a| !a.is_empty()) else {
-                    continue;
-                };
-                if field == "Bcc" {
-                    out.bcc.push(a.to_string());
-                } else {
-                    out.to_cc.push((field, a.to_string()));
+        let address = match &header.value {
+            HeaderValue::Address(address) => address,
+            HeaderValue::Empty => continue,
+            other => {
+                let text = other.as_text().unwrap_or("?").trim();
+                if !text.is_empty() {
+                    out.unreadable.push((field, text.to_string()));
                 }
+                continue;
+            }
+        };
+        // An empty group (`undisclosed-recipients:;`) yields no entry at all.
+        for addr in address.iter() {
+            let Some(a) = addr.address().map(str::trim).filter(|a| !a.is_empty()) else {
+                if let Some(name) = addr.name().map(str::trim).filter(|n| !n.is_empty()) {
+                    out.unreadable.push((field, name.to_string()));
+                }
+                continue;
+            };
+            if field == "Bcc" {
+                out.bcc.push(a.to_string());
+            } else {
+                out.to_cc.push((field, a.to_string()));
             }
         }
     }
@@ -77,7 +94,8 @@ pub enum HeaderFit {
         /// Envelope recipients to add in `Bcc:`.
         missing: Vec<String>,
     },
-    /// A header address is no envelope recipient: Graph would send to it.
+    /// A header address is no envelope recipient (or an entry whose address cannot be
+    /// read): Graph would send to it.
     Stranger {
         /// `To`, `Cc` or `Bcc`.
         field: &'static str,
@@ -86,9 +104,35 @@ pub enum HeaderFit {
     },
 }
 
+/// Why no Graph copy can be made of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unfit {
+    /// A header address (or unreadable entry) is no envelope recipient: Graph would send
+    /// to it.
+    Stranger {
+        /// `To`, `Cc` or `Bcc`.
+        field: &'static str,
+        /// The address.
+        address: String,
+    },
+    /// An envelope recipient that the `Bcc:` of the copy would not name after all (the
+    /// existing `Bcc:` field swallows it, e.g. inside an unclosed quote): Graph would not
+    /// send to it.
+    Unwritable {
+        /// The envelope recipient.
+        address: String,
+    },
+}
+
 /// Compares `headers` with the envelope's `recipients`.
 pub fn fit(recipients: &[String], headers: &RecipientHeaders) -> HeaderFit {
     let in_envelope = |a: &str| recipients.iter().any(|r| same_address(r, a));
+    if let Some((field, text)) = headers.unreadable.first() {
+        return HeaderFit::Stranger {
+            field,
+            address: text.clone(),
+        };
+    }
     let strangers = headers
         .to_cc
         .iter()
@@ -112,6 +156,29 @@ pub fn fit(recipients: &[String], headers: &RecipientHeaders) -> HeaderFit {
     HeaderFit::Fits { missing }
 }
 
+/// The copy of `raw` to send through Graph, and how many recipients its added `Bcc:`
+/// names. The copy is read back the way the original was: every envelope recipient must
+/// now be named and nothing else, so that no byte of the client's (a folded line at the
+/// very top, an unclosed quote in its `Bcc:`) and no envelope address that reads as
+/// several (`"a@x,b"@y` arrives unquoted) changes whom Graph sends to.
+pub fn graph_copy<'a>(
+    recipients: &[String],
+    raw: &'a [u8],
+) -> Result<(Cow<'a, [u8]>, usize), Unfit> {
+    let missing = match fit(recipients, &recipient_headers(raw)) {
+        HeaderFit::Fits { missing } => missing,
+        HeaderFit::Stranger { field, address } => return Err(Unfit::Stranger { field, address }),
+    };
+    let copy = with_bcc(raw, &missing);
+    match fit(recipients, &recipient_headers(&copy)) {
+        HeaderFit::Fits { missing: left } => match left.into_iter().next() {
+            None => Ok((copy, missing.len())),
+            Some(address) => Err(Unfit::Unwritable { address }),
+        },
+        HeaderFit::Stranger { field, address } => Err(Unfit::Stranger { field, address }),
+    }
+}
+
 /// The message with `missing` added to its `Bcc:` header: appended to an existing
 /// `Bcc:` field (after its last folded line), or a new `Bcc:` line at the top. Every
 /// other byte stays as it was. Nothing to add: the message itself, not copied.
@@ -119,17 +186,16 @@ pub fn with_bcc<'a>(raw: &'a [u8], missing: &[String]) -> Cow<'a, [u8]> {
     if missing.is_empty() {
         return Cow::Borrowed(raw);
     }
-    let list = missing.join(", ");
+    // One address a line: 500 of them on one line would break the 998-octet limit.
+    let list = missing.join(",\r\n ");
     let end = header_end(raw);
     let mut at = 0;
     while at < end {
         let line_end = next_line(raw, at);
-        let line = &raw[at..line_end];
-        let is_bcc = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"bcc:");
-        if !is_bcc {
+        let Some(colon) = bcc_colon(&raw[at..line_end]).map(|c| at + c) else {
             at = line_end;
             continue;
-        }
+        };
         // The field ends before the first line that is not a folded continuation.
         let mut field_end = line_end;
         while field_end < end && matches!(raw[field_end], b' ' | b'\t') {
@@ -139,7 +205,7 @@ pub fn with_bcc<'a>(raw: &'a [u8], missing: &[String]) -> Cow<'a, [u8]> {
         while insert > at && matches!(raw[insert - 1], b'\r' | b'\n') {
             insert -= 1;
         }
-        let value_blank = raw[at + 4..insert].iter().all(u8::is_ascii_whitespace);
+        let value_blank = raw[colon + 1..insert].iter().all(u8::is_ascii_whitespace);
         let added = if value_blank {
             format!(" {list}")
         } else {
@@ -156,6 +222,19 @@ pub fn with_bcc<'a>(raw: &'a [u8], missing: &[String]) -> Cow<'a, [u8]> {
     out.extend_from_slice(line.as_bytes());
     out.extend_from_slice(raw);
     Cow::Owned(out)
+}
+
+/// Where the colon of a `Bcc:` field's first line is (`Bcc:`, any case, blanks allowed
+/// before the colon as mail parsers allow them), if the line starts one.
+fn bcc_colon(line: &[u8]) -> Option<usize> {
+    if line.len() < 4 || !line[..3].eq_ignore_ascii_case(b"bcc") {
+        return None;
+    }
+    let blanks = line[3..]
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t'))
+        .count();
+    (line.get(3 + blanks) == Some(&b':')).then_some(3 + blanks)
 }
 
 /// The index just after the line starting at `at` (after its LF, or the end).
@@ -233,6 +312,103 @@ mod tests {
         );
     }
 
+    /// What the Graph copy of `raw` names, as mailgate reads it.
+    fn sent_to(raw: &[u8], rcpts_: &[&str]) -> Result<Vec<String>, Unfit> {
+        let (copy, _) = graph_copy(&rcpts(rcpts_), raw)?;
+        Ok(recipient_headers(&copy).all().map(str::to_string).collect())
+    }
+
+    #[test]
+    fn a_leading_folded_line_cannot_smuggle_a_recipient_into_the_added_bcc() {
+        // The first line is a continuation: prepended after "Bcc: carol", it would
+        // become part of the Bcc field, and Graph would send to eve.
+        let msg = b" , eve@evil.org\r\nTo: bob@x.org\r\n\r\nbody\r\n";
+        let got = sent_to(msg, &["bob@x.org", "carol@x.org"]);
+        assert!(
+            matches!(&got, Err(Unfit::Stranger { address, .. }) if address == "eve@evil.org"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn an_envelope_recipient_that_reads_as_several_addresses_is_refused() {
+        // `RCPT TO:<"eve@evil.org,bob"@x.org>` arrives unquoted: written into Bcc: as
+        // it is, Graph would send to eve@evil.org (and bob@x.org), one RCPT for two.
+        let got = sent_to(
+            b"To: bob@x.org\r\n\r\n",
+            &["bob@x.org", "eve@evil.org,bob@x.org"],
+        );
+        assert!(
+            matches!(&got, Err(Unfit::Stranger { field: "Bcc", .. })),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_recipient_swallowed_by_a_broken_bcc_header_is_refused_not_lost() {
+        // A Bcc: value ending inside a quoted string would take the appended address in.
+        let got = sent_to(
+            b"To: bob@x.org\r\nBcc: bob@x.org, \"open\r\n\r\n",
+            &["bob@x.org", "carol@x.org"],
+        );
+        assert!(
+            matches!(&got, Err(Unfit::Unwritable { address }) if address == "carol@x.org")
+                || matches!(&got, Err(Unfit::Stranger { .. })),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn header_entries_without_a_readable_address_are_refused() {
+        // Exchange may read any of these as a recipient; mailgate cannot check them.
+        for (header, shown) in [
+            ("To: \"eve@evil.org\"", "eve@evil.org"),
+            ("Cc: =?utf-8?q?eve=40evil.org?=", "eve@evil.org"),
+            ("To: eve", "eve"),
+        ] {
+            let msg = format!("{header}\r\n\r\nbody\r\n");
+            let got = fit(&rcpts(&["bob@x.org"]), &recipient_headers(msg.as_bytes()));
+            assert!(
+                matches!(&got, HeaderFit::Stranger { address, .. } if address == shown),
+                "{header}: {got:?}"
+            );
+        }
+        // An empty group names no one and stays fine.
+        let none = recipient_headers(b"To: undisclosed-recipients:;\r\nCc:\r\n\r\n");
+        assert_eq!(
+            fit(&rcpts(&["bob@x.org"]), &none),
+            HeaderFit::Fits {
+                missing: rcpts(&["bob@x.org"])
+            }
+        );
+    }
+
+    #[test]
+    fn many_added_recipients_keep_every_header_line_under_998_octets() {
+        let many: Vec<String> = (0..500)
+            .map(|i| format!("recipient-number-{i:03}@a-rather-long-domain.example"))
+            .collect();
+        let out = with_bcc(b"To: x@y.org\r\n\r\nbody\r\n", &many);
+        for line in out.split(|&b| b == b'\n') {
+            assert!(line.len() <= 998, "{} octets", line.len());
+        }
+        assert_eq!(recipient_headers(&out).bcc, many);
+        let existing = with_bcc(b"Bcc: z@y.org\r\n\r\n", &many);
+        assert!(existing.split(|&b| b == b'\n').all(|l| l.len() <= 998));
+    }
+
+    #[test]
+    fn a_bcc_field_written_with_a_blank_before_its_colon_is_the_one_extended() {
+        let out = with_bcc(
+            b"To: b@x.org\r\nBcc : e@x.org\r\n\r\n",
+            &rcpts(&["c@x.org"]),
+        );
+        assert_eq!(
+            &out[..],
+            &b"To: b@x.org\r\nBcc : e@x.org,\r\n c@x.org\r\n\r\n"[..]
+        );
+    }
+
     #[test]
     fn bcc_is_added_and_nothing_else_changes() {
         let msg = b"From: a@x.org\r\nTo: bob@x.org\r\n\r\nbody\r\n";
@@ -240,7 +416,7 @@ mod tests {
         let out = with_bcc(msg, &rcpts(&["c@x.org", "d@x.org"]));
         assert_eq!(
             &out[..],
-            b"Bcc: c@x.org, d@x.org\r\nFrom: a@x.org\r\nTo: bob@x.org\r\n\r\nbody\r\n"
+            b"Bcc: c@x.org,\r\n d@x.org\r\nFrom: a@x.org\r\nTo: bob@x.org\r\n\r\nbody\r\n"
         );
         let folded =
             b"To: bob@x.org\r\nBCC: e@x.org,\r\n\tf@x.org\r\nSubject: s\r\n\r\nBcc: body\r\n";

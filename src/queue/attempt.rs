@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{Channel, ChannelId, Config};
+use crate::config::{Channel, ChannelId, ChannelKind, Config};
 use crate::message::Envelope;
 use crate::metrics;
 use crate::reply::Reply;
@@ -101,21 +101,44 @@ impl Attempt {
             };
             let data = self.queue.spool.data_path(&id);
             let started = Instant::now();
-            let outcome = match tokio::time::timeout(
-                TRANSACTION_TIMEOUT,
-                self.generation
-                    .transport
-                    .send(self.channel, &id, &envelope, Body::File(&data)),
-            )
-            .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Outcome {
+            // Graph sends to every recipient the headers name, done or not: a message
+            // that its own (SMTP) channel delivered in part before handing it over would
+            // reach those recipients again, or be refused for naming them. It waits for
+            // its own channel instead (`queue retry --all` or a reload gives it back).
+            let done_before = matches!(config.channels[self.channel].kind, ChannelKind::Graph(_))
+                && state
+                    .recipients
+                    .iter()
+                    .any(|r| r.status != RcptStatus::Pending);
+            let outcome = if done_before {
+                tracing::warn!(
+                    id,
+                    channel = %channel_name,
+                    "queue: some recipients of this message are done already; Microsoft Graph would send to them again, so it waits for its own channel"
+                );
+                Outcome {
                     refused: Vec::new(),
-                    result: Err(Error::Timeout {
-                        step: upstream::Step::Transaction,
-                    }),
-                },
+                    result: Err(Error::local(
+                        "partly delivered before: Microsoft Graph would send to every header recipient again",
+                    )),
+                }
+            } else {
+                match tokio::time::timeout(
+                    TRANSACTION_TIMEOUT,
+                    self.generation
+                        .transport
+                        .send(self.channel, &id, &envelope, Body::File(&data)),
+                )
+                .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(_) => Outcome {
+                        refused: Vec::new(),
+                        result: Err(Error::Timeout {
+                            step: upstream::Step::Transaction,
+                        }),
+                    },
+                }
             };
             metrics::delivery_time(&channel_name, started.elapsed());
             let now = now_ms();
@@ -226,6 +249,8 @@ pub fn apply_outcome(
         Err(error) => (classify_error(error), error.record_reply(channel)),
     };
     // The upstream said when to come back (Graph's Retry-After): that, not our backoff.
+    // `Retry-After: 0` or a date in the past says nothing: the backoff then, or a server
+    // that keeps answering so would get a retry loop without a pause.
     let retry_after = outcome.result.as_ref().err().and_then(Error::retry_after);
     let method_refused = outcome
         .result
@@ -275,6 +300,7 @@ pub fn apply_outcome(
         state.deferrals += 1;
         let server = &config.server;
         let wait = retry_after
+            .filter(|asked| !asked.is_zero())
             .unwrap_or_else(|| backoff(server.retry_first, server.retry_max, state.deferrals));
         state.next_attempt_ms = now + wait.as_millis() as u64;
         let age = Duration::from_millis(now.saturating_sub(state.created_ms));
@@ -556,6 +582,53 @@ mod tests {
             dsn::status_of(st.recipients[0].reply.as_deref().unwrap()),
             "5.4.7"
         );
+    }
+
+    #[test]
+    fn a_zero_or_past_retry_after_never_makes_a_tight_retry_loop() {
+        let config = config(60, 3600, 86400);
+        let throttled = |retry_after: Option<Duration>| Outcome {
+            refused: vec![],
+            result: Err(Error::Graph {
+                status: 429,
+                code: "TooManyRequests".into(),
+                retry_after,
+                reply: reply(451, (4, 7, 0), "throttled"),
+            }),
+        };
+        let mut st = state(&["b@x"]);
+        // `Retry-After: 0`, or an HTTP date in the past (parsed as zero): not "now", the
+        // backoff.
+        for wait in [60_000, 120_000, 240_000] {
+            apply_outcome(
+                &mut st,
+                &[0],
+                &throttled(Some(Duration::ZERO)),
+                "c",
+                2_000_000,
+                &config,
+            );
+            assert_eq!(st.next_attempt_ms, 2_000_000 + wait);
+        }
+        // A Retry-After, shorter or longer than the backoff, is honoured as it is.
+        apply_outcome(
+            &mut st,
+            &[0],
+            &throttled(Some(Duration::from_secs(1))),
+            "c",
+            2_000_000,
+            &config,
+        );
+        assert_eq!(st.next_attempt_ms, 2_000_000 + 1_000);
+        apply_outcome(
+            &mut st,
+            &[0],
+            &throttled(Some(Duration::from_secs(600))),
+            "c",
+            2_000_000,
+            &config,
+        );
+        assert_eq!(st.next_attempt_ms, 2_000_000 + 600_000);
     }
 
     #[test]

@@ -207,13 +207,18 @@ impl ChannelTask {
         self.due.clear();
         let count = entries.len();
         for (id, (due_ms, pending)) in entries {
+            // Mail lent to this channel keeps its own owner, where it goes back.
+            let owner = self
+                .borrowed
+                .remove(&id)
+                .unwrap_or_else(|| self.name.clone());
             self.queue.notify(
                 &fallback,
                 Event::Lent {
                     id,
                     due_ms,
                     pending,
-                    owner: self.name.clone(),
+                    owner,
                 },
             );
         }
@@ -432,7 +437,20 @@ impl ChannelTask {
                 pending,
                 owner,
             } => {
-                if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                if self.handing_over
+                    && let Some(fallback) = &self.fallback
+                {
+                    // Broken itself: on along the chain (a broken channel would sit on it).
+                    self.queue.notify(
+                        fallback,
+                        Event::Lent {
+                            id,
+                            due_ms,
+                            pending,
+                            owner,
+                        },
+                    );
+                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
                     self.borrowed.insert(id.clone(), owner);
                     self.schedule(id, due_ms, pending);
                 }

@@ -184,6 +184,9 @@ impl From<Refusal> for Reply {
                 address,
                 channel,
             } => Reply::header_recipient_not_in_envelope(field, &address, &channel),
+            Refusal::HeaderRecipientUnwritable { address, channel } => {
+                Reply::header_recipient_unwritable(&address, &channel)
+            }
         }
     }
 }
@@ -583,6 +586,23 @@ mod tests {
                 }
                 .into(),
                 "550 5.7.1 Cc: address <carol@x.org> is not a recipient of this message (RCPT TO); channel dave would send to it",
+            ),
+            (
+                Refusal::HeaderRecipientUnwritable {
+                    address: "carol@x.org".into(),
+                    channel: "dave".into(),
+                }
+                .into(),
+                "554 5.6.0 recipient <carol@x.org> cannot be added to this message's Bcc: header; channel dave would not send to it",
+            ),
+            (
+                Refusal::HeaderRecipientNotInEnvelope {
+                    field: "To",
+                    address: "eve\r\n250 ok".into(),
+                    channel: "dave".into(),
+                }
+                .into(),
+                "550 5.7.1 To: address <eve\\x0d\\x0a250 ok> is not a recipient of this message (RCPT TO); channel dave would send to it",
             ),
             (
                 Refusal::HeaderFromNotAllowed(HeaderProblem::NoFrom).into(),

@@ -22,6 +22,12 @@ pub struct Fake {
     pub before_tls: Vec<&'static str>,
     /// Offer STARTTLS with this server config.
     pub starttls: Option<Arc<ServerConfig>>,
+    /// Lines sent in plaintext right behind the `220` to STARTTLS, in the same write
+    /// (or, with `inject_apart`, in a write of their own a moment later), as a
+    /// server or an attacker on the path would inject them.
+    pub inject_after_starttls: Vec<&'static str>,
+    /// Send `inject_after_starttls` 20 ms after the `220`, not with it.
+    pub inject_apart: bool,
     /// TLS from the first byte with this server config.
     pub implicit: Option<Arc<ServerConfig>>,
     /// Accepted AUTH user and password.
@@ -263,7 +269,17 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 send(io, &text.join("\r\n")).await?;
             }
             "STARTTLS" if fake.starttls.is_some() && !tls => {
-                send(io, "220 2.0.0 Ready to start TLS").await?;
+                let ready = "220 2.0.0 Ready to start TLS";
+                let inject = fake.inject_after_starttls.join("\r\n");
+                if inject.is_empty() {
+                    send(io, ready).await?;
+                } else if fake.inject_apart {
+                    send(io, ready).await?;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    send(io, &inject).await?;
+                } else {
+                    send(io, &format!("{ready}\r\n{inject}")).await?;
+                }
                 return Ok(Next::StartTls);
             }
             "AUTH" => {

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::Error as SmtpError;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{
-    AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters,
-};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::{Ehlo, Quit};
 use lettre::transport::smtp::extension::{ClientId, Extension};
 use lettre::transport::smtp::response::Response;
@@ -20,6 +18,7 @@ use tokio_rustls::TlsConnector;
 
 use super::error::Fail;
 use super::pool::{Conn, SmtpChannel};
+use super::starttls;
 use super::stream::{GuardedStream, Inner};
 use super::{Error, Step, Upstreams};
 use crate::config::{SmtpTarget, TlsMode};
@@ -50,17 +49,15 @@ impl SmtpChannel {
             }
             None => Vec::new(),
         };
-        let (starttls, implicit) = match target.tls {
-            TlsMode::None => (None, None),
-            TlsMode::Starttls => (Some(lettre_tls(&target.host, &extra_roots)?), None),
-            TlsMode::Implicit => (None, Some(rustls_tls(&extra_roots)?)),
+        let tls = match target.tls {
+            TlsMode::None => None,
+            TlsMode::Starttls | TlsMode::Implicit => Some(rustls_tls(&extra_roots)?),
         };
         Ok(SmtpChannel::with_pool(
             name,
             target,
             ClientId::Domain(hostname.to_string()),
-            starttls,
-            implicit,
+            tls,
             connections,
         ))
     }
@@ -127,60 +124,44 @@ impl Upstreams {
         })?;
         step(&format!("connected to {target} ({peer})"));
         let poison = Arc::new(AtomicBool::new(false));
-        let inner = match (&ch.implicit, ch.target.tls) {
-            (Some(connector), TlsMode::Implicit) => {
-                let tls_error = |source: Box<dyn std::error::Error + Send + Sync>| Error::Tls {
-                    target: target.clone(),
-                    source,
-                };
-                let name = rustls::pki_types::ServerName::try_from(host.clone())
-                    .map_err(|e| tls_error(e.into()))?;
-                let tls =
-                    match tokio::time::timeout(self.timeout, connector.connect(name, tcp)).await {
-                        Err(_) => return Err(tls_error("TLS handshake timed out".into())),
-                        Ok(Err(e)) => return Err(tls_error(e.into())),
-                        Ok(Ok(tls)) => tls,
-                    };
-                let version = tls.get_ref().1.protocol_version().map(|v| format!("{v:?}"));
+        let stream = match ch.target.tls {
+            TlsMode::None => GuardedStream::new(Inner::Plain(tcp), peer, poison.clone()),
+            TlsMode::Implicit => {
+                let tls = self.handshake(ch, &target, tcp).await?;
                 step(&format!(
                     "TLS established (implicit TLS, {})",
-                    version.as_deref().unwrap_or("?")
+                    tls_version(&tls)
                 ));
-                Inner::Tls(Box::new(tls))
+                GuardedStream::new(Inner::Tls(Box::new(tls)), peer, poison.clone())
             }
-            _ => Inner::Plain(tcp),
+            TlsMode::Starttls => {
+                // Ours, not lettre's: see `starttls.rs` for why.
+                let (tcp, ehlo) =
+                    starttls::negotiate(tcp, &ch.hello, self.timeout, &ch.name, &target).await?;
+                step(&format!("EHLO ok: {}", plain_features(&ehlo)));
+                let tls = self.handshake(ch, &target, tcp).await?;
+                step(&format!(
+                    "TLS established (STARTTLS, {})",
+                    tls_version(&tls)
+                ));
+                GuardedStream::new(Inner::Tls(Box::new(tls)), peer, poison.clone()).after_starttls()
+            }
         };
-        let stream = GuardedStream::new(inner, peer, poison.clone());
         let connecting = AsyncSmtpConnection::connect_with_transport(Box::new(stream), &ch.hello);
         // A negative greeting or EHLO reply (`554`, `421` busy) is the upstream refusing us.
         let mut smtp = self
             .call(ch, self.timeout, connecting)
             .await
             .map_err(|f| f.at(Step::Connect))?;
-        step(&format!("EHLO ok: {}", features(&smtp)));
-
-        if ch.target.tls == TlsMode::Starttls {
-            if !smtp.server_info().supports_feature(Extension::StartTls) {
-                return Err(Error::NoStartTls { target });
-            }
-            let params = ch.starttls.clone().ok_or_else(|| Error::Tls {
-                target: target.clone(),
-                source: "no TLS parameters".into(),
-            })?;
-            match tokio::time::timeout(self.timeout, smtp.starttls(params, &ch.hello)).await {
-                Err(_) => return Err(Error::Timeout { step: Step::Tls }),
-                Ok(Err(e)) => {
-                    return Err(Error::Tls {
-                        target,
-                        source: Box::new(e),
-                    });
-                }
-                Ok(Ok(())) => step(&format!(
-                    "TLS established (STARTTLS); EHLO again: {}",
-                    features(&smtp)
-                )),
-            }
-        }
+        step(&format!(
+            "EHLO {}ok: {}",
+            if ch.target.tls == TlsMode::Starttls {
+                "over TLS "
+            } else {
+                ""
+            },
+            features(&smtp)
+        ));
 
         // lettre keeps no trace of PIPELINING, so ask once more, after TLS (what the
         // server said before STARTTLS no longer counts) and before AUTH: one round
@@ -206,6 +187,30 @@ impl Upstreams {
             pipelining,
             _permit: permit,
         })
+    }
+
+    /// The TLS handshake on `tcp` with the channel's roots, under the timeout.
+    async fn handshake(
+        &self,
+        ch: &SmtpChannel,
+        target: &str,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+        let tls_error = |source: Box<dyn std::error::Error + Send + Sync>| Error::Tls {
+            target: target.to_string(),
+            source,
+        };
+        let connector = ch
+            .tls
+            .as_ref()
+            .ok_or_else(|| tls_error("no TLS settings".into()))?;
+        let name = rustls::pki_types::ServerName::try_from(ch.target.host.clone())
+            .map_err(|e| tls_error(e.into()))?;
+        match tokio::time::timeout(self.timeout, connector.connect(name, tcp)).await {
+            Err(_) => Err(tls_error("TLS handshake timed out".into())),
+            Ok(Err(e)) => Err(tls_error(e.into())),
+            Ok(Ok(tls)) => Ok(tls),
+        }
     }
 
     /// The AUTH step, everything about logging in to `target`: which mechanism, with
@@ -356,6 +361,20 @@ pub(super) fn offers_pipelining(ehlo: &Response) -> bool {
     })
 }
 
+/// The negotiated TLS version, for `test-channel`.
+fn tls_version(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    let version = tls.get_ref().1.protocol_version();
+    version.map_or_else(|| "?".to_string(), |v| format!("{v:?}"))
+}
+
+/// What the plaintext EHLO reply offers, for `test-channel` and debug logs (only the
+/// reply after TLS counts for AUTH and the rest).
+fn plain_features(ehlo: &starttls::PlainReply) -> String {
+    let name = ehlo.lines.first().map(String::as_str).unwrap_or("");
+    let name = name.split_whitespace().next().unwrap_or("?");
+    format!("{name} offers STARTTLS")
+}
+
 /// The extensions we care about, for `test-channel` and debug logs.
 fn features(smtp: &AsyncSmtpConnection) -> String {
     let info = smtp.server_info();
@@ -395,21 +414,8 @@ fn tls_name(mode: TlsMode) -> &'static str {
     }
 }
 
-/// TLS parameters for lettre's STARTTLS: webpki roots plus `ca_file`.
-fn lettre_tls(
-    host: &str,
-    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<TlsParameters, String> {
-    let mut builder =
-        TlsParameters::builder(host.to_string()).certificate_store(CertificateStore::WebpkiRoots);
-    for cert in extra_roots {
-        builder = builder
-            .add_root_certificate(Certificate::from_der(cert.to_vec()).map_err(|e| e.to_string())?);
-    }
-    builder.build().map_err(|e| e.to_string())
-}
-
-/// Our own rustls client for implicit TLS: webpki roots plus `ca_file`, ring provider.
+/// Our own rustls client (STARTTLS and implicit TLS): webpki roots plus `ca_file`, ring
+/// provider.
 fn rustls_tls(
     extra_roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<TlsConnector, String> {

@@ -218,8 +218,11 @@ fn code_suffix(code: &str) -> String {
 /// What an HTTP status from Graph means (SPEC §7): 429 and 5xx are temporary; 401 (after
 /// the one refresh), 403 (no permission on the mailbox) and 404 (no such mailbox) stop
 /// the channel; every other 4xx (400 invalid recipient, 413 too large) fails the message.
-pub fn classify_http(status: u16) -> Class {
+/// `403 ErrorSendAsDenied` (the message's `From:`/`Sender:` is not the mailbox) is about
+/// that message, like SMTP's `554 5.2.0 SendAsDenied`: it fails alone.
+pub fn classify_http(status: u16, code: &str) -> Class {
     match status {
+        403 if code.eq_ignore_ascii_case("ErrorSendAsDenied") => Class::SenderDenied,
         429 | 500..=599 => Class::Transient,
         401 | 403 | 404 => Class::CredentialsBroken,
         400..=499 => Class::Permanent,
@@ -257,7 +260,7 @@ impl Error {
         match self {
             Error::Rejected { step, reply } => classify(*step, reply),
             Error::NoSmtpUtf8 { .. } | Error::BadAddress { .. } => Class::Permanent,
-            Error::Graph { status, .. } => classify_http(*status),
+            Error::Graph { status, code, .. } => classify_http(*status, code),
             Error::OAuth(e) if e.is_transient() => Class::Transient,
             Error::OAuth(_) => Class::CredentialsBroken,
             Error::Connect { .. }
@@ -325,7 +328,9 @@ impl Error {
             Error::Connect { .. } => Some(Step::Connect),
             Error::Tls { .. } | Error::NoStartTls { .. } => Some(Step::Tls),
             Error::NoAuthMechanism { .. } | Error::OAuth(_) => Some(Step::Auth),
-            Error::Graph { status, .. } if classify_http(*status) == Class::CredentialsBroken => {
+            Error::Graph { status, code, .. }
+                if classify_http(*status, code) == Class::CredentialsBroken =>
+            {
                 Some(Step::Auth)
             }
             Error::Graph { .. } => Some(Step::EndOfData),
@@ -347,7 +352,9 @@ impl Error {
                 step: Step::Auth, ..
             } => Reply::upstream_auth_failed(channel),
             Error::Timeout { .. } => Reply::upstream_timeout(channel),
-            Error::Graph { status, .. } if classify_http(*status) == Class::CredentialsBroken => {
+            Error::Graph { status, code, .. }
+                if classify_http(*status, code) == Class::CredentialsBroken =>
+            {
                 Reply::upstream_auth_failed(channel)
             }
             Error::Rejected { reply, .. } | Error::Graph { reply, .. } => reply.clone(),

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use super::{Body, Error, Step};
 use crate::config::GraphTarget;
 use crate::message::Envelope;
-use crate::message::recipients::{self, HeaderFit};
+use crate::message::recipients::{self, Unfit};
 use crate::oauth::{AccessToken, ChannelToken};
 use crate::reply::Reply;
 
@@ -103,28 +103,35 @@ impl GraphChannel {
         body: Body<'_>,
         timeout: Duration,
     ) -> Result<Reply, Error> {
-        let message = self.read(body).await?;
-        let headers = recipients::recipient_headers(&message);
-        let missing = match recipients::fit(&envelope.recipients, &headers) {
-            HeaderFit::Fits { missing } => missing,
-            HeaderFit::Stranger { field, address } => {
-                return Err(Error::Rejected {
-                    step: Step::EndOfData,
-                    reply: Reply::header_recipient_not_in_envelope(field, &address, &self.name),
-                });
-            }
-        };
-        let copy = recipients::with_bcc(&message, &missing);
-        let encoded = bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&*copy));
-        drop(copy);
-        drop(message);
-
+        // The permit comes before the message is read: what a send holds in memory (the
+        // message and its base64) is then bounded by `connections`, however many relay
+        // sessions wait for a turn.
         let _permit = tokio::time::timeout(timeout, self.permits.clone().acquire_owned())
             .await
             .map_err(|_| Error::Timeout {
                 step: Step::Connect,
             })?
             .map_err(|_| Error::local("Graph request permits closed"))?;
+        let message = self.read(body).await?;
+        let (copy, added) =
+            recipients::graph_copy(&envelope.recipients, &message).map_err(|unfit| {
+                let reply = match unfit {
+                    Unfit::Stranger { field, address } => {
+                        Reply::header_recipient_not_in_envelope(field, &address, &self.name)
+                    }
+                    Unfit::Unwritable { address } => {
+                        Reply::header_recipient_unwritable(&address, &self.name)
+                    }
+                };
+                Error::Rejected {
+                    step: Step::EndOfData,
+                    reply,
+                }
+            })?;
+        let encoded = bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&*copy));
+        drop(copy);
+        drop(message);
+
         let cache = self.cache()?;
         let url = format!("{}/sendMail", self.user_url());
         let token = cache.access_token().await?;
@@ -143,10 +150,10 @@ impl GraphChannel {
                 .request_id
                 .map(|id| format!(", request-id {id}"))
                 .unwrap_or_default();
-            let bcc = if missing.is_empty() {
+            let bcc = if added == 0 {
                 String::new()
             } else {
-                format!(", {} recipient(s) added in Bcc:", missing.len())
+                format!(", {added} recipient(s) added in Bcc:")
             };
             return Ok(Reply::new(
                 250,
@@ -374,6 +381,11 @@ pub(crate) fn http_reply(
     let text = |about: &str| format!("Channel {channel}: Microsoft Graph {about} ({what}){wait}");
     let recipient = code.to_ascii_lowercase().contains("recipient");
     match status {
+        403 if code.eq_ignore_ascii_case("ErrorSendAsDenied") => Reply::new(
+            554,
+            (5, 2, 0),
+            text("refused to send as the message's From:/Sender: (SendAsDenied)"),
+        ),
         429 => Reply::new(451, (4, 7, 0), text("throttled the request")),
         500..=599 => Reply::new(451, (4, 3, 0), text("is unavailable")),
         401 => Reply::new(535, (5, 7, 8), text("refused the access token")),
@@ -460,9 +472,12 @@ mod tests {
             (413, Class::Permanent, 552),
         ];
         for (status, class, code) in table {
-            assert_eq!(classify_http(status), class, "{status}");
+            assert_eq!(classify_http(status, ""), class, "{status}");
             assert_eq!(http_reply("g", status, "", "", None).code, code, "{status}");
         }
+        assert_eq!(classify_http(403, "ErrorSendAsDenied"), Class::SenderDenied);
+        let denied = http_reply("g", 403, "ErrorSendAsDenied", "", None);
+        assert_eq!((denied.code, denied.enhanced), (554, Some((5, 2, 0))));
         let r = http_reply("g", 400, "ErrorInvalidRecipients", "bad\u{1b}[31m", None);
         assert_eq!(r.code, 550);
         assert_eq!(r.enhanced, Some((5, 1, 1)));
@@ -475,6 +490,36 @@ mod tests {
             Some(Duration::from_secs(3)),
         );
         assert!(throttled.text.ends_with("retry after 3s"), "{throttled}");
+    }
+
+    #[tokio::test]
+    async fn a_send_waiting_for_its_turn_holds_no_message_in_memory() {
+        let target = GraphTarget {
+            mailbox: "dave@example.com".into(),
+            oauth: crate::config::oauth::placeholder_for_tests(),
+        };
+        let channel = GraphChannel::new("dave", &target, 1, Some(3_000_000)).unwrap();
+        let _busy = channel.permits.clone().acquire_owned().await.unwrap();
+        // The message is not read while every request slot is taken: a missing file is
+        // not even noticed before the wait for a slot times out.
+        let envelope = Envelope {
+            sender: "dave@example.com".into(),
+            recipients: vec!["bob@example.org".into()],
+            ..Default::default()
+        };
+        let missing = std::path::Path::new("/nonexistent/mailgate/graph-test.eml");
+        let got = channel
+            .send(&envelope, Body::File(missing), Duration::from_millis(50))
+            .await;
+        assert!(
+            matches!(
+                got,
+                Err(Error::Timeout {
+                    step: Step::Connect
+                })
+            ),
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | [`error`] | [`Error`], the [`Step`] a reply came at, its [`Class`] (SPEC §7) |
 //! | `transaction.rs` | MAIL, RCPT…, DATA: one by one, or pipelined (RFC 2920) |
 //! | `connect.rs` | TCP, STARTTLS or implicit TLS, EHLO, AUTH (one function) |
+//! | `starttls.rs` | the plaintext greeting, EHLO and STARTTLS, with no byte read ahead |
 //! | `pool.rs` | idle connections and the per-channel connection cap |
 //! | `stream.rs` | the stream lettre talks over (kill switch, write batching) |
 //! | `body.rs` | the body scan (8-bit, bare CR/LF) and the spool file in chunks |
@@ -23,6 +24,9 @@
 //! We drive lettre's `AsyncSmtpConnection` command by command rather than using its
 //! transport, because we need per-recipient outcomes, our own connection cap, and TLS
 //! errors told apart from connection errors. Details that matter for correctness:
+//!
+//! - the plaintext part of STARTTLS is ours (`starttls.rs`), not lettre's: lettre would
+//!   keep bytes sent after the `220` and read them as replies that came over TLS;
 //!
 //! - lettre dot-stuffs the body and always appends `CRLF . CRLF`, so the message's own
 //!   final CRLF is dropped before sending (otherwise the upstream gets one extra line);
@@ -40,6 +44,7 @@ pub mod error;
 mod file;
 mod graph;
 mod pool;
+mod starttls;
 mod stream;
 mod transaction;
 

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::Quit;
 use lettre::transport::smtp::extension::ClientId;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -21,11 +21,10 @@ pub(super) struct SmtpChannel {
     /// Host, port, TLS mode and credentials, as configured.
     pub(super) target: SmtpTarget,
     pub(super) hello: ClientId,
-    /// For STARTTLS (lettre upgrades its own stream).
-    pub(super) starttls: Option<TlsParameters>,
-    /// For implicit TLS (we do the handshake, so a TLS failure is told apart from a
-    /// refused TCP connection and the negotiated version can be reported).
-    pub(super) implicit: Option<TlsConnector>,
+    /// For STARTTLS and implicit TLS alike: we do the handshake (never lettre, see
+    /// `starttls.rs`), so a TLS failure is told apart from a refused TCP connection
+    /// and the negotiated version can be reported.
+    pub(super) tls: Option<TlsConnector>,
     /// One permit per open connection, idle or busy.
     pub(super) slots: Arc<Semaphore>,
     /// The access-token cache of an XOAUTH2 channel (shared with nothing else: one
@@ -59,16 +58,14 @@ impl SmtpChannel {
         name: &str,
         target: &SmtpTarget,
         hello: ClientId,
-        starttls: Option<TlsParameters>,
-        implicit: Option<TlsConnector>,
+        tls: Option<TlsConnector>,
         connections: usize,
     ) -> Self {
         SmtpChannel {
             name: name.to_string(),
             target: target.clone(),
             hello,
-            starttls,
-            implicit,
+            tls,
             slots: Arc::new(Semaphore::new(connections.max(1))),
             token: None,
             idle: Mutex::new(Vec::new()),

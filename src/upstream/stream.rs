@@ -1,4 +1,4 @@
-//! The stream lettre talks over: plain TCP or implicit TLS, with a kill switch and
+//! The stream lettre talks over: plain TCP or TLS, with a kill switch and
 //! write batching.
 
 use std::io;
@@ -12,8 +12,8 @@ use lettre::transport::smtp::client::AsyncTokioStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// The connection lettre talks over: plain or implicit TLS, with a kill switch that
-/// makes every later write fail.
+/// The connection lettre talks over: plain or TLS (implicit or after STARTTLS), with a
+/// kill switch that makes every later write fail.
 ///
 /// Writes are held back until the next read (or until [`HOLD`] bytes wait): an SMTP
 /// client always reads a reply after writing, so nothing waits longer than before,
@@ -26,6 +26,8 @@ pub(super) struct GuardedStream {
     pub(super) poison: Arc<AtomicBool>,
     /// Written, not yet sent.
     pub(super) held: Vec<u8>,
+    /// Read before anything from `inner` (see [`GuardedStream::after_starttls`]).
+    greeting: &'static [u8],
 }
 
 /// Most bytes [`GuardedStream`] holds back; larger writes go straight out.
@@ -33,9 +35,9 @@ pub(super) const HOLD: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub(super) enum Inner {
-    /// Plain TCP (STARTTLS is lettre's own upgrade of it).
+    /// Plain TCP.
     Plain(TcpStream),
-    /// Implicit TLS.
+    /// Implicit TLS, or TLS after our own STARTTLS exchange.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
@@ -47,7 +49,17 @@ impl GuardedStream {
             peer,
             poison,
             held: Vec::new(),
+            greeting: b"",
         }
+    }
+
+    /// The stream of a connection whose greeting, EHLO and STARTTLS we handled
+    /// (`starttls.rs`): lettre starts every connection by reading a greeting, so it
+    /// reads a local one, then sends its EHLO over TLS. Nothing the upstream sent
+    /// before the handshake is in it.
+    pub(super) fn after_starttls(mut self) -> Self {
+        self.greeting = b"220 mailgate: TLS established by STARTTLS\r\n";
+        self
     }
 
     fn poisoned(&self) -> Option<io::Error> {
@@ -94,6 +106,12 @@ impl AsyncRead for GuardedStream {
         let this = self.get_mut();
         if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
             return Poll::Ready(Err(e));
+        }
+        if !this.greeting.is_empty() {
+            let n = this.greeting.len().min(buf.remaining());
+            buf.put_slice(&this.greeting[..n]);
+            this.greeting = &this.greeting[n..];
+            return Poll::Ready(Ok(()));
         }
         match &mut this.inner {
             Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),

@@ -873,6 +873,58 @@ async fn starttls_with_ca_file_and_auth_login() {
     assert!(commands.iter().position(|c| c.starts_with("AUTH")).unwrap() > starttls);
 }
 
+/// SPEC §7: replies injected in plaintext behind the `220` to STARTTLS are never read
+/// as replies that came over TLS. Each would answer one command of the transaction,
+/// the last one the end of data that the upstream in fact refuses: a lost message.
+#[tokio::test]
+async fn plaintext_injected_after_the_starttls_220_drops_the_connection() {
+    let pki = make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let injected = vec!["250 2.0.0 fake"; 10];
+    for apart in [false, true] {
+        let (port, rec) = start(Fake {
+            extensions: vec!["8BITMIME", "ENHANCEDSTATUSCODES"],
+            starttls: Some(pki.server.clone()),
+            inject_after_starttls: injected.clone(),
+            inject_apart: apart,
+            data_reply: Some("554 5.7.1 refused"),
+            ..Fake::default()
+        })
+        .await;
+        let mut target = smtp_channel(port, TlsMode::Starttls);
+        target.ca_file = Some(ca_file(&dir, &pki.ca_pem));
+        let up = upstreams(target, 1);
+        let out = up
+            .send(
+                0,
+                &envelope("a@example.com", &["b@example.org"]),
+                Body::Bytes(b"Subject: x\r\n\r\nx\r\n"),
+                true,
+            )
+            .await;
+        let Err(error @ Error::Tls { .. }) = &out.result else {
+            panic!("apart {apart}: {:?}", out.result)
+        };
+        assert!(error.is_transient(), "{error}");
+        assert_eq!(
+            error.client_reply("relay"),
+            Reply::upstream_tls_failed("relay")
+        );
+        if !apart {
+            assert!(
+                error.to_string().contains("after the 220 to STARTTLS"),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            rec.commands(),
+            ["EHLO mailgate.test", "STARTTLS"],
+            "apart {apart}"
+        );
+        assert_eq!(rec.ended.load(Ordering::SeqCst), 0);
+    }
+}
+
 #[tokio::test]
 async fn implicit_tls_and_auth_plain() {
     let pki = make_pki();
@@ -1222,7 +1274,9 @@ async fn test_channel_reports_each_step_and_sends_nothing() {
         all.contains(&format!("connected to localhost:{port}")),
         "{all}"
     );
-    assert!(all.contains("TLS established (STARTTLS)"), "{all}");
+    assert!(all.contains("EHLO ok: fake.test offers STARTTLS"), "{all}");
+    assert!(all.contains("TLS established (STARTTLS, TLSv1_3)"), "{all}");
+    assert!(all.contains("EHLO over TLS ok: fake.test offers"), "{all}");
     assert!(all.contains("AUTH PLAIN ok as user"), "{all}");
     assert!(!all.contains("pw\n") && !all.contains("cHc"), "{all}");
     assert!(rec.commands().contains(&"QUIT".to_string()));
@@ -1465,12 +1519,7 @@ async fn guarded_pair() -> (GuardedStream, TcpStream, Arc<AtomicBool>) {
     let tcp = open_tcp("127.0.0.1", addr.port()).await.unwrap();
     let (server, _) = listener.accept().await.unwrap();
     let poison = Arc::new(AtomicBool::new(false));
-    let stream = GuardedStream {
-        inner: Inner::Plain(tcp),
-        peer: addr,
-        poison: poison.clone(),
-        held: Vec::new(),
-    };
+    let stream = GuardedStream::new(Inner::Plain(tcp), addr, poison.clone());
     (stream, server, poison)
 }
 

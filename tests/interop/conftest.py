@@ -16,7 +16,9 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
+import tomllib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,65 @@ STARTUP_TIMEOUT = 20.0
 IO_TIMEOUT = 15.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LISTENING = re.compile(r"listening on (\[[0-9a-fA-F:.]+\]:\d+|[0-9.]+:\d+)( \(implicit TLS\))?")
+
+
+# ---------------------------------------------------------------------------
+# Secrets: no mailgate log may ever show one (SPEC §8)
+# ---------------------------------------------------------------------------
+
+# Secrets handed out outside a config file (upstream passwords); see `leaked_secrets`.
+KNOWN_SECRETS: set[str] = set()
+# Shorter values could turn up in a log by chance (a port number, "pw").
+MIN_SECRET_LEN = 6
+SECRET_KEYS = ("password", "client_secret", "refresh_token", "url")
+
+
+def config_secrets(path: Path, env: dict[str, str]) -> set[str]:
+    """The secrets a config holds: literal `password`/`client_secret`/`refresh_token`/`url`
+    values, the values of their `*_env` variables and the contents of their `*_file`s."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return set()
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, list):
+            for x in node:
+                walk(x)
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if isinstance(value, (dict, list)):
+                walk(value)
+                continue
+            if not isinstance(value, str):
+                continue
+            if key in SECRET_KEYS and key != "url":
+                found.add(value)
+            elif key == "url" and "@" in value:  # redis://:password@host
+                found.add(value.split("@", 1)[0].rsplit(":", 1)[-1])
+            elif key.endswith("_env") and key[: -len("_env")] in SECRET_KEYS:
+                found.add(env.get(value) or os.environ.get(value, ""))
+            elif key.endswith("_file") and key[: -len("_file")] in SECRET_KEYS:
+                f = Path(value) if Path(value).is_absolute() else path.parent / value
+                try:
+                    found.add(f.read_text().strip())
+                except OSError:
+                    pass
+
+    walk(doc)
+    return found
+
+
+def leaked_secrets(log: str, config_path: Path, env: dict[str, str]) -> list[str]:
+    """Every known test secret that `log` shows: those of the config, the upstreams'
+    passwords, and all that the OAuth test peers (token endpoint) handed out."""
+    candidates = config_secrets(config_path, env) | KNOWN_SECRETS
+    peers = sys.modules.get("oauth_peers")
+    for endpoint in getattr(peers, "ENDPOINTS", ()):
+        candidates.update(endpoint.secrets())
+    return sorted(s for s in candidates if len(s) >= MIN_SECRET_LEN and s in log)
 
 
 # ---------------------------------------------------------------------------
@@ -283,6 +344,7 @@ def mailgate(request):
         else:
             path, n = Path(cfg), listeners or 1
         mg = Mailgate(path, n, env=env, cwd=cwd, args=args)
+        mg.secret_env = env or {}
         started.append(mg)
         return mg
 
@@ -295,6 +357,10 @@ def mailgate(request):
             except subprocess.TimeoutExpired:
                 mg.kill()
         print(f"--- mailgate log ({mg.config_path}) ---\n{mg.log()}")
+    for mg in started:
+        leaks = leaked_secrets(mg.log(), mg.config_path, mg.secret_env)
+        if leaks:
+            pytest.fail(f"mailgate's log shows {len(leaks)} test secret(s) ({mg.config_path})")
 
 
 # ---------------------------------------------------------------------------
@@ -480,6 +546,7 @@ class Upstream:
             kwargs["ssl_context"] = certs.server_context()
         if users is not None:
             handler = self.handler
+            KNOWN_SECRETS.update(users.values())
 
             def authenticator(server, session, envelope, mechanism, auth_data):
                 if not isinstance(auth_data, LoginPassword):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import secrets
 import threading
+import weakref
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ class Device:
     slow_down: bool = True  # …then slow_down once, then the token
 
 
+# Every endpoint started, so that conftest can check each mailgate log for their secrets.
+ENDPOINTS: "weakref.WeakSet[TokenEndpoint]" = weakref.WeakSet()
+
+
 class TokenEndpoint:
     """Token, device-authorization and code-exchange endpoints on one HTTP server.
 
@@ -62,6 +67,7 @@ class TokenEndpoint:
         self.device_polls: list[float] = []
         self.codes: dict[str, dict] = {}  # code -> {challenge, redirect_uri}
         self.lock = threading.Lock()
+        ENDPOINTS.add(self)
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -418,3 +418,24 @@ def test_warning_when_literal_secrets_are_readable_by_others(config, mailgate, u
     line = mg.wait_log(r"(?i)warn.*(readable|permission|mode|secret)")
     assert "literal-pw" not in mg.log()
     assert line
+
+
+def test_the_log_leak_check_finds_every_form_of_secret(tmp_path):
+    """The check every `mailgate` fixture runs on its log at teardown (conftest
+    `leaked_secrets`) must see literal, `_env` and `_file` secrets, or it proves nothing."""
+    from conftest import leaked_secrets
+
+    (tmp_path / "pw").write_text("file-secret-123\n")
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text(
+        '[channels.a]\nhost = "h"\npassword = "literal-secret-1"\n'
+        '[channels.b]\nhost = "h"\npassword_file = "pw"\n'
+        '[channels.c]\nhost = "h"\npassword_env = "MG_TEST_PW"\n'
+        '[channels.d]\nkind = "graph"\noauth = { client_secret = "oauth-secret-9" }\n'
+    )
+    env = {"MG_TEST_PW": "env-secret-456"}
+    log = "x literal-secret-1 y file-secret-123 z env-secret-456 oauth-secret-9"
+    assert leaked_secrets(log, cfg, env) == sorted(
+        ["literal-secret-1", "file-secret-123", "env-secret-456", "oauth-secret-9"]
+    )
+    assert leaked_secrets("password = ***", cfg, env) == []

@@ -92,6 +92,27 @@ def test_a_header_recipient_outside_the_envelope_is_refused_before_250(config, m
     assert graph.requests == 0
 
 
+@pytest.mark.parametrize("mode", ["relay", "queue"])
+def test_no_byte_of_the_message_adds_a_recipient_to_the_added_bcc(config, mailgate, endpoint, graph, mode):
+    if mode == "queue":
+        queue_mode(config)
+    graph_channel(config, endpoint, graph)
+    mg = start(mailgate, config)
+    # A folded line at the very top would continue a Bcc: line put before it.
+    folded = b" , eve@example.org\r\n" + msg()
+    code, text = submit(mg.addr, MAILBOX, ["bob@example.org", "carol@example.org"], folded)
+    assert code == 550 and text.startswith("5.7.1") and "<eve@example.org>" in text, text
+    # RCPT TO:<"eve@example.org,x"@example.org> would read as two addresses in a header.
+    with smtp_client(mg.addr) as c:
+        c.ehlo()
+        assert c.mail(MAILBOX)[0] == 250
+        assert c.rcpt("bob@example.org")[0] == 250
+        assert c.rcpt('"eve@example.org,x"@example.org')[0] == 250
+        code, text = c.data(msg())
+        assert code == 550 and b"<eve@example.org>" in text, text
+    assert graph.requests == 0
+
+
 def test_a_sender_other_than_the_mailbox_is_refused_at_mail_from(config, mailgate, endpoint, graph):
     graph_channel(config, endpoint, graph)
     mg = start(mailgate, config)

@@ -370,7 +370,7 @@ def test_test_channel_reports_each_oauth_step_without_the_token(config, upstream
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
     assert re.search(r"OAuth access token obtained \(refresh_token grant; expires in 5\d min\)", out), out
-    assert "TLS established (STARTTLS)" in out and "AUTH XOAUTH2 ok as alice@example.com" in out, out
+    assert "TLS established (STARTTLS, TLSv1_" in out and "AUTH XOAUTH2 ok as alice@example.com" in out, out
     assert up.messages == [] and [x.ok for x in up.handler.xoauth] == [True]
     assert_no_secrets(out, endpoint)
     endpoint.mode = "invalid_grant"

@@ -1,13 +1,24 @@
 """Client-side TLS (SPEC §5): STARTTLS on plain listeners, implicit-TLS listeners,
 commands pipelined ahead of STARTTLS discarded, certificates from `mailgate cert generate`.
+Upstream side (SPEC §7): plaintext injected behind an upstream's `220` to STARTTLS.
 """
 
 import smtplib
+import socket
 import ssl
+import threading
 
 import pytest
 
-from conftest import assert_reply, message, run_cli, split_addr
+from conftest import (
+    assert_reply,
+    message,
+    run_cli,
+    smtp_client,
+    split_addr,
+    transact,
+    wait_until,
+)
 
 
 def start_tls(config, mailgate, certs, **server):
@@ -171,3 +182,127 @@ def test_swaks_starttls(config, mailgate, certs, upstream):
     assert p.returncode == 0, p.stdout + p.stderr
     (m,) = upstream.wait_messages(1)
     assert b"Subject: swaks tls" in m.content
+
+
+class InjectingUpstream:
+    """An upstream (or an attacker on its path) that answers STARTTLS with `220` and, in
+    the same write, ten `250` replies in plaintext. A client that reads them as replies
+    over TLS takes the last one as the verdict on a message this upstream refuses
+    (`554` to the end of data, if it gets that far): the message would be lost."""
+
+    def __init__(self, certs):
+        self.host = "127.0.0.1"
+        self.tls_mode = "starttls"
+        self.ca_file = certs.ca_file
+        self.context = certs.server_context()
+        self.commands: list[str] = []
+        self.sessions = 0
+        self.handshakes = 0
+        self.ended = 0
+        self.sock = socket.create_server((self.host, 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.sessions += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            f = conn.makefile("rb")
+            conn.sendall(b"220 inject.test ESMTP\r\n")
+            while (line := f.readline()):
+                cmd = line.decode(errors="replace").strip()
+                self.commands.append(cmd)
+                if cmd.upper().startswith("EHLO"):
+                    conn.sendall(b"250-inject.test\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n")
+                elif cmd.upper() == "STARTTLS":
+                    conn.sendall(b"220 2.0.0 go ahead\r\n" + b"250 2.0.0 injected\r\n" * 10)
+                    break
+                else:
+                    conn.sendall(b"503 5.5.1 STARTTLS first\r\n")
+            else:
+                return
+            tls = self.context.wrap_socket(conn, server_side=True)
+            self.handshakes += 1
+            f = tls.makefile("rb")
+            while (line := f.readline()):
+                cmd = line.decode(errors="replace").strip()
+                self.commands.append(cmd)
+                verb = cmd.split(" ")[0].upper()
+                if verb == "EHLO":
+                    tls.sendall(b"250-inject.test\r\n250 ENHANCEDSTATUSCODES\r\n")
+                elif verb == "DATA":
+                    tls.sendall(b"354 go\r\n")
+                    while f.readline() not in (b".\r\n", b""):
+                        pass
+                    self.ended += 1
+                    tls.sendall(b"554 5.7.1 refused\r\n")
+                elif verb == "QUIT":
+                    tls.sendall(b"221 2.0.0 bye\r\n")
+                    return
+                else:
+                    tls.sendall(b"250 2.0.0 ok\r\n")
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def injecting_upstream(certs):
+    u = InjectingUpstream(certs)
+    yield u
+    u.stop()
+
+
+def test_plaintext_after_upstream_starttls_220_fails_the_relay(config, mailgate, raw, injecting_upstream):
+    """SPEC §7: bytes sent before the handshake are never read as replies; the client
+    hears a temporary TLS failure and keeps its message."""
+    up = injecting_upstream
+    config.smtp_channel("up", up)
+    mg = mailgate(config)
+    c = raw(mg.addr)
+    c.greet()
+    assert_reply(transact(c, "alice@example.com", ["bob@example.org"], message()), 454, "4.7.0")
+    assert up.commands == ["EHLO mailgate.test", "STARTTLS"], up.commands
+    assert up.handshakes == 0 and up.ended == 0
+
+
+def test_plaintext_after_upstream_starttls_220_keeps_the_mail_queued(config, mailgate, injecting_upstream):
+    up = injecting_upstream
+    config.server.update({"delivery": "queue", "retry_first": "1s", "retry_max": "2s"})
+    config.smtp_channel("up", up)
+    mg = mailgate(config)
+    with smtp_client(mg.addr) as s:
+        s.ehlo()
+        code, text = s.mail("alice@example.com")
+        assert code == 250, text
+        code, text = s.rcpt("bob@example.org")
+        assert code == 250, text
+        code, text = s.data(message())
+    assert code == 250, text
+    qid = text.decode().split()[-1]
+    # Two attempts, each dropped after the 220: the mail stays queued, never "delivered".
+    wait_until(lambda: up.sessions >= 2, 15, "two delivery attempts")
+    wait_until(lambda: up.commands.count("STARTTLS") >= 2, 5, "two STARTTLS")
+    assert set(up.commands) == {"EHLO mailgate.test", "STARTTLS"}, up.commands
+    assert up.handshakes == 0 and up.ended == 0
+    listing = run_cli(["-c", str(config.tmp / "proxy.toml"), "queue", "list"])
+    assert listing.returncode == 0, listing.stderr
+    assert qid in listing.stdout and "4.7.0" in listing.stdout, listing.stdout
+    assert "delivered" not in mg.log(), mg.log()

@@ -81,16 +81,24 @@ impl Session {
         Reply::recipient_ok()
     }
 
-    /// `max_recipients`, and in relay mode also the channel's own per-message limit.
+    /// `max_recipients`, in relay mode also the channel's own per-message limit, and in
+    /// both modes that of a graph channel on the way (its fallback included: Graph never
+    /// splits a message, and a `452` here lets the client send the rest in another
+    /// transaction).
     fn recipient_limit(&self) -> usize {
         let server = self.config.server.max_recipients;
-        match (&self.tx, self.config.server.delivery) {
-            (Some(tx), DeliveryMode::Relay) => {
-                let channel = self.config.channels[tx.channel].limits.max_recipients;
-                channel.map_or(server, |c| c.min(server))
-            }
-            _ => server,
-        }
+        let Some(tx) = &self.tx else {
+            return server;
+        };
+        let own = match self.config.server.delivery {
+            DeliveryMode::Relay => self.config.channels[tx.channel].limits.max_recipients,
+            DeliveryMode::Queue => None,
+        };
+        let graph = self
+            .config
+            .graph_on_path(tx.channel)
+            .and_then(|g| self.config.channels[g].limits.max_recipients);
+        [own, graph].into_iter().flatten().fold(server, usize::min)
     }
 }
 

@@ -118,6 +118,64 @@ async fn relay_channel_recipient_limit_applies() {
 }
 
 #[tokio::test]
+async fn queue_mode_takes_no_more_recipients_than_one_graph_request() {
+    // Graph never splits a message: in queue mode too, the recipient beyond the graph
+    // channel's limit is refused at RCPT, where a client sends it in another transaction,
+    // not with a 452 after DATA that it would retry unchanged forever.
+    let h = Harness::with("", |mut config| {
+        config.server.delivery = crate::config::DeliveryMode::Queue;
+        config.server.max_recipients = 10;
+        let partner = config.channel_id("partner").unwrap();
+        config.channels[partner].kind =
+            crate::config::ChannelKind::Graph(crate::config::GraphTarget {
+                mailbox: "x@partner.test".into(),
+                oauth: crate::config::oauth::placeholder_for_tests(),
+            });
+        config
+    });
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<x@partner.test>").await;
+    assert_code(&c.cmd("RCPT TO:<a@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<b@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<c@example.org>").await, "452 4.5.3");
+    // Other channels keep the server's limit in queue mode.
+    c.cmd("RSET").await;
+    c.cmd("MAIL FROM:<alice@example.com>").await;
+    for n in 0..5 {
+        assert_code(
+            &c.cmd(&format!("RCPT TO:<r{n}@example.org>")).await,
+            "250 2.1.5",
+        );
+    }
+}
+
+#[tokio::test]
+async fn relay_mode_takes_no_more_recipients_than_a_graph_fallback_can() {
+    // partner's own limit is lifted; its fallback, a graph channel, takes 2 per request.
+    let h = Harness::with("", |mut config| {
+        config.server.max_recipients = 10;
+        let partner = config.channel_id("partner").unwrap();
+        let mut graph = config.channels[partner].clone();
+        graph.name = "partner-graph".into();
+        graph.kind = crate::config::ChannelKind::Graph(crate::config::GraphTarget {
+            mailbox: "x@partner.test".into(),
+            oauth: crate::config::oauth::placeholder_for_tests(),
+        });
+        config.channels[partner].limits.max_recipients = None;
+        config.channels.push(graph);
+        config.channels[partner].fallback = Some(config.channels.len() - 1);
+        config
+    });
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<x@partner.test>").await;
+    assert_code(&c.cmd("RCPT TO:<a@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<b@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<c@example.org>").await, "452 4.5.3");
+}
+
+#[tokio::test]
 async fn unknown_bad_parameters_and_bad_order() {
     let h = Harness::new("");
     let mut c = h.connect().await;
