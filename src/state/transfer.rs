@@ -2,9 +2,11 @@
 //! health and stored refresh tokens as one JSON document, so an installation moves from
 //! `local` to `redis` (and back) without resetting its daily quotas.
 //!
-//! Import replaces, per channel in the document, what the backend held (importing the
-//! same file twice counts nothing twice). The local backend is written only while no
-//! mailgate runs on the spool (the running one would overwrite it from memory).
+//! Import into the local backend replaces, per channel in the document, what it held; it
+//! is written only while no mailgate runs on the spool (the running one would overwrite
+//! it from memory). Import into Redis adds the document's sends to what is there, since
+//! other hosts may be sending meanwhile: a send already counted is not counted again,
+//! so importing twice counts nothing twice either way.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -124,7 +126,7 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
                     .await
                     .map_err(|e| e.to_string())?;
                 redis
-                    .set_events(name, limits, &state.events, now_ms)
+                    .add_events(name, limits, &state.events)
                     .await
                     .map_err(|e| e.to_string())?;
             }
