@@ -315,3 +315,77 @@ async fn an_import_while_hosts_send_never_forgets_their_sends() {
         Ok(Reserved::Yes(_))
     ));
 }
+
+#[tokio::test]
+async fn an_import_never_replaces_a_refresh_token_the_fleet_rotated_since() {
+    use mailgate::config::{ChannelKind, StateBackend};
+    use mailgate::state::transfer::{self, ChannelState, Document};
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mailgate::testkit::config::config(vec![mailgate::testkit::config::channel(
+        "c",
+        ChannelKind::File {
+            dir: dir.path().join("out"),
+        },
+        1,
+    )]);
+    config.server.spool_dir = dir.path().join("spool");
+    config.state = StateBackend::Redis(server.settings("t8:"));
+    let fleet = RedisState::new(&server.settings("t8:")).unwrap();
+    // The hosts already on Redis rotated the channel's refresh token…
+    fleet
+        .set_refresh_token("c", &Secret::new("rt-rotated-by-the-fleet"))
+        .await
+        .unwrap();
+    // …and a host joining them imports the copy its own spool kept from before.
+    let doc = Document {
+        format: transfer::FORMAT.into(),
+        backend: "local".into(),
+        exported_at_ms: 0,
+        channels: [(
+            "c".to_string(),
+            ChannelState {
+                refresh_token: Some("rt-spent-long-ago".into()),
+                ..ChannelState::default()
+            },
+        )]
+        .into(),
+    };
+    transfer::import(&config, &doc, 0).await.unwrap();
+    let kept = fleet.refresh_token("c").await.unwrap().unwrap();
+    assert_eq!(kept.expose(), "rt-rotated-by-the-fleet");
+    // Into a Redis that has none, the file's token goes (the first host to move).
+    let mut fresh = config.clone();
+    fresh.state = StateBackend::Redis(server.settings("t9:"));
+    transfer::import(&fresh, &doc, 0).await.unwrap();
+    let first = RedisState::new(&server.settings("t9:")).unwrap();
+    let moved = first.refresh_token("c").await.unwrap().unwrap();
+    assert_eq!(moved.expose(), "rt-spent-long-ago");
+}
+
+#[tokio::test]
+async fn a_redis_that_accepts_but_never_answers_is_unavailable_in_bounded_time() {
+    // The kernel completes the TCP handshake for a listener nobody reads from.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let redis = RedisState::new(&mailgate::config::RedisSettings {
+        url: Secret::new(url.clone()),
+        display: url,
+        key_prefix: "t10:".into(),
+    })
+    .unwrap();
+    let l = limits(Some((5, 60_000)), Some(10));
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        assert!(redis.reserve("c", &l, 1).await.is_err());
+        assert!(redis.health("c").await.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(13),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(redis.reachable(), Some(false));
+    drop(silent);
+}

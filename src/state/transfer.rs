@@ -6,7 +6,8 @@
 //! is written only while no mailgate runs on the spool (the running one would overwrite
 //! it from memory). Import into Redis adds the document's sends to what is there, since
 //! other hosts may be sending meanwhile: a send already counted is not counted again,
-//! so importing twice counts nothing twice either way.
+//! so importing twice counts nothing twice either way; a refresh token already in Redis
+//! is kept (the other hosts may have rotated the document's since).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -94,7 +95,7 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
         Backend::Redis(_) => None,
     };
     let store = backend.token_store();
-    let (mut done, mut skipped) = (0, Vec::new());
+    let (mut done, mut skipped, mut kept) = (0, Vec::new(), Vec::new());
     for (name, state) in &doc.channels {
         let Some(id) = config.channel_id(name) else {
             skipped.push(name.clone());
@@ -132,7 +133,13 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
             }
         }
         if let Some(token) = &state.refresh_token {
-            store.save(name, &Secret::new(token.clone())).await?;
+            // Into Redis, a token already there wins: the hosts using it may have rotated
+            // the file's since, and a rotation spends the token it replaces.
+            if matches!(backend, Backend::Redis(_)) && store.load(name).await?.is_some() {
+                kept.push(name.clone());
+            } else {
+                store.save(name, &Secret::new(token.clone())).await?;
+            }
         }
         done += 1;
     }
@@ -141,6 +148,12 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
         summary.push_str(&format!(
             "; skipped {} (not in this config)",
             skipped.join(", ")
+        ));
+    }
+    if !kept.is_empty() {
+        summary.push_str(&format!(
+            "; kept the refresh token already in Redis for {}",
+            kept.join(", ")
         ));
     }
     Ok(summary)
