@@ -225,6 +225,8 @@ return 0
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
+/// Answers, but refuses writes.
+const REFUSED: u8 = 3;
 
 /// A connection to the shared Redis. Cheap to clone; one per process and settings.
 #[derive(Clone)]
@@ -326,54 +328,108 @@ impl RedisState {
         }
     }
 
-    /// Runs one call with the timeout, and notes (logging a change) whether Redis answered.
+    /// Runs one call that writes with the timeout, and notes (logging a change) whether
+    /// Redis answered and took it.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, Unavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let result = match self.conn().await {
+        self.call_as(true, f).await
+    }
+
+    /// [`RedisState::call`] for a call that only reads.
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.call_as(false, f).await
+    }
+
+    async fn call_as<T, F, Fut>(&self, writes: bool, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let (result, refused) = match self.conn().await {
             Ok(conn) => match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => Err(Unavailable(e.to_string())),
-                Err(_) => Err(Unavailable("no answer in time".into())),
+                Ok(Ok(value)) => (Ok(value), false),
+                // Redis answered with an error (a read-only replica after a failover, out
+                // of memory): reachable, but it does not count.
+                Ok(Err(e)) => (
+                    Err(Unavailable(e.to_string())),
+                    matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                    ),
+                ),
+                Err(_) => (Err(Unavailable("no answer in time".into())), false),
             },
-            Err(e) => Err(e),
+            Err(e) => (Err(e), false),
         };
-        self.note(&result);
+        self.note(&result, writes, refused);
         result
     }
 
-    fn note<T>(&self, result: &Result<T, Unavailable>) {
-        let now = if result.is_ok() { UP } else { DOWN };
-        let before = self.inner.status.swap(now, Ordering::Relaxed);
-        match (&result, before) {
-            (Err(e), UP | UNKNOWN) => tracing::error!(
+    /// Logs each change between answering, unreachable and refusing writes once. Reads
+    /// that work while writes are refused change nothing: else every poll would log
+    /// "back" and the next reservation "gone" again.
+    fn note<T>(&self, result: &Result<T, Unavailable>, writes: bool, refused: bool) {
+        let status = &self.inner.status;
+        let (before, now) = match result {
+            Ok(_) => {
+                let update = status.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                    (writes || s != REFUSED).then_some(UP)
+                });
+                match update {
+                    Ok(before) => (before, UP),
+                    Err(_) => return,
+                }
+            }
+            Err(_) => {
+                let now = if refused { REFUSED } else { DOWN };
+                (status.swap(now, Ordering::Relaxed), now)
+            }
+        };
+        if before == now {
+            return;
+        }
+        match (result, now) {
+            (Err(e), DOWN) => tracing::error!(
                 redis = %self.inner.display,
                 error = %e.0,
                 "shared state: Redis is unreachable; limited channels wait (queue: deferred, relay: 451) until it is back"
             ),
-            (Ok(_), DOWN) => {
+            (Err(e), _) => tracing::error!(
+                redis = %self.inner.display,
+                error = %e.0,
+                "shared state: Redis refuses to count (writes refused); limited channels wait (queue: deferred, relay: 451) until it takes them again"
+            ),
+            (Ok(_), _) if before != UNKNOWN => {
                 tracing::info!(redis = %self.inner.display, "shared state: Redis is reachable again")
             }
             _ => {}
         }
     }
 
-    /// Whether the last call reached Redis (`None`: no call yet).
+    /// Whether the last call reached Redis and, if it wrote, was taken (`None`: no call yet).
     pub fn reachable(&self) -> Option<bool> {
         match self.inner.status.load(Ordering::Relaxed) {
             UP => Some(true),
-            DOWN => Some(false),
+            DOWN | REFUSED => Some(false),
             _ => None,
         }
     }
 
     /// `PING` (`check`, `/healthz`).
     pub async fn ping(&self) -> Result<(), Unavailable> {
-        self.call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-            .await
-            .map(drop)
+        self.read(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await?;
+        if self.inner.status.load(Ordering::Relaxed) == REFUSED {
+            return Err(Unavailable("it answers but refuses writes".into()));
+        }
+        Ok(())
     }
 
     /// Checks both windows of `channel` for a transaction of `rcpts` recipients and
@@ -469,7 +525,7 @@ impl RedisState {
     pub async fn events(&self, channel: &str) -> Result<Vec<(u64, u64)>, Unavailable> {
         let keys = [self.key("rate", channel), self.key("day", channel)];
         let (rate, day): (Vec<String>, Vec<String>) = self
-            .call(|mut c| async move {
+            .read(|mut c| async move {
                 redis::pipe()
                     .zrange(&keys[0], 0, -1)
                     .zrange(&keys[1], 0, -1)
@@ -518,7 +574,7 @@ impl RedisState {
     pub async fn health(&self, channel: &str) -> Result<(Health, u64), Unavailable> {
         let keys = [self.key("health", channel), self.key("retry", channel)];
         let (health, retry): (Option<String>, Option<u64>) = self
-            .call(|mut c| async move { c.mget(&keys[..]).await })
+            .read(|mut c| async move { c.mget(&keys[..]).await })
             .await?;
         let health = health
             .and_then(|h| serde_json::from_str(&h).ok())
@@ -555,7 +611,7 @@ impl RedisState {
     pub async fn access_token(&self, channel: &str) -> Result<Option<(Secret, u64)>, Unavailable> {
         let key = self.key("token", channel);
         let (token, ttl): (Option<String>, i64) = self
-            .call(
+            .read(
                 |mut c| async move { redis::pipe().get(&key).pttl(&key).query_async(&mut c).await },
             )
             .await?;
@@ -640,7 +696,7 @@ impl RedisState {
     /// A stored refresh token.
     pub async fn refresh_token(&self, channel: &str) -> Result<Option<Secret>, Unavailable> {
         let key = self.key("refresh", channel);
-        let token: Option<String> = self.call(|mut c| async move { c.get(&key).await }).await?;
+        let token: Option<String> = self.read(|mut c| async move { c.get(&key).await }).await?;
         Ok(token.filter(|t| !t.is_empty()).map(Secret::new))
     }
 

@@ -383,3 +383,24 @@ def test_relay_keeps_counting_a_message_whose_verdict_was_lost(tmp_path, mailgat
     code, text = submit(mg.addr, "alice@example.com", ["x@example.org"], message(subject="again"))
     assert code == 451 and "rate or quota reached" in text, text
     assert len(up.messages) == 1, "a second message in the minute of a 1/min channel"
+
+
+def test_a_redis_refusing_writes_is_logged_once_not_at_every_poll(tmp_path, mailgate, upstream, redis):
+    cfg = host(tmp_path, "a", redis, upstream, rate="5/min")
+    mg = mailgate(cfg)
+    assert submit(mg.addr, "alice@example.com", ["x@example.org"], message())[0] == 250
+    upstream.wait_messages(1)
+    # A failover left mailgate on what is now a replica: reads work, writes are refused.
+    assert redis.command("REPLICAOF", "127.0.0.1", str(free_port())) == "+OK"
+    for i in range(2):
+        assert submit(mg.addr, "alice@example.com", ["x@example.org"], message(subject=f"m{i}"))[0] == 250
+    time.sleep(6)
+    assert len(upstream.messages) == 1, "nothing goes out uncounted"
+    log = mg.log()
+    assert log.count("shared state: Redis") == 1, log
+    assert "read only replica" in log, log
+    assert redis.command("REPLICAOF", "NO", "ONE") == "+OK"
+    upstream.wait_messages(3, timeout=15)
+    time.sleep(1)
+    log = mg.log()
+    assert log.count("shared state: Redis") == 2, log
