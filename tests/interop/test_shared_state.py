@@ -387,6 +387,8 @@ def test_relay_keeps_counting_a_message_whose_verdict_was_lost(tmp_path, mailgat
 
 def test_a_redis_refusing_writes_is_logged_once_not_at_every_poll(tmp_path, mailgate, upstream, redis):
     cfg = host(tmp_path, "a", redis, upstream, rate="5/min")
+    metrics_port = free_port()
+    cfg.metrics = {"listen": f"127.0.0.1:{metrics_port}"}
     mg = mailgate(cfg)
     assert submit(mg.addr, "alice@example.com", ["x@example.org"], message())[0] == 250
     upstream.wait_messages(1)
@@ -399,8 +401,11 @@ def test_a_redis_refusing_writes_is_logged_once_not_at_every_poll(tmp_path, mail
     log = mg.log()
     assert log.count("shared state: Redis") == 1, log
     assert "read only replica" in log, log
+    status, text = healthz(metrics_port)
+    assert status == 503 and "refuses writes" in text, text
     assert redis.command("REPLICAOF", "NO", "ONE") == "+OK"
     upstream.wait_messages(3, timeout=15)
     time.sleep(1)
     log = mg.log()
     assert log.count("shared state: Redis") == 2, log
+    assert healthz(metrics_port) == (200, "ok")
