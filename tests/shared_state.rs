@@ -389,3 +389,20 @@ async fn a_redis_that_accepts_but_never_answers_is_unavailable_in_bounded_time()
     assert_eq!(redis.reachable(), Some(false));
     drop(silent);
 }
+
+#[tokio::test]
+async fn an_import_from_a_host_whose_clock_runs_ahead_still_counts_its_sends() {
+    let server = RedisServer::start();
+    let redis = RedisState::new(&server.settings("t11:")).unwrap();
+    let l = limits(Some((2, 60_000)), Some(100));
+    let ahead = mailgate::queue::spool::now_ms() + 5_000;
+    redis
+        .add_events("c", &l, &[(ahead - 1000, 1), (ahead, 1)])
+        .await
+        .unwrap();
+    assert_eq!(redis.events("c").await.unwrap().len(), 2);
+    assert!(
+        matches!(redis.reserve("c", &l, 1).await, Ok(Reserved::Wait(_))),
+        "2 sends in the minute already"
+    );
+}

@@ -189,15 +189,14 @@ for i = 3, #ARGV, 2 do
   local id = ARGV[i] .. ':' .. ARGV[i + 1]
   local k = occurrences[id] or 0
   occurrences[id] = k + 1
-  if at <= now then
-    if per >= 0 and at + per > now then
-      add(KEYS[1], at, n, k)
-      rate_until = math.max(rate_until, at + per)
-    end
-    if perday == 1 and n > 0 and at + day > now then
-      add(KEYS[2], at, n, k)
-      day_until = math.max(day_until, at + day)
-    end
+  -- A send "later than now" comes from a host whose clock is ahead: it still counts.
+  if per >= 0 and at + per > now then
+    add(KEYS[1], at, n, k)
+    rate_until = math.max(rate_until, at + per)
+  end
+  if perday == 1 and n > 0 and at + day > now then
+    add(KEYS[2], at, n, k)
+    day_until = math.max(day_until, at + day)
   end
 end
 if rate_until > now then expire(KEYS[1], rate_until - now) end
