@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use smtp_proto::{Error as ParseError, Request};
 
+use crate::message::address::{self, PathError};
 use crate::smtp::reply::{Reply, Syntax};
 
 /// Parses one command line (CRLF or LF included) the liberal way (see [`liberal`]);
@@ -16,6 +17,22 @@ pub fn parse_command(line: &[u8]) -> Result<Request<String>, Reply> {
     let mut request = Request::parse(&mut line.iter())
         .map(Request::into_owned)
         .map_err(parse_error_reply)?;
+    let (address, sender) = match &mut request {
+        Request::Mail { from } => (&mut from.address, true),
+        Request::Rcpt { to } => (&mut to.address, false),
+        _ => return Ok(request),
+    };
+    // smtp-proto strips the quotes of a quoted local part; such a path is read again.
+    if let Some(path) = address::path_in_line(&line)
+        && address::needs_own_reading(path)
+    {
+        *address = address::canonical_mailbox(path).map_err(|e| match e {
+            PathError::AngleBracket => Reply::local_part_not_relayed(sender),
+            PathError::Syntax if sender => Reply::bad_parameters(Syntax::InvalidSender),
+            PathError::Syntax => Reply::bad_parameters(Syntax::InvalidRecipient),
+        })?;
+        return Ok(request);
+    }
     if let Request::Rcpt { to } = &mut request
         && to.address.is_empty()
         && let Some(name) = postmaster_in(&line)
