@@ -423,6 +423,7 @@ mod tests {
             routing: Routing::default(),
             metrics: None,
             has_literal_secrets: false,
+            state: Default::default(),
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Health {
     /// Where a probe file is written and removed: `spool_dir/tmp`, where messages are drafted.
     probe_dir: PathBuf,
     probes: AtomicU64,
+    /// `[state] backend = "redis"`: it must answer (limited channels wait while it does not).
+    shared_state: Option<crate::state::shared::RedisState>,
     /// Cancelled at shutdown: read by `check` itself, so /healthz turns 503 the moment
     /// the listeners start to stop, not when a watcher task gets round to it.
     shutdown: std::sync::OnceLock<CancellationToken>,
@@ -54,8 +56,15 @@ impl Health {
             listening: AtomicBool::new(false),
             probe_dir: spool_dir.join("tmp"),
             probes: AtomicU64::new(0),
+            shared_state: None,
             shutdown: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Also reports the shared state's Redis: unhealthy while it does not answer.
+    pub fn with_shared_state(mut self, redis: crate::state::shared::RedisState) -> Self {
+        self.shared_state = Some(redis);
+        self
     }
 
     /// The listeners stop when `shutdown` is cancelled.
@@ -81,7 +90,17 @@ impl Health {
         let shown = self.probe_dir.display().to_string();
         let probe = tokio::task::spawn_blocking(move || probe(&path));
         match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
-            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Ok(()))) => match &self.shared_state {
+                // Bounded by the Redis call timeout.
+                Some(redis) => redis.ping().await.map_err(|e| {
+                    format!(
+                        "shared state unavailable (Redis {}): {}; limited channels wait",
+                        redis.display(),
+                        e.0
+                    )
+                }),
+                None => Ok(()),
+            },
             Ok(Ok(Err(e))) => Err(format!("spool is not writable: {shown}: {e}")),
             Ok(Err(e)) => Err(format!("spool check failed: {e}")),
             Err(_) => Err(format!(
