@@ -117,7 +117,7 @@ pub enum StateAction {
         /// Output file (default: stdout)
         file: Option<PathBuf>,
     },
-    /// Load the state from FILE (or stdin) into the configured backend, replacing each channel's
+    /// Load the state from FILE (or stdin) into the configured backend (Redis: added to what other hosts counted)
     Import {
         /// Input file (default: stdin)
         file: Option<PathBuf>,

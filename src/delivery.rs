@@ -324,7 +324,12 @@ impl Delivery {
                 }
                 Err(error) => error,
             };
-            self.give_back(id, ch, limiter, reservation, rcpts).await;
+            if error.may_have_delivered() {
+                // Given back, it would let one more through than the provider allows.
+                tracing::warn!(id, channel = %ch.name, error = %error, "the upstream may have taken the message: it stays counted against the channel's limits");
+            } else {
+                self.give_back(id, ch, limiter, reservation, rcpts).await;
+            }
             // Relay mode holds no channel: the state shows what the last answer said.
             let state = match error.class() {
                 Class::CredentialsBroken => ChannelState::Broken,
@@ -424,7 +429,7 @@ impl Delivery {
         Ok(Reservation::Local(reserved_at))
     }
 
-    /// Takes back a reservation the upstream did not use.
+    /// Takes back a reservation the upstream certainly did not use.
     async fn give_back(
         &self,
         id: &str,

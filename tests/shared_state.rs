@@ -217,3 +217,192 @@ async fn rediss_verifies_the_server_certificate() {
     assert!(started.elapsed() < Duration::from_secs(5), "{err}");
     assert_eq!(verified.reachable(), Some(false));
 }
+
+/// A raw connection, to look at (or age) the keys as a day passing would.
+async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{}/0", server.port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn redis_now_ms(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(c).await.unwrap();
+    s * 1000 + us / 1000
+}
+
+#[tokio::test]
+async fn a_day_counter_that_outlives_its_window_never_lets_sends_through() {
+    const DAY: u64 = 86_400_000;
+    let server = RedisServer::start();
+    let redis = RedisState::new(&server.settings("t6:")).unwrap();
+    let mut c = raw(&server).await;
+    let l = limits(None, Some(10));
+    let Ok(Reserved::Yes(first)) = redis.reserve("c", &l, 1).await else {
+        panic!("1 of 10 fits");
+    };
+    let Ok(Reserved::Yes(second)) = redis.reserve("c", &l, 9).await else {
+        panic!("9 more fit");
+    };
+    // Nearly a day passes (Redis's clock cannot be moved: the sends are moved back
+    // instead, and the keys' expiry with them, as the script set it at those sends).
+    let now = redis_now_ms(&mut c).await;
+    let _: () = redis::pipe()
+        .zadd("t6:day:c", &first, now - DAY + 300)
+        .zadd("t6:day:c", &second, now - DAY + 600)
+        .pexpire("t6:day:c", 600)
+        .pexpire("t6:daysum:c", 600)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The first send leaves the day; 9 + 5 still do not fit.
+    assert!(matches!(
+        redis.reserve("c", &l, 5).await,
+        Ok(Reserved::Wait(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Both sends have left the day: a whole day's quota, and not one recipient more.
+    assert!(matches!(
+        redis.reserve("c", &l, 10).await,
+        Ok(Reserved::Yes(_))
+    ));
+    for n in [10, 5, 1] {
+        assert!(
+            matches!(redis.reserve("c", &l, n).await, Ok(Reserved::Wait(_))),
+            "{n} more recipients on a day that has had its 10"
+        );
+    }
+    let counted: u64 = redis.events("c").await.unwrap().iter().map(|e| e.1).sum();
+    assert_eq!(counted, 10);
+}
+
+#[tokio::test]
+async fn an_import_while_hosts_send_never_forgets_their_sends() {
+    let server = RedisServer::start();
+    let redis = RedisState::new(&server.settings("t7:")).unwrap();
+    let l = limits(Some((3, 60_000)), Some(100));
+    for _ in 0..2 {
+        assert!(matches!(
+            redis.reserve("c", &l, 1).await,
+            Ok(Reserved::Yes(_))
+        ));
+    }
+    let now = mailgate::queue::spool::now_ms();
+    // Another host's file, with one send of its own.
+    let imported = [(now - 1000, 2)];
+    redis.add_events("c", &l, &imported).await.unwrap();
+    assert_eq!(redis.events("c").await.unwrap().len(), 3);
+    assert!(
+        matches!(redis.reserve("c", &l, 1).await, Ok(Reserved::Wait(_))),
+        "3 sends in the minute already"
+    );
+    // The same file again counts nothing twice, nor does Redis's own export.
+    redis.add_events("c", &l, &imported).await.unwrap();
+    let exported = redis.events("c").await.unwrap();
+    redis.add_events("c", &l, &exported).await.unwrap();
+    assert_eq!(redis.events("c").await.unwrap(), exported);
+    assert_eq!(exported.iter().map(|e| e.1).sum::<u64>(), 4);
+    // The day's counter agrees: 96 more recipients fit, 97 do not.
+    let day_only = limits(None, Some(100));
+    assert!(matches!(
+        redis.reserve("c", &day_only, 97).await,
+        Ok(Reserved::Wait(_))
+    ));
+    assert!(matches!(
+        redis.reserve("c", &day_only, 96).await,
+        Ok(Reserved::Yes(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_import_never_replaces_a_refresh_token_the_fleet_rotated_since() {
+    use mailgate::config::{ChannelKind, StateBackend};
+    use mailgate::state::transfer::{self, ChannelState, Document};
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mailgate::testkit::config::config(vec![mailgate::testkit::config::channel(
+        "c",
+        ChannelKind::File {
+            dir: dir.path().join("out"),
+        },
+        1,
+    )]);
+    config.server.spool_dir = dir.path().join("spool");
+    config.state = StateBackend::Redis(server.settings("t8:"));
+    let fleet = RedisState::new(&server.settings("t8:")).unwrap();
+    // The hosts already on Redis rotated the channel's refresh token…
+    fleet
+        .set_refresh_token("c", &Secret::new("rt-rotated-by-the-fleet"))
+        .await
+        .unwrap();
+    // …and a host joining them imports the copy its own spool kept from before.
+    let doc = Document {
+        format: transfer::FORMAT.into(),
+        backend: "local".into(),
+        exported_at_ms: 0,
+        channels: [(
+            "c".to_string(),
+            ChannelState {
+                refresh_token: Some("rt-spent-long-ago".into()),
+                ..ChannelState::default()
+            },
+        )]
+        .into(),
+    };
+    transfer::import(&config, &doc, 0).await.unwrap();
+    let kept = fleet.refresh_token("c").await.unwrap().unwrap();
+    assert_eq!(kept.expose(), "rt-rotated-by-the-fleet");
+    // Into a Redis that has none, the file's token goes (the first host to move).
+    let mut fresh = config.clone();
+    fresh.state = StateBackend::Redis(server.settings("t9:"));
+    transfer::import(&fresh, &doc, 0).await.unwrap();
+    let first = RedisState::new(&server.settings("t9:")).unwrap();
+    let moved = first.refresh_token("c").await.unwrap().unwrap();
+    assert_eq!(moved.expose(), "rt-spent-long-ago");
+}
+
+#[tokio::test]
+async fn a_redis_that_accepts_but_never_answers_is_unavailable_in_bounded_time() {
+    // The kernel completes the TCP handshake for a listener nobody reads from.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let redis = RedisState::new(&mailgate::config::RedisSettings {
+        url: Secret::new(url.clone()),
+        display: url,
+        key_prefix: "t10:".into(),
+    })
+    .unwrap();
+    let l = limits(Some((5, 60_000)), Some(10));
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        assert!(redis.reserve("c", &l, 1).await.is_err());
+        assert!(redis.health("c").await.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(13),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(redis.reachable(), Some(false));
+    drop(silent);
+}
+
+#[tokio::test]
+async fn an_import_from_a_host_whose_clock_runs_ahead_still_counts_its_sends() {
+    let server = RedisServer::start();
+    let redis = RedisState::new(&server.settings("t11:")).unwrap();
+    let l = limits(Some((2, 60_000)), Some(100));
+    let ahead = mailgate::queue::spool::now_ms() + 5_000;
+    redis
+        .add_events("c", &l, &[(ahead - 1000, 1), (ahead, 1)])
+        .await
+        .unwrap();
+    assert_eq!(redis.events("c").await.unwrap().len(), 2);
+    assert!(
+        matches!(redis.reserve("c", &l, 1).await, Ok(Reserved::Wait(_))),
+        "2 sends in the minute already"
+    );
+}

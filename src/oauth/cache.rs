@@ -23,12 +23,21 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(600);
 /// still handed out (the refresh was early, the token still works).
 const STILL_USABLE: Duration = Duration::from_secs(60);
 
-/// Shared backend: how long the refresh lock lives if its host dies holding it (longer
-/// than one token-endpoint request).
-const LOCK_HOLD: Duration = Duration::from_secs(40);
+/// Shared backend: how long the refresh lock lives if its host dies holding it.
+const LOCK_HOLD: Duration = Duration::from_secs(60);
+// The lock must outlive the longest refresh made under it — the refresh token read from
+// Redis, the token request, the rotated token stored back — or a second host would take
+// it and spend the refresh token the first one is about to replace. A Redis call takes
+// at most three `CALL_TIMEOUT`s (connecting, then the call).
+const _: () = assert!(
+    LOCK_HOLD.as_secs()
+        > Http::TIMEOUT.as_secs() + 3 * 3 * crate::state::shared::CALL_TIMEOUT.as_secs()
+);
 /// Shared backend: how long a host waits for another one's refresh before giving up
-/// (transient: the message is deferred).
-const LOCK_WAIT: Duration = Duration::from_secs(45);
+/// (transient: the message is deferred); longer than the lock, so that a host that died
+/// holding it is taken over.
+const LOCK_WAIT: Duration = Duration::from_secs(65);
+const _: () = assert!(LOCK_WAIT.as_secs() > LOCK_HOLD.as_secs());
 /// Shared backend: how often a waiting host looks for the new token.
 const LOCK_POLL: Duration = Duration::from_millis(200);
 

@@ -25,7 +25,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{DAY_MS, Health};
+use super::Health;
 use crate::config::{Limits, RedisSettings, Secret};
 
 /// Longest any one Redis call may take (on top of the client's own timeouts).
@@ -68,13 +68,26 @@ if count > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - per)
 end
 if limit >= 0 then
-  used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local gone = 0
   local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - day)
   if #old > 0 then
-    for _, m in ipairs(old) do used = used - rcpts(m) end
+    for _, m in ipairs(old) do gone = gone + rcpts(m) end
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - day)
+  end
+  local sum = redis.call('GET', KEYS[3])
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    -- No send is left in the day, whatever a counter that outlived them says.
+    if sum then redis.call('DEL', KEYS[3]) end
+  elseif not sum then
+    -- The counter is gone (evicted): count the sends again.
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do used = used + rcpts(m) end
+    local ttl = redis.call('PTTL', KEYS[2])
+    redis.call('SET', KEYS[3], used, 'PX', ttl > 0 and ttl or day)
+  else
+    used = tonumber(sum) - gone
     if used < 0 then used = 0 end
-    redis.call('SET', KEYS[3], used, 'PX', day)
+    -- KEEPTTL: the counter expires with the sends it counts, never after them.
+    if #old > 0 then redis.call('SET', KEYS[3], used, 'KEEPTTL') end
   end
 end
 local out = {0, ''}
@@ -93,13 +106,23 @@ for i = 5, #ARGV do
     end
   end
   if limit >= 0 and used + n > limit then
-    local left = used
     local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-    for j = 1, #all, 2 do
-      left = left - rcpts(all[j])
-      if left + n <= limit then
-        earliest = math.max(earliest, tonumber(all[j + 1]) + day)
-        break
+    -- Counted from the sends themselves before anything waits (or, worse, is let
+    -- through because no send's leaving would make room): the counter only caches this.
+    local real = 0
+    for j = 1, #all, 2 do real = real + rcpts(all[j]) end
+    if real ~= used then
+      used = real
+      redis.call('SET', KEYS[3], used, 'KEEPTTL')
+    end
+    local left = used
+    if left + n > limit then
+      for j = 1, #all, 2 do
+        left = left - rcpts(all[j])
+        if left + n <= limit then
+          earliest = math.max(earliest, tonumber(all[j + 1]) + day)
+          break
+        end
       end
     end
   end
@@ -135,6 +158,63 @@ end
 return 1
 "#;
 
+/// `state import`. KEYS: rate, day, daysum. ARGV: rate window ms (-1: none), 1 if the
+/// channel counts recipients per day, then (unix ms, recipients) pairs. Adds each send
+/// still inside a window (on Redis's clock) unless the window already holds it, so the
+/// sends other hosts made meanwhile stay counted and importing twice counts nothing
+/// twice; each key then expires when its last send leaves its window.
+const IMPORT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local per, perday = tonumber(ARGV[1]), tonumber(ARGV[2])
+local day = 86400000
+local function rcpts(m) return tonumber(string.match(m, '^%d+:(%d+):')) end
+local occurrences = {}
+local function add(key, at, n, k)
+  local prefix = string.format('%d', at) .. ':' .. string.format('%d', n) .. ':'
+  local have = 0
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, at, at)) do
+    if string.sub(m, 1, #prefix) == prefix then have = have + 1 end
+  end
+  if have <= k then redis.call('ZADD', key, at, prefix .. 'import' .. k) end
+end
+local function expire(key, want)
+  local ttl = redis.call('PTTL', key)
+  if ttl == -2 then return end
+  if ttl < want then redis.call('PEXPIRE', key, want) end
+end
+local rate_until, day_until = 0, 0
+for i = 3, #ARGV, 2 do
+  local at, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local id = ARGV[i] .. ':' .. ARGV[i + 1]
+  local k = occurrences[id] or 0
+  occurrences[id] = k + 1
+  -- A send "later than now" comes from a host whose clock is ahead: it still counts.
+  if per >= 0 and at + per > now then
+    add(KEYS[1], at, n, k)
+    rate_until = math.max(rate_until, at + per)
+  end
+  if perday == 1 and n > 0 and at + day > now then
+    add(KEYS[2], at, n, k)
+    day_until = math.max(day_until, at + day)
+  end
+end
+if rate_until > now then expire(KEYS[1], rate_until - now) end
+if perday == 1 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - day)
+  local sum = 0
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do sum = sum + rcpts(m) end
+  if sum > 0 then
+    if day_until > now then expire(KEYS[2], day_until - now) end
+    local ttl = redis.call('PTTL', KEYS[2])
+    redis.call('SET', KEYS[3], sum, 'PX', ttl > 0 and ttl or day)
+  else
+    redis.call('DEL', KEYS[3])
+  end
+end
+return 1
+"#;
+
 /// Deletes the lock only if it is still ours (it may have expired and been taken).
 const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -144,6 +224,8 @@ return 0
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
+/// Answers, but refuses writes.
+const REFUSED: u8 = 3;
 
 /// A connection to the shared Redis. Cheap to clone; one per process and settings.
 #[derive(Clone)]
@@ -161,6 +243,7 @@ struct Inner {
     reserve: Script,
     release: Script,
     unlock: Script,
+    import: Script,
 }
 
 impl fmt::Debug for RedisState {
@@ -209,6 +292,7 @@ impl RedisState {
                 reserve: Script::new(RESERVE),
                 release: Script::new(RELEASE),
                 unlock: Script::new(UNLOCK),
+                import: Script::new(IMPORT),
             }),
         })
     }
@@ -243,54 +327,108 @@ impl RedisState {
         }
     }
 
-    /// Runs one call with the timeout, and notes (logging a change) whether Redis answered.
+    /// Runs one call that writes with the timeout, and notes (logging a change) whether
+    /// Redis answered and took it.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, Unavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let result = match self.conn().await {
+        self.call_as(true, f).await
+    }
+
+    /// [`RedisState::call`] for a call that only reads.
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.call_as(false, f).await
+    }
+
+    async fn call_as<T, F, Fut>(&self, writes: bool, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let (result, refused) = match self.conn().await {
             Ok(conn) => match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => Err(Unavailable(e.to_string())),
-                Err(_) => Err(Unavailable("no answer in time".into())),
+                Ok(Ok(value)) => (Ok(value), false),
+                // Redis answered with an error (a read-only replica after a failover, out
+                // of memory): reachable, but it does not count.
+                Ok(Err(e)) => (
+                    Err(Unavailable(e.to_string())),
+                    matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                    ),
+                ),
+                Err(_) => (Err(Unavailable("no answer in time".into())), false),
             },
-            Err(e) => Err(e),
+            Err(e) => (Err(e), false),
         };
-        self.note(&result);
+        self.note(&result, writes, refused);
         result
     }
 
-    fn note<T>(&self, result: &Result<T, Unavailable>) {
-        let now = if result.is_ok() { UP } else { DOWN };
-        let before = self.inner.status.swap(now, Ordering::Relaxed);
-        match (&result, before) {
-            (Err(e), UP | UNKNOWN) => tracing::error!(
+    /// Logs each change between answering, unreachable and refusing writes once. Reads
+    /// that work while writes are refused change nothing: else every poll would log
+    /// "back" and the next reservation "gone" again.
+    fn note<T>(&self, result: &Result<T, Unavailable>, writes: bool, refused: bool) {
+        let status = &self.inner.status;
+        let (before, now) = match result {
+            Ok(_) => {
+                let update = status.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                    (writes || s != REFUSED).then_some(UP)
+                });
+                match update {
+                    Ok(before) => (before, UP),
+                    Err(_) => return,
+                }
+            }
+            Err(_) => {
+                let now = if refused { REFUSED } else { DOWN };
+                (status.swap(now, Ordering::Relaxed), now)
+            }
+        };
+        if before == now {
+            return;
+        }
+        match (result, now) {
+            (Err(e), DOWN) => tracing::error!(
                 redis = %self.inner.display,
                 error = %e.0,
                 "shared state: Redis is unreachable; limited channels wait (queue: deferred, relay: 451) until it is back"
             ),
-            (Ok(_), DOWN) => {
+            (Err(e), _) => tracing::error!(
+                redis = %self.inner.display,
+                error = %e.0,
+                "shared state: Redis refuses to count (writes refused); limited channels wait (queue: deferred, relay: 451) until it takes them again"
+            ),
+            (Ok(_), _) if before != UNKNOWN => {
                 tracing::info!(redis = %self.inner.display, "shared state: Redis is reachable again")
             }
             _ => {}
         }
     }
 
-    /// Whether the last call reached Redis (`None`: no call yet).
+    /// Whether the last call reached Redis and, if it wrote, was taken (`None`: no call yet).
     pub fn reachable(&self) -> Option<bool> {
         match self.inner.status.load(Ordering::Relaxed) {
             UP => Some(true),
-            DOWN => Some(false),
+            DOWN | REFUSED => Some(false),
             _ => None,
         }
     }
 
     /// `PING` (`check`, `/healthz`).
     pub async fn ping(&self) -> Result<(), Unavailable> {
-        self.call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-            .await
-            .map(drop)
+        self.read(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await?;
+        if self.inner.status.load(Ordering::Relaxed) == REFUSED {
+            return Err(Unavailable("it answers but refuses writes".into()));
+        }
+        Ok(())
     }
 
     /// Checks both windows of `channel` for a transaction of `rcpts` recipients and
@@ -386,7 +524,7 @@ impl RedisState {
     pub async fn events(&self, channel: &str) -> Result<Vec<(u64, u64)>, Unavailable> {
         let keys = [self.key("rate", channel), self.key("day", channel)];
         let (rate, day): (Vec<String>, Vec<String>) = self
-            .call(|mut c| async move {
+            .read(|mut c| async move {
                 redis::pipe()
                     .zrange(&keys[0], 0, -1)
                     .zrange(&keys[1], 0, -1)
@@ -402,52 +540,40 @@ impl RedisState {
         Ok(events)
     }
 
-    /// Replaces `channel`'s windows by `events` (unix ms, recipients) in one transaction
-    /// (`state import`). Events outside the windows as of now are dropped.
-    pub async fn set_events(
+    /// Adds `events` (unix ms, recipients) to `channel`'s windows (`state import`):
+    /// those still inside a window on Redis's clock and not already counted there. Never
+    /// removes a send, so an import while other hosts send cannot give them a second quota.
+    pub async fn add_events(
         &self,
         channel: &str,
         limits: &Limits,
         events: &[(u64, u64)],
-        now_ms: u64,
     ) -> Result<(), Unavailable> {
         let keys = [
             self.key("rate", channel),
             self.key("day", channel),
             self.key("daysum", channel),
         ];
-        let mut pipe = redis::pipe();
-        pipe.atomic().del(&keys[..]).ignore();
-        let mut sum = 0u64;
-        for (i, &(at, n)) in events.iter().enumerate() {
-            let member = format!("{at}:{n}:import{i}");
-            if let Some(rate) = limits.rate
-                && at + rate.per.as_millis() as u64 > now_ms
-            {
-                pipe.zadd(&keys[0], &member, at).ignore();
+        let per = limits.rate.map_or(-1, |r| r.per.as_millis() as i64);
+        let per_day = i64::from(limits.recipients_per_day.is_some());
+        let script = &self.inner.import;
+        self.call(|mut c| async move {
+            let mut invocation = script.key(&keys[0]);
+            invocation.key(&keys[1]).key(&keys[2]).arg(per).arg(per_day);
+            for (at, n) in events {
+                invocation.arg(*at).arg(*n);
             }
-            if limits.recipients_per_day.is_some() && n > 0 && at + DAY_MS > now_ms {
-                pipe.zadd(&keys[1], &member, at).ignore();
-                sum += n;
-            }
-        }
-        if let Some(rate) = limits.rate {
-            pipe.pexpire(&keys[0], rate.per.as_millis() as i64).ignore();
-        }
-        if sum > 0 {
-            pipe.set(&keys[2], sum).ignore();
-            pipe.pexpire(&keys[1], DAY_MS as i64).ignore();
-            pipe.pexpire(&keys[2], DAY_MS as i64).ignore();
-        }
-        self.call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
+            invocation.invoke_async::<i64>(&mut c).await
+        })
+        .await
+        .map(drop)
     }
 
     /// The shared health of `channel` and its retry generation.
     pub async fn health(&self, channel: &str) -> Result<(Health, u64), Unavailable> {
         let keys = [self.key("health", channel), self.key("retry", channel)];
         let (health, retry): (Option<String>, Option<u64>) = self
-            .call(|mut c| async move { c.mget(&keys[..]).await })
+            .read(|mut c| async move { c.mget(&keys[..]).await })
             .await?;
         let health = health
             .and_then(|h| serde_json::from_str(&h).ok())
@@ -484,7 +610,7 @@ impl RedisState {
     pub async fn access_token(&self, channel: &str) -> Result<Option<(Secret, u64)>, Unavailable> {
         let key = self.key("token", channel);
         let (token, ttl): (Option<String>, i64) = self
-            .call(
+            .read(
                 |mut c| async move { redis::pipe().get(&key).pttl(&key).query_async(&mut c).await },
             )
             .await?;
@@ -569,7 +695,7 @@ impl RedisState {
     /// A stored refresh token.
     pub async fn refresh_token(&self, channel: &str) -> Result<Option<Secret>, Unavailable> {
         let key = self.key("refresh", channel);
-        let token: Option<String> = self.call(|mut c| async move { c.get(&key).await }).await?;
+        let token: Option<String> = self.read(|mut c| async move { c.get(&key).await }).await?;
         Ok(token.filter(|t| !t.is_empty()).map(Secret::new))
     }
 

@@ -2,9 +2,12 @@
 //! health and stored refresh tokens as one JSON document, so an installation moves from
 //! `local` to `redis` (and back) without resetting its daily quotas.
 //!
-//! Import replaces, per channel in the document, what the backend held (importing the
-//! same file twice counts nothing twice). The local backend is written only while no
-//! mailgate runs on the spool (the running one would overwrite it from memory).
+//! Import into the local backend replaces, per channel in the document, what it held; it
+//! is written only while no mailgate runs on the spool (the running one would overwrite
+//! it from memory). Import into Redis adds the document's sends to what is there, since
+//! other hosts may be sending meanwhile: a send already counted is not counted again,
+//! so importing twice counts nothing twice either way; a refresh token already in Redis
+//! is kept (the other hosts may have rotated the document's since).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -92,7 +95,7 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
         Backend::Redis(_) => None,
     };
     let store = backend.token_store();
-    let (mut done, mut skipped) = (0, Vec::new());
+    let (mut done, mut skipped, mut kept) = (0, Vec::new(), Vec::new());
     for (name, state) in &doc.channels {
         let Some(id) = config.channel_id(name) else {
             skipped.push(name.clone());
@@ -124,13 +127,19 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
                     .await
                     .map_err(|e| e.to_string())?;
                 redis
-                    .set_events(name, limits, &state.events, now_ms)
+                    .add_events(name, limits, &state.events)
                     .await
                     .map_err(|e| e.to_string())?;
             }
         }
         if let Some(token) = &state.refresh_token {
-            store.save(name, &Secret::new(token.clone())).await?;
+            // Into Redis, a token already there wins: the hosts using it may have rotated
+            // the file's since, and a rotation spends the token it replaces.
+            if matches!(backend, Backend::Redis(_)) && store.load(name).await?.is_some() {
+                kept.push(name.clone());
+            } else {
+                store.save(name, &Secret::new(token.clone())).await?;
+            }
         }
         done += 1;
     }
@@ -139,6 +148,12 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
         summary.push_str(&format!(
             "; skipped {} (not in this config)",
             skipped.join(", ")
+        ));
+    }
+    if !kept.is_empty() {
+        summary.push_str(&format!(
+            "; kept the refresh token already in Redis for {}",
+            kept.join(", ")
         ));
     }
     Ok(summary)

@@ -273,6 +273,21 @@ impl Error {
         }
     }
 
+    /// The upstream may have taken the message although the transaction failed: the
+    /// connection broke or stopped answering once the message was on its way, so its
+    /// verdict was lost. Such a send still counts against the channel's limits.
+    pub fn may_have_delivered(&self) -> bool {
+        matches!(
+            self,
+            Error::Dropped {
+                step: Step::EndOfData | Step::Transaction,
+                ..
+            } | Error::Timeout {
+                step: Step::EndOfData | Step::Transaction,
+            }
+        )
+    }
+
     /// Worth trying again later (includes a held channel's quota reply).
     pub fn is_transient(&self) -> bool {
         !self.is_permanent()

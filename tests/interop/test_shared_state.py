@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MailgateConfig, free_port, message, run_cli, wait_until
+from conftest import MailgateConfig, RecordingHandler, free_port, message, run_cli, wait_until
 from oauth_peers import REFRESH_TOKEN, TokenEndpoint
 from test_oauth import MAILBOX, oauth_channel, xoauth_upstream
 from test_queue import queue_list, queue_mode, submit
@@ -361,3 +361,51 @@ def test_a_refresh_token_rotated_on_one_host_is_used_by_the_other(
                 assert s not in mg.log()
     finally:
         endpoint.stop()
+
+
+class VerdictLost(RecordingHandler):
+    """Takes the message, then drops the connection before its 250 goes out."""
+
+    async def handle_DATA(self, server, session, envelope):
+        reply = await super().handle_DATA(server, session, envelope)
+        server.transport.abort()
+        return reply
+
+
+def test_relay_keeps_counting_a_message_whose_verdict_was_lost(tmp_path, mailgate, upstream_factory, redis):
+    up = upstream_factory(handler=VerdictLost())
+    cfg = host(tmp_path, "a", redis, up, rate="1/min")
+    cfg.server["delivery"] = "relay"
+    mg = mailgate(cfg)
+    code, _ = submit(mg.addr, "alice@example.com", ["x@example.org"], message(subject="first"))
+    assert code == 451  # the client keeps it and tries again…
+    assert len(up.messages) == 1  # …but the upstream has it, and counts it
+    code, text = submit(mg.addr, "alice@example.com", ["x@example.org"], message(subject="again"))
+    assert code == 451 and "rate or quota reached" in text, text
+    assert len(up.messages) == 1, "a second message in the minute of a 1/min channel"
+
+
+def test_a_redis_refusing_writes_is_logged_once_not_at_every_poll(tmp_path, mailgate, upstream, redis):
+    cfg = host(tmp_path, "a", redis, upstream, rate="5/min")
+    metrics_port = free_port()
+    cfg.metrics = {"listen": f"127.0.0.1:{metrics_port}"}
+    mg = mailgate(cfg)
+    assert submit(mg.addr, "alice@example.com", ["x@example.org"], message())[0] == 250
+    upstream.wait_messages(1)
+    # A failover left mailgate on what is now a replica: reads work, writes are refused.
+    assert redis.command("REPLICAOF", "127.0.0.1", str(free_port())) == "+OK"
+    for i in range(2):
+        assert submit(mg.addr, "alice@example.com", ["x@example.org"], message(subject=f"m{i}"))[0] == 250
+    time.sleep(6)
+    assert len(upstream.messages) == 1, "nothing goes out uncounted"
+    log = mg.log()
+    assert log.count("shared state: Redis") == 1, log
+    assert "read only replica" in log, log
+    status, text = healthz(metrics_port)
+    assert status == 503 and "refuses writes" in text, text
+    assert redis.command("REPLICAOF", "NO", "ONE") == "+OK"
+    upstream.wait_messages(3, timeout=15)
+    time.sleep(1)
+    log = mg.log()
+    assert log.count("shared state: Redis") == 2, log
+    assert healthz(metrics_port) == (200, "ok")
