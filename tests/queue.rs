@@ -262,7 +262,7 @@ async fn deferred_twice_then_delivered_on_the_third_attempt() {
     assert_eq!(reply.code, 250);
     assert!(reply.text.starts_with("queued as "), "{reply}");
     assert!(
-        wait_for(Duration::from_secs(10), || fake.sent().len() == 3
+        wait_for(Duration::from_secs(30), || fake.sent().len() == 3
             && queued(&config) == 0)
         .await
     );
@@ -302,7 +302,7 @@ async fn permanent_failure_goes_to_failed_with_a_dsn() {
     let reply = q.submit(0, "a@example.com", &rcpts(2), MESSAGE).await;
     let id = reply.text.trim_start_matches("queued as ").to_string();
     assert!(
-        wait_for(Duration::from_secs(10), || fake.sent().len() == 2
+        wait_for(Duration::from_secs(30), || fake.sent().len() == 2
             && queued(&config) == 0)
         .await
     );
@@ -337,7 +337,7 @@ async fn no_dsn_for_a_null_sender() {
     let fake = Fake::new(|_, _, _| refused(554, (5, 0, 0), "rejected"));
     let q = Running::start(&config, fake.clone());
     q.submit(0, "", &rcpts(1), MESSAGE).await;
-    assert!(wait_for(Duration::from_secs(5), || queued(&config) == 0).await);
+    assert!(wait_for(Duration::from_secs(30), || queued(&config) == 0).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(fake.sent().len(), 1, "the bounce of a bounce is never sent");
     q.stop().await;
@@ -362,7 +362,7 @@ async fn partial_success_fails_only_the_refused_recipient() {
     let q = Running::start(&config, fake.clone());
     q.submit(0, "a@example.com", &rcpts(3), MESSAGE).await;
     assert!(
-        wait_for(Duration::from_secs(5), || fake.sent().len() == 2
+        wait_for(Duration::from_secs(30), || fake.sent().len() == 2
             && queued(&config) == 0)
         .await
     );
@@ -398,7 +398,7 @@ async fn rate_spreads_messages() {
             250
         );
     }
-    assert!(wait_for(Duration::from_secs(15), || fake.sent().len() == 20).await);
+    assert!(wait_for(Duration::from_secs(30), || fake.sent().len() == 20).await);
     let sent = fake.sent();
     let span = sent[19].at - sent[0].at;
     // The limiter spaces the *starts* of transactions; the fake sees their arrival,
@@ -432,7 +432,7 @@ async fn daily_recipient_quota_holds_the_fourth_and_survives_a_restart() {
     for _ in 0..4 {
         q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
     }
-    assert!(wait_for(Duration::from_secs(5), || fake.sent().len() == 3).await);
+    assert!(wait_for(Duration::from_secs(30), || fake.sent().len() == 3).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         fake.sent().len(),
@@ -482,11 +482,11 @@ async fn broken_channel_keeps_mail_while_another_delivers() {
     for _ in 0..3 {
         q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
     }
-    assert!(wait_for(Duration::from_secs(5), || !fake.accepted_on(0).is_empty()).await);
+    assert!(wait_for(Duration::from_secs(30), || !fake.accepted_on(0).is_empty()).await);
     for _ in 0..3 {
         q.submit(1, "b@example.com", &rcpts(1), MESSAGE).await;
     }
-    assert!(wait_for(Duration::from_secs(5), || fake.accepted_on(1).len() == 3).await);
+    assert!(wait_for(Duration::from_secs(30), || fake.accepted_on(1).len() == 3).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         fake.accepted_on(0).len() <= 3,
@@ -504,7 +504,7 @@ async fn broken_channel_keeps_mail_while_another_delivers() {
     *fixed.lock().unwrap() = true;
     let before = fake.accepted_on(0).len();
     admin::retry(&config, None).unwrap();
-    assert!(wait_for(Duration::from_secs(5), || queued(&config) == 0).await);
+    assert!(wait_for(Duration::from_secs(30), || queued(&config) == 0).await);
     assert_eq!(fake.accepted_on(0).len(), before + 3);
     assert_eq!(admin::channel_health(&config)[0].1, "ok");
     q.stop().await;
@@ -525,7 +525,7 @@ async fn quota_reply_holds_the_channel() {
     for _ in 0..3 {
         q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
     }
-    assert!(wait_for(Duration::from_secs(5), || !fake.sent().is_empty()).await);
+    assert!(wait_for(Duration::from_secs(30), || !fake.sent().is_empty()).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(fake.sent().len() <= 3);
     assert_eq!(queued(&config), 3, "held, nothing fails");
@@ -553,7 +553,7 @@ async fn six_hundred_recipients_go_as_500_plus_100() {
     let q = Running::start(&config, fake.clone());
     let all = rcpts(600);
     q.submit(0, "alice@example.com", &all, MESSAGE).await;
-    assert!(wait_for(Duration::from_secs(5), || queued(&config) == 0).await);
+    assert!(wait_for(Duration::from_secs(30), || queued(&config) == 0).await);
     let sent = fake.sent();
     let sizes: Vec<usize> = sent.iter().map(|s| s.envelope.recipients.len()).collect();
     assert_eq!(sizes, vec![500, 100]);
@@ -587,12 +587,12 @@ async fn a_restart_between_transactions_does_not_resend_done_recipients() {
     });
     let q = Running::start(&config, fake.clone());
     q.submit(0, "a@example.com", &rcpts(5), MESSAGE).await;
-    assert!(wait_for(Duration::from_secs(5), || fake.sent().len() >= 2).await);
+    assert!(wait_for(Duration::from_secs(30), || fake.sent().len() >= 2).await);
     q.stop().await;
 
     let fake2 = Fake::new(|_, _, _| ok());
     let q = Running::start(&config, fake2.clone());
-    assert!(wait_for(Duration::from_secs(10), || queued(&config) == 0).await);
+    assert!(wait_for(Duration::from_secs(30), || queued(&config) == 0).await);
     let mut again: Vec<String> = fake2
         .sent()
         .iter()
@@ -623,7 +623,7 @@ async fn connections_cap_concurrent_transactions() {
     for _ in 0..8 {
         q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
     }
-    assert!(wait_for(Duration::from_secs(10), || queued(&config) == 0).await);
+    assert!(wait_for(Duration::from_secs(30), || queued(&config) == 0).await);
     assert_eq!(
         live.lock().unwrap().1,
         2,
@@ -679,7 +679,7 @@ async fn delete_and_retry_from_the_command_line() {
         .text
         .trim_start_matches("queued as ")
         .to_string();
-    assert!(wait_for(Duration::from_secs(5), || fake.sent().len() == 2).await);
+    assert!(wait_for(Duration::from_secs(30), || fake.sent().len() == 2).await);
     let listing = admin::list(&config).unwrap();
     assert!(
         listing.contains(&a) && listing.contains(&b) && listing.contains("451 4.3.0"),
@@ -693,7 +693,7 @@ async fn delete_and_retry_from_the_command_line() {
 
     // Retry one: it goes again within about a second, the other does not.
     admin::retry(&config, Some(&a)).unwrap();
-    assert!(wait_for(Duration::from_secs(3), || fake.sent().len() == 3).await);
+    assert!(wait_for(Duration::from_secs(30), || fake.sent().len() == 3).await);
     assert_eq!(fake.sent()[2].envelope.sender, "a@example.com");
 
     admin::delete(&config, &b).unwrap();
@@ -764,7 +764,7 @@ async fn queue_mode_delivery_through_a_real_smtp_upstream() {
     );
     assert!(reply.text.starts_with("queued as "));
     assert!(
-        wait_for(Duration::from_secs(15), || fake.txns().len() == 1
+        wait_for(Duration::from_secs(30), || fake.txns().len() == 1
             && queued(&config) == 0)
         .await
     );
@@ -803,7 +803,7 @@ async fn queue_mode_delivery_through_a_real_smtp_upstream() {
         250
     );
     assert!(
-        wait_for(Duration::from_secs(15), || fake.txns().len() == 3
+        wait_for(Duration::from_secs(30), || fake.txns().len() == 3
             && queued(&config600) == 0)
         .await
     );
@@ -898,7 +898,7 @@ async fn a_full_disk_defers_and_delivery_resumes_by_itself() {
     let reply = running.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
     assert_eq!(reply.code, 250, "{reply:?}");
     assert!(
-        wait_for(Duration::from_secs(10), || fake.sent().len() == 1
+        wait_for(Duration::from_secs(30), || fake.sent().len() == 1
             && queued(&config) == 0)
         .await
     );
@@ -988,7 +988,7 @@ async fn reconfigure_keeps_a_removed_channels_mail_until_it_returns() {
         q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
         250
     );
-    assert!(wait_for(Duration::from_secs(5), || first.accepted_on(0).len() == 1).await);
+    assert!(wait_for(Duration::from_secs(30), || first.accepted_on(0).len() == 1).await);
 
     let only_b = Arc::new(config(dir.path(), vec![channel("b", limits())]));
     let second = Fake::new(|_, _, _| ok());
@@ -1007,7 +1007,7 @@ async fn reconfigure_keeps_a_removed_channels_mail_until_it_returns() {
         q.submit(1, "s@example.com", &rcpts(1), MESSAGE).await.code,
         250
     );
-    assert!(wait_for(Duration::from_secs(5), || second.accepted_on(0).len() == 1).await);
+    assert!(wait_for(Duration::from_secs(30), || second.accepted_on(0).len() == 1).await);
     // Longer than retry_first: "a"'s message is not tried again, not failed, still queued.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
@@ -1043,8 +1043,8 @@ async fn reconfigure_keeps_a_removed_channels_mail_until_it_returns() {
         transport: third.clone(),
     };
     q.queue.reconfigure(generation, &back).await;
-    assert!(wait_for(Duration::from_secs(5), || third.accepted_on(0).len() == 1).await);
-    assert!(wait_for(Duration::from_secs(5), || queued(&both) == 0).await);
+    assert!(wait_for(Duration::from_secs(30), || third.accepted_on(0).len() == 1).await);
+    assert!(wait_for(Duration::from_secs(30), || queued(&both) == 0).await);
     q.stop().await;
 }
 
@@ -1087,7 +1087,7 @@ async fn a_reload_before_the_workers_start_is_the_one_they_run_with() {
             .code,
         250
     );
-    assert!(wait_for(Duration::from_secs(5), || new.accepted_on(1).len() == 1).await);
+    assert!(wait_for(Duration::from_secs(30), || new.accepted_on(1).len() == 1).await);
     assert!(old.sent().is_empty());
     running.stop().await;
 }
