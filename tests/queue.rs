@@ -1090,3 +1090,90 @@ async fn a_reload_before_the_workers_start_is_the_one_they_run_with() {
     assert!(old.sent().is_empty());
     running.stop().await;
 }
+
+/// Counts the transactions started (before any answer) and answers 250 after `delay`.
+struct Starts {
+    started: Mutex<Vec<String>>,
+    delay: Duration,
+}
+
+impl Starts {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Starts {
+            started: Mutex::new(Vec::new()),
+            delay,
+        })
+    }
+    fn count(&self) -> usize {
+        self.started.lock().unwrap().len()
+    }
+}
+
+impl Transport for Starts {
+    fn send<'a>(
+        &'a self,
+        _channel: ChannelId,
+        id: &'a str,
+        _envelope: &'a Envelope,
+        _body: Body<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(async move {
+            self.started.lock().unwrap().push(id.to_string());
+            tokio::time::sleep(self.delay).await;
+            ok()
+        })
+    }
+}
+
+fn changed(name: &str) -> mailgate::queue::ChannelChanges {
+    mailgate::queue::ChannelChanges {
+        changed: vec![name.to_string()],
+        ..Default::default()
+    }
+}
+
+/// A reload that changes a channel while its old worker still delivers a message: the new
+/// worker finds the message locked and tries again every second until the old one is
+/// done. Those tries send nothing, so they must not use up the channel's rate window.
+#[tokio::test]
+async fn a_message_locked_by_the_old_worker_does_not_use_up_the_new_workers_rate() {
+    use mailgate::queue::Generation;
+    let dir = tempfile::tempdir().unwrap();
+    let limited = Limits {
+        rate: Some(Rate {
+            count: 3,
+            per: Duration::from_secs(60),
+        }),
+        ..limits()
+    };
+    let config = config(dir.path(), vec![channel("a", limited)]);
+    let slow = Starts::new(Duration::from_millis(3500));
+    let q = Running::start(&config, slow.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || slow.count() == 1).await);
+    let fast = Starts::new(Duration::ZERO);
+    let generation = Generation {
+        config: Arc::new(config.clone()),
+        transport: fast.clone(),
+    };
+    q.queue.reconfigure(generation, &changed("a")).await;
+    // The old worker finishes its transaction; the message is gone from the spool.
+    assert!(wait_for(Duration::from_secs(8), || queued(&config) == 0).await);
+    assert_eq!(slow.count() + fast.count(), 1, "sent once");
+    // One message of the three the window allows was sent: two more go at once.
+    for _ in 0..2 {
+        assert_eq!(
+            q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+            250
+        );
+    }
+    assert!(
+        wait_for(Duration::from_secs(3), || fast.count() == 2).await,
+        "the second and third message of the window wait: {} sent",
+        fast.count()
+    );
+    q.stop().await;
+}

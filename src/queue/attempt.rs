@@ -26,6 +26,9 @@ pub(super) struct Attempt {
     pub(super) generation: Generation,
     pub(super) channel: ChannelId,
     pub(super) rcpts: usize,
+    /// What the worker counted against the channel's windows for this attempt, (unix ms,
+    /// recipients): taken back when no transaction starts.
+    pub(super) counted: Option<(u64, u64)>,
 }
 
 enum Prepared {
@@ -48,14 +51,18 @@ impl Attempt {
                     next: None,
                     effect: ChannelEffect::None,
                     dsn: None,
+                    uncount: self.counted,
                 };
             }
+            // Someone else holds the message (the CLI, or the worker a reload replaced,
+            // still sending it): nothing was sent, so nothing counts.
             Ok(Ok(Prepared::Busy)) => {
                 return Report {
                     id,
                     next: Some((now_ms() + BUSY_RETRY_MS, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
+                    uncount: self.counted,
                 };
             }
             Ok(Err(e)) => {
@@ -65,6 +72,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
+                    uncount: self.counted,
                 };
             }
             Err(e) => {
@@ -74,6 +82,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
+                    uncount: self.counted,
                 };
             }
         };
@@ -187,6 +196,7 @@ impl Attempt {
                     next,
                     effect,
                     dsn,
+                    uncount: None,
                 }
             }
             Ok(Err(e)) => {
@@ -196,6 +206,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect,
                     dsn: None,
+                    uncount: None,
                 }
             }
             Err(e) => {
@@ -205,6 +216,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect,
                     dsn: None,
+                    uncount: None,
                 }
             }
         }

@@ -93,6 +93,9 @@ pub(super) struct Report {
     pub(super) effect: ChannelEffect,
     /// A DSN was queued on this channel: its id and recipient count.
     pub(super) dsn: Option<(String, usize)>,
+    /// No transaction started (the message was locked or gone): what the worker counted
+    /// against the channel's windows for it, (unix ms, recipients), to take back.
+    pub(super) uncount: Option<(u64, u64)>,
 }
 
 /// The scheduler of one channel.
@@ -517,6 +520,7 @@ impl ChannelTask {
                 generation: self.generation.clone(),
                 channel: self.channel,
                 rcpts,
+                counted: (rcpts > 0).then_some((now, rcpts as u64)),
             };
             deliveries.spawn(attempt.run(id));
         }
@@ -525,6 +529,11 @@ impl ChannelTask {
 
     fn apply(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
+        if let (Some((at_ms, rcpts)), Some(counters)) = (report.uncount, self.counters.as_mut())
+            && let Err(e) = counters.unrecord(&self.queue.state, at_ms, rcpts)
+        {
+            tracing::warn!(id = report.id, channel = %self.name, error = %e, "queue: cannot take back a count of the rate counters");
+        }
         if let Some((due, pending)) = report.next {
             self.schedule(report.id.clone(), due, pending);
         } else {
