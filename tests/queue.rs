@@ -1177,3 +1177,79 @@ async fn a_message_locked_by_the_old_worker_does_not_use_up_the_new_workers_rate
     );
     q.stop().await;
 }
+
+/// A reload that changes a channel while a transaction of its old worker takes longer
+/// than the shutdown grace: that transaction is not cut (the upstream may have taken the
+/// message already; cutting it would send it again), it finishes and counts.
+#[tokio::test]
+async fn a_reload_never_cuts_a_slow_transaction_so_the_message_is_sent_once() {
+    use mailgate::queue::Generation;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), vec![channel("a", limits())]);
+    let slow = Starts::new(mailgate::queue::worker::SHUTDOWN_GRACE + Duration::from_secs(3));
+    let q = Running::start(&config, slow.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || slow.count() == 1).await);
+    let fresh = Starts::new(Duration::ZERO);
+    let generation = Generation {
+        config: Arc::new(config.clone()),
+        transport: fresh.clone(),
+    };
+    q.queue.reconfigure(generation, &changed("a")).await;
+    let grace = mailgate::queue::worker::SHUTDOWN_GRACE + Duration::from_secs(8);
+    assert!(wait_for(grace, || queued(&config) == 0).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        (slow.count(), fresh.count()),
+        (1, 0),
+        "the message went once, over the old worker's transaction"
+    );
+    q.stop().await;
+}
+
+/// A removed channel's worker finishing its last transaction after the reload must not
+/// bring back the gauges the reload dropped.
+#[tokio::test]
+async fn a_removed_channels_last_transaction_does_not_bring_its_gauges_back() {
+    use mailgate::queue::{ChannelChanges, Generation};
+    let dir = tempfile::tempdir().unwrap();
+    let both = config(
+        dir.path(),
+        vec![
+            channel("gauge-gone", limits()),
+            channel("gauge-kept", limits()),
+        ],
+    );
+    let slow = Starts::new(Duration::from_millis(1500));
+    let q = Running::start(&both, slow.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || slow.count() == 1).await);
+    let kept = Arc::new(config(dir.path(), vec![channel("gauge-kept", limits())]));
+    let removed = ChannelChanges {
+        removed: vec!["gauge-gone".into()],
+        unchanged: vec!["gauge-kept".into()],
+        ..Default::default()
+    };
+    let generation = Generation {
+        config: kept.clone(),
+        transport: slow.clone(),
+    };
+    q.queue.reconfigure(generation, &removed).await;
+    mailgate::metrics::global().declare_channels(&kept);
+    assert!(wait_for(Duration::from_secs(5), || queued(&both) == 0).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = mailgate::metrics::global().prometheus_text();
+    let gauge_of_gone = text.lines().any(|l| {
+        (l.starts_with("mailgate_queue_messages") || l.starts_with("mailgate_channel_state"))
+            && l.contains(r#"channel="gauge-gone""#)
+    });
+    assert!(!gauge_of_gone, "{text}");
+    assert!(text.contains(r#"mailgate_queue_messages{channel="gauge-kept"}"#));
+    q.stop().await;
+}

@@ -233,7 +233,24 @@ impl ChannelTask {
         // Stopped by a reload rather than the proxy's shutdown: the channel's health is
         // its successor's now (or the channel is gone), so the last reports do not set it.
         let superseded = !self.queue.shutting_down();
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        // A transaction cut short may have been taken by the upstream already and would be
+        // sent again: a reload lets it finish (each is bounded by TRANSACTION_TIMEOUT);
+        // only the proxy's shutdown cuts it, after SHUTDOWN_GRACE.
+        let stopping = self.queue.shutdown_token();
+        let limit = async move {
+            if superseded {
+                tokio::select! {
+                    _ = tokio::time::sleep(TRANSACTION_TIMEOUT) => {}
+                    _ = async {
+                        stopping.cancelled().await;
+                        tokio::time::sleep(SHUTDOWN_GRACE).await;
+                    } => {}
+                }
+            } else {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            }
+        };
+        let drain = async {
             while let Some(done) = deliveries.join_next().await {
                 if let Ok(mut report) = done {
                     self.tell_successor(&report);
@@ -243,13 +260,20 @@ impl ChannelTask {
                     self.apply(report);
                 }
             }
-        })
-        .await;
-        if drained.is_err() {
+        };
+        let drained = tokio::select! {
+            _ = drain => true,
+            _ = limit => false,
+        };
+        if !drained {
             tracing::warn!(channel = %self.name, "queue: shutdown interrupted transactions in flight; they will be retried");
             deliveries.abort_all();
         }
-        self.publish();
+        // A successor (or, for a removed channel, nobody) owns the channel's gauges now:
+        // this worker's last view would overwrite them or bring a removed channel back.
+        if !superseded {
+            self.publish();
+        }
     }
 
     /// The channel's queue depth and state, for the metrics.
