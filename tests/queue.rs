@@ -1253,3 +1253,34 @@ async fn a_removed_channels_last_transaction_does_not_bring_its_gauges_back() {
     assert!(text.contains(r#"mailgate_queue_messages{channel="gauge-kept"}"#));
     q.stop().await;
 }
+
+/// A message with more recipients than one transaction takes goes out in parts; a part
+/// that went through is no deferral in the metrics.
+#[tokio::test]
+async fn a_message_sent_in_parts_counts_delivered_once_and_never_deferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = Limits {
+        max_recipients: Some(2),
+        ..limits()
+    };
+    let config = config(dir.path(), vec![channel("parts-count", two)]);
+    let fake = Fake::new(|_, _, _| ok());
+    let q = Running::start(&config, fake.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(5), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || queued(&config) == 0).await);
+    assert_eq!(fake.sent().len(), 3, "2 + 2 + 1 recipients");
+    let text = mailgate::metrics::global().prometheus_text();
+    let count = |outcome: &str| {
+        let series =
+            format!(r#"mailgate_messages_total{{channel="parts-count",outcome="{outcome}"}} "#);
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map(str::to_string)
+    };
+    assert_eq!(count("delivered").as_deref(), Some("1"), "{text}");
+    assert_eq!(count("deferred"), None, "{text}");
+    q.stop().await;
+}

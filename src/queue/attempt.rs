@@ -170,9 +170,14 @@ impl Attempt {
         }
 
         // What the message's state says now, counted once it is saved: a message left
-        // queued after a transaction was deferred; one with nothing pending is done.
+        // queued after a transaction was deferred when some recipient of that transaction
+        // still waits (a message sent in parts, every one taken, is no deferral); one with
+        // nothing pending is done.
         let fate = if state.pending() > 0 {
-            (!chunk.is_empty()).then_some(metrics::Outcome::Deferred)
+            chunk
+                .iter()
+                .any(|&i| state.recipients[i].status == RcptStatus::Pending)
+                .then_some(metrics::Outcome::Deferred)
         } else if state.failed() == 0 {
             Some(metrics::Outcome::Delivered)
         } else {
