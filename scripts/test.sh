@@ -75,6 +75,8 @@ install_system_deps() {
     command -v curl >/dev/null || missing+=(curl)
     command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
     command -v python3 >/dev/null || missing+=(python3)
+    # The shared-state tests start their own redis-server (the service need not run).
+    command -v redis-server >/dev/null || missing+=(redis-server)
     # systemd-analyze checks the shipped unit (verify, security score); systemd need not run.
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then missing+=(python3-venv); fi

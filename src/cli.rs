@@ -85,6 +85,12 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Counters, channel health and stored tokens of the configured [state] backend
+    State {
+        /// What to do
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// OAuth 2.0 for channels that send with XOAUTH2
     Oauth {
         /// What to do
@@ -100,6 +106,21 @@ pub enum OauthAction {
     Authorize {
         /// Channel name ([channels.NAME])
         name: String,
+    },
+}
+
+/// `state` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StateAction {
+    /// Write the state as JSON to FILE (mode 0600) or stdout; it holds refresh tokens
+    Export {
+        /// Output file (default: stdout)
+        file: Option<PathBuf>,
+    },
+    /// Load the state from FILE (or stdin) into the configured backend, replacing each channel's
+    Import {
+        /// Input file (default: stdin)
+        file: Option<PathBuf>,
     },
 }
 
@@ -186,6 +207,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
         }
         Command::HashPassword => hash_password(),
         Command::Queue { action } => queue_command(&path, action),
+        Command::State { action } => state_command(&path, action),
         Command::Sendmail { .. } => unreachable!("handled in main: it has its own exit codes"),
         Command::Oauth {
             action: OauthAction::Authorize { name },
@@ -205,6 +227,39 @@ fn queue_command(path: &Path, action: QueueAction) -> Result<(), String> {
     print!("{out}");
     if !out.ends_with('\n') {
         println!();
+    }
+    Ok(())
+}
+
+fn state_command(path: &Path, action: StateAction) -> Result<(), String> {
+    use crate::state::transfer;
+    let config = load(path)?;
+    let now = crate::queue::spool::now_ms();
+    match action {
+        StateAction::Export { file } => {
+            let doc = crate::state::block_on(transfer::export(&config, now))??;
+            let mut json = serde_json::to_vec_pretty(&doc).map_err(|e| e.to_string())?;
+            json.push(b'\n');
+            match file {
+                // Refresh tokens inside: private like every token file.
+                Some(file) => crate::fsutil::write_private(&file, &json)
+                    .map_err(|e| format!("cannot write {}: {e}", file.display()))?,
+                None => std::io::Write::write_all(&mut std::io::stdout(), &json)
+                    .map_err(|e| e.to_string())?,
+            }
+            eprintln!("exported the state of {} channel(s)", doc.channels.len());
+        }
+        StateAction::Import { file } => {
+            let text = match &file {
+                Some(file) => std::fs::read_to_string(file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?,
+                None => std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?,
+            };
+            let doc: transfer::Document = serde_json::from_str(&text)
+                .map_err(|e| format!("not a mailgate state document: {e}"))?;
+            let summary = crate::state::block_on(transfer::import(&config, &doc, now))??;
+            println!("{summary}");
+        }
     }
     Ok(())
 }
@@ -328,7 +383,20 @@ fn check(path: &Path) -> Result<(), String> {
         return Err(format!("{}: {n} problem{s} found", path.display()));
     }
     print!("{}", check::summary(&config));
-    if config.server.spool_dir.join("state").is_dir() {
+    if let crate::config::StateBackend::Redis(redis) = &config.state {
+        let state = crate::state::shared::RedisState::new(redis)?;
+        match crate::state::block_on(state.ping())? {
+            Ok(()) => println!("state: shared in Redis {} (reachable)", redis.display),
+            Err(e) => println!(
+                "state: shared in Redis {} — UNREACHABLE ({}): limited channels wait until it is back",
+                redis.display, e.0
+            ),
+        }
+        println!("channel health (shared):");
+        for (name, state) in crate::queue::admin::channel_health(&config) {
+            println!("  {name}: {state}");
+        }
+    } else if config.server.spool_dir.join("state").is_dir() {
         println!("channel health (from the spool):");
         for (name, state) in crate::queue::admin::channel_health(&config) {
             println!("  {name}: {state}");
@@ -430,12 +498,12 @@ fn oauth_authorize(path: &Path, name: &str) -> Result<(), String> {
         .cloned()
         .ok_or_else(|| format!("channel {name} has no oauth settings: nothing to authorize"))?;
     let http = crate::oauth::Http::new()?;
-    let store = crate::oauth::LocalTokenStore::new(config.server.spool_dir.join("state"));
+    let store = crate::state::Backend::of(&config)?.token_store();
     let runtime = runtime()?;
     let done = runtime.block_on(async {
         let input = tokio::io::BufReader::new(tokio::io::stdin());
         let mut output = std::io::stdout();
-        crate::oauth::authorize(name, &settings, &http, &store, input, &mut output).await
+        crate::oauth::authorize(name, &settings, &http, &*store, input, &mut output).await
     });
     // A read of stdin may still be pending (the browser's redirect won): do not wait for it.
     runtime.shutdown_background();

@@ -21,6 +21,7 @@ mod reader;
 mod routing;
 mod secrets;
 mod server;
+pub mod state;
 mod users;
 mod values;
 
@@ -126,6 +127,7 @@ const TOP_KEYS: Keys = &[
     ("users", Expect::Table),
     ("channels", Expect::Table),
     ("routing", Expect::Table),
+    ("state", Expect::Table),
     ("metrics", Expect::Table),
 ];
 
@@ -173,6 +175,11 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         .section(&root, "metrics", "[metrics]")
         .and_then(|section| metrics::read(r, &section, &smtp_listeners));
 
+    let state = match r.section(&root, "state", "[state]") {
+        Some(section) => state::read(r, &section),
+        None => StateBackend::Local,
+    };
+
     Config {
         path: path.to_path_buf(),
         server,
@@ -181,5 +188,6 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         routing,
         metrics,
         has_literal_secrets: r.literal_secrets,
+        state,
     }
 }

@@ -13,14 +13,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ChannelId, Config, DeliveryMode};
+use crate::config::{Channel, ChannelId, Config, DeliveryMode};
 use crate::message::Envelope;
 use crate::metrics::{self, ChannelState, Outcome};
 use crate::queue::{ChannelChanges, Generation};
 use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;
-use crate::state::{self, Counters, LocalState};
+use crate::state::shared::{RedisState, Reserved};
+use crate::state::{self, Backend, Counters, LocalState};
 use crate::upstream::{Body, Class, Upstreams};
 
 /// The delivery side of a running proxy, for one config: a reload makes the next one
@@ -43,6 +44,16 @@ pub struct Delivery {
     /// Relay mode, per channel: the provider refuses how it authenticates, so its mail
     /// goes over its fallback (cleared by a reload: each generation starts with none).
     handing_over: Vec<AtomicBool>,
+    /// Relay mode with `[state] backend = "redis"`: the shared windows, instead of `limiters`.
+    shared: Option<RedisState>,
+}
+
+/// A relay-mode message counted against its channel's windows.
+enum Reservation {
+    /// In this process's limiter, at this unix ms.
+    Local(u64),
+    /// In Redis, with the token that gives it back (`None`: the channel has no windows).
+    Shared(Option<String>),
 }
 
 /// A message being received: written to as the data streams in.
@@ -102,6 +113,11 @@ impl Delivery {
         let counters = (persist && queue.is_none())
             .then(|| relay_counters(&config))
             .flatten();
+        let shared = match (&queue, Backend::of(&config)?) {
+            (None, Backend::Redis(redis)) => Some(redis),
+            _ => None,
+        };
+        let counters = counters.filter(|_| shared.is_none());
         let relay_tmp = Spool::new(&config.server.spool_dir);
         if persist && queue.is_none() {
             clean_relay_tmp(&relay_tmp)
@@ -118,6 +134,7 @@ impl Delivery {
             relay_tmp,
             persist,
             handing_over,
+            shared,
         })
     }
 
@@ -130,7 +147,9 @@ impl Delivery {
         let upstreams = self.upstreams.rebuild(&config, &changes.unchanged)?;
         let counters = match &self.counters {
             Some(store) => Some(store.clone()),
-            None if self.persist && self.queue.is_none() => relay_counters(&config),
+            None if self.persist && self.queue.is_none() && self.shared.is_none() => {
+                relay_counters(&config)
+            }
             None => None,
         };
         let limiters = limiters(&config, counters.as_ref(), Some(self));
@@ -144,6 +163,7 @@ impl Delivery {
             relay_tmp: self.relay_tmp.clone(),
             persist: self.persist,
             handing_over,
+            shared: self.shared.clone(),
         })
     }
 
@@ -315,20 +335,10 @@ impl Delivery {
                 return Reply::too_many_recipients(max);
             }
             let rcpts = envelope.recipients.len() as u64;
-            // Checked and counted in one step, so concurrent sessions can never overshoot a
-            // limit; the reservation is taken back if the upstream refuses the message.
-            let reserved_at = {
-                let mut limiter = lock(limiter);
-                let now = now_ms();
-                if let Err(until) = limiter.check(now, rcpts) {
-                    tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
-                    metrics::channel_state(&ch.name, ChannelState::Limited);
-                    return Reply::channel_limited(&ch.name);
-                }
-                limiter.record(now, rcpts);
-                now
+            let reservation = match self.reserve(id, ch, limiter, rcpts).await {
+                Ok(reservation) => reservation,
+                Err(reply) => return reply,
             };
-            self.persist(&ch.name, reserved_at, rcpts, false);
             let started = Instant::now();
             let outcome = self
                 .upstreams
@@ -343,8 +353,7 @@ impl Delivery {
                 }
                 Err(error) => error,
             };
-            lock(limiter).unrecord(reserved_at, rcpts);
-            self.persist(&ch.name, reserved_at, rcpts, true);
+            self.give_back(id, ch, limiter, reservation, rcpts).await;
             // Relay mode holds no channel: the state shows what the last answer said.
             let state = match error.class() {
                 Class::CredentialsBroken => ChannelState::Broken,
@@ -401,6 +410,74 @@ impl Delivery {
 }
 
 impl Delivery {
+    /// Relay mode: checks and counts a message in one step (in this process, or in Redis
+    /// for every host), so concurrent sessions never overshoot a limit; or the reply.
+    async fn reserve(
+        &self,
+        id: &str,
+        ch: &Channel,
+        limiter: &Mutex<ChannelLimiter>,
+        rcpts: u64,
+    ) -> Result<Reservation, Reply> {
+        if let Some(redis) = &self.shared {
+            if !state::has_windows(&ch.limits) {
+                return Ok(Reservation::Shared(None));
+            }
+            return match redis.reserve(&ch.name, &ch.limits, rcpts).await {
+                Ok(Reserved::Yes(token)) => Ok(Reservation::Shared(Some(token))),
+                Ok(Reserved::Wait(ms)) => {
+                    tracing::info!(id, channel = %ch.name, wait_ms = ms, "channel limit reached");
+                    metrics::channel_state(&ch.name, ChannelState::Limited);
+                    Err(Reply::channel_limited(&ch.name))
+                }
+                Ok(Reserved::Never) => {
+                    tracing::info!(id, channel = %ch.name, "channel limit can never take this message");
+                    Err(Reply::channel_limited(&ch.name))
+                }
+                // Logged once per outage by the connection; never sent uncounted.
+                Err(_) => Err(Reply::limits_unavailable(&ch.name)),
+            };
+        }
+        let reserved_at = {
+            let mut limiter = lock(limiter);
+            let now = now_ms();
+            if let Err(until) = limiter.check(now, rcpts) {
+                tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
+                metrics::channel_state(&ch.name, ChannelState::Limited);
+                return Err(Reply::channel_limited(&ch.name));
+            }
+            limiter.record(now, rcpts);
+            now
+        };
+        self.persist(&ch.name, reserved_at, rcpts, false);
+        Ok(Reservation::Local(reserved_at))
+    }
+
+    /// Takes back a reservation the upstream did not use.
+    async fn give_back(
+        &self,
+        id: &str,
+        ch: &Channel,
+        limiter: &Mutex<ChannelLimiter>,
+        reservation: Reservation,
+        rcpts: u64,
+    ) {
+        match reservation {
+            Reservation::Local(at) => {
+                lock(limiter).unrecord(at, rcpts);
+                self.persist(&ch.name, at, rcpts, true);
+            }
+            Reservation::Shared(Some(token)) => {
+                if let Some(redis) = &self.shared
+                    && let Err(e) = redis.release(&ch.name, &token).await
+                {
+                    tracing::warn!(id, channel = %ch.name, error = %e, "cannot give back a reservation: it counts until its window passes");
+                }
+            }
+            Reservation::Shared(None) => {}
+        }
+    }
+
     /// Relay mode: logs a counted (or taken back) message so the windows survive a restart,
     /// and compacts the log once it has grown (as queue mode's workers do).
     fn persist(&self, channel: &str, at_ms: u64, rcpts: u64, taken_back: bool) {

@@ -27,10 +27,10 @@
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 //! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`) |
-//! | [`state`] | below the flow: channel health and rate/quota counters (files beside the spool) |
+//! | [`state`] | below the flow: channel health, rate/quota counters and stored tokens: files beside the spool, or one Redis shared by several hosts (`[state]`); `state export`/`import` |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
 //! | [`text`] | below the flow: outside text made safe to print (control characters escaped) |
-//! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, Microsoft Graph stand-in, test PKI, config builders |
+//! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, Microsoft Graph stand-in, test PKI, a real `redis-server` on a free port, config builders |
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -75,7 +75,11 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
     let reloads = tokio::spawn(reload::on_sighup(live.clone(), shutdown.clone())?);
     let listeners = listener::bind(&config).await?;
     // Served until the very end, so that /healthz says 503 while sessions drain.
-    let health = Arc::new(metrics::server::Health::new(&config.server.spool_dir));
+    let mut health = metrics::server::Health::new(&config.server.spool_dir);
+    if let state::Backend::Redis(redis) = state::Backend::of(&config)? {
+        health = health.with_shared_state(redis);
+    }
+    let health = Arc::new(health);
     let monitor = match &config.metrics {
         Some(m) => Some(metrics::server::MetricsServer::start(&m.listen, health.clone()).await?),
         None => None,

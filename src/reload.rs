@@ -96,6 +96,12 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
         new.metrics = running.metrics.clone();
         kept.push("[metrics] listen");
     }
+    // The queue and the relay limits hold their backend (and its connection) for the
+    // life of the process.
+    if running.state != new.state {
+        new.state = running.state.clone();
+        kept.push("[state]");
+    }
     kept
 }
 

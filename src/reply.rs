@@ -125,6 +125,15 @@ impl Reply {
             format!("Channel {channel}: rate or quota reached, try again later"),
         )
     }
+    /// `451 4.7.0` the shared limits cannot be counted (Redis unreachable; relay mode):
+    /// never sent past a limit, so the client tries again later.
+    pub fn limits_unavailable(channel: &str) -> Self {
+        Reply::new(
+            451,
+            (4, 7, 0),
+            format!("Channel {channel}: limits cannot be checked right now, try again later"),
+        )
+    }
     /// `451 4.3.0` local failure (disk, internal error); detail goes to the log.
     pub fn local_error() -> Self {
         Reply::new(451, (4, 3, 0), "Local error in processing, try again later")

@@ -411,6 +411,7 @@ mod tests {
             routing: Routing::default(),
             metrics: None,
             has_literal_secrets: false,
+            state: Default::default(),
         }
     }
 

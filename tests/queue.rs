@@ -156,6 +156,7 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
         routing: Default::default(),
         metrics: None,
         has_literal_secrets: false,
+        state: Default::default(),
     }
 }
 

@@ -28,6 +28,29 @@ pub struct Config {
     pub metrics: Option<Metrics>,
     /// True when the file holds a literal secret (password or token) rather than `*_env`/`*_file`.
     pub has_literal_secrets: bool,
+    /// `[state]`: where counters, channel health and tokens are kept.
+    pub state: StateBackend,
+}
+
+/// `[state] backend`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StateBackend {
+    /// Files beside the spool, this host only.
+    #[default]
+    Local,
+    /// One Redis shared by every host that sends over the same channels.
+    Redis(RedisSettings),
+}
+
+/// `[state] backend = "redis"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` url; may hold a password, so it is a secret.
+    pub url: Secret,
+    /// The url without user or password, for messages.
+    pub display: String,
+    /// Put before every key (several fleets may share one Redis).
+    pub key_prefix: String,
 }
 
 /// `[server]`.

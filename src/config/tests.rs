@@ -1201,6 +1201,61 @@ fn per_client_limit_and_shutdown_grace() {
 }
 
 #[test]
+fn state_defaults_to_local_and_reads_redis_settings() {
+    assert!(matches!(ok(OUTBOX).state, StateBackend::Local));
+    let config = ok(&format!(
+        "{OUTBOX}[state]\nbackend = \"redis\"\nurl = \"redis://:hunter2@127.0.0.1:6390/2\"\n"
+    ));
+    let StateBackend::Redis(redis) = &config.state else {
+        panic!("expected redis");
+    };
+    assert_eq!(redis.url.expose(), "redis://:hunter2@127.0.0.1:6390/2");
+    assert_eq!(redis.display, "redis://127.0.0.1:6390/2");
+    assert_eq!(redis.key_prefix, "mailgate:");
+    assert!(!format!("{config:?}").contains("hunter2"));
+    assert!(config.has_literal_secrets);
+    let tls = ok(&format!(
+        "{OUTBOX}[state]\nbackend = \"redis\"\nurl = \"rediss://r.example:6380\"\nkey_prefix = \"fleet1:\"\n"
+    ));
+    let StateBackend::Redis(redis) = &tls.state else {
+        panic!("expected redis");
+    };
+    assert_eq!(redis.display, "rediss://r.example:6380/0");
+    assert_eq!(redis.key_prefix, "fleet1:");
+}
+
+#[test]
+fn state_problems_name_their_line_and_never_the_url() {
+    let p = problem(&format!("{OUTBOX}[state]\nbackend = \"memcached\"\n"));
+    assert_eq!(p.line, Some(6));
+    assert!(p.message.contains("\"local\", \"redis\""), "{}", p.message);
+    let p = problem(&format!("{OUTBOX}[state]\nbackend = \"redis\"\n"));
+    assert_eq!(p.line, Some(6));
+    assert!(p.message.contains("needs url"), "{}", p.message);
+    let p = problem(&format!(
+        "{OUTBOX}[state]\nbackend = \"redis\"\nurl = \"http://user:s3cret@host\"\n"
+    ));
+    assert_eq!(p.line, Some(7));
+    assert!(p.message.contains("redis://"), "{}", p.message);
+    assert!(!p.message.contains("s3cret"), "{}", p.message);
+    let p = problem(&format!("{OUTBOX}[state]\nurl = \"redis://127.0.0.1\"\n"));
+    assert_eq!(p.line, Some(6));
+    assert!(
+        p.message.contains("for backend = \"redis\" only"),
+        "{}",
+        p.message
+    );
+    let p = problem(&format!(
+        "{OUTBOX}[state]\nbackend = \"redis\"\nurl_env = \"MAILGATE_TEST_UNSET_REDIS_URL\"\n"
+    ));
+    assert_eq!(p.line, Some(7));
+    let p = problem(&format!(
+        "{OUTBOX}[state]\nbackend = \"redis\"\nurl = \"redis://h\"\nkey_prefix = \"a b\"\n"
+    ));
+    assert_eq!(p.line, Some(8));
+}
+
+#[test]
 fn metrics_listen_is_read_and_optional() {
     let config = ok(&format!(
         "{OUTBOX}\n[metrics]\nlisten = \"127.0.0.1:9325\"\n"

@@ -50,6 +50,8 @@ pub struct Health {
     probe: fn(&Path) -> io::Result<()>,
     /// How long a probe may take.
     probe_timeout: Duration,
+    /// `[state] backend = "redis"`: it must answer (limited channels wait while it does not).
+    shared_state: Option<crate::state::shared::RedisState>,
     /// Cancelled at shutdown: read by `check` itself, so /healthz turns 503 the moment
     /// the listeners start to stop, not when a watcher task gets round to it.
     shutdown: std::sync::OnceLock<CancellationToken>,
@@ -65,8 +67,15 @@ impl Health {
             probing: Arc::new(AtomicBool::new(false)),
             probe,
             probe_timeout: PROBE_TIMEOUT,
+            shared_state: None,
             shutdown: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Also reports the shared state's Redis: unhealthy while it does not answer.
+    pub fn with_shared_state(mut self, redis: crate::state::shared::RedisState) -> Self {
+        self.shared_state = Some(redis);
+        self
     }
 
     /// The listeners stop when `shutdown` is cancelled.
@@ -102,7 +111,17 @@ impl Health {
             result
         });
         match tokio::time::timeout(self.probe_timeout, probe).await {
-            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Ok(()))) => match &self.shared_state {
+                // Bounded by the Redis call timeout.
+                Some(redis) => redis.ping().await.map_err(|e| {
+                    format!(
+                        "shared state unavailable (Redis {}): {}; limited channels wait",
+                        redis.display(),
+                        e.0
+                    )
+                }),
+                None => Ok(()),
+            },
             Ok(Ok(Err(e))) => Err(format!("spool is not writable: {shown}: {e}")),
             Ok(Err(e)) => Err(format!("spool check failed: {e}")),
             Err(_) => Err(format!(

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use super::endpoint::{self, Failure};
 use super::store;
 use super::{AccessToken, Error, Http};
-use crate::config::oauth::{Grant, OAuth};
+use crate::config::oauth::{Grant, OAuth, TokenSource};
 use crate::config::{ChannelId, Config, Secret};
 use crate::metrics::{self, Refresh};
-use crate::state::tokens::{LocalTokenStore, TokenStore};
+use crate::state::Backend;
+use crate::state::shared::RedisState;
+use crate::state::tokens::TokenStore;
 
 /// A cached token is refreshed when it expires within this margin (SPEC §7).
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(600);
@@ -20,6 +22,15 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(600);
 /// When a refresh fails transiently, a cached token with at least this much life left is
 /// still handed out (the refresh was early, the token still works).
 const STILL_USABLE: Duration = Duration::from_secs(60);
+
+/// Shared backend: how long the refresh lock lives if its host dies holding it (longer
+/// than one token-endpoint request).
+const LOCK_HOLD: Duration = Duration::from_secs(40);
+/// Shared backend: how long a host waits for another one's refresh before giving up
+/// (transient: the message is deferred).
+const LOCK_WAIT: Duration = Duration::from_secs(45);
+/// Shared backend: how often a waiting host looks for the new token.
+const LOCK_POLL: Duration = Duration::from_millis(200);
 
 /// The token caches of every OAuth channel of a config. Cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -37,8 +48,39 @@ impl Tokens {
         if !uses_oauth {
             return Ok(Tokens::default());
         }
-        let store = Arc::new(LocalTokenStore::new(config.server.spool_dir.join("state")));
-        Ok(Tokens::with_store(config, Http::new()?, store))
+        let backend = Backend::of(config)?;
+        let mut tokens = Tokens::with_store(config, Http::new()?, backend.token_store());
+        if let Backend::Redis(redis) = backend {
+            tokens = tokens.shared(&redis);
+        }
+        Ok(tokens)
+    }
+
+    /// Every channel shares its access token with the other hosts through `redis`, and
+    /// one host at a time refreshes it.
+    pub fn shared(self, redis: &RedisState) -> Tokens {
+        let by_channel = self
+            .by_channel
+            .iter()
+            .map(|t| {
+                t.as_ref().map(|t| ChannelToken {
+                    inner: Arc::new(Inner {
+                        channel: t.inner.channel.clone(),
+                        settings: t.inner.settings.clone(),
+                        http: t.inner.http.clone(),
+                        store: t.inner.store.clone(),
+                        margin: t.inner.margin,
+                        state: tokio::sync::Mutex::new(State::default()),
+                        refreshed: AtomicU64::new(0),
+                        failed: AtomicU64::new(0),
+                        shared: Some(redis.clone()),
+                    }),
+                })
+            })
+            .collect();
+        Tokens {
+            by_channel: Arc::new(by_channel),
+        }
     }
 
     /// As [`Tokens::new`], with this client and store.
@@ -79,6 +121,8 @@ struct Inner {
     state: tokio::sync::Mutex<State>,
     refreshed: AtomicU64,
     failed: AtomicU64,
+    /// `[state] backend = "redis"`: the access token and its refresh are shared.
+    shared: Option<RedisState>,
 }
 
 #[derive(Default)]
@@ -136,6 +180,7 @@ impl ChannelToken {
                 state: tokio::sync::Mutex::new(State::default()),
                 refreshed: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
+                shared: None,
             }),
         }
     }
@@ -182,7 +227,7 @@ impl ChannelToken {
         if let Some(answer) = Self::answered_meanwhile(&state, asked) {
             return answer;
         }
-        self.refresh(&mut state).await
+        self.refresh(&mut state, None).await
     }
 
     /// The upstream refused `stale` (SMTP 535, Graph 401): a new token, unless another
@@ -203,7 +248,7 @@ impl ChannelToken {
         if let Some(answer) = Self::answered_meanwhile(&state, asked) {
             return answer;
         }
-        self.refresh(&mut state).await
+        self.refresh(&mut state, Some(stale)).await
     }
 
     /// A refresh that failed after `asked` answers this caller too.
@@ -221,18 +266,28 @@ impl ChannelToken {
     }
 
     /// Asks the endpoint (the caller holds the state lock).
-    async fn refresh(&self, state: &mut State) -> Result<AccessToken, Error> {
+    async fn refresh(
+        &self,
+        state: &mut State,
+        stale: Option<&AccessToken>,
+    ) -> Result<AccessToken, Error> {
         let inner = &*self.inner;
         let started = Instant::now();
-        match self.fetch(state).await {
-            Ok(issued) => {
-                inner.refreshed.fetch_add(1, Ordering::Relaxed);
-                metrics::token_refresh(&inner.channel, Refresh::Ok);
-                tracing::info!(
-                    channel = %inner.channel,
-                    expires_in_s = issued.expires_in.as_secs(),
-                    "OAuth access token refreshed"
-                );
+        let fetched = match &inner.shared {
+            Some(redis) => self.fetch_shared(state, redis, stale).await,
+            None => self.fetch(state).await.map(|issued| (issued, true)),
+        };
+        match fetched {
+            Ok((issued, asked_endpoint)) => {
+                if asked_endpoint {
+                    inner.refreshed.fetch_add(1, Ordering::Relaxed);
+                    metrics::token_refresh(&inner.channel, Refresh::Ok);
+                    tracing::info!(
+                        channel = %inner.channel,
+                        expires_in_s = issued.expires_in.as_secs(),
+                        "OAuth access token refreshed"
+                    );
+                }
                 state.last_failure = None;
                 state.current = Some(Cached {
                     token: issued.access_token.clone(),
@@ -267,17 +322,110 @@ impl ChannelToken {
         }
     }
 
-    /// One grant request, and the rotated refresh token stored back.
-    async fn fetch(&self, state: &mut State) -> Result<endpoint::Issued, Error> {
+    /// The refresh token to use. Shared: one another host rotated (in Redis) wins over
+    /// this host's file, which that rotation spent.
+    async fn stored_refresh_token(&self) -> Result<Secret, Error> {
         let inner = &*self.inner;
         let (channel, settings) = (inner.channel.as_str(), &inner.settings);
-        let client_secret = settings.client_secret.as_ref().map(Secret::expose);
+        if inner.shared.is_some() {
+            let rotated = inner
+                .store
+                .load(channel)
+                .await
+                .map_err(|reason| Error::Transient {
+                    channel: channel.to_string(),
+                    reason,
+                })?;
+            if let Some(token) = rotated {
+                return Ok(token);
+            }
+        }
         let broken = |code: &str, description: String| Error::Broken {
             channel: channel.to_string(),
             code: code.to_string(),
             description,
             hint: endpoint::hint(channel, settings, code),
         };
+        store::load_refresh_token(channel, settings, &*inner.store)
+            .await
+            .map_err(|e| broken("token_unreadable", e))?
+            .ok_or_else(|| broken("no_refresh_token", String::new()))
+    }
+
+    /// Shared backend: the token another host put in Redis, or one from the endpoint
+    /// asked by this host under the refresh lock (then shared). `true` when this host
+    /// asked the endpoint. Redis unreachable: this host refreshes on its own.
+    async fn fetch_shared(
+        &self,
+        state: &mut State,
+        redis: &RedisState,
+        stale: Option<&AccessToken>,
+    ) -> Result<(endpoint::Issued, bool), Error> {
+        let channel = self.inner.channel.as_str();
+        if let Some(stale) = stale {
+            let _ = redis
+                .drop_access_token(channel, &Secret::new(stale.expose()))
+                .await;
+        }
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            if let Some(issued) = self.shared_token(redis, stale).await {
+                return Ok((issued, false));
+            }
+            let taken = match redis.lock_refresh(channel, LOCK_HOLD).await {
+                Ok(taken) => taken,
+                Err(_) => return self.fetch(state).await.map(|issued| (issued, true)),
+            };
+            if let Some(value) = taken {
+                // Another host may have shared a token between the look and the lock.
+                if let Some(issued) = self.shared_token(redis, stale).await {
+                    let _ = redis.unlock_refresh(channel, &value).await;
+                    return Ok((issued, false));
+                }
+                let result = self.fetch(state).await;
+                if let Ok(issued) = &result {
+                    let lasts = issued.expires_in.as_millis() as u64;
+                    let token = Secret::new(issued.access_token.expose());
+                    if let Err(e) = redis.set_access_token(channel, &token, lasts).await {
+                        tracing::warn!(channel, error = %e, "cannot share the new OAuth access token");
+                    }
+                }
+                let _ = redis.unlock_refresh(channel, &value).await;
+                return result.map(|issued| (issued, true));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Transient {
+                    channel: channel.to_string(),
+                    reason: "another host's token refresh did not finish in time".into(),
+                });
+            }
+            tokio::time::sleep(LOCK_POLL).await;
+        }
+    }
+
+    /// The shared token, if it lasts beyond the margin and is not `stale`.
+    async fn shared_token(
+        &self,
+        redis: &RedisState,
+        stale: Option<&AccessToken>,
+    ) -> Option<endpoint::Issued> {
+        let (token, lasts_ms) = redis.access_token(&self.inner.channel).await.ok()??;
+        let lasts = Duration::from_millis(lasts_ms);
+        if lasts <= self.inner.margin || stale.is_some_and(|s| s.expose() == token.expose()) {
+            return None;
+        }
+        Some(endpoint::Issued {
+            access_token: AccessToken::new(token.expose()),
+            expires_in: lasts,
+            refresh_token: None,
+        })
+    }
+
+    /// One grant request, and the rotated refresh token stored back.
+    async fn fetch(&self, state: &mut State) -> Result<endpoint::Issued, Error> {
+        let inner = &*self.inner;
+        let (channel, settings) = (inner.channel.as_str(), &inner.settings);
+        let client_secret = settings.client_secret.as_ref().map(Secret::expose);
         let refresh_token = match settings.grant {
             Grant::ClientCredentials => {
                 return endpoint::client_credentials_grant(&inner.http, settings)
@@ -286,10 +434,7 @@ impl ChannelToken {
             }
             Grant::RefreshToken => match state.unsaved_refresh_token.clone() {
                 Some(token) => token,
-                None => store::load_refresh_token(channel, settings, &*inner.store)
-                    .await
-                    .map_err(|e| broken("token_unreadable", e))?
-                    .ok_or_else(|| broken("no_refresh_token", String::new()))?,
+                None => self.stored_refresh_token().await?,
             },
         };
         let secrets = [client_secret.unwrap_or(""), refresh_token.expose()];
@@ -299,7 +444,29 @@ impl ChannelToken {
         if let Some(rotated) = &issued.refresh_token
             && *rotated != refresh_token
         {
-            match store::save_refresh_token(channel, settings, &*inner.store, rotated).await {
+            let saved = match &inner.shared {
+                // Shared: in Redis, where every host looks first; this host's file (if
+                // any) is kept current too, for a move back to the local backend.
+                Some(_) => {
+                    let saved = inner
+                        .store
+                        .save(channel, rotated)
+                        .await
+                        .map(|()| inner.store.location(channel));
+                    if saved.is_ok()
+                        && let TokenSource::File(path) = &settings.refresh_token_source
+                        && let Err(e) = store::write_token_file(path, rotated)
+                    {
+                        tracing::warn!(
+                            channel,
+                            "rotated OAuth refresh token not copied to the token file: {e}"
+                        );
+                    }
+                    saved
+                }
+                None => store::save_refresh_token(channel, settings, &*inner.store, rotated).await,
+            };
+            match saved {
                 Ok(location) => {
                     state.unsaved_refresh_token = None;
                     tracing::info!(channel, "rotated OAuth refresh token stored in {location}");

@@ -13,7 +13,7 @@ use crate::config::Config;
 
 use super::format_time;
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
-use crate::state::{Health, LocalState};
+use crate::state::{Backend, Health, LocalState};
 use crate::text::escape_controls as esc;
 
 /// How long `delete` and `retry ID` wait for a message in flight.
@@ -53,6 +53,10 @@ fn io_err(what: &str, e: io::Error) -> String {
 /// Each channel's state line: `ok`, `limited until …`, `broken since …: reason`
 /// (for `queue list` and `check`).
 pub fn channel_health(config: &Config) -> Vec<(String, String)> {
+    if let Ok(Backend::Redis(redis)) = Backend::of(config) {
+        return crate::state::block_on(shared_health(config, &redis))
+            .unwrap_or_else(|e| vec![("(all)".into(), e)]);
+    }
     let state = LocalState::new(&config.server.spool_dir);
     let now = now_ms();
     config
@@ -392,6 +396,17 @@ pub fn retry(config: &Config, id: Option<&str>) -> Result<String, String> {
                 }
             }
             request(&spool, RETRY_ALL)?;
+            if let Ok(Backend::Redis(redis)) = Backend::of(config) {
+                // Every host polls this: the channels resume on all of them.
+                crate::state::block_on(async {
+                    for channel in &config.channels {
+                        redis.retry(&channel.name).await?;
+                    }
+                    Ok::<(), crate::state::shared::Unavailable>(())
+                })
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot resume the channels on the other hosts: {e}"))?;
+            }
             format!("{count} message(s) will be retried now; every channel resumes")
         }
     };
@@ -411,6 +426,44 @@ pub fn retry(config: &Config, id: Option<&str>) -> Result<String, String> {
         ));
     }
     Ok(summary)
+}
+
+/// [`channel_health`] from the shared backend.
+async fn shared_health(
+    config: &Config,
+    redis: &crate::state::shared::RedisState,
+) -> Vec<(String, String)> {
+    let now = now_ms();
+    let mut lines = Vec::new();
+    for channel in &config.channels {
+        let line = match redis.health(&channel.name).await {
+            Err(e) => format!("unknown ({e})"),
+            Ok((health @ (Health::Broken { .. } | Health::Held { .. }), _))
+                if health.describe(now) != "ok" =>
+            {
+                health.describe(now)
+            }
+            Ok(_) if crate::state::has_windows(&channel.limits) => {
+                match redis.events(&channel.name).await {
+                    Ok(events) => {
+                        let limiter =
+                            crate::ratelimit::ChannelLimiter::restore(&channel.limits, events, now);
+                        match limiter.check(now, 1) {
+                            Err(at) if at != u64::MAX => format!(
+                                "limited until {} (rate or daily quota, shared)",
+                                format_time(at)
+                            ),
+                            _ => "ok".to_string(),
+                        }
+                    }
+                    Err(e) => format!("unknown ({e})"),
+                }
+            }
+            Ok(_) => "ok".to_string(),
+        };
+        lines.push((channel.name.clone(), line));
+    }
+    lines
 }
 
 /// `mailgate queue delete ID`: removes a queued message (waiting for a delivery in

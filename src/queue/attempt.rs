@@ -15,7 +15,7 @@ use crate::upstream::{self, Body, Error, Outcome};
 
 use super::classify::{Verdict, backoff, classify_error, classify_refusal};
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
-use super::worker::{BUSY_RETRY_MS, ChannelEffect, Report, TRANSACTION_TIMEOUT};
+use super::worker::{BUSY_RETRY_MS, ChannelEffect, Counted, Report, TRANSACTION_TIMEOUT};
 use super::{Generation, Queue, dsn};
 
 /// One delivery step: one upstream transaction for up to `rcpts` pending recipients of
@@ -26,9 +26,9 @@ pub(super) struct Attempt {
     pub(super) generation: Generation,
     pub(super) channel: ChannelId,
     pub(super) rcpts: usize,
-    /// What the worker counted against the channel's windows for this attempt, (unix ms,
-    /// recipients): taken back when no transaction starts.
-    pub(super) counted: Option<(u64, u64)>,
+    /// What the worker counted against the channel's windows for this attempt: taken
+    /// back when no transaction starts.
+    pub(super) counted: Option<Counted>,
 }
 
 enum Prepared {
@@ -51,7 +51,7 @@ impl Attempt {
                     next: None,
                     effect: ChannelEffect::None,
                     dsn: None,
-                    uncount: self.counted,
+                    uncount: self.counted.clone(),
                 };
             }
             // Someone else holds the message (the CLI, or the worker a reload replaced,
@@ -62,7 +62,7 @@ impl Attempt {
                     next: Some((now_ms() + BUSY_RETRY_MS, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
-                    uncount: self.counted,
+                    uncount: self.counted.clone(),
                 };
             }
             Ok(Err(e)) => {
@@ -72,7 +72,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
-                    uncount: self.counted,
+                    uncount: self.counted.clone(),
                 };
             }
             Err(e) => {
@@ -82,7 +82,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
-                    uncount: self.counted,
+                    uncount: self.counted.clone(),
                 };
             }
         };

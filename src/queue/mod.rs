@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ChannelId, Config};
 use crate::message::Envelope;
 use crate::reply::Reply;
-use crate::state::LocalState;
+use crate::state::Backend;
 use crate::upstream::{Body, Outcome, Upstreams};
 
 pub use crate::state::format_time;
@@ -102,7 +102,7 @@ impl std::fmt::Debug for Generation {
 pub struct Queue {
     spool: Spool,
     /// Channel health and rate counters, beside the spool.
-    state: LocalState,
+    state: Backend,
     workers: Mutex<Workers>,
     /// Held for the life of the queue: one proxy per spool.
     _lock: File,
@@ -170,7 +170,12 @@ impl Queue {
         if removed > 0 {
             tracing::info!(removed, spool = %root, "spool: removed files of messages never acknowledged");
         }
-        let state = LocalState::new(&spool.root);
+        let state = match &config.state {
+            crate::config::StateBackend::Local => {
+                Backend::Local(crate::state::LocalState::new(&spool.root))
+            }
+            _ => Backend::of(&config)?,
+        };
         Ok(Arc::new(Queue {
             spool,
             state,

@@ -22,7 +22,8 @@ use super::spool::now_ms;
 use super::{Generation, Queue};
 use crate::config::{Channel, ChannelId};
 use crate::metrics::{self, ChannelState};
-use crate::state::{Counters, Health, format_time};
+use crate::state::shared::{RedisState, Reserved};
+use crate::state::{Backend, Counters, Health, format_time};
 
 /// Longest a single upstream transaction may take, on top of the upstream's own
 /// per-command timeouts (a large message on a slow link).
@@ -35,6 +36,10 @@ pub(super) const BUSY_RETRY_MS: u64 = 1000;
 /// After a failed write of the rate counters (a full disk), the channel tries again this
 /// much later.
 pub(super) const STATE_RETRY_MS: u64 = 2000;
+
+/// With the shared backend, how often a channel looks at the health and `queue retry`
+/// requests other hosts left in Redis.
+pub const SHARED_POLL: Duration = Duration::from_secs(1);
 
 /// What a channel task hears.
 #[derive(Debug)]
@@ -94,8 +99,17 @@ pub(super) struct Report {
     /// A DSN was queued on this channel: its id and recipient count.
     pub(super) dsn: Option<(String, usize)>,
     /// No transaction started (the message was locked or gone): what the worker counted
-    /// against the channel's windows for it, (unix ms, recipients), to take back.
-    pub(super) uncount: Option<(u64, u64)>,
+    /// against the channel's windows for it, to take back.
+    pub(super) uncount: Option<Counted>,
+}
+
+/// What a transaction was counted as against its channel's windows when it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Counted {
+    /// In the local counters: (unix ms, recipients).
+    Local(u64, u64),
+    /// In the shared backend: the reservation's token.
+    Shared(String),
 }
 
 /// The scheduler of one channel.
@@ -123,6 +137,18 @@ pub struct ChannelTask {
     handing_over: bool,
     /// Messages other channels lent to this one, with their owner's name.
     borrowed: HashMap<String, String>,
+    /// The shared backend, when `[state] backend = "redis"`.
+    shared: Option<SharedView>,
+}
+
+/// What a channel knows of the shared state.
+struct SharedView {
+    redis: RedisState,
+    /// The `queue retry` generation last seen (`None`: not read yet).
+    retry_seen: Option<u64>,
+    /// A health set here that Redis has not taken yet (it was down): written before
+    /// anything is read back, so a stale remote value never undoes it.
+    unsaved: Option<Health>,
 }
 
 /// The channel's health on its way to disk.
@@ -153,6 +179,14 @@ impl ChannelTask {
         let fallback = ch
             .fallback
             .map(|f| generation.config.channels[f].name.clone());
+        let shared = match &queue.state {
+            Backend::Redis(redis) => Some(SharedView {
+                redis: redis.clone(),
+                retry_seen: None,
+                unsaved: None,
+            }),
+            Backend::Local(_) => None,
+        };
         ChannelTask {
             queue,
             generation,
@@ -171,6 +205,7 @@ impl ChannelTask {
             fallback,
             handing_over: false,
             borrowed: HashMap::new(),
+            shared,
         }
     }
 
@@ -206,10 +241,12 @@ impl ChannelTask {
 
     /// Schedules and delivers until `shutdown`, then waits (bounded) for transactions in flight.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        self.load_state();
+        self.load_state().await;
         let mut deliveries: JoinSet<Report> = JoinSet::new();
+        let mut poll = tokio::time::interval(SHARED_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wake = self.dispatch(&mut deliveries);
+            let wake = self.dispatch(&mut deliveries).await;
             self.publish();
             let sleep = match wake {
                 Some(at) => {
@@ -220,14 +257,28 @@ impl ChannelTask {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = self.rx.recv() => match event {
-                    Some(event) => self.handle(event),
+                    Some(event) => self.handle(event).await,
                     None => break,
                 },
                 Some(done) = deliveries.join_next(), if !deliveries.is_empty() => match done {
-                    Ok(report) => self.apply(report),
+                    Ok(report) => self.apply(report).await,
                     Err(e) => tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed"),
                 },
                 _ = tokio::time::sleep_until(sleep) => {}
+                _ = poll.tick(), if self.shared.is_some() => self.sync_shared().await,
+            }
+            // Everything already there before dispatching again: the shared backend then
+            // reserves for all the connections freed meanwhile in one round trip.
+            while let Some(done) = deliveries.try_join_next() {
+                match done {
+                    Ok(report) => self.apply(report).await,
+                    Err(e) => {
+                        tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed")
+                    }
+                }
+            }
+            while let Ok(event) = self.rx.try_recv() {
+                self.handle(event).await;
             }
         }
         // Stopped by a reload rather than the proxy's shutdown: the channel's health is
@@ -257,7 +308,7 @@ impl ChannelTask {
                     if superseded {
                         report.effect = ChannelEffect::None;
                     }
-                    self.apply(report);
+                    self.apply(report).await;
                 }
             }
         };
@@ -311,14 +362,27 @@ impl ChannelTask {
         }
     }
 
-    fn load_state(&mut self) {
+    async fn load_state(&mut self) {
         let queue = self.queue.clone();
         let now = now_ms();
-        match queue.state.read_health(&self.name) {
+        let health = match &queue.state {
+            Backend::Local(local) => local.read_health(&self.name),
+            Backend::Redis(redis) => match redis.health(&self.name).await {
+                Ok((health, retry)) => {
+                    if let Some(view) = &mut self.shared {
+                        view.retry_seen = Some(retry);
+                    }
+                    health
+                }
+                // Redis is down: every reservation waits for it anyway.
+                Err(_) => Health::Ok,
+            },
+        };
+        match health {
             Health::Broken { reason, .. } => {
                 // A restart is one of the ways to resume a broken channel.
                 tracing::warn!(channel = %self.name, reason, "queue: channel was broken; trying it again");
-                self.set_health(Health::Ok);
+                self.set_health(Health::Ok).await;
             }
             Health::Held { until_ms, reason } if until_ms > now => {
                 tracing::warn!(channel = %self.name, until = %format_time(until_ms), reason, "queue: channel held for provider quota");
@@ -327,7 +391,10 @@ impl ChannelTask {
             _ => {}
         }
         let limits = &self.generation.config.channels[self.channel].limits;
-        match Counters::load(&queue.state, &self.name, limits, now) {
+        let Backend::Local(local) = &queue.state else {
+            return; // the shared counters are asked at each reservation
+        };
+        match Counters::load(local, &self.name, limits, now) {
             Ok(counters) => self.counters = Some(counters),
             Err(e) => {
                 // Without its counters the channel could overrun the provider's limits: stop it.
@@ -342,14 +409,22 @@ impl ChannelTask {
 
     /// Persists on the blocking pool (it fsyncs). Each write takes the latest health, under
     /// a lock held only by writers, so the file always ends with the last one set.
-    fn set_health(&mut self, health: Health) {
-        *lock(&self.health_writer.latest) = Some(health.clone());
-        self.health = health;
-        let (writer, state, name) = (
-            self.health_writer.clone(),
-            self.queue.state.clone(),
-            self.name.clone(),
-        );
+    async fn set_health(&mut self, health: Health) {
+        self.health = health.clone();
+        if let Some(view) = &mut self.shared {
+            // Awaited: the next poll must read this back, not what was there before.
+            if view.redis.set_health(&self.name, &health).await.is_err() {
+                view.unsaved = Some(health);
+            } else {
+                view.unsaved = None;
+            }
+            return;
+        }
+        let Backend::Local(local) = &self.queue.state else {
+            return;
+        };
+        *lock(&self.health_writer.latest) = Some(health);
+        let (writer, state, name) = (self.health_writer.clone(), local.clone(), self.name.clone());
         tokio::task::spawn_blocking(move || {
             let _writing = lock(&writer.writing);
             let Some(health) = lock(&writer.latest).take() else {
@@ -368,7 +443,7 @@ impl ChannelTask {
         self.due.insert((due, id));
     }
 
-    fn handle(&mut self, event: Event) {
+    async fn handle(&mut self, event: Event) {
         match event {
             Event::Queued {
                 id,
@@ -425,7 +500,7 @@ impl ChannelTask {
                 self.channel = channel;
                 if matches!(self.health, Health::Broken { .. }) {
                     tracing::info!(channel = %self.name, "queue: broken channel tried again after reload");
-                    self.resume();
+                    self.resume().await;
                     self.make_due(None);
                 }
                 self.return_lent();
@@ -433,7 +508,7 @@ impl ChannelTask {
             Event::Retry(which) => {
                 if self.health != Health::Ok {
                     tracing::info!(channel = %self.name, "queue: channel resumed by retry");
-                    self.resume();
+                    self.resume().await;
                 }
                 self.handing_over = false;
                 if which.is_none() {
@@ -446,11 +521,11 @@ impl ChannelTask {
 
     /// Clears a broken or held state (and reads the counters if they were unreadable);
     /// the channel's own mail stays here again.
-    fn resume(&mut self) {
-        self.set_health(Health::Ok);
+    async fn resume(&mut self) {
+        self.set_health(Health::Ok).await;
         self.handing_over = false;
-        if self.counters.is_none() {
-            self.load_state();
+        if self.counters.is_none() && self.shared.is_none() {
+            self.load_state().await;
         }
     }
 
@@ -497,18 +572,22 @@ impl ChannelTask {
     }
 
     /// Starts every transaction that may start now; returns when to look again.
-    fn dispatch(&mut self, deliveries: &mut JoinSet<Report>) -> Option<u64> {
-        let now = now_ms();
+    async fn dispatch(&mut self, deliveries: &mut JoinSet<Report>) -> Option<u64> {
+        let mut now = now_ms();
         self.waiting_on_limits = false;
         match &self.health {
             Health::Broken { .. } => return None,
             Health::Held { until_ms, .. } if *until_ms > now => return Some(*until_ms),
             Health::Held { .. } => {
                 tracing::info!(channel = %self.name, "queue: quota window rolled over; channel resumes");
-                self.set_health(Health::Ok);
+                self.set_health(Health::Ok).await;
             }
             Health::Ok => {}
         }
+        // Shared backend: reserved in batches ahead of the loop that starts them.
+        // Message id → its reservation's token.
+        let mut reserved: HashMap<String, String> = HashMap::new();
+        let mut refused: Option<(String, Reserved)> = None;
         while self.in_flight.len() < self.connections {
             let (due, id) = self.due.first().cloned()?;
             if due > now {
@@ -516,7 +595,68 @@ impl ChannelTask {
             }
             let pending = self.entries[&id].1;
             let rcpts = pending.min(self.chunk);
-            if rcpts > 0 {
+            let mut counted = None;
+            let limits = &self.generation.config.channels[self.channel].limits;
+            if rcpts > 0
+                && let Some(view) = &self.shared
+                && crate::state::has_windows(limits)
+            {
+                if reserved.is_empty() && refused.is_none() {
+                    // One round trip for this one and the next due ones, as many as
+                    // connections are free.
+                    let free = self.connections - self.in_flight.len();
+                    let batch: Vec<(String, u64)> = self
+                        .due
+                        .iter()
+                        .take_while(|(d, _)| *d <= now)
+                        .take(free)
+                        .filter_map(|(_, id)| {
+                            let n = self.entries[id].1.min(self.chunk) as u64;
+                            (n > 0).then(|| (id.clone(), n))
+                        })
+                        .collect();
+                    let counts: Vec<u64> = batch.iter().map(|b| b.1).collect();
+                    match view.redis.reserve_many(&self.name, limits, &counts).await {
+                        Ok((granted, refusal)) => {
+                            reserved.extend(
+                                batch
+                                    .iter()
+                                    .map(|b| b.0.clone())
+                                    .zip(granted.iter().cloned()),
+                            );
+                            refused = refusal
+                                .and_then(|r| Some((batch.get(granted.len())?.0.clone(), r)));
+                        }
+                        // Never sent past a limit nobody can count: the mail waits.
+                        Err(_) => return Some(now_ms() + STATE_RETRY_MS),
+                    }
+                    now = now_ms();
+                }
+                if let Some(token) = reserved.remove(&id) {
+                    counted = Some(Counted::Shared(token));
+                } else {
+                    match refused.take() {
+                        Some((refused_id, Reserved::Never)) if refused_id == id => {
+                            tracing::error!(id, channel = %self.name, rcpts, "queue: the channel's limits can never take this transaction; holding it an hour");
+                            self.schedule(id, now + 3_600_000, pending);
+                            continue;
+                        }
+                        Some((_, Reserved::Wait(ms))) => {
+                            self.waiting_on_limits = true;
+                            return Some(now_ms() + ms);
+                        }
+                        // Not in the batch (cannot happen: the batch is the front of
+                        // `due`, taken in order); reserve afresh rather than loop.
+                        _ => {
+                            reserved.clear();
+                            continue;
+                        }
+                    }
+                }
+            } else if rcpts > 0 && self.shared.is_none() {
+                let Backend::Local(local) = &self.queue.state else {
+                    return None;
+                };
                 let counters = self.counters.as_mut()?;
                 match counters.check(now, rcpts as u64) {
                     Ok(()) => {}
@@ -530,11 +670,12 @@ impl ChannelTask {
                         return Some(at.max(now + 1));
                     }
                 }
-                if let Err(e) = counters.record(&self.queue.state, now, rcpts as u64) {
+                if let Err(e) = counters.record(local, now, rcpts as u64) {
                     // Temporary (a full disk): the message stays due and is tried again.
                     tracing::warn!(id, channel = %self.name, error = %e, retry_ms = STATE_RETRY_MS, "queue: cannot persist rate counters; deferring");
                     return Some(now + STATE_RETRY_MS);
                 }
+                counted = Some(Counted::Local(now, rcpts as u64));
             }
             self.due.remove(&(due, id.clone()));
             self.entries.remove(&id);
@@ -544,18 +685,30 @@ impl ChannelTask {
                 generation: self.generation.clone(),
                 channel: self.channel,
                 rcpts,
-                counted: (rcpts > 0).then_some((now, rcpts as u64)),
+                counted,
             };
             deliveries.spawn(attempt.run(id));
         }
         None
     }
 
-    fn apply(&mut self, report: Report) {
+    async fn apply(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
-        if let (Some((at_ms, rcpts)), Some(counters)) = (report.uncount, self.counters.as_mut())
-            && let Err(e) = counters.unrecord(&self.queue.state, at_ms, rcpts)
-        {
+        let taken_back = match (&report.uncount, &self.queue.state, &self.shared) {
+            (Some(Counted::Local(at_ms, rcpts)), Backend::Local(local), _) => {
+                match &mut self.counters {
+                    Some(counters) => counters
+                        .unrecord(local, *at_ms, *rcpts)
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            }
+            (Some(Counted::Shared(token)), _, Some(view)) => {
+                view.redis.release(&self.name, token).await.map_err(|e| e.0)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = taken_back {
             tracing::warn!(id = report.id, channel = %self.name, error = %e, "queue: cannot take back a count of the rate counters");
         }
         if let Some((due, pending)) = report.next {
@@ -570,18 +723,21 @@ impl ChannelTask {
             ChannelEffect::None => {}
             ChannelEffect::Hold(reason) => {
                 let now = now_ms();
-                let until_ms = self
-                    .counters
-                    .as_ref()
-                    .map(|c| c.hold_until(now))
-                    .unwrap_or(now + 3_600_000);
+                let until_ms = match (&self.shared, &self.counters) {
+                    (Some(view), _) => match view.redis.events(&self.name).await {
+                        Ok(events) => crate::state::hold_until(&events, now),
+                        Err(_) => now + 3_600_000,
+                    },
+                    (None, Some(counters)) => counters.hold_until(now),
+                    (None, None) => now + 3_600_000,
+                };
                 tracing::warn!(
                     channel = %self.name,
                     until = %format_time(until_ms),
                     reason,
                     "queue: provider quota reached; channel held"
                 );
-                self.set_health(Health::Held { until_ms, reason });
+                self.set_health(Health::Held { until_ms, reason }).await;
             }
             ChannelEffect::AuthMethodRefused(reason) if self.fallback.is_some() => {
                 let fallback = self.fallback.clone();
@@ -598,7 +754,8 @@ impl ChannelTask {
                             "{reason} (mail goes over fallback {})",
                             fallback.as_deref().unwrap_or("")
                         ),
-                    });
+                    })
+                    .await;
                     self.handing_over = true;
                 }
                 self.hand_over_all();
@@ -613,12 +770,57 @@ impl ChannelTask {
                     self.set_health(Health::Broken {
                         since_ms: now_ms(),
                         reason,
-                    });
+                    })
+                    .await;
                 }
             }
         }
         if self.handing_over {
             self.hand_over_all();
+        }
+    }
+}
+
+impl ChannelTask {
+    /// Shared backend: takes what other hosts did to this channel (broken, held,
+    /// resumed, `queue retry`). Runs every [`SHARED_POLL`].
+    async fn sync_shared(&mut self) {
+        let Some(view) = &mut self.shared else { return };
+        if let Some(health) = view.unsaved.clone() {
+            if view.redis.set_health(&self.name, &health).await.is_err() {
+                return;
+            }
+            view.unsaved = None;
+        }
+        let Ok((remote, retry)) = view.redis.health(&self.name).await else {
+            return;
+        };
+        let retried = view.retry_seen.is_some_and(|seen| seen != retry);
+        view.retry_seen = Some(retry);
+        if retried {
+            // As `queue retry --all` here: resumed (Redis says so already), mail lent to
+            // this channel goes back, every message is due now.
+            tracing::info!(channel = %self.name, "queue: retry requested on another host");
+            self.health = remote;
+            self.handing_over = false;
+            self.return_lent();
+            self.make_due(None);
+            return;
+        }
+        if remote != self.health {
+            match &remote {
+                Health::Broken { reason, .. } => {
+                    tracing::error!(channel = %self.name, reason, "CHANNEL BROKEN (seen on another host): its mail stays queued until `mailgate queue retry --all`");
+                }
+                Health::Held { until_ms, reason } => {
+                    tracing::warn!(channel = %self.name, until = %format_time(*until_ms), reason, "queue: channel held for provider quota (seen on another host)");
+                }
+                Health::Ok => {
+                    tracing::info!(channel = %self.name, "queue: channel resumed on another host");
+                    self.handing_over = false;
+                }
+            }
+            self.health = remote;
         }
     }
 }

@@ -1,14 +1,17 @@
 //! Per-channel state shared by every part of the flow: health (ok / held / broken) and
 //! the send events that feed the rate and quota windows, so both survive a restart.
-//! This is the seam where shared backends (Redis for a fleet) will sit; today there is
-//! one, [`LocalState`], files in `spool_dir/state/`, and its OAuth side, [`tokens`].
+//! [`Backend`] is the seam: [`LocalState`], files in `spool_dir/state/` (the default), or
+//! [`shared::RedisState`], one Redis for a fleet of hosts (`[state] backend = "redis"`);
+//! their OAuth side is [`tokens`]; [`transfer`] moves everything between them.
 //!
 //! `<name>.health.json` is rewritten atomically. `<name>.events` is an append-only log
 //! of `"<unix-ms> <recipients>\n"` lines, one per upstream transaction started; at load
 //! it is pruned to the last 24 hours (or the rate window, if longer) and replayed into a
 //! fresh [`ChannelLimiter`]. A torn last line (crash mid-append) is ignored.
 
+pub mod shared;
 pub mod tokens;
+pub mod transfer;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Limits;
+use crate::config::{Config, Limits, StateBackend};
 use crate::fsutil;
 use crate::ratelimit::ChannelLimiter;
 
@@ -69,6 +72,90 @@ impl Health {
             }
         }
     }
+}
+
+/// Where this installation keeps its state (`[state]`).
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Files beside the spool.
+    Local(LocalState),
+    /// One Redis shared by several hosts.
+    Redis(shared::RedisState),
+}
+
+impl Backend {
+    /// The configured backend (nothing is touched or connected yet).
+    pub fn of(config: &Config) -> Result<Backend, String> {
+        Ok(match &config.state {
+            StateBackend::Local => Backend::Local(LocalState::new(&config.server.spool_dir)),
+            StateBackend::Redis(settings) => Backend::Redis(shared::RedisState::shared(settings)?),
+        })
+    }
+
+    /// Where refresh tokens are kept.
+    pub fn token_store(&self) -> std::sync::Arc<dyn tokens::TokenStore> {
+        match self {
+            Backend::Local(local) => {
+                std::sync::Arc::new(tokens::LocalTokenStore::new(local.dir.clone()))
+            }
+            Backend::Redis(redis) => std::sync::Arc::new(shared::RedisTokenStore(redis.clone())),
+        }
+    }
+
+    /// A channel's health.
+    pub async fn read_health(&self, channel: &str) -> Result<Health, String> {
+        match self {
+            Backend::Local(local) => Ok(local.read_health(channel)),
+            Backend::Redis(redis) => redis
+                .health(channel)
+                .await
+                .map(|(h, _)| h)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// A channel's counted sends still in a window, oldest first.
+    pub async fn events(
+        &self,
+        channel: &str,
+        limits: &Limits,
+        now_ms: u64,
+    ) -> Result<Vec<(u64, u64)>, String> {
+        match self {
+            Backend::Local(local) => {
+                let text = match fs::read_to_string(local.events_path(channel)) {
+                    Ok(text) => text,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+                    Err(e) => return Err(e.to_string()),
+                };
+                Ok(parse_events(&text, limits, now_ms))
+            }
+            Backend::Redis(redis) => redis.events(channel).await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Runs `f` on a small runtime of its own (the command-line tools, which have none).
+pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    Ok(runtime.block_on(f))
+}
+
+/// When a channel held for quota may try again: when the oldest send of the rolling
+/// day leaves the window, but at most one hour from now (one message then probes) and
+/// at least one minute.
+pub fn hold_until(events: &[(u64, u64)], now_ms: u64) -> u64 {
+    let oldest = events
+        .iter()
+        .find(|(t, _)| t + DAY_MS > now_ms)
+        .map(|(t, _)| t + DAY_MS);
+    oldest
+        .unwrap_or(u64::MAX)
+        .min(now_ms + HOUR_MS)
+        .max(now_ms + 60_000)
 }
 
 /// A channel name as a file name: anything but `[A-Za-z0-9._-]` becomes `%XX`.
@@ -387,15 +474,8 @@ impl Counters {
     /// day leaves the window, but at most one hour from now (one message then probes) and
     /// at least one minute.
     pub fn hold_until(&self, now_ms: u64) -> u64 {
-        let oldest = self
-            .events
-            .iter()
-            .find(|(t, _)| t + DAY_MS > now_ms)
-            .map(|(t, _)| t + DAY_MS);
-        oldest
-            .unwrap_or(u64::MAX)
-            .min(now_ms + HOUR_MS)
-            .max(now_ms + 60_000)
+        let events: Vec<(u64, u64)> = self.events.iter().copied().collect();
+        hold_until(&events, now_ms)
     }
 
     fn remember(&mut self, t: u64, n: u64) {

@@ -32,6 +32,7 @@ pub fn config(channels: Vec<Channel>) -> Config {
         routing: Routing::default(),
         metrics: None,
         has_literal_secrets: false,
+        state: Default::default(),
     }
 }
 

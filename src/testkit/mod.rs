@@ -5,4 +5,5 @@ pub mod config;
 pub mod fake_smtp;
 pub mod graph_api;
 pub mod pki;
+pub mod redis_server;
 pub mod token_endpoint;

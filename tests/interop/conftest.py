@@ -182,6 +182,7 @@ class MailgateConfig:
         self.users: list[dict] = []
         self.channels: dict[str, dict] = {}
         self.routing: dict = {}
+        self.state: dict = {}
         self.metrics: dict = {}
         self.env: dict[str, str] = {}
 
@@ -221,6 +222,8 @@ class MailgateConfig:
             out += ["", f"[channels.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in ch.items()]
         if self.routing:
             out += ["", "[routing]"] + [f"{k} = {toml_value(v)}" for k, v in self.routing.items()]
+        if self.state:
+            out += ["", "[state]"] + [f"{k} = {toml_value(v)}" for k, v in self.state.items()]
         if self.metrics:
             out += ["", "[metrics]"] + [f"{k} = {toml_value(v)}" for k, v in self.metrics.items()]
         return "\n".join(out) + "\n"
