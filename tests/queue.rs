@@ -1138,6 +1138,17 @@ fn changed(name: &str) -> mailgate::queue::ChannelChanges {
 /// done. Those tries send nothing, so they must not use up the channel's rate window.
 #[tokio::test]
 async fn a_message_locked_by_the_old_worker_does_not_use_up_the_new_workers_rate() {
+    locked_message_keeps_the_rate(None).await;
+}
+
+/// The same with the rate window kept in a shared Redis: the reservation is given back.
+#[tokio::test]
+async fn a_message_locked_by_the_old_worker_gives_back_its_shared_reservation() {
+    let server = mailgate::testkit::redis_server::RedisServer::start();
+    locked_message_keeps_the_rate(Some(server.settings("locked:"))).await;
+}
+
+async fn locked_message_keeps_the_rate(shared: Option<mailgate::config::RedisSettings>) {
     use mailgate::queue::Generation;
     let dir = tempfile::tempdir().unwrap();
     let limited = Limits {
@@ -1147,7 +1158,11 @@ async fn a_message_locked_by_the_old_worker_does_not_use_up_the_new_workers_rate
         }),
         ..limits()
     };
-    let config = config(dir.path(), vec![channel("a", limited)]);
+    let mut config = config(dir.path(), vec![channel("a", limited)]);
+    let redis = shared.map(|settings| {
+        config.state = mailgate::config::StateBackend::Redis(settings.clone());
+        mailgate::state::shared::RedisState::new(&settings).unwrap()
+    });
     let slow = Starts::new(Duration::from_millis(3500));
     let q = Running::start(&config, slow.clone());
     assert_eq!(
@@ -1176,6 +1191,10 @@ async fn a_message_locked_by_the_old_worker_does_not_use_up_the_new_workers_rate
         "the second and third message of the window wait: {} sent",
         fast.count()
     );
+    if let Some(redis) = redis {
+        let counted = redis.events("a").await.unwrap();
+        assert_eq!(counted.len(), 3, "three messages sent: {counted:?}");
+    }
     q.stop().await;
 }
 
