@@ -1,5 +1,6 @@
 //! What the session hands on: the envelope of a message and its queue id.
 
+pub mod address;
 pub mod recipients;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,9 +9,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// The SMTP envelope of one message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Envelope {
-    /// `MAIL FROM` address without brackets; empty for the null sender `<>`.
+    /// `MAIL FROM` address without brackets; empty for the null sender `<>`. A quoted
+    /// local part stays quoted (canonical form, see [`address`]).
     pub sender: String,
-    /// `RCPT TO` addresses without brackets, in order, as the client gave them.
+    /// `RCPT TO` addresses without brackets, in order, as the client gave them (a
+    /// quoted local part in its canonical form, see [`address`]).
     pub recipients: Vec<String>,
     /// The client asked for SMTPUTF8.
     pub smtputf8: bool,

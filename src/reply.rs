@@ -222,6 +222,20 @@ impl Reply {
         )
     }
 
+    /// `553 5.1.3` an envelope recipient with a quoted local part, and the message may go
+    /// through Microsoft Graph: Graph takes its recipients from the headers, and how
+    /// Exchange reads a quoted local part there (one mailbox, or several) cannot be checked.
+    pub fn quoted_recipient_for_graph(address: &str, channel: &str) -> Self {
+        let address = crate::text::escape_controls(address);
+        Reply::new(
+            553,
+            (5, 1, 3),
+            format!(
+                "recipient <{address}> has a quoted local part; channel {channel} (Microsoft Graph) cannot send to it"
+            ),
+        )
+    }
+
     /// `250 2.0.0` the `file` channel stored the message.
     pub fn stored_in_file(channel: &str, file: &str) -> Self {
         Reply::new(

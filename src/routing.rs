@@ -78,6 +78,15 @@ pub enum Refusal {
         /// The graph channel the message may go through.
         channel: String,
     },
+    /// The message may go through Microsoft Graph, and an envelope recipient has a
+    /// quoted local part, which the copy's `Bcc:` cannot be trusted to carry as one
+    /// mailbox.
+    QuotedRecipientForGraph {
+        /// The envelope recipient (canonical form).
+        address: String,
+        /// The graph channel the message may go through.
+        channel: String,
+    },
 }
 
 /// What is wrong with a message's `From:`/`Sender:` headers for its channel.
@@ -368,6 +377,9 @@ pub fn check_header_recipients(
         }),
         Err(Unfit::Unwritable { address }) => {
             Err(Refusal::HeaderRecipientUnwritable { address, channel })
+        }
+        Err(Unfit::Quoted { address }) => {
+            Err(Refusal::QuotedRecipientForGraph { address, channel })
         }
     }
 }

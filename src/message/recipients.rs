@@ -122,6 +122,14 @@ pub enum Unfit {
         /// The envelope recipient.
         address: String,
     },
+    /// An envelope recipient with a quoted local part (`"a@x,b"@y`, `"john doe"@y`):
+    /// written into `Bcc:`, Exchange may read it as another mailbox or as several, and
+    /// mailgate's own reading of headers (mail-parser) drops the quotes, so the copy
+    /// cannot be checked.
+    Quoted {
+        /// The envelope recipient.
+        address: String,
+    },
 }
 
 /// Compares `headers` with the envelope's `recipients`.
@@ -165,6 +173,14 @@ pub fn graph_copy<'a>(
     recipients: &[String],
     raw: &'a [u8],
 ) -> Result<(Cow<'a, [u8]>, usize), Unfit> {
+    if let Some(quoted) = recipients
+        .iter()
+        .find(|r| super::address::has_quoted_local(r))
+    {
+        return Err(Unfit::Quoted {
+            address: quoted.clone(),
+        });
+    }
     let missing = match fit(recipients, &recipient_headers(raw)) {
         HeaderFit::Fits { missing } => missing,
         HeaderFit::Stranger { field, address } => return Err(Unfit::Stranger { field, address }),
@@ -342,6 +358,17 @@ mod tests {
             matches!(&got, Err(Unfit::Stranger { field: "Bcc", .. })),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn an_envelope_recipient_with_a_quoted_local_part_is_refused() {
+        for quoted in [r#""eve@evil.org,bob"@x.org"#, r#""john doe"@x.org"#] {
+            let got = sent_to(b"To: bob@x.org\r\n\r\n", &["bob@x.org", quoted]);
+            assert!(
+                matches!(&got, Err(Unfit::Quoted { address }) if address == quoted),
+                "{got:?}"
+            );
+        }
     }
 
     #[test]

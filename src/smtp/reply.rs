@@ -187,6 +187,9 @@ impl From<Refusal> for Reply {
             Refusal::HeaderRecipientUnwritable { address, channel } => {
                 Reply::header_recipient_unwritable(&address, &channel)
             }
+            Refusal::QuotedRecipientForGraph { address, channel } => {
+                Reply::quoted_recipient_for_graph(&address, &channel)
+            }
         }
     }
 }
@@ -251,6 +254,20 @@ impl Reply {
     /// `502 5.5.1` a command mailgate knows but does not implement (EXPN, ETRN, …).
     pub fn not_implemented() -> Self {
         Reply::new(502, (5, 5, 1), "Command not implemented")
+    }
+    /// `553 5.1.7` / `553 5.1.3` a quoted local part with `<` or `>`: legal, but an
+    /// upstream reading the path naively would end it early, so it is not relayed.
+    pub fn local_part_not_relayed(sender: bool) -> Self {
+        let (detail, whose) = if sender {
+            (7, "sender")
+        } else {
+            (3, "recipient")
+        };
+        Reply::new(
+            553,
+            (5, 1, detail),
+            format!("{whose} address with < or > in its local part is not relayed"),
+        )
     }
     /// `550 5.7.1` the sender has no authorized channel.
     pub fn sender_not_authorized(sender: &str) -> Self {
@@ -515,6 +532,22 @@ mod tests {
             (
                 Reply::bad_sequence(Sequence::StartTlsInTransaction),
                 "503 5.5.1 Bad sequence of commands: STARTTLS not allowed during a mail transaction",
+            ),
+            (
+                Reply::local_part_not_relayed(true),
+                "553 5.1.7 sender address with < or > in its local part is not relayed",
+            ),
+            (
+                Reply::local_part_not_relayed(false),
+                "553 5.1.3 recipient address with < or > in its local part is not relayed",
+            ),
+            (
+                Refusal::QuotedRecipientForGraph {
+                    address: "\"john doe\"@x.org".into(),
+                    channel: "dave".into(),
+                }
+                .into(),
+                "553 5.1.3 recipient <\"john doe\"@x.org> has a quoted local part; channel dave (Microsoft Graph) cannot send to it",
             ),
             (
                 Reply::bad_parameters(Syntax::InvalidSender),

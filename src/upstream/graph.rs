@@ -126,6 +126,9 @@ impl GraphChannel {
                     Unfit::Unwritable { address } => {
                         Reply::header_recipient_unwritable(&address, &self.name)
                     }
+                    Unfit::Quoted { address } => {
+                        Reply::quoted_recipient_for_graph(&address, &self.name)
+                    }
                 };
                 Error::Rejected {
                     step: Step::EndOfData,

@@ -1572,3 +1572,23 @@ async fn poisoned_guarded_stream_never_sends_what_it_holds() {
     server.read_to_end(&mut got).await.unwrap();
     assert!(got.is_empty(), "{got:?}");
 }
+
+#[tokio::test]
+async fn quoted_local_parts_go_out_quoted_pipelined_or_not() {
+    // The envelope holds the canonical form the session keeps; lettre writes it as it is.
+    let rcpts = [
+        r#""john doe"@example.org"#,
+        r#""eve@example.net,bob"@example.org"#,
+        r#""a\"b"@example.org"#,
+    ];
+    for fake in [plain_fake(), one_by_one_fake()] {
+        let (port, rec) = start(fake).await;
+        let up = upstreams(smtp_channel(port, TlsMode::None), 1);
+        let env = envelope(r#""x y"@example.com"#, &rcpts);
+        let out = up.send(0, &env, Body::Bytes(b"x\r\n"), true).await;
+        assert!(out.result.unwrap().is_positive());
+        let txn = &rec.txns()[0];
+        assert_eq!(txn.mail, r#"MAIL FROM:<"x y"@example.com>"#);
+        assert_eq!(txn.rcpts, rcpts);
+    }
+}

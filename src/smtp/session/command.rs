@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use smtp_proto::{Error as ParseError, Request};
 
+use crate::message::address::{self, PathError};
 use crate::smtp::reply::{Reply, Syntax};
 
 /// Parses one command line (CRLF or LF included) the liberal way (see [`liberal`]);
@@ -16,6 +17,22 @@ pub fn parse_command(line: &[u8]) -> Result<Request<String>, Reply> {
     let mut request = Request::parse(&mut line.iter())
         .map(Request::into_owned)
         .map_err(parse_error_reply)?;
+    let (address, sender) = match &mut request {
+        Request::Mail { from } => (&mut from.address, true),
+        Request::Rcpt { to } => (&mut to.address, false),
+        _ => return Ok(request),
+    };
+    // smtp-proto strips the quotes of a quoted local part; such a path is read again.
+    if let Some(path) = address::path_in_line(&line)
+        && address::needs_own_reading(path)
+    {
+        *address = address::canonical_mailbox(path).map_err(|e| match e {
+            PathError::AngleBracket => Reply::local_part_not_relayed(sender),
+            PathError::Syntax if sender => Reply::bad_parameters(Syntax::InvalidSender),
+            PathError::Syntax => Reply::bad_parameters(Syntax::InvalidRecipient),
+        })?;
+        return Ok(request);
+    }
     if let Request::Rcpt { to } = &mut request
         && to.address.is_empty()
         && let Some(name) = postmaster_in(&line)
@@ -206,7 +223,7 @@ mod tests {
             "501 5.5.4",
         );
         // Random lines over an SMTP-ish alphabet: an answer for each, never a panic.
-        let alphabet = b"MAILFROMRCPTODBHEUSQ:<>@.= \r\x00\xc3\xa9aZ9";
+        let alphabet = b"MAILFROMRCPTODBHEUSQ:<>@.= \r\x00\xc3\xa9aZ9\"\\,";
         let mut state = 0x853c_49e6_748f_ea9b_u64;
         let mut next = move || {
             state ^= state << 13;
@@ -230,6 +247,37 @@ mod tests {
             line.extend_from_slice(b"\r\n");
             let _ = parse_command(&line);
         }
+    }
+
+    #[test]
+    fn quoted_local_parts_keep_their_quotes() {
+        let address = |line: &str| match parse_command(line.as_bytes()) {
+            Ok(Request::Mail { from }) => Ok(from.address),
+            Ok(Request::Rcpt { to }) => Ok(to.address),
+            Ok(other) => panic!("{line:?}: {other:?}"),
+            Err(reply) => Err(reply.to_string()),
+        };
+        let cases = [
+            (
+                "RCPT TO:<\"john doe\"@x.org> NOTIFY=NEVER\r\n",
+                "\"john doe\"@x.org",
+            ),
+            ("rcpt to: <\"eve@y,bob\"@x.org>\r\n", "\"eve@y,bob\"@x.org"),
+            ("MAIL FROM:<\"alice\"@x.org> SIZE=10\r\n", "alice@x.org"),
+            ("MAIL FROM:\"alice\"@x.org\r\n", "alice@x.org"),
+            ("RCPT TO:<\"Postmaster\">\r\n", "Postmaster"),
+        ];
+        for (line, want) in cases {
+            assert_eq!(address(line).as_deref(), Ok(want), "{line:?}");
+        }
+        assert_code(
+            &address("MAIL FROM:<\"a>b\"@x.org>\r\n").unwrap_err(),
+            "553 5.1.7",
+        );
+        assert_code(
+            &address("RCPT TO:<\"a\x01b\"@x.org>\r\n").unwrap_err(),
+            "501 5.5.4",
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use tracing::{debug, info};
 
 use super::{Session, Transaction};
 use crate::config::DeliveryMode;
-use crate::message::Envelope;
+use crate::message::{Envelope, address};
 use crate::metrics::{self, Outcome};
 use crate::routing;
 use crate::smtp::reply::{Reply, Sequence, Syntax, Verb};
@@ -77,6 +77,15 @@ impl Session {
         if tx.envelope.recipients.len() >= limit {
             return Reply::too_many_recipients(limit);
         }
+        // Said now rather than after DATA: the Graph copy would refuse it anyway.
+        if address::has_quoted_local(&recipient)
+            && let Some(graph) = self.config.graph_on_path(tx.channel)
+        {
+            return Reply::quoted_recipient_for_graph(
+                &recipient,
+                &self.config.channels[graph].name,
+            );
+        }
         tx.envelope.recipients.push(recipient);
         Reply::recipient_ok()
     }
@@ -122,14 +131,19 @@ fn recipient(address: String, hostname: &str) -> Option<String> {
     }
 }
 
-/// A mailbox `local@domain` with both parts present and no blanks or control characters.
+/// A mailbox `local@domain` with both parts present, no control characters, and no
+/// blanks but inside a quoted local part (which [`address::canonical_mailbox`] checked).
 fn valid_address(address: &str) -> bool {
+    // The domain holds no `@`, a quoted local part may.
     let Some((local, domain)) = address.rsplit_once('@') else {
         return false;
     };
+    let quoted = address::has_quoted_local(local) && local.len() >= 2 && local.ends_with('"');
     !local.is_empty()
         && !domain.is_empty()
-        && !address.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !address.chars().any(char::is_control)
+        && (quoted || !local.chars().any(char::is_whitespace))
+        && !domain.chars().any(char::is_whitespace)
 }
 
 #[cfg(test)]
@@ -140,7 +154,17 @@ mod tests {
     fn address_validity() {
         assert!(valid_address("a@b"));
         assert!(valid_address("jörg@exämple.org"));
-        for bad in ["", "a", "@b", "a@", "a b@c", "a@b\tc"] {
+        assert!(valid_address("\"a b\"@c"));
+        for bad in [
+            "",
+            "a",
+            "@b",
+            "a@",
+            "a b@c",
+            "a@b\tc",
+            "\"a b@c",
+            "\"a\"@b c",
+        ] {
             assert!(!valid_address(bad), "{bad:?}");
         }
     }

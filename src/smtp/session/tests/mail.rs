@@ -223,3 +223,114 @@ async fn postmaster_without_domain_is_a_recipient() {
     assert_code(&c.reply().await, "250");
     assert_eq!(h.delivered().len(), 1);
 }
+
+#[tokio::test]
+async fn quoted_local_parts_reach_the_upstream_as_the_client_wrote_them() {
+    // smtp-proto reads `"john doe"@…` as `john doe@…`, another (invalid) mailbox, and
+    // `"eve@x.org,bob"@…` as a list: the path is read again and sent quoted.
+    let (port, record) =
+        crate::testkit::fake_smtp::start(crate::testkit::fake_smtp::plain_fake()).await;
+    let h = Harness::with("", |mut config| {
+        let partner = config.channel_id("partner").unwrap();
+        let crate::config::ChannelKind::Smtp(target) = &mut config.channels[partner].kind else {
+            panic!("partner is an SMTP channel");
+        };
+        target.port = port;
+        config
+    });
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_code(
+        &c.cmd(r#"MAIL FROM:<"x y"@partner.test>"#).await,
+        "250 2.1.0",
+    );
+    for rcpt in [
+        r#"RCPT TO:<"john doe"@example.org>"#,
+        r#"RCPT TO:<"eve@x.org,bob"@example.org>"#,
+    ] {
+        assert_code(&c.cmd(rcpt).await, "250 2.1.5");
+    }
+    assert_code(&c.cmd("DATA").await, "354");
+    c.send("From: z@partner.test\r\nSubject: q\r\n\r\nhi\r\n.\r\n")
+        .await;
+    assert_code(&c.reply().await, "250");
+    let txns = record.txns();
+    assert_eq!(txns.len(), 1);
+    assert!(
+        txns[0]
+            .mail
+            .starts_with(r#"MAIL FROM:<"x y"@partner.test>"#),
+        "{}",
+        txns[0].mail
+    );
+    assert_eq!(
+        txns[0].rcpts,
+        [
+            r#""john doe"@example.org"#,
+            r#""eve@x.org,bob"@example.org"#
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_needlessly_quoted_sender_is_the_same_mailbox_for_routing() {
+    // `"alice"@example.com` is alice@example.com (RFC 5321 §4.1.2): routed by the
+    // `*@example.com` scope, and written unquoted.
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_code(
+        &c.cmd(r#"MAIL FROM:<"alice"@example.com>"#).await,
+        "250 2.1.0",
+    );
+    // The domain is the one after the last `@`: a quoted `@` names no other domain.
+    c.cmd("RSET").await;
+    assert_code(
+        &c.cmd(r#"MAIL FROM:<"alice@example.com"@evil.test>"#).await,
+        "550 5.7.1",
+    );
+}
+
+#[tokio::test]
+async fn a_quoted_local_part_cannot_smuggle_brackets_or_line_breaks() {
+    let h = Harness::new("");
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    assert_code(
+        &c.cmd(r#"MAIL FROM:<"a>b"@example.com>"#).await,
+        "553 5.1.7",
+    );
+    c.cmd("MAIL FROM:<alice@example.com>").await;
+    assert_code(
+        &c.cmd(r#"RCPT TO:<"bob@x.org> NOTIFY=NEVER"@example.org>"#)
+            .await,
+        "553 5.1.3",
+    );
+    assert_code(&c.cmd("RCPT TO:<\"a\tb\"@example.org>").await, "501 5.5.4");
+    assert_code(&c.cmd(r#"RCPT TO:<"a"b"@example.org>"#).await, "501 5.5.4");
+    assert_code(
+        &c.cmd(r#"RCPT TO:<a"b c"d@example.org>"#).await,
+        "501 5.5.4",
+    );
+    assert_code(&c.cmd("DATA").await, "503");
+}
+
+#[tokio::test]
+async fn a_quoted_recipient_is_refused_at_rcpt_when_graph_may_carry_the_message() {
+    let h = Harness::with("", |mut config| {
+        let partner = config.channel_id("partner").unwrap();
+        config.channels[partner].kind =
+            crate::config::ChannelKind::Graph(crate::config::GraphTarget {
+                mailbox: "x@partner.test".into(),
+                oauth: crate::config::oauth::placeholder_for_tests(),
+            });
+        config
+    });
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<x@partner.test>").await;
+    let reply = c.cmd(r#"RCPT TO:<"eve@evil.org,bob"@example.org>"#).await;
+    assert_code(&reply, "553 5.1.3");
+    assert!(reply.contains("partner"), "{reply}");
+    assert_code(&c.cmd("RCPT TO:<bob@example.org>").await, "250 2.1.5");
+}
