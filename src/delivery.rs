@@ -31,7 +31,7 @@ pub struct Delivery {
     config: Arc<Config>,
     upstreams: Arc<Upstreams>,
     /// One per channel, indexed by [`ChannelId`]; shared with the next generation when
-    /// the channel is unchanged, so its windows carry on.
+    /// it still has the channel (changed or not), so old and new sessions share a window.
     limiters: Vec<Arc<Mutex<ChannelLimiter>>>,
     /// Queue mode: the spool and its workers.
     queue: Option<Arc<Queue>>,
@@ -123,7 +123,7 @@ impl Delivery {
             clean_relay_tmp(&relay_tmp)
                 .map_err(|e| format!("spool {}: {e}", config.server.spool_dir.display()))?;
         }
-        let limiters = limiters(&config, counters.as_ref(), None, &[]);
+        let limiters = limiters(&config, counters.as_ref(), None);
         let handing_over = handing_over(&config);
         Ok(Delivery {
             config,
@@ -140,9 +140,9 @@ impl Delivery {
 
     /// The next generation for a reloaded `config` (whose restart-only settings, the
     /// delivery mode and the spool among them, are this one's): unchanged channels keep
-    /// their transports and limiters; added and changed ones get new ones (a changed one's
-    /// windows are read back from the spool's state, as at start-up). Nothing runs
-    /// differently until [`Delivery::apply`].
+    /// their transports; added and changed ones get new ones. Every channel still
+    /// configured keeps its limiter (an added one's windows are read back from the spool's
+    /// state, as at start-up). Nothing runs differently until [`Delivery::apply`].
     pub fn reload(&self, config: Arc<Config>, changes: &ChannelChanges) -> Result<Self, String> {
         let upstreams = self.upstreams.rebuild(&config, &changes.unchanged)?;
         let counters = match &self.counters {
@@ -152,7 +152,7 @@ impl Delivery {
             }
             None => None,
         };
-        let limiters = limiters(&config, counters.as_ref(), Some(self), &changes.unchanged);
+        let limiters = limiters(&config, counters.as_ref(), Some(self));
         let handing_over = handing_over(&config);
         Ok(Delivery {
             config,
@@ -171,6 +171,7 @@ impl Delivery {
     /// workers follow `changes`, and this generation's idle upstream connections of
     /// channels not taken over are closed.
     pub async fn apply(&self, next: &Delivery, changes: &ChannelChanges) {
+        self.retune_limiters(next);
         if let Some(queue) = &next.queue {
             let generation = Generation {
                 config: next.config.clone(),
@@ -179,6 +180,34 @@ impl Delivery {
             queue.reconfigure(generation, changes).await;
         }
         self.upstreams.close_idle_except(&changes.unchanged).await;
+    }
+
+    /// The limiters `next` shares with this generation whose channel's limits changed take
+    /// the new limits, keeping what was counted (from the log too, which may hold more
+    /// than a window of the old limits kept): sessions of both generations then wait on
+    /// one window with the new limits.
+    fn retune_limiters(&self, next: &Delivery) {
+        let now = now_ms();
+        for (id, channel) in next.config.channels.iter().enumerate() {
+            let Some(before) = self.config.channel_id(&channel.name) else {
+                continue;
+            };
+            if self.config.channels[before].limits == channel.limits
+                || !Arc::ptr_eq(&self.limiters[before], &next.limiters[id])
+            {
+                continue;
+            }
+            let logged = next
+                .counters
+                .as_ref()
+                .filter(|_| state::has_windows(&channel.limits))
+                .and_then(|st| Counters::load(st, &channel.name, &channel.limits, now).ok())
+                .map(|counters| counters.events())
+                .unwrap_or_default();
+            let mut limiter = lock(&next.limiters[id]);
+            let events = merge_events(logged, limiter.snapshot());
+            *limiter = ChannelLimiter::restore(&channel.limits, events, now);
+        }
     }
 
     /// The config of this generation.
@@ -474,20 +503,22 @@ impl Delivery {
     }
 }
 
-/// One limiter per channel of `config`: taken over from `previous` for the channels named
-/// in `keep`, else restored from the saved counters (relay mode) or empty.
+/// One limiter per channel of `config`: shared with `previous` for every channel it has,
+/// changed or not (sessions begun before a reload keep sending over it: one window for
+/// both, or each generation would let the whole limit through; a change of the limits
+/// themselves is put in force by [`Delivery::apply`]), else restored from the saved
+/// counters (relay mode) or empty.
 fn limiters(
     config: &Config,
     counters: Option<&LocalState>,
     previous: Option<&Delivery>,
-    keep: &[String],
 ) -> Vec<Arc<Mutex<ChannelLimiter>>> {
     let now = now_ms();
     config
         .channels
         .iter()
         .map(|c| {
-            let kept = previous.filter(|_| keep.contains(&c.name)).and_then(|p| {
+            let kept = previous.and_then(|p| {
                 let id = p.config.channel_id(&c.name)?;
                 p.limiters.get(id).cloned()
             });
@@ -501,6 +532,24 @@ fn limiters(
             })
         })
         .collect()
+}
+
+/// The events of the log and those of a limiter in memory, each once (the log holds a
+/// limiter's events unless its last append is still on its way or failed).
+fn merge_events(logged: Vec<(u64, u64)>, in_memory: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut unmatched: std::collections::HashMap<(u64, u64), usize> =
+        std::collections::HashMap::new();
+    for event in &logged {
+        *unmatched.entry(*event).or_default() += 1;
+    }
+    let mut events = logged;
+    for event in in_memory {
+        match unmatched.get_mut(&event) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => events.push(event),
+        }
+    }
+    events
 }
 
 /// One flag per channel, all clear.
@@ -686,6 +735,80 @@ mod tests {
             .await;
         assert_eq!(reply, Reply::channel_limited("relay"));
         assert_eq!(record.txns().len(), 1);
+    }
+
+    /// Sessions begun before a reload finish with the old generation: a channel the reload
+    /// changed (here its password) must still draw from one rate window with the new
+    /// sessions, or both generations would each let the full rate through.
+    #[tokio::test]
+    async fn a_reload_that_changes_a_channel_keeps_one_rate_window_for_old_and_new_sessions() {
+        let rate = Rate {
+            count: 2,
+            per: Duration::from_secs(60),
+        };
+        let (old, record) = delivery(plain_fake(), |l| l.rate = Some(rate)).await;
+        let first = draft(&old, b"x\r\n").await;
+        let sent = old
+            .finish(first, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert!(sent.is_positive(), "{sent}");
+        let mut changed = (**old.config()).clone();
+        if let ChannelKind::Smtp(t) = &mut changed.channels[0].kind {
+            t.password = Some(crate::config::Secret::new("rotated"));
+        }
+        let changes = ChannelChanges {
+            changed: vec!["relay".into()],
+            ..Default::default()
+        };
+        let new = old.reload(Arc::new(changed), &changes).unwrap();
+        old.apply(&new, &changes).await;
+        // A session still on the old generation sends the second message of the window…
+        let second = draft(&old, b"x\r\n").await;
+        let sent = old
+            .finish(second, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert!(sent.is_positive(), "{sent}");
+        // …so a new session finds the window full.
+        let third = draft(&new, b"x\r\n").await;
+        let reply = new
+            .finish(third, 0, &envelope("a@example.com", &["b@example.org"]))
+            .await;
+        assert_eq!(reply, Reply::channel_limited("relay"));
+        assert_eq!(record.txns().len(), 2);
+    }
+
+    /// A reload that lowers a channel's rate applies it to the messages already counted,
+    /// for old and new sessions alike.
+    #[tokio::test]
+    async fn a_reload_that_lowers_a_rate_counts_what_was_sent_before_it() {
+        let rate = |count| Rate {
+            count,
+            per: Duration::from_secs(60),
+        };
+        let (old, record) = delivery(plain_fake(), |l| l.rate = Some(rate(5))).await;
+        for _ in 0..2 {
+            let d = draft(&old, b"x\r\n").await;
+            let sent = old
+                .finish(d, 0, &envelope("a@example.com", &["b@example.org"]))
+                .await;
+            assert!(sent.is_positive(), "{sent}");
+        }
+        let mut lowered = (**old.config()).clone();
+        lowered.channels[0].limits.rate = Some(rate(2));
+        let changes = ChannelChanges {
+            changed: vec!["relay".into()],
+            ..Default::default()
+        };
+        let new = old.reload(Arc::new(lowered), &changes).unwrap();
+        old.apply(&new, &changes).await;
+        for generation in [&old, &new] {
+            let d = draft(generation, b"x\r\n").await;
+            let reply = generation
+                .finish(d, 0, &envelope("a@example.com", &["b@example.org"]))
+                .await;
+            assert_eq!(reply, Reply::channel_limited("relay"));
+        }
+        assert_eq!(record.txns().len(), 2);
     }
 
     #[tokio::test]

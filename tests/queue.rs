@@ -1091,3 +1091,220 @@ async fn a_reload_before_the_workers_start_is_the_one_they_run_with() {
     assert!(old.sent().is_empty());
     running.stop().await;
 }
+
+/// Counts the transactions started (before any answer) and answers 250 after `delay`.
+struct Starts {
+    started: Mutex<Vec<String>>,
+    delay: Duration,
+}
+
+impl Starts {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Starts {
+            started: Mutex::new(Vec::new()),
+            delay,
+        })
+    }
+    fn count(&self) -> usize {
+        self.started.lock().unwrap().len()
+    }
+}
+
+impl Transport for Starts {
+    fn send<'a>(
+        &'a self,
+        _channel: ChannelId,
+        id: &'a str,
+        _envelope: &'a Envelope,
+        _body: Body<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(async move {
+            self.started.lock().unwrap().push(id.to_string());
+            tokio::time::sleep(self.delay).await;
+            ok()
+        })
+    }
+}
+
+fn changed(name: &str) -> mailgate::queue::ChannelChanges {
+    mailgate::queue::ChannelChanges {
+        changed: vec![name.to_string()],
+        ..Default::default()
+    }
+}
+
+/// A reload that changes a channel while its old worker still delivers a message: the new
+/// worker finds the message locked and tries again every second until the old one is
+/// done. Those tries send nothing, so they must not use up the channel's rate window.
+#[tokio::test]
+async fn a_message_locked_by_the_old_worker_does_not_use_up_the_new_workers_rate() {
+    locked_message_keeps_the_rate(None).await;
+}
+
+/// The same with the rate window kept in a shared Redis: the reservation is given back.
+#[tokio::test]
+async fn a_message_locked_by_the_old_worker_gives_back_its_shared_reservation() {
+    let server = mailgate::testkit::redis_server::RedisServer::start();
+    locked_message_keeps_the_rate(Some(server.settings("locked:"))).await;
+}
+
+async fn locked_message_keeps_the_rate(shared: Option<mailgate::config::RedisSettings>) {
+    use mailgate::queue::Generation;
+    let dir = tempfile::tempdir().unwrap();
+    let limited = Limits {
+        rate: Some(Rate {
+            count: 3,
+            per: Duration::from_secs(60),
+        }),
+        ..limits()
+    };
+    let mut config = config(dir.path(), vec![channel("a", limited)]);
+    let redis = shared.map(|settings| {
+        config.state = mailgate::config::StateBackend::Redis(settings.clone());
+        mailgate::state::shared::RedisState::new(&settings).unwrap()
+    });
+    let slow = Starts::new(Duration::from_millis(3500));
+    let q = Running::start(&config, slow.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || slow.count() == 1).await);
+    let fast = Starts::new(Duration::ZERO);
+    let generation = Generation {
+        config: Arc::new(config.clone()),
+        transport: fast.clone(),
+    };
+    q.queue.reconfigure(generation, &changed("a")).await;
+    // The old worker finishes its transaction; the message is gone from the spool.
+    assert!(wait_for(Duration::from_secs(8), || queued(&config) == 0).await);
+    assert_eq!(slow.count() + fast.count(), 1, "sent once");
+    // One message of the three the window allows was sent: two more go at once.
+    for _ in 0..2 {
+        assert_eq!(
+            q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+            250
+        );
+    }
+    assert!(
+        wait_for(Duration::from_secs(3), || fast.count() == 2).await,
+        "the second and third message of the window wait: {} sent",
+        fast.count()
+    );
+    if let Some(redis) = redis {
+        let counted = redis.events("a").await.unwrap();
+        assert_eq!(counted.len(), 3, "three messages sent: {counted:?}");
+    }
+    q.stop().await;
+}
+
+/// A reload that changes a channel while a transaction of its old worker takes longer
+/// than the shutdown grace: that transaction is not cut (the upstream may have taken the
+/// message already; cutting it would send it again), it finishes and counts.
+#[tokio::test]
+async fn a_reload_never_cuts_a_slow_transaction_so_the_message_is_sent_once() {
+    use mailgate::queue::Generation;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), vec![channel("a", limits())]);
+    let slow = Starts::new(mailgate::queue::worker::SHUTDOWN_GRACE + Duration::from_secs(3));
+    let q = Running::start(&config, slow.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || slow.count() == 1).await);
+    let fresh = Starts::new(Duration::ZERO);
+    let generation = Generation {
+        config: Arc::new(config.clone()),
+        transport: fresh.clone(),
+    };
+    q.queue.reconfigure(generation, &changed("a")).await;
+    let grace = mailgate::queue::worker::SHUTDOWN_GRACE + Duration::from_secs(8);
+    assert!(wait_for(grace, || queued(&config) == 0).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        (slow.count(), fresh.count()),
+        (1, 0),
+        "the message went once, over the old worker's transaction"
+    );
+    q.stop().await;
+}
+
+/// A removed channel's worker finishing its last transaction after the reload must not
+/// bring back the gauges the reload dropped.
+#[tokio::test]
+async fn a_removed_channels_last_transaction_does_not_bring_its_gauges_back() {
+    use mailgate::queue::{ChannelChanges, Generation};
+    let dir = tempfile::tempdir().unwrap();
+    let both = config(
+        dir.path(),
+        vec![
+            channel("gauge-gone", limits()),
+            channel("gauge-kept", limits()),
+        ],
+    );
+    let slow = Starts::new(Duration::from_millis(1500));
+    let q = Running::start(&both, slow.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(1), MESSAGE).await.code,
+        250
+    );
+    assert!(wait_for(Duration::from_secs(5), || slow.count() == 1).await);
+    let kept = Arc::new(config(dir.path(), vec![channel("gauge-kept", limits())]));
+    let removed = ChannelChanges {
+        removed: vec!["gauge-gone".into()],
+        unchanged: vec!["gauge-kept".into()],
+        ..Default::default()
+    };
+    let generation = Generation {
+        config: kept.clone(),
+        transport: slow.clone(),
+    };
+    q.queue.reconfigure(generation, &removed).await;
+    mailgate::metrics::global().declare_channels(&kept);
+    assert!(wait_for(Duration::from_secs(5), || queued(&both) == 0).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = mailgate::metrics::global().prometheus_text();
+    let gauge_of_gone = text.lines().any(|l| {
+        (l.starts_with("mailgate_queue_messages") || l.starts_with("mailgate_channel_state"))
+            && l.contains(r#"channel="gauge-gone""#)
+    });
+    assert!(!gauge_of_gone, "{text}");
+    assert!(text.contains(r#"mailgate_queue_messages{channel="gauge-kept"}"#));
+    q.stop().await;
+}
+
+/// A message with more recipients than one transaction takes goes out in parts; a part
+/// that went through is no deferral in the metrics.
+#[tokio::test]
+async fn a_message_sent_in_parts_counts_delivered_once_and_never_deferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = Limits {
+        max_recipients: Some(2),
+        ..limits()
+    };
+    let config = config(dir.path(), vec![channel("parts-count", two)]);
+    let fake = Fake::new(|_, _, _| ok());
+    let q = Running::start(&config, fake.clone());
+    assert_eq!(
+        q.submit(0, "s@example.com", &rcpts(5), MESSAGE).await.code,
+        250
+    );
+    let count = |outcome: &str| {
+        let series =
+            format!(r#"mailgate_messages_total{{channel="parts-count",outcome="{outcome}"}} "#);
+        mailgate::metrics::global()
+            .prometheus_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()).map(str::to_string))
+    };
+    // Counted once the spool is updated: after the message has left it.
+    assert!(
+        wait_for(Duration::from_secs(5), || count("delivered").is_some()).await,
+        "delivered counted"
+    );
+    assert_eq!(fake.sent().len(), 3, "2 + 2 + 1 recipients");
+    assert_eq!(count("delivered").as_deref(), Some("1"));
+    assert_eq!(count("deferred"), None, "parts that went through");
+    q.stop().await;
+}

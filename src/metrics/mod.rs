@@ -174,6 +174,9 @@ pub struct Metrics {
     refreshes: Family<RefreshLabels, Counter>,
     /// Channels that have gauge series (the families do not list their label sets).
     gauge_channels: Mutex<BTreeSet<String>>,
+    /// Channels a reload removed: their gauges stay gone, whatever a session begun before
+    /// the reload or a stopping worker still reports for them.
+    removed: Mutex<BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -226,6 +229,7 @@ impl Metrics {
             delivery,
             refreshes,
             gauge_channels: Mutex::default(),
+            removed: Mutex::default(),
         }
     }
 
@@ -238,6 +242,11 @@ impl Metrics {
         let gone: Vec<String> = lock(&self.gauge_channels)
             .extract_if(.., |n| !names.contains(&n.as_str()))
             .collect();
+        {
+            let mut removed = lock(&self.removed);
+            removed.retain(|n| !names.contains(&n.as_str()));
+            removed.extend(gone.iter().cloned());
+        }
         for channel in gone {
             self.queued.remove(&ChannelLabel {
                 channel: channel.clone(),
@@ -261,7 +270,7 @@ impl Metrics {
                 }));
             }
             if config.server.delivery == DeliveryMode::Queue {
-                self.note_gauge(&channel.name);
+                let _ = self.note_gauge(&channel.name);
                 drop(self.queued.get_or_create(&ChannelLabel {
                     channel: channel.name.clone(),
                 }));
@@ -272,11 +281,17 @@ impl Metrics {
         }
     }
 
-    fn note_gauge(&self, channel: &str) {
+    /// Notes that `channel` has gauges; false for a channel a reload removed (its gauges
+    /// are not set again).
+    fn note_gauge(&self, channel: &str) -> bool {
+        if lock(&self.removed).contains(channel) {
+            return false;
+        }
         let mut known = lock(&self.gauge_channels);
         if !known.contains(channel) {
             known.insert(channel.to_string());
         }
+        true
     }
 
     /// Counts one message outcome on `channel` (`""`: no channel was chosen).
@@ -291,7 +306,9 @@ impl Metrics {
 
     /// Sets the number of messages queued for `channel`.
     pub fn queued(&self, channel: &str, messages: usize) {
-        self.note_gauge(channel);
+        if !self.note_gauge(channel) {
+            return;
+        }
         self.queued
             .get_or_create(&ChannelLabel {
                 channel: channel.to_string(),
@@ -301,7 +318,9 @@ impl Metrics {
 
     /// Sets the current state of `channel`: 1 for it, 0 for the others.
     pub fn channel_state(&self, channel: &str, current: ChannelState) {
-        self.note_gauge(channel);
+        if !self.note_gauge(channel) {
+            return;
+        }
         for state in ChannelState::ALL {
             self.state
                 .get_or_create(&StateLabels {
@@ -561,6 +580,35 @@ mod tests {
         assert_eq!(
             sample(&text, r#"mailgate_queue_messages{channel="a"}"#),
             Some("3")
+        );
+    }
+
+    /// Relay mode: a session begun before the reload that removed its channel still
+    /// reports the channel's state; the removed channel's gauges stay gone, and come back
+    /// with the channel.
+    #[test]
+    fn a_removed_channel_gets_no_gauges_from_sessions_begun_before_the_reload() {
+        let m = Metrics::new();
+        let out = |name: &str| channel(name, ChannelKind::File { dir: "x".into() }, 1);
+        m.declare_channels(&config(vec![out("a"), out("b")]));
+        m.declare_channels(&config(vec![out("a")]));
+        m.channel_state("b", ChannelState::Broken);
+        m.queued("b", 2);
+        let text = m.prometheus_text();
+        assert!(!text.contains(r#"channel="b",state"#), "{text}");
+        assert!(
+            !text.contains(r#"mailgate_queue_messages{channel="b"}"#),
+            "{text}"
+        );
+        m.declare_channels(&config(vec![out("a"), out("b")]));
+        m.channel_state("b", ChannelState::Limited);
+        let text = m.prometheus_text();
+        assert_eq!(
+            sample(
+                &text,
+                r#"mailgate_channel_state{channel="b",state="limited"}"#
+            ),
+            Some("1")
         );
     }
 

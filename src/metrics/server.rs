@@ -42,6 +42,14 @@ pub struct Health {
     /// Where a probe file is written and removed: `spool_dir/tmp`, where messages are drafted.
     probe_dir: PathBuf,
     probes: AtomicU64,
+    /// A probe is running on the blocking pool. One that outlived its timeout (a hung
+    /// disk or NFS mount) still holds a thread there: no second one is started beside
+    /// it, or every scrape would take one more thread until the pool is exhausted.
+    probing: Arc<AtomicBool>,
+    /// What a probe does (a test makes it hang).
+    probe: fn(&Path) -> io::Result<()>,
+    /// How long a probe may take.
+    probe_timeout: Duration,
     /// `[state] backend = "redis"`: it must answer (limited channels wait while it does not).
     shared_state: Option<crate::state::shared::RedisState>,
     /// Cancelled at shutdown: read by `check` itself, so /healthz turns 503 the moment
@@ -56,6 +64,9 @@ impl Health {
             listening: AtomicBool::new(false),
             probe_dir: spool_dir.join("tmp"),
             probes: AtomicU64::new(0),
+            probing: Arc::new(AtomicBool::new(false)),
+            probe,
+            probe_timeout: PROBE_TIMEOUT,
             shared_state: None,
             shutdown: std::sync::OnceLock::new(),
         }
@@ -88,8 +99,18 @@ impl Health {
             .probe_dir
             .join(format!(".healthz-{}-{n}", std::process::id()));
         let shown = self.probe_dir.display().to_string();
-        let probe = tokio::task::spawn_blocking(move || probe(&path));
-        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        if self.probing.swap(true, Ordering::SeqCst) {
+            return Err(format!(
+                "spool check still running (an earlier one has not finished): {shown}"
+            ));
+        }
+        let (probing, run) = (self.probing.clone(), self.probe);
+        let probe = tokio::task::spawn_blocking(move || {
+            let result = run(&path);
+            probing.store(false, Ordering::SeqCst);
+            result
+        });
+        match tokio::time::timeout(self.probe_timeout, probe).await {
             Ok(Ok(Ok(()))) => match &self.shared_state {
                 // Bounded by the Redis call timeout.
                 Some(redis) => redis.ping().await.map_err(|e| {
@@ -105,7 +126,7 @@ impl Health {
             Ok(Err(e)) => Err(format!("spool check failed: {e}")),
             Err(_) => Err(format!(
                 "spool check timed out after {}s: {shown}",
-                PROBE_TIMEOUT.as_secs()
+                self.probe_timeout.as_secs()
             )),
         }
     }
@@ -314,5 +335,33 @@ mod tests {
         std::fs::write(&spool, b"not a folder").unwrap();
         let why = health.check().await.unwrap_err();
         assert!(why.starts_with("spool is not writable"), "{why}");
+    }
+
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+
+    fn hung_disk(_: &Path) -> io::Result<()> {
+        STARTED.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(600));
+        Ok(())
+    }
+
+    /// A spool on a hung disk: each check times out, and no more than one probe thread
+    /// waits on the disk, however often /healthz is asked.
+    #[tokio::test]
+    async fn a_hung_spool_probe_is_not_started_again_beside_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut health = Health::new(dir.path());
+        health.probe = hung_disk;
+        health.probe_timeout = Duration::from_millis(20);
+        health.set_listening(true);
+        for _ in 0..10 {
+            let why = health.check().await.unwrap_err();
+            assert!(why.contains("spool check"), "{why}");
+        }
+        assert_eq!(STARTED.load(Ordering::SeqCst), 1, "probes started");
+        // Once it has returned, the next check probes again.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let _ = health.check().await;
+        assert_eq!(STARTED.load(Ordering::SeqCst), 2);
     }
 }

@@ -15,7 +15,7 @@ use crate::upstream::{self, Body, Error, Outcome};
 
 use super::classify::{Verdict, backoff, classify_error, classify_refusal};
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
-use super::worker::{BUSY_RETRY_MS, ChannelEffect, Report, TRANSACTION_TIMEOUT};
+use super::worker::{BUSY_RETRY_MS, ChannelEffect, Counted, Report, TRANSACTION_TIMEOUT};
 use super::{Generation, Queue, dsn};
 
 /// One delivery step: one upstream transaction for up to `rcpts` pending recipients of
@@ -26,6 +26,9 @@ pub(super) struct Attempt {
     pub(super) generation: Generation,
     pub(super) channel: ChannelId,
     pub(super) rcpts: usize,
+    /// What the worker counted against the channel's windows for this attempt: taken
+    /// back when no transaction starts.
+    pub(super) counted: Option<Counted>,
 }
 
 enum Prepared {
@@ -48,14 +51,18 @@ impl Attempt {
                     next: None,
                     effect: ChannelEffect::None,
                     dsn: None,
+                    uncount: self.counted.clone(),
                 };
             }
+            // Someone else holds the message (the CLI, or the worker a reload replaced,
+            // still sending it): nothing was sent, so nothing counts.
             Ok(Ok(Prepared::Busy)) => {
                 return Report {
                     id,
                     next: Some((now_ms() + BUSY_RETRY_MS, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
+                    uncount: self.counted.clone(),
                 };
             }
             Ok(Err(e)) => {
@@ -65,6 +72,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
+                    uncount: self.counted.clone(),
                 };
             }
             Err(e) => {
@@ -74,6 +82,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect: ChannelEffect::None,
                     dsn: None,
+                    uncount: self.counted.clone(),
                 };
             }
         };
@@ -161,9 +170,14 @@ impl Attempt {
         }
 
         // What the message's state says now, counted once it is saved: a message left
-        // queued after a transaction was deferred; one with nothing pending is done.
+        // queued after a transaction was deferred when some recipient of that transaction
+        // still waits (a message sent in parts, every one taken, is no deferral); one with
+        // nothing pending is done.
         let fate = if state.pending() > 0 {
-            (!chunk.is_empty()).then_some(metrics::Outcome::Deferred)
+            chunk
+                .iter()
+                .any(|&i| state.recipients[i].status == RcptStatus::Pending)
+                .then_some(metrics::Outcome::Deferred)
         } else if state.failed() == 0 {
             Some(metrics::Outcome::Delivered)
         } else {
@@ -187,6 +201,7 @@ impl Attempt {
                     next,
                     effect,
                     dsn,
+                    uncount: None,
                 }
             }
             Ok(Err(e)) => {
@@ -196,6 +211,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect,
                     dsn: None,
+                    uncount: None,
                 }
             }
             Err(e) => {
@@ -205,6 +221,7 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect,
                     dsn: None,
+                    uncount: None,
                 }
             }
         }

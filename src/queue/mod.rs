@@ -287,6 +287,11 @@ impl Queue {
         self.workers().shutdown.is_cancelled()
     }
 
+    /// Cancelled when the proxy stops.
+    fn shutdown_token(&self) -> CancellationToken {
+        self.workers().shutdown.clone()
+    }
+
     /// Whether channel `name` has a worker now.
     fn has_worker(&self, name: &str) -> bool {
         self.workers().running.contains_key(name)

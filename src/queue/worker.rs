@@ -98,6 +98,18 @@ pub(super) struct Report {
     pub(super) effect: ChannelEffect,
     /// A DSN was queued on this channel: its id and recipient count.
     pub(super) dsn: Option<(String, usize)>,
+    /// No transaction started (the message was locked or gone): what the worker counted
+    /// against the channel's windows for it, to take back.
+    pub(super) uncount: Option<Counted>,
+}
+
+/// What a transaction was counted as against its channel's windows when it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Counted {
+    /// In the local counters: (unix ms, recipients).
+    Local(u64, u64),
+    /// In the shared backend: the reservation's token.
+    Shared(String),
 }
 
 /// The scheduler of one channel.
@@ -272,7 +284,24 @@ impl ChannelTask {
         // Stopped by a reload rather than the proxy's shutdown: the channel's health is
         // its successor's now (or the channel is gone), so the last reports do not set it.
         let superseded = !self.queue.shutting_down();
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        // A transaction cut short may have been taken by the upstream already and would be
+        // sent again: a reload lets it finish (each is bounded by TRANSACTION_TIMEOUT);
+        // only the proxy's shutdown cuts it, after SHUTDOWN_GRACE.
+        let stopping = self.queue.shutdown_token();
+        let limit = async move {
+            if superseded {
+                tokio::select! {
+                    _ = tokio::time::sleep(TRANSACTION_TIMEOUT) => {}
+                    _ = async {
+                        stopping.cancelled().await;
+                        tokio::time::sleep(SHUTDOWN_GRACE).await;
+                    } => {}
+                }
+            } else {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            }
+        };
+        let drain = async {
             while let Some(done) = deliveries.join_next().await {
                 if let Ok(mut report) = done {
                     self.tell_successor(&report);
@@ -282,13 +311,20 @@ impl ChannelTask {
                     self.apply(report).await;
                 }
             }
-        })
-        .await;
-        if drained.is_err() {
+        };
+        let drained = tokio::select! {
+            _ = drain => true,
+            _ = limit => false,
+        };
+        if !drained {
             tracing::warn!(channel = %self.name, "queue: shutdown interrupted transactions in flight; they will be retried");
             deliveries.abort_all();
         }
-        self.publish();
+        // A successor (or, for a removed channel, nobody) owns the channel's gauges now:
+        // this worker's last view would overwrite them or bring a removed channel back.
+        if !superseded {
+            self.publish();
+        }
     }
 
     /// The channel's queue depth and state, for the metrics.
@@ -549,7 +585,8 @@ impl ChannelTask {
             Health::Ok => {}
         }
         // Shared backend: reserved in batches ahead of the loop that starts them.
-        let mut reserved: HashSet<String> = HashSet::new();
+        // Message id → its reservation's token.
+        let mut reserved: HashMap<String, String> = HashMap::new();
         let mut refused: Option<(String, Reserved)> = None;
         while self.in_flight.len() < self.connections {
             let (due, id) = self.due.first().cloned()?;
@@ -558,6 +595,7 @@ impl ChannelTask {
             }
             let pending = self.entries[&id].1;
             let rcpts = pending.min(self.chunk);
+            let mut counted = None;
             let limits = &self.generation.config.channels[self.channel].limits;
             if rcpts > 0
                 && let Some(view) = &self.shared
@@ -580,7 +618,12 @@ impl ChannelTask {
                     let counts: Vec<u64> = batch.iter().map(|b| b.1).collect();
                     match view.redis.reserve_many(&self.name, limits, &counts).await {
                         Ok((granted, refusal)) => {
-                            reserved.extend(batch.iter().take(granted.len()).map(|b| b.0.clone()));
+                            reserved.extend(
+                                batch
+                                    .iter()
+                                    .map(|b| b.0.clone())
+                                    .zip(granted.iter().cloned()),
+                            );
                             refused = refusal
                                 .and_then(|r| Some((batch.get(granted.len())?.0.clone(), r)));
                         }
@@ -589,7 +632,9 @@ impl ChannelTask {
                     }
                     now = now_ms();
                 }
-                if !reserved.remove(&id) {
+                if let Some(token) = reserved.remove(&id) {
+                    counted = Some(Counted::Shared(token));
+                } else {
                     match refused.take() {
                         Some((refused_id, Reserved::Never)) if refused_id == id => {
                             tracing::error!(id, channel = %self.name, rcpts, "queue: the channel's limits can never take this transaction; holding it an hour");
@@ -630,6 +675,7 @@ impl ChannelTask {
                     tracing::warn!(id, channel = %self.name, error = %e, retry_ms = STATE_RETRY_MS, "queue: cannot persist rate counters; deferring");
                     return Some(now + STATE_RETRY_MS);
                 }
+                counted = Some(Counted::Local(now, rcpts as u64));
             }
             self.due.remove(&(due, id.clone()));
             self.entries.remove(&id);
@@ -639,6 +685,7 @@ impl ChannelTask {
                 generation: self.generation.clone(),
                 channel: self.channel,
                 rcpts,
+                counted,
             };
             deliveries.spawn(attempt.run(id));
         }
@@ -647,6 +694,23 @@ impl ChannelTask {
 
     async fn apply(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
+        let taken_back = match (&report.uncount, &self.queue.state, &self.shared) {
+            (Some(Counted::Local(at_ms, rcpts)), Backend::Local(local), _) => {
+                match &mut self.counters {
+                    Some(counters) => counters
+                        .unrecord(local, *at_ms, *rcpts)
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            }
+            (Some(Counted::Shared(token)), _, Some(view)) => {
+                view.redis.release(&self.name, token).await.map_err(|e| e.0)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = taken_back {
+            tracing::warn!(id = report.id, channel = %self.name, error = %e, "queue: cannot take back a count of the rate counters");
+        }
         if let Some((due, pending)) = report.next {
             self.schedule(report.id.clone(), due, pending);
         } else {

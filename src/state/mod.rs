@@ -452,6 +452,19 @@ impl Counters {
         Ok(())
     }
 
+    /// Takes back a transaction counted by [`Counters::record`] at `at_ms` that never
+    /// started (its message was locked or gone): in the log, then in memory.
+    pub fn unrecord(&mut self, state: &LocalState, at_ms: u64, recipients: u64) -> io::Result<()> {
+        state.append_event(&self.channel, at_ms, recipients, true)?;
+        if let Some(limiter) = &mut self.limiter {
+            limiter.unrecord(at_ms, recipients);
+        }
+        if let Some(i) = self.events.iter().rposition(|&e| e == (at_ms, recipients)) {
+            self.events.remove(i);
+        }
+        Ok(())
+    }
+
     /// The counted transactions still inside the windows, oldest first, as (unix ms, recipients).
     pub fn events(&self) -> Vec<(u64, u64)> {
         self.events.iter().copied().collect()

@@ -42,7 +42,10 @@ pub(super) struct GraphChannel {
     pub(super) name: String,
     target: GraphTarget,
     client: reqwest::Client,
-    permits: Arc<Semaphore>,
+    /// One per request in flight; shared like an SMTP channel's slots (see `pool.rs`).
+    pub(super) permits: Arc<Semaphore>,
+    /// The channel's `connections`: the size of `permits`.
+    pub(super) connections: usize,
     max_message_size: Option<u64>,
     pub(super) token: Option<ChannelToken>,
 }
@@ -81,6 +84,7 @@ impl GraphChannel {
             target: target.clone(),
             client,
             permits: Arc::new(Semaphore::new(connections.max(1))),
+            connections,
             max_message_size,
             token: None,
         })

@@ -143,13 +143,13 @@ impl Upstreams {
         let tokens = crate::oauth::Tokens::new(config)?;
         let mut channels = Vec::with_capacity(config.channels.len());
         for (id, channel) in config.channels.iter().enumerate() {
-            let kept = previous
-                .filter(|_| keep.contains(&channel.name))
-                .and_then(|p| p.channels.iter().find(|t| t.name() == channel.name));
-            if let Some(kept) = kept {
+            let before =
+                previous.and_then(|p| p.channels.iter().find(|t| t.name() == channel.name));
+            if let Some(kept) = before.filter(|_| keep.contains(&channel.name)) {
                 channels.push(kept.clone());
                 continue;
             }
+            let connections = channel.limits.connections;
             let transport = match &channel.kind {
                 ChannelKind::File { dir } => Transport::File {
                     name: channel.name.clone(),
@@ -178,6 +178,22 @@ impl Upstreams {
                     Transport::Graph(Box::new(graph))
                 }
             };
+            let mut transport = transport;
+            // A changed channel: the old transport's connections in flight (the worker a
+            // reload replaced, sessions begun before it) count against the same limit.
+            match (&mut transport, before.map(|b| &**b)) {
+                (Transport::Smtp(new), Some(Transport::Smtp(old)))
+                    if old.connections == connections =>
+                {
+                    new.slots = old.slots.clone();
+                }
+                (Transport::Graph(new), Some(Transport::Graph(old)))
+                    if old.connections == connections =>
+                {
+                    new.permits = old.permits.clone();
+                }
+                _ => {}
+            }
             channels.push(Arc::new(transport));
         }
         Ok(Upstreams {
@@ -304,12 +320,14 @@ impl Upstreams {
     }
 
     /// [`Upstreams::close_idle`] but for the channels named in `keep` (a reload: the
-    /// transports the next generation did not take over).
+    /// transports the next generation did not take over, which from now on close the
+    /// connections that come back rather than pool them).
     pub async fn close_idle_except(&self, keep: &[String]) {
         for transport in &self.channels {
             if let Transport::Smtp(ch) = &**transport
                 && !keep.contains(&ch.name)
             {
+                ch.retire();
                 ch.quit_idle().await;
             }
         }

@@ -2,7 +2,7 @@
 //! semaphore so that never more than the channel's `connections` are open at once
 //! (lettre's own pool caps idle connections only).
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,15 @@ pub(super) struct SmtpChannel {
     /// `starttls.rs`), so a TLS failure is told apart from a refused TCP connection
     /// and the negotiated version can be reported.
     pub(super) tls: Option<TlsConnector>,
-    /// One permit per open connection, idle or busy.
+    /// One permit per open connection, idle or busy; shared with the channel's next
+    /// transport when a reload changes the channel but not its `connections`, so the
+    /// old transport's connections in flight count against the same limit.
     pub(super) slots: Arc<Semaphore>,
+    /// The channel's `connections`: the size of `slots`.
+    pub(super) connections: usize,
+    /// A reload replaced this transport: a connection coming back is closed, not pooled
+    /// (idle here, it would hold a slot the next transport needs).
+    pub(super) retired: AtomicBool,
     /// The access-token cache of an XOAUTH2 channel (shared with nothing else: one
     /// [`Upstreams`](super::Upstreams) per process serves both delivery modes).
     pub(super) token: Option<crate::oauth::ChannelToken>,
@@ -67,6 +74,8 @@ impl SmtpChannel {
             hello,
             tls,
             slots: Arc::new(Semaphore::new(connections.max(1))),
+            connections,
+            retired: AtomicBool::new(false),
             token: None,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
@@ -101,8 +110,26 @@ impl SmtpChannel {
     pub(super) fn checkin(&self, mut conn: Conn) {
         conn.since = Instant::now();
         conn.unchecked = false;
-        self.idle().push(conn);
-        self.returned.notify_one();
+        {
+            // Under the lock `retire` sets the flag with: no connection slips in after it.
+            let mut idle = self.idle();
+            if !self.retired.load(Ordering::SeqCst) {
+                idle.push(conn);
+                drop(idle);
+                self.returned.notify_one();
+                return;
+            }
+        }
+        // Its slot goes back once QUIT is said (or the connection is found gone).
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.smtp.command(Quit)).await;
+        });
+    }
+
+    /// A reload replaced this transport: from now on connections are not pooled here.
+    pub(super) fn retire(&self) {
+        let _idle = self.idle();
+        self.retired.store(true, Ordering::SeqCst);
     }
 }
 
