@@ -57,169 +57,19 @@ pub enum Reserved {
 /// order. Reserves them one by one until one does not fit. Returns
 /// `{0, "", member…}` when all fit, else `{1, wait_ms, member…}` or `{2, "", member…}`
 /// (never fits) for the first that did not, with the members of those reserved before it.
-const RESERVE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local count, per, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local day = 86400000
-local function rcpts(m) return tonumber(string.match(m, '^%d+:(%d+):')) end
-local used = 0
-if count > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - per)
-end
-if limit >= 0 then
-  local gone = 0
-  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - day)
-  if #old > 0 then
-    for _, m in ipairs(old) do gone = gone + rcpts(m) end
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - day)
-  end
-  local sum = redis.call('GET', KEYS[3])
-  if redis.call('EXISTS', KEYS[2]) == 0 then
-    -- No send is left in the day, whatever a counter that outlived them says.
-    if sum then redis.call('DEL', KEYS[3]) end
-  elseif not sum then
-    -- The counter is gone (evicted): count the sends again.
-    for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do used = used + rcpts(m) end
-    local ttl = redis.call('PTTL', KEYS[2])
-    redis.call('SET', KEYS[3], used, 'PX', ttl > 0 and ttl or day)
-  else
-    used = tonumber(sum) - gone
-    if used < 0 then used = 0 end
-    -- KEEPTTL: the counter expires with the sends it counts, never after them.
-    if #old > 0 then redis.call('SET', KEYS[3], used, 'KEEPTTL') end
-  end
-end
-local out = {0, ''}
-for i = 5, #ARGV do
-  local n = tonumber(ARGV[i])
-  if count == 0 or (limit >= 0 and n > limit) then
-    out[1] = 2
-    return out
-  end
-  local earliest = now
-  if count > 0 then
-    local inw = redis.call('ZCARD', KEYS[1])
-    if inw >= count then
-      local e = redis.call('ZRANGE', KEYS[1], inw - count, inw - count, 'WITHSCORES')
-      earliest = math.max(earliest, tonumber(e[2]) + per)
-    end
-  end
-  if limit >= 0 and used + n > limit then
-    local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-    -- Counted from the sends themselves before anything waits (or, worse, is let
-    -- through because no send's leaving would make room): the counter only caches this.
-    local real = 0
-    for j = 1, #all, 2 do real = real + rcpts(all[j]) end
-    if real ~= used then
-      used = real
-      redis.call('SET', KEYS[3], used, 'KEEPTTL')
-    end
-    local left = used
-    if left + n > limit then
-      for j = 1, #all, 2 do
-        left = left - rcpts(all[j])
-        if left + n <= limit then
-          earliest = math.max(earliest, tonumber(all[j + 1]) + day)
-          break
-        end
-      end
-    end
-  end
-  if earliest > now then
-    out[1] = 1
-    out[2] = string.format('%d', earliest - now)
-    return out
-  end
-  local member = string.format('%d', now) .. ':' .. string.format('%d', n) .. ':' .. ARGV[4] .. i
-  if count > 0 then
-    redis.call('ZADD', KEYS[1], now, member)
-    redis.call('PEXPIRE', KEYS[1], per)
-  end
-  if limit >= 0 and n > 0 then
-    redis.call('ZADD', KEYS[2], now, member)
-    used = used + n
-    redis.call('SET', KEYS[3], used, 'PX', day)
-    redis.call('PEXPIRE', KEYS[2], day)
-  end
-  out[#out + 1] = member
-end
-return out
-"#;
+const RESERVE: &str = include_str!("lua/reserve.lua");
 
-const RELEASE: &str = r#"
-redis.call('ZREM', KEYS[1], ARGV[1])
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
-  local n = tonumber(string.match(ARGV[1], '^%d+:(%d+):'))
-  if tonumber(redis.call('GET', KEYS[3]) or '0') >= n then
-    redis.call('DECRBY', KEYS[3], n)
-  end
-end
-return 1
-"#;
+const RELEASE: &str = include_str!("lua/release.lua");
 
 /// `state import`. KEYS: rate, day, daysum. ARGV: rate window ms (-1: none), 1 if the
 /// channel counts recipients per day, then (unix ms, recipients) pairs. Adds each send
 /// still inside a window (on Redis's clock) unless the window already holds it, so the
 /// sends other hosts made meanwhile stay counted and importing twice counts nothing
 /// twice; each key then expires when its last send leaves its window.
-const IMPORT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local per, perday = tonumber(ARGV[1]), tonumber(ARGV[2])
-local day = 86400000
-local function rcpts(m) return tonumber(string.match(m, '^%d+:(%d+):')) end
-local occurrences = {}
-local function add(key, at, n, k)
-  local prefix = string.format('%d', at) .. ':' .. string.format('%d', n) .. ':'
-  local have = 0
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, at, at)) do
-    if string.sub(m, 1, #prefix) == prefix then have = have + 1 end
-  end
-  if have <= k then redis.call('ZADD', key, at, prefix .. 'import' .. k) end
-end
-local function expire(key, want)
-  local ttl = redis.call('PTTL', key)
-  if ttl == -2 then return end
-  if ttl < want then redis.call('PEXPIRE', key, want) end
-end
-local rate_until, day_until = 0, 0
-for i = 3, #ARGV, 2 do
-  local at, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  local id = ARGV[i] .. ':' .. ARGV[i + 1]
-  local k = occurrences[id] or 0
-  occurrences[id] = k + 1
-  -- A send "later than now" comes from a host whose clock is ahead: it still counts.
-  if per >= 0 and at + per > now then
-    add(KEYS[1], at, n, k)
-    rate_until = math.max(rate_until, at + per)
-  end
-  if perday == 1 and n > 0 and at + day > now then
-    add(KEYS[2], at, n, k)
-    day_until = math.max(day_until, at + day)
-  end
-end
-if rate_until > now then expire(KEYS[1], rate_until - now) end
-if perday == 1 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - day)
-  local sum = 0
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do sum = sum + rcpts(m) end
-  if sum > 0 then
-    if day_until > now then expire(KEYS[2], day_until - now) end
-    local ttl = redis.call('PTTL', KEYS[2])
-    redis.call('SET', KEYS[3], sum, 'PX', ttl > 0 and ttl or day)
-  else
-    redis.call('DEL', KEYS[3])
-  end
-end
-return 1
-"#;
+const IMPORT: &str = include_str!("lua/import.lua");
 
 /// Deletes the lock only if it is still ours (it may have expired and been taken).
-const UNLOCK: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
+const UNLOCK: &str = include_str!("lua/unlock.lua");
 
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
