@@ -35,7 +35,7 @@ use toml_edit::ImDocument;
 
 pub use model::*;
 pub use secrets::Secret;
-pub use values::parse_listen;
+pub use values::{host_lacks_ipv6, parse_listen};
 
 use reader::{Expect, Keys, Reader, Section};
 

@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, host_lacks_ipv6};
 use crate::delivery::Delivery;
 use crate::reply::Reply;
 use crate::smtp::session::{self, BoxStream, SessionCtx};
@@ -68,15 +68,6 @@ pub async fn bind(config: &Config) -> Result<Vec<Bound>, String> {
         return Err("no listener could be bound".to_string());
     }
     Ok(bound)
-}
-
-/// Binding an IPv6 address failed because the host has no IPv6 there: the address is
-/// missing (`EADDRNOTAVAIL`, e.g. IPv6 disabled on the interface) or the kernel has no
-/// IPv6 at all (`EAFNOSUPPORT`, which std does not map to an `ErrorKind`).
-pub(crate) fn host_lacks_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
-    addr.is_ipv6()
-        && (e.kind() == std::io::ErrorKind::AddrNotAvailable
-            || e.raw_os_error() == Some(libc::EAFNOSUPPORT))
 }
 
 /// What a new session starts with: the current config, its delivery and TLS acceptor. A

@@ -134,6 +134,15 @@ pub fn parse_listen(text: &str) -> Result<Vec<SocketAddr>, String> {
     ))
 }
 
+/// Binding an IPv6 address failed because the host has no IPv6 there: the address is
+/// missing (`EADDRNOTAVAIL`, e.g. IPv6 disabled on the interface) or the kernel has no
+/// IPv6 at all (`EAFNOSUPPORT`, which std does not map to an `ErrorKind`).
+pub fn host_lacks_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
+    addr.is_ipv6()
+        && (e.kind() == std::io::ErrorKind::AddrNotAvailable
+            || e.raw_os_error() == Some(libc::EAFNOSUPPORT))
+}
+
 /// A network in CIDR form, or a single address.
 pub(super) fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
     text.parse::<ipnet::IpNet>()

@@ -165,7 +165,7 @@ impl MetricsServer {
         for addr in listen {
             match TcpListener::bind(addr).await {
                 Ok(listener) => listeners.push(listener),
-                Err(e) if addr.is_ipv6() && crate::listener::host_lacks_ipv6(addr, &e) => {
+                Err(e) if addr.is_ipv6() && crate::config::host_lacks_ipv6(addr, &e) => {
                     tracing::warn!(
                         "skipping metrics address {addr}: this host has no such address ({e})"
                     );
