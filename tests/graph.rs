@@ -499,41 +499,39 @@ async fn test_channel_checks_the_mailbox_and_sends_nothing() {
     }
 }
 
-/// SPEC §7 "Fallback": an SMTP channel whose upstream starts answering `535 5.7.139`
-/// (SMTP AUTH disabled for the tenant) hands its queued and new mail to a graph channel.
-#[tokio::test]
-async fn an_smtp_channel_refused_535_5_7_139_hands_its_mail_to_the_graph_fallback() {
-    use mailgate::testkit::fake_smtp;
-    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
-        data_script: vec![
-            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
-        ],
-        ..fake_smtp::plain_fake()
-    })
-    .await;
-    let mut smtp = mailgate::testkit::config::channel(
-        "alice",
+/// What Microsoft 365 answers once SMTP AUTH is switched off for the tenant.
+const AUTH_DISABLED: &str =
+    "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant";
+
+/// A plain SMTP channel to a local fake, scoped to `MAILBOX` like the graph channel.
+fn smtp_channel(name: &str, port: u16) -> Channel {
+    let mut c = mailgate::testkit::config::channel(
+        name,
         ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
             port,
             mailgate::config::TlsMode::None,
         )),
         2,
     );
-    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    c.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    c
+}
+
+/// SPEC §7 "Fallback": an SMTP channel whose upstream starts answering `535 5.7.139`
+/// (SMTP AUTH disabled for the tenant) hands its queued and new mail to a graph channel.
+#[tokio::test]
+async fn an_smtp_channel_refused_535_5_7_139_hands_its_mail_to_the_graph_fallback() {
+    use mailgate::testkit::fake_smtp;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_script: vec![AUTH_DISABLED],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let smtp = smtp_channel("alice", port);
     let s = setup_with(DeliveryMode::Queue, vec![smtp], &[("alice", "dave")]).await;
-    let (alice, delivery, config) = (s.id("alice"), s.delivery.clone(), s.config.clone());
     let submit = |to: &'static str| {
-        let delivery = delivery.clone();
-        async move {
-            let mut draft = delivery.begin().await.unwrap();
-            draft.write(&message(to)).await.unwrap();
-            let envelope = Envelope {
-                sender: MAILBOX.into(),
-                recipients: vec![to.into()],
-                ..Default::default()
-            };
-            delivery.finish(draft, alice, &envelope).await
-        }
+        let s = &s;
+        async move { s.submit_to("alice", MAILBOX, &[to], &message(to)).await }
     };
     let first = submit("bob@example.org").await;
     assert!(first.text.starts_with("queued as"), "{first}");
@@ -545,7 +543,7 @@ async fn an_smtp_channel_refused_535_5_7_139_hands_its_mail_to_the_graph_fallbac
     assert!(second.text.starts_with("queued as"), "{second}");
     assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 2).await);
     let health = std::fs::read_to_string(
-        config
+        s.config
             .server
             .spool_dir
             .join("state")
@@ -556,7 +554,7 @@ async fn an_smtp_channel_refused_535_5_7_139_hands_its_mail_to_the_graph_fallbac
     assert!(wait_for(Duration::from_secs(5), || s.spool_files("queue").is_empty()).await);
     // The tenant allows SMTP AUTH again (the fake's script is spent): after `queue retry
     // --all` (or a reload, or a restart) mail returns to the first channel.
-    delivery.resume_queue();
+    s.delivery.resume_queue();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let third = submit("erin@example.org").await;
     assert!(third.text.starts_with("queued as"), "{third}");
@@ -572,15 +570,7 @@ async fn relay_mode_hands_over_to_the_fallback_at_once() {
         ..fake_smtp::plain_fake()
     })
     .await;
-    let mut smtp = mailgate::testkit::config::channel(
-        "alice",
-        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
-            port,
-            mailgate::config::TlsMode::None,
-        )),
-        2,
-    );
-    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let smtp = smtp_channel("alice", port);
     let s = setup_with(DeliveryMode::Relay, vec![smtp], &[("alice", "dave")]).await;
     let body = message("bob@example.org");
     let reply = s
@@ -613,22 +603,11 @@ async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_gr
     // switches SMTP AUTH off and the channel hands its mail to the graph fallback.
     let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
         replies: vec![("RCPT TO:<carol@", "451 4.2.0 try again later")],
-        data_script: vec![
-            "250 2.0.0 Ok",
-            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
-        ],
+        data_script: vec!["250 2.0.0 Ok", AUTH_DISABLED],
         ..fake_smtp::plain_fake()
     })
     .await;
-    let mut smtp = mailgate::testkit::config::channel(
-        "alice",
-        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
-            port,
-            mailgate::config::TlsMode::None,
-        )),
-        2,
-    );
-    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let smtp = smtp_channel("alice", port);
     let s = setup_with(DeliveryMode::Queue, vec![smtp], &[("alice", "dave")]).await;
     let both = message("bob@example.org, carol@example.org");
     let first = s
@@ -671,29 +650,15 @@ async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_gr
 async fn mail_handed_along_a_fallback_chain_reaches_its_end() {
     use mailgate::testkit::fake_smtp;
     let refusing = || fake_smtp::Fake {
-        data_script: vec![
-            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
-        ],
+        data_script: vec![AUTH_DISABLED],
         ..fake_smtp::plain_fake()
     };
     let (port_a, up_a) = fake_smtp::start(refusing()).await;
     let (port_b, up_b) = fake_smtp::start(refusing()).await;
-    let smtp = |name: &str, port| {
-        let mut c = mailgate::testkit::config::channel(
-            name,
-            ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
-                port,
-                mailgate::config::TlsMode::None,
-            )),
-            2,
-        );
-        c.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
-        c
-    };
     // alice -> bravo -> dave (graph); bravo's provider refuses it first.
     let s = setup_with(
         DeliveryMode::Queue,
-        vec![smtp("alice", port_a), smtp("bravo", port_b)],
+        vec![smtp_channel("alice", port_a), smtp_channel("bravo", port_b)],
         &[("alice", "bravo"), ("bravo", "dave")],
     )
     .await;
@@ -730,19 +695,11 @@ async fn mail_handed_along_a_fallback_chain_reaches_its_end() {
 async fn a_reload_ends_the_hand_over_to_the_fallback() {
     use mailgate::testkit::fake_smtp;
     let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
-        data_script: vec!["535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant"],
+        data_script: vec![AUTH_DISABLED],
         ..fake_smtp::plain_fake()
     })
     .await;
-    let mut smtp = mailgate::testkit::config::channel(
-        "alice",
-        ChannelKind::Smtp(mailgate::testkit::config::smtp_target(
-            port,
-            mailgate::config::TlsMode::None,
-        )),
-        2,
-    );
-    smtp.scope = vec![mailgate::config::SenderPattern::Exact(MAILBOX.into())];
+    let smtp = smtp_channel("alice", port);
     let s = setup_with(DeliveryMode::Queue, vec![smtp], &[("alice", "dave")]).await;
     let alice = s.id("alice");
     let submit = |delivery: Arc<Delivery>, to: &'static str| async move {

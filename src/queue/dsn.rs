@@ -162,12 +162,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn report_structure() {
-        let failed = vec![(
-            "bob@example.org".to_string(),
-            "550 5.1.1 User\r\nunknown".to_string(),
-        )];
+    /// A report to alice for `failed`, one second after arrival.
+    fn report(failed: &[(String, String)], headers: &[u8], boundary: &str) -> String {
         let dsn = build(&DsnInput {
             hostname: "mx.test",
             original_id: "abc",
@@ -175,11 +171,20 @@ mod tests {
             from: "MAILER-DAEMON@example.com",
             arrival_ms: 0,
             now_ms: 1000,
-            failed: &failed,
-            headers: b"Subject: hi\r\nFrom: alice@example.com\r\n",
-            boundary: "42",
+            failed,
+            headers,
+            boundary,
         });
-        let text = String::from_utf8(dsn).unwrap();
+        String::from_utf8(dsn).unwrap()
+    }
+
+    #[test]
+    fn report_structure() {
+        let failed = vec![(
+            "bob@example.org".to_string(),
+            "550 5.1.1 User\r\nunknown".to_string(),
+        )];
+        let text = report(&failed, b"Subject: hi\r\nFrom: alice@example.com\r\n", "42");
         let parsed = mail_parser::MessageParser::default()
             .parse(text.as_bytes())
             .unwrap();
@@ -208,18 +213,7 @@ mod tests {
             "550 5.1.1 Benutzer unbekannt: Müller".to_string(),
         )];
         let headers = "Subject: Grüße\r\n".as_bytes();
-        let dsn = build(&DsnInput {
-            hostname: "mx.test",
-            original_id: "abc",
-            to: "alice@example.com",
-            from: "MAILER-DAEMON@example.com",
-            arrival_ms: 0,
-            now_ms: 1000,
-            failed: &failed,
-            headers,
-            boundary: "7",
-        });
-        let text = String::from_utf8(dsn).unwrap();
+        let text = report(&failed, headers, "7");
         assert!(text.contains(
             "Content-Type: message/delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n"
         ));

@@ -2,6 +2,14 @@
 
 use super::*;
 
+/// A graph channel sending as partner's mailbox; its token is never fetched here.
+fn partner_graph() -> crate::config::ChannelKind {
+    crate::config::ChannelKind::Graph(crate::config::GraphTarget {
+        mailbox: "x@partner.test".into(),
+        oauth: crate::config::oauth::placeholder_for_tests(),
+    })
+}
+
 #[tokio::test]
 async fn legacy_syntax_is_accepted() {
     let h = Harness::new("");
@@ -126,11 +134,7 @@ async fn queue_mode_takes_no_more_recipients_than_one_graph_request() {
         config.server.delivery = crate::config::DeliveryMode::Queue;
         config.server.max_recipients = 10;
         let partner = config.channel_id("partner").unwrap();
-        config.channels[partner].kind =
-            crate::config::ChannelKind::Graph(crate::config::GraphTarget {
-                mailbox: "x@partner.test".into(),
-                oauth: crate::config::oauth::placeholder_for_tests(),
-            });
+        config.channels[partner].kind = partner_graph();
         config
     });
     let mut c = h.connect().await;
@@ -158,10 +162,7 @@ async fn relay_mode_takes_no_more_recipients_than_a_graph_fallback_can() {
         let partner = config.channel_id("partner").unwrap();
         let mut graph = config.channels[partner].clone();
         graph.name = "partner-graph".into();
-        graph.kind = crate::config::ChannelKind::Graph(crate::config::GraphTarget {
-            mailbox: "x@partner.test".into(),
-            oauth: crate::config::oauth::placeholder_for_tests(),
-        });
+        graph.kind = partner_graph();
         config.channels[partner].limits.max_recipients = None;
         config.channels.push(graph);
         config.channels[partner].fallback = Some(config.channels.len() - 1);
@@ -319,11 +320,7 @@ async fn a_quoted_local_part_cannot_smuggle_brackets_or_line_breaks() {
 async fn a_quoted_recipient_is_refused_at_rcpt_when_graph_may_carry_the_message() {
     let h = Harness::with("", |mut config| {
         let partner = config.channel_id("partner").unwrap();
-        config.channels[partner].kind =
-            crate::config::ChannelKind::Graph(crate::config::GraphTarget {
-                mailbox: "x@partner.test".into(),
-                oauth: crate::config::oauth::placeholder_for_tests(),
-            });
+        config.channels[partner].kind = partner_graph();
         config
     });
     let mut c = h.connect().await;
