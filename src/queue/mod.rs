@@ -26,7 +26,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -148,12 +147,7 @@ impl Queue {
         spool
             .create_dirs()
             .map_err(|e| format!("spool {root}: {e}"))?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(crate::fsutil::FILE_MODE)
-            .open(spool.root.join("lock"))
+        let lock = crate::fsutil::open_lock(&spool.root.join("lock"))
             .map_err(|e| format!("spool {root}: {e}"))?;
         match lock.try_lock() {
             Ok(()) => {}

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 
 use serde::{Deserialize, Serialize};
 
@@ -163,12 +162,7 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
 fn lock_spool(config: &Config) -> Result<File, String> {
     let root = &config.server.spool_dir;
     crate::fsutil::private_dir(root).map_err(|e| format!("spool {}: {e}", root.display()))?;
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(crate::fsutil::FILE_MODE)
-        .open(root.join("lock"))
+    let lock = crate::fsutil::open_lock(&root.join("lock"))
         .map_err(|e| format!("spool {}: {e}", root.display()))?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
