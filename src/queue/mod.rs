@@ -164,12 +164,7 @@ impl Queue {
         if removed > 0 {
             tracing::info!(removed, spool = %root, "spool: removed files of messages never acknowledged");
         }
-        let state = match &config.state {
-            crate::config::StateBackend::Local => {
-                Backend::Local(crate::state::LocalState::new(&spool.root))
-            }
-            _ => Backend::of(&config)?,
-        };
+        let state = Backend::of(&config)?;
         Ok(Arc::new(Queue {
             spool,
             state,
