@@ -36,6 +36,17 @@ pub fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens (creating, mode 0600) the spool's lock file `path`, untruncated, for `try_lock`:
+/// the proxy, `queue` and `state import` must all lock the same file the same way.
+pub fn open_lock(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
 /// Writes `target` atomically through the temporary file `tmp` (same filesystem):
 /// `fill` writes it (mode 0600), it is fsync'd and renamed to `target`, then
 /// `target`'s directory is fsync'd. On failure `tmp` is removed and `target` is as before.

@@ -67,42 +67,46 @@ pub fn diff_channels(old: &Config, new: &Config) -> ChannelChanges {
 /// ones in `new`; returns their names (for the log).
 pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     let (old, server) = (&running.server, &mut new.server);
-    let mut kept = Vec::new();
-    if old.listen != server.listen {
-        server.listen = old.listen.clone();
-        kept.push("listen");
+    let restored = [
+        ("listen", restore(&old.listen, &mut server.listen)),
+        (
+            "tls_listen",
+            restore(&old.tls_listen, &mut server.tls_listen),
+        ),
+        ("delivery", restore(&old.delivery, &mut server.delivery)),
+        ("spool_dir", restore(&old.spool_dir, &mut server.spool_dir)),
+        (
+            "max_connections",
+            restore(&old.max_connections, &mut server.max_connections),
+        ),
+        (
+            "max_connections_per_client",
+            restore(
+                &old.max_connections_per_client,
+                &mut server.max_connections_per_client,
+            ),
+        ),
+        (
+            "[metrics] listen",
+            restore(&running.metrics, &mut new.metrics),
+        ),
+        // The queue and the relay limits hold their backend (and its connection) for the
+        // life of the process.
+        ("[state]", restore(&running.state, &mut new.state)),
+    ];
+    restored
+        .into_iter()
+        .filter_map(|(name, differed)| differed.then_some(name))
+        .collect()
+}
+
+/// Sets `new` back to `running` when they differ; says whether they did.
+fn restore<T: PartialEq + Clone>(running: &T, new: &mut T) -> bool {
+    let differs = running != new;
+    if differs {
+        new.clone_from(running);
     }
-    if old.tls_listen != server.tls_listen {
-        server.tls_listen = old.tls_listen.clone();
-        kept.push("tls_listen");
-    }
-    if old.delivery != server.delivery {
-        server.delivery = old.delivery;
-        kept.push("delivery");
-    }
-    if old.spool_dir != server.spool_dir {
-        server.spool_dir = old.spool_dir.clone();
-        kept.push("spool_dir");
-    }
-    if old.max_connections != server.max_connections {
-        server.max_connections = old.max_connections;
-        kept.push("max_connections");
-    }
-    if old.max_connections_per_client != server.max_connections_per_client {
-        server.max_connections_per_client = old.max_connections_per_client;
-        kept.push("max_connections_per_client");
-    }
-    if running.metrics != new.metrics {
-        new.metrics = running.metrics.clone();
-        kept.push("[metrics] listen");
-    }
-    // The queue and the relay limits hold their backend (and its connection) for the
-    // life of the process.
-    if running.state != new.state {
-        new.state = running.state.clone();
-        kept.push("[state]");
-    }
-    kept
+    differs
 }
 
 /// Reads the config file the running one came from and puts it in force. `Err` holds

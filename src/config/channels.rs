@@ -89,22 +89,8 @@ const SMTP_ONLY_KEYS: &[&str] = &[
     "password_env",
     "password_file",
 ];
-/// Keys of an SMTP server that a graph channel has no use for (it keeps `oauth`).
-const NOT_FOR_GRAPH: &[&str] = &[
-    "preset",
-    "region",
-    "host",
-    "port",
-    "tls",
-    "ca_file",
-    "username",
-    "auth",
-    "password",
-    "password_env",
-    "password_file",
-    "dir",
-    "scope",
-];
+/// Keys a graph channel has no use for besides the SMTP-only ones (it keeps `oauth`).
+const NOT_FOR_GRAPH: &[&str] = &["dir", "scope"];
 /// The password keys, in order of preference.
 const PASSWORD_KEYS: [&str; 3] = ["password_env", "password_file", "password"];
 
@@ -274,7 +260,8 @@ fn fallback_key(r: &Reader, raw: &RawChannel) -> Option<(String, Option<usize>)>
 /// `sendMail` sends as that mailbox.
 fn graph_channel(r: &mut Reader, name: &str, s: &Section, raw: RawChannel) -> Draft {
     let label = format!("[channels.{name}]");
-    for key in NOT_FOR_GRAPH {
+    let smtp_keys = SMTP_ONLY_KEYS.iter().filter(|&&key| key != "oauth");
+    for key in smtp_keys.chain(NOT_FOR_GRAPH) {
         if s.has(key) {
             let line = r.key_line(s, key);
             r.bad(s, key, line, "not used by kind = \"graph\"");

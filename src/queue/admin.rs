@@ -5,7 +5,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -107,13 +106,7 @@ pub fn unconfigured_line(count: usize) -> String {
 
 /// Whether a proxy holds the spool right now.
 fn proxy_running(spool: &Spool) -> bool {
-    let Ok(file) = fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(crate::fsutil::FILE_MODE)
-        .open(spool.root.join("lock"))
-    else {
+    let Ok(file) = crate::fsutil::open_lock(&spool.root.join("lock")) else {
         return false;
     };
     matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock))

@@ -26,7 +26,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -148,12 +147,7 @@ impl Queue {
         spool
             .create_dirs()
             .map_err(|e| format!("spool {root}: {e}"))?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(crate::fsutil::FILE_MODE)
-            .open(spool.root.join("lock"))
+        let lock = crate::fsutil::open_lock(&spool.root.join("lock"))
             .map_err(|e| format!("spool {root}: {e}"))?;
         match lock.try_lock() {
             Ok(()) => {}
@@ -170,12 +164,7 @@ impl Queue {
         if removed > 0 {
             tracing::info!(removed, spool = %root, "spool: removed files of messages never acknowledged");
         }
-        let state = match &config.state {
-            crate::config::StateBackend::Local => {
-                Backend::Local(crate::state::LocalState::new(&spool.root))
-            }
-            _ => Backend::of(&config)?,
-        };
+        let state = Backend::of(&config)?;
         Ok(Arc::new(Queue {
             spool,
             state,

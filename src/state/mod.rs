@@ -312,7 +312,7 @@ impl LocalState {
                     .read_to_end(&mut text)?;
             }
             let events = parse_events(&String::from_utf8_lossy(&text), limits, now_ms);
-            let body: String = events.iter().map(|(t, n)| format!("{t} {n}\n")).collect();
+            let body = events_text(&events);
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -503,6 +503,11 @@ pub fn has_windows(limits: &Limits) -> bool {
 fn horizon_ms(limits: &Limits) -> u64 {
     let rate = limits.rate.map(|r| r.per.as_millis() as u64).unwrap_or(0);
     rate.max(DAY_MS)
+}
+
+/// `events` as the lines of an events log, the form [`parse_events`] reads.
+fn events_text(events: &[(u64, u64)]) -> String {
+    events.iter().map(|(t, n)| format!("{t} {n}\n")).collect()
 }
 
 /// The events of a log still inside the windows, oldest first. A line `"<ms> <n> -"`

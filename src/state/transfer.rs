@@ -11,11 +11,10 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, Health, parse_events};
+use super::{Backend, Health, events_text, parse_events};
 use crate::config::{Config, Secret};
 
 /// The document's `format`.
@@ -109,14 +108,9 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
                 local
                     .write_health(name, &state.health)
                     .map_err(|e| format!("{name}: {e}"))?;
-                let body: String = state
-                    .events
-                    .iter()
-                    .map(|(t, n)| format!("{t} {n}\n"))
-                    .collect();
                 // Through the same pruning as a load: nothing outside the windows.
-                let kept = parse_events(&body, limits, now_ms);
-                let body: String = kept.iter().map(|(t, n)| format!("{t} {n}\n")).collect();
+                let kept = parse_events(&events_text(&state.events), limits, now_ms);
+                let body = events_text(&kept);
                 local
                     .write_atomic(&local.events_path(name), body.as_bytes())
                     .map_err(|e| format!("{name}: {e}"))?;
@@ -163,12 +157,7 @@ pub async fn import(config: &Config, doc: &Document, now_ms: u64) -> Result<Stri
 fn lock_spool(config: &Config) -> Result<File, String> {
     let root = &config.server.spool_dir;
     crate::fsutil::private_dir(root).map_err(|e| format!("spool {}: {e}", root.display()))?;
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(crate::fsutil::FILE_MODE)
-        .open(root.join("lock"))
+    let lock = crate::fsutil::open_lock(&root.join("lock"))
         .map_err(|e| format!("spool {}: {e}", root.display()))?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
