@@ -13,6 +13,7 @@
 //! against the configuration file's folder.
 
 mod channels;
+pub mod index;
 mod metrics;
 mod model;
 pub mod oauth;
@@ -189,5 +190,6 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         metrics,
         has_literal_secrets: r.literal_secrets,
         state,
+        index: Default::default(),
     }
 }

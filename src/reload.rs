@@ -39,7 +39,7 @@ pub fn diff_channels(old: &Config, new: &Config) -> ChannelChanges {
     let mut changes = ChannelChanges::default();
     let hostname_changed = old.server.hostname != new.server.hostname;
     for channel in &new.channels {
-        match old.channels.iter().find(|c| c.name == channel.name) {
+        match old.channel_id(&channel.name).map(|id| &old.channels[id]) {
             None => changes.added.push(channel.name.clone()),
             Some(before) => {
                 let smtp = matches!(channel.kind, ChannelKind::Smtp(_));

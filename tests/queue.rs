@@ -157,6 +157,7 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
         metrics: None,
         has_literal_secrets: false,
         state: Default::default(),
+        index: Default::default(),
     }
 }
 

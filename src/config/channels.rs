@@ -650,12 +650,17 @@ fn smtp_target(
 fn check_overlaps(r: &mut Reader, drafts: &[Draft]) {
     let mut owners: BTreeMap<(u8, String), &str> = BTreeMap::new();
     // A fallback is no routing candidate of its own (SPEC §7): its scope clashes with nothing.
-    let is_fallback = |name: &str| {
-        drafts
-            .iter()
-            .any(|d| d.fallback.as_ref().is_some_and(|(f, _)| f == name) && d.channel.name != name)
-    };
-    for draft in drafts.iter().filter(|d| !is_fallback(&d.channel.name)) {
+    let fallbacks: std::collections::HashSet<&str> = drafts
+        .iter()
+        .filter_map(|d| {
+            let (f, _) = d.fallback.as_ref()?;
+            (*f != d.channel.name).then_some(f.as_str())
+        })
+        .collect();
+    for draft in drafts
+        .iter()
+        .filter(|d| !fallbacks.contains(d.channel.name.as_str()))
+    {
         let name = draft.channel.name.as_str();
         for (pattern, line) in &draft.scope {
             let key = pattern.key();

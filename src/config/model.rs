@@ -2,9 +2,11 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::Secret;
+use super::index::ChannelIndex;
 use super::oauth;
 use super::values::MB;
 
@@ -30,6 +32,9 @@ pub struct Config {
     pub has_literal_secrets: bool,
     /// `[state]`: where counters, channel health and tokens are kept.
     pub state: StateBackend,
+    /// The channels by name and scope, built at first use (see [`Config::index`]);
+    /// `Default::default()` when assembling a `Config` by hand.
+    pub index: OnceLock<ChannelIndex>,
 }
 
 /// `[state] backend`.
@@ -317,9 +322,21 @@ impl Default for Server {
 }
 
 impl Config {
+    /// The channels by name and scope. Built once, at first use: a `Config` is not changed
+    /// after it is built (tests that assemble one by hand finish it before using it).
+    pub fn index(&self) -> &ChannelIndex {
+        self.index
+            .get_or_init(|| ChannelIndex::build(&self.channels))
+    }
+
+    /// Forgets the index, for code that edits `channels` by hand after using the config.
+    pub fn channels_changed(&mut self) {
+        self.index = OnceLock::new();
+    }
+
     /// The channel with this name.
     pub fn channel_id(&self, name: &str) -> Option<ChannelId> {
-        self.channels.iter().position(|c| c.name == name)
+        self.index().channel_id(name)
     }
 
     /// The graph channel a message routed to `channel` may go out through: the channel
@@ -339,7 +356,7 @@ impl Config {
 
     /// Some channel names `id` as its `fallback`: it is no routing candidate of its own.
     pub fn is_fallback(&self, id: ChannelId) -> bool {
-        self.channels.iter().any(|c| c.fallback == Some(id))
+        self.index().is_fallback(id)
     }
 }
 

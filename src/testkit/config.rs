@@ -33,6 +33,7 @@ pub fn config(channels: Vec<Channel>) -> Config {
         metrics: None,
         has_literal_secrets: false,
         state: Default::default(),
+        index: Default::default(),
     }
 }
 

@@ -166,6 +166,7 @@ async fn relay_mode_takes_no_more_recipients_than_a_graph_fallback_can() {
         config.channels[partner].limits.max_recipients = None;
         config.channels.push(graph);
         config.channels[partner].fallback = Some(config.channels.len() - 1);
+        config.channels_changed();
         config
     });
     let mut c = h.connect().await;
