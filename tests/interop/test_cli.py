@@ -439,3 +439,20 @@ def test_the_log_leak_check_finds_every_form_of_secret(tmp_path):
         ["literal-secret-1", "file-secret-123", "env-secret-456", "oauth-secret-9"]
     )
     assert leaked_secrets("password = ***", cfg, env) == []
+
+
+def test_state_export_to_a_bare_file_name(tmp_path):
+    # Issue 16 item 8: the file was written, then syncing its folder "" failed (exit 1).
+    cfg = MailgateConfig(tmp_path)
+    cfg.file_channel("outbox")
+    cfg.write()
+    p = run_cli(["-c", "proxy.toml", "state", "export", "st.json"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "cannot write" not in p.stderr, p.stderr
+    exported = tmp_path / "st.json"
+    assert exported.read_text().startswith("{")
+    assert exported.stat().st_mode & 0o777 == 0o600
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []
+    # and again over the existing file
+    p = run_cli(["-c", "proxy.toml", "state", "export", "st.json"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
