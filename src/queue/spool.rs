@@ -16,7 +16,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -179,15 +179,19 @@ impl Spool {
         }
     }
 
-    /// Creates `path` (a new name in `tmp/`) for writing. A spare file is renamed there
-    /// when there is one: reusing an inode is much cheaper than allocating one on a
-    /// filesystem that has just freed many (ext4 scans past recently freed inodes).
+    /// Creates `path` (a new name in `tmp/`) for writing, mode 0600. A spare file is
+    /// renamed there when there is one: reusing an inode is much cheaper than allocating
+    /// one on a filesystem that has just freed many (ext4 scans past recently freed
+    /// inodes). A spare keeps the mode it was created with, which may be wider (a file
+    /// an older version created under umask 022), so it is set again on reuse.
     pub fn create_file(&self, path: &Path) -> io::Result<File> {
         let spare = self.spares_lock().pop();
         if let Some(spare) = spare
             && fs::rename(&spare, path).is_ok()
         {
-            return OpenOptions::new().write(true).truncate(true).open(path);
+            let file = OpenOptions::new().write(true).truncate(true).open(path)?;
+            file.set_permissions(fs::Permissions::from_mode(crate::fsutil::FILE_MODE))?;
+            return Ok(file);
         }
         OpenOptions::new()
             .write(true)
@@ -763,6 +767,8 @@ mod tests {
         let spool = Spool::new(dir.path());
         spool.create_dirs().unwrap();
         fs::write(spool.data_path("m1"), b"Subject: secret\r\n\r\n").unwrap();
+        // As an older version's DSN was: a spare keeps it, a file made from one must not.
+        fs::set_permissions(spool.data_path("m1"), fs::Permissions::from_mode(0o644)).unwrap();
         spool
             .write_state(&MessageState::new("m1", "relay", &envelope(), 21, 1))
             .unwrap();
@@ -786,6 +792,8 @@ mod tests {
             spool.create_file(&path).unwrap().write_all(b"new").unwrap();
             assert_eq!(fs::read(&path).unwrap(), b"new");
             assert!(try_lock_data(&path).unwrap().is_some());
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
             reused.push(ino(&path));
         }
         before.sort();
