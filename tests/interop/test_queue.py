@@ -249,3 +249,29 @@ def test_every_spool_file_is_0600_under_umask_022_with_dsns_and_reused_spares(
     wait_until(lambda: len(queued()) == 2, 10, "only message 3 queued")
     assert len(list(failed.iterdir())) == 4
     assert spool_modes(spool) == [], mg.log()
+
+
+def test_queue_commands_before_anything_was_ever_queued(config, tmp_path):
+    # Issue 16 item 9: `queue list` exited 1 ("spool does not exist yet"); an empty queue
+    # is not an error. The others answer in one line about the message.
+    queue_mode(config)
+    config.file_channel("outbox")
+    path = config.write()
+    spool = tmp_path / "spool"
+    assert not spool.exists()
+    p = run_cli(["-c", str(path), "queue", "list"])
+    assert p.returncode == 0, p.stderr
+    assert "0 message(s) queued" in p.stdout and "outbox" in p.stdout, p.stdout
+    assert p.stderr == ""
+    for args, code, needle in (
+        (["show", "abc"], 1, "no message abc"),
+        (["delete", "abc"], 1, "no message abc"),
+        (["retry", "abc"], 1, "no message abc"),
+        (["retry", "--all"], 0, "0 message(s) will be retried"),
+    ):
+        p = run_cli(["-c", str(path), "queue", *args])
+        assert p.returncode == code, (args, p.stderr)
+        out = p.stdout if code == 0 else p.stderr
+        lines = out.splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, out)
+    assert not spool.exists(), "reading an empty queue creates nothing"
