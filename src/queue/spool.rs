@@ -423,10 +423,42 @@ impl Spool {
                 removed += 1;
             }
         }
+        let narrowed = narrow_files(&queue)? + narrow_files(&self.failed_dir())?;
+        if narrowed > 0 {
+            tracing::warn!(
+                files = narrowed,
+                "spool: files readable by others (written by an older version) set to mode 0600"
+            );
+        }
         sync_dir(&queue)?;
         sync_dir(&self.failed_dir())?;
         Ok(removed)
     }
+}
+
+/// Sets mode 0600 on the files in `dir` that others may read: older versions wrote DSNs
+/// 0644 under umask 022, and client messages reused their files (issue 16). Returns how
+/// many were changed.
+fn narrow_files(dir: &Path) -> io::Result<usize> {
+    let mut narrowed = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let private = fs::Permissions::from_mode(crate::fsutil::FILE_MODE);
+        // `queue delete` may remove a file meanwhile: gone is as good as private.
+        let result = entry.metadata().and_then(|meta| {
+            if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(entry.path(), private).map(|()| 1)
+            } else {
+                Ok(0)
+            }
+        });
+        match result {
+            Ok(n) => narrowed += n,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(narrowed)
 }
 
 /// Longest a commit waits for directory fsyncs run by other commits.
@@ -815,6 +847,30 @@ mod tests {
         let path = spool.tmp_dir().join("d");
         spool.create_file(&path).unwrap().write_all(b"ok").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"ok");
+    }
+
+    #[test]
+    fn recovery_makes_files_an_older_version_left_readable_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        spool
+            .write_state(&MessageState::new("m1", "relay", &envelope(), 1, 1))
+            .unwrap();
+        let files = [
+            spool.data_path("m1"),
+            spool.failed_dir().join("m2.eml"),
+            spool.failed_dir().join("m2.json"),
+        ];
+        for path in &files {
+            fs::write(path, b"x").unwrap();
+            fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        assert_eq!(spool.recover().unwrap(), 0);
+        for path in files.iter().chain([&spool.state_path("m1")]) {
+            let mode = fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
     }
 
     #[test]
