@@ -91,11 +91,17 @@ pub fn parse(args: &[String]) -> Result<Args, String> {
     Ok(out)
 }
 
-/// The addresses of a recipient argument: a comma-separated list, spaces around the
-/// commas allowed (`"a@b, c@d"`); empty entries are left out.
+/// The addresses of a recipient argument: a comma-separated list, spaces next to the
+/// commas allowed (`"a@b, c@d"`); empty entries are left out. Spaces at either end of
+/// the argument stay, so that `" a@b"` is refused like any address holding a space.
 pub fn list(arg: &str) -> impl Iterator<Item = &str> {
+    let last = arg.matches(',').count();
     arg.split(',')
-        .map(|a| a.trim_matches(' '))
+        .enumerate()
+        .map(move |(i, a)| {
+            let a = if i > 0 { a.trim_start_matches(' ') } else { a };
+            if i < last { a.trim_end_matches(' ') } else { a }
+        })
         .filter(|a| !a.is_empty())
 }
 
@@ -280,10 +286,14 @@ mod tests {
         }
         // a list: spaces around the commas are separators, empty entries ignored
         assert_eq!(
-            list(" a@b, <c@d> ,,e@f ").collect::<Vec<_>>(),
+            list("a@b, <c@d> ,,e@f").collect::<Vec<_>>(),
             ["a@b", "<c@d>", "e@f"]
         );
+        assert_eq!(list(" a@b,c@d ").collect::<Vec<_>>(), [" a@b", "c@d "]);
         assert!(p(&["a@b, c@d"]).is_ok());
+        for bad in [" a@b", "a@b ", "a@b, c@d "] {
+            assert!(p(&[bad]).unwrap_err().contains("a space"), "{bad:?}");
+        }
     }
 
     #[test]
