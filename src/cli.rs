@@ -284,9 +284,11 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// Loads the config; on problems, prints every one (one line each) and fails.
+/// Loads the config; on problems, prints every one (one line each) and fails. A file
+/// that cannot be read at all is one line (SPEC §2), not a problem and a count.
 fn load(path: &Path) -> Result<Config, String> {
-    config::load(path).map_err(|errors| {
+    let text = std::fs::read_to_string(path).map_err(|e| unreadable(path, &e))?;
+    config::parse(&text, path).map_err(|errors| {
         for line in errors.to_string().lines() {
             eprintln!("{line}");
         }
@@ -297,6 +299,14 @@ fn load(path: &Path) -> Result<Config, String> {
             if n == 1 { "" } else { "s" }
         )
     })
+}
+
+/// The one line for a config file that cannot be read.
+fn unreadable(path: &Path, e: &std::io::Error) -> String {
+    format!(
+        "{}: cannot read the configuration file: {e}",
+        path.display()
+    )
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -469,7 +469,8 @@ fn queue_dsn(
     };
     let tmp = queue.spool.tmp_dir().join(&id);
     let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
+        // Mode 0600 like every spool file (a spare is reused when there is one).
+        let mut file = queue.spool.create_file(&tmp)?;
         std::io::Write::write_all(&mut file, &bytes)?;
         drop(file);
         // commit fsyncs the data.

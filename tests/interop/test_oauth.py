@@ -150,6 +150,27 @@ def test_rotated_refresh_token_is_stored_back_with_mode_0600(
     assert_no_secrets(mg.log(), endpoint)
 
 
+def test_rotated_refresh_token_in_a_bare_file_name_is_stored_without_error(
+        config, mailgate, upstream_factory, certs, endpoint):
+    # Issue 16 item 8: `-c proxy.toml` and `refresh_token_file = "m365.token"` make the
+    # token file a bare name; the write-back succeeded, then failed syncing the folder "".
+    endpoint.rotate = True
+    up = xoauth_upstream(upstream_factory, certs, endpoint)
+    token_file = config.tmp / "m365.token"
+    token_file.write_text(REFRESH_TOKEN + "\n")
+    token_file.chmod(0o600)
+    oauth_channel(config, "m365", up, endpoint, token_file="m365.token")
+    config.write()
+    up.handler.close_after_data = True
+    mg = mailgate(config, env=dict(config.env), args=["-c", "proxy.toml", "run"], cwd=config.tmp)
+    code, _ = submit(mg.addr, MAILBOX, ["bob@example.org"], message())
+    assert code == 250
+    stored = token_file.read_text().strip()
+    assert stored != REFRESH_TOKEN and stored in endpoint.refresh_tokens
+    assert "cannot" not in mg.log() and "No such file" not in mg.log(), mg.log()
+    assert_no_secrets(mg.log(), endpoint)
+
+
 @pytest.mark.parametrize("style", ["microsoft", "google"])
 def test_revoked_access_token_gets_one_refresh_and_one_retry(
         config, mailgate, upstream_factory, certs, endpoint, style):
