@@ -497,7 +497,7 @@ fn oauth_authorize(path: &Path, name: &str) -> Result<(), String> {
         .oauth()
         .cloned()
         .ok_or_else(|| format!("channel {name} has no oauth settings: nothing to authorize"))?;
-    let http = crate::oauth::Http::new()?;
+    let http = crate::oauth::Http::new(config.server.https_proxy.as_ref())?;
     let store = crate::state::Backend::of(&config)?.token_store();
     let runtime = runtime()?;
     let done = runtime.block_on(async {

@@ -1466,3 +1466,33 @@ fn fallback_problems() {
         "{all:#?}"
     );
 }
+
+#[test]
+fn https_proxy_is_a_proxy_url_and_never_prints_its_password() {
+    assert_eq!(ok(OUTBOX).server.https_proxy, None);
+    let empty = ok(&format!("[server]\nhttps_proxy = \"\"\n{OUTBOX}"));
+    assert_eq!(empty.server.https_proxy, None, "empty: the environment's");
+    let set = ok(&format!(
+        "[server]\nhttps_proxy = \"http://svc:pr0xy-pw@proxy.corp:3128\"\n{OUTBOX}"
+    ));
+    let proxy = set.server.https_proxy.as_ref().expect("set");
+    assert_eq!(proxy.to_string(), "http://***@proxy.corp:3128");
+    assert!(!format!("{set:?}").contains("pr0xy-pw"));
+    assert!(ok(&format!("[server]\nhttps_proxy = \"https://proxy.corp\"\n{OUTBOX}"))
+        .server
+        .https_proxy
+        .is_some());
+    for bad in [
+        "proxy.corp:3128",
+        "socks5://proxy.corp:1080",
+        "http://u:pr0xy-pw@proxy.corp:3128/path",
+        "http://",
+    ] {
+        let p = problem(&format!("[server]\nhttps_proxy = \"{bad}\"\n{OUTBOX}"));
+        assert_eq!(p.line, Some(2), "{bad}");
+        assert!(p.message.contains("https_proxy"), "{}", p.message);
+        assert!(!p.message.contains("pr0xy-pw"), "{}", p.message);
+    }
+    let p = problem(&format!("[server]\nhttps_proxy = 3128\n{OUTBOX}"));
+    assert_eq!(p.line, Some(2));
+}

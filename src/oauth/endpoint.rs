@@ -202,6 +202,12 @@ async fn post_form(
             Failure::Transient(format!("{url} answered {code} without a JSON object"))
         });
     }
+    // 407 is the outbound proxy's answer, not the provider's: the grant is not in doubt.
+    if code == 407 {
+        return Err(Failure::Transient(format!(
+            "the outbound proxy refused the request to {url} (HTTP 407: check the user and password of https_proxy)"
+        )));
+    }
     if status.is_server_error() || matches!(code, 408 | 425 | 429) {
         let what = error_code.map(|c| format!(" ({c})")).unwrap_or_default();
         return Err(Failure::Transient(format!(
