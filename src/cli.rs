@@ -383,6 +383,18 @@ fn check(path: &Path) -> Result<(), String> {
         return Err(format!("{}: {n} problem{s} found", path.display()));
     }
     print!("{}", check::summary(&config));
+    let uses_http = config
+        .channels
+        .iter()
+        .any(|c| matches!(c.kind, config::ChannelKind::Graph(_)) || c.kind.oauth().is_some());
+    if uses_http {
+        // Upstreams::new above already refused an environment proxy it cannot use.
+        let proxies = crate::http::Proxies::from_process(config.server.https_proxy.as_ref())?;
+        println!(
+            "outbound HTTP (OAuth tokens, Graph): {}",
+            proxies.describe()
+        );
+    }
     if let crate::config::StateBackend::Redis(redis) = &config.state {
         let state = crate::state::shared::RedisState::new(redis)?;
         match crate::state::block_on(state.ping())? {

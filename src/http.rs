@@ -198,6 +198,31 @@ impl Proxies {
             && self.all.is_none()
     }
 
+    /// For `check`: where requests go, proxies shown without their user part.
+    pub fn describe(&self) -> String {
+        if let Some(proxy) = &self.configured {
+            return format!("through {proxy} ([server] https_proxy)");
+        }
+        if self.is_direct() {
+            return "direct (no https_proxy, no proxy in the environment)".to_string();
+        }
+        let show = |p: Option<&ProxyUrl>| {
+            p.map_or_else(|| "direct".to_string(), |p| format!("through {p}"))
+        };
+        let mut text = format!(
+            "from the environment: https {}, http {}",
+            show(self.https.as_ref().or(self.all.as_ref())),
+            show(self.http.as_ref().or(self.all.as_ref()))
+        );
+        if !self.bypass.is_empty() {
+            text.push_str(&format!(
+                "; {} no_proxy entries go direct",
+                self.bypass.len()
+            ));
+        }
+        text
+    }
+
     fn bypassed(&self, url: &Url) -> bool {
         let Some(host) = url.host_str() else {
             return false;
@@ -443,5 +468,21 @@ mod tests {
         assert!(!e.contains("s3cr3t"), "{e}");
         let proxies = Proxies::new(Some(&p), &HashMap::new()).unwrap();
         assert!(!format!("{proxies:?}").contains("s3cr3t"));
+        assert_eq!(
+            proxies.describe(),
+            "through http://***@proxy.corp:3128 ([server] https_proxy)"
+        );
+        let from_env = Proxies::new(
+            None,
+            &env(&[
+                ("HTTPS_PROXY", "http://u:s3cr3t@p:8080"),
+                ("no_proxy", "a,b"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            from_env.describe(),
+            "from the environment: https through http://***@p:8080, http direct; 2 no_proxy entries go direct"
+        );
     }
 }
