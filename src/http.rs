@@ -294,6 +294,32 @@ pub fn client_builder(https_proxy: Option<&ProxyUrl>) -> Result<reqwest::ClientB
     Ok(builder)
 }
 
+/// When a request failed because the proxy refused the tunnel (`CONNECT` answered with
+/// 407 or another non-2xx), says so in words; the proxy's URL is never part of them.
+pub fn proxy_refusal(e: &reqwest::Error) -> Option<&'static str> {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        // hyper-util's tunnel errors, by their text (the type is not exported).
+        let text = err.to_string();
+        match text.strip_prefix("tunnel error: ") {
+            Some("proxy authorization required") => {
+                return Some(
+                    "the outbound proxy wants credentials or refused them (HTTP 407: check the user and password of https_proxy)",
+                );
+            }
+            // Some proxies (tinyproxy) refuse wrong credentials with 401 instead.
+            Some("unsuccessful") => {
+                return Some(
+                    "the outbound proxy refused the tunnel (check https_proxy, its user and password, and that it allows CONNECT to port 443)",
+                );
+            }
+            _ => {}
+        }
+        source = err.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -222,7 +222,9 @@ async fn post_form(
 
 /// A reqwest error in words, without its source chain's noise.
 fn request_error(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
+    let kind = if let Some(refusal) = crate::http::proxy_refusal(e) {
+        refusal
+    } else if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
         "cannot connect"

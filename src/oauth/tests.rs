@@ -441,7 +441,8 @@ async fn endpoint_down_5xx_429_and_timeouts_are_transient() {
     let ep = TokenEndpoint::start().await;
     let dir = tempfile::tempdir().unwrap();
     let oauth = settings(&ep, Provider::Microsoft, Grant::RefreshToken);
-    for status in [503, 500, 429] {
+    // 407: a proxy between us and the endpoint refused its credentials; the grant is fine.
+    for status in [503, 500, 429, 407] {
         ep.set_failure(Some(Failure::Status(status)));
         let err = cache(oauth.clone(), dir.path())
             .access_token()

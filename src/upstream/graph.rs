@@ -303,9 +303,13 @@ impl GraphChannel {
                 }
             } else {
                 // reqwest's text names the URL (the mailbox), never the token.
+                let what = match crate::http::proxy_refusal(&e) {
+                    Some(refusal) => refusal.to_string(),
+                    None => e.without_url().to_string(),
+                };
                 Error::Connect {
                     target: target.clone(),
-                    source: std::io::Error::other(e.without_url().to_string()),
+                    source: std::io::Error::other(what),
                 }
             }
         };
