@@ -393,6 +393,18 @@ fn check(path: &Path) -> Result<(), String> {
         return Err(format!("{}: {n} problem{s} found", path.display()));
     }
     print!("{}", check::summary(&config));
+    let uses_http = config
+        .channels
+        .iter()
+        .any(|c| matches!(c.kind, config::ChannelKind::Graph(_)) || c.kind.oauth().is_some());
+    if uses_http {
+        // Upstreams::new above already refused an environment proxy it cannot use.
+        let proxies = crate::http::Proxies::from_process(config.server.https_proxy.as_ref())?;
+        println!(
+            "outbound HTTP (OAuth tokens, Graph): {}",
+            proxies.describe()
+        );
+    }
     if let crate::config::StateBackend::Redis(redis) = &config.state {
         let state = crate::state::shared::RedisState::new(redis)?;
         match crate::state::block_on(state.ping())? {
@@ -507,7 +519,7 @@ fn oauth_authorize(path: &Path, name: &str) -> Result<(), String> {
         .oauth()
         .cloned()
         .ok_or_else(|| format!("channel {name} has no oauth settings: nothing to authorize"))?;
-    let http = crate::oauth::Http::new()?;
+    let http = crate::oauth::Http::new(config.server.https_proxy.as_ref())?;
     let store = crate::state::Backend::of(&config)?.token_store();
     let runtime = runtime()?;
     let done = runtime.block_on(async {

@@ -288,7 +288,7 @@ fn graph_channel(r: &mut Reader, name: &str, s: &Section, raw: RawChannel) -> Dr
     let oauth_label = format!("{label} oauth");
     let oauth = r
         .section(s, "oauth", &oauth_label)
-        .and_then(|o| oauth::read(r, &o, &oauth_label, true));
+        .and_then(|o| oauth::read(r, &o, &oauth_label, true, None));
     if !s.has("oauth") {
         r.problem(
             s.line,
@@ -560,9 +560,39 @@ fn smtp_target(
     });
     let oauth_label = format!("{label} oauth");
     let oauth_section = r.section(s, "oauth", &oauth_label);
-    let oauth = oauth_section
-        .as_ref()
-        .and_then(|o| oauth::read(r, o, &oauth_label, false));
+    let oauth = oauth_section.as_ref().and_then(|o| {
+        oauth::read(
+            r,
+            o,
+            &oauth_label,
+            false,
+            preset.and_then(|p| p.oauth_app_scope),
+        )
+    });
+    if let (Some(p), Some(o)) = (preset, &oauth)
+        && !p.oauth_delegated
+        && o.grant == oauth::Grant::RefreshToken
+    {
+        r.problem(
+            oauth_section.as_ref().and_then(|o| o.line),
+            format!(
+                "{label}: preset {:?} takes an app's own token only: set grant = \"client_credentials\" with client_secret_env, client_secret_file or client_secret",
+                p.name
+            ),
+        );
+    }
+    if preset.is_some_and(|p| p.name == "acs")
+        && let Some(at) = &raw.username
+        && !acs_username_ok(at.get_ref())
+    {
+        let line = r.at(at);
+        r.bad(
+            s,
+            "username",
+            line,
+            "an ACS username with \"|\" is \"<resource>|<app id>|<tenant id>\", three parts none empty (or use the name of an SMTP Username resource, without \"|\")",
+        );
+    }
     let username = raw.username.as_ref().map(|at| at.get_ref().clone());
     let password_given = PASSWORD_KEYS.iter().any(|k| s.has(k));
     let auth_line = raw.auth.as_ref().and_then(|at| r.at(at));
@@ -643,6 +673,15 @@ fn smtp_target(
         username,
         password,
         oauth: oauth.filter(|_| auth == Auth::XOAuth2),
+    }
+}
+
+/// Azure Communication Services takes `<resource>|<app id>|<tenant id>` or the name of
+/// an SMTP Username resource (free form or an address, without `|`).
+fn acs_username_ok(username: &str) -> bool {
+    !username.contains('|') || {
+        let parts: Vec<&str> = username.split('|').collect();
+        parts.len() == 3 && parts.iter().all(|p| !p.trim().is_empty())
     }
 }
 

@@ -101,6 +101,9 @@ pub struct Server {
     pub max_connections_per_client: usize,
     /// On SIGTERM/SIGINT, how long an open transaction may take to finish.
     pub shutdown_grace: Duration,
+    /// Token requests and Graph through this proxy; `None`: the environment's (SPEC §7).
+    /// Prints without its user part (it may hold a password).
+    pub https_proxy: Option<crate::http::ProxyUrl>,
 }
 
 /// Certificate and key files (PEM).
@@ -317,6 +320,7 @@ impl Default for Server {
             max_header_size: MB,
             max_connections_per_client: 50,
             shutdown_grace: Duration::from_secs(30),
+            https_proxy: None,
         }
     }
 }

@@ -58,7 +58,11 @@ impl Tokens {
             return Ok(Tokens::default());
         }
         let backend = Backend::of(config)?;
-        let mut tokens = Tokens::with_store(config, Http::new()?, backend.token_store());
+        let mut tokens = Tokens::with_store(
+            config,
+            Http::new(config.server.https_proxy.as_ref())?,
+            backend.token_store(),
+        );
         if let Backend::Redis(redis) = backend {
             tokens = tokens.shared(&redis);
         }

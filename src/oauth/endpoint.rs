@@ -202,6 +202,12 @@ async fn post_form(
             Failure::Transient(format!("{url} answered {code} without a JSON object"))
         });
     }
+    // 407 is the outbound proxy's answer, not the provider's: the grant is not in doubt.
+    if code == 407 {
+        return Err(Failure::Transient(format!(
+            "the outbound proxy refused the request to {url} (HTTP 407: check the user and password of https_proxy)"
+        )));
+    }
     if status.is_server_error() || matches!(code, 408 | 425 | 429) {
         let what = error_code.map(|c| format!(" ({c})")).unwrap_or_default();
         return Err(Failure::Transient(format!(
@@ -216,7 +222,9 @@ async fn post_form(
 
 /// A reqwest error in words, without its source chain's noise.
 fn request_error(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
+    let kind = if let Some(refusal) = crate::http::proxy_refusal(e) {
+        refusal
+    } else if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
         "cannot connect"

@@ -45,7 +45,7 @@ fn settings(ep: &TokenEndpoint, provider: Provider, grant: Grant) -> OAuth {
 }
 
 fn http() -> Http {
-    Http::with_timeout(Duration::from_secs(5)).unwrap()
+    Http::with_timeout(None, Duration::from_secs(5)).unwrap()
 }
 
 fn cache(settings: OAuth, state_dir: &Path) -> ChannelToken {
@@ -441,7 +441,8 @@ async fn endpoint_down_5xx_429_and_timeouts_are_transient() {
     let ep = TokenEndpoint::start().await;
     let dir = tempfile::tempdir().unwrap();
     let oauth = settings(&ep, Provider::Microsoft, Grant::RefreshToken);
-    for status in [503, 500, 429] {
+    // 407: a proxy between us and the endpoint refused its credentials; the grant is fine.
+    for status in [503, 500, 429, 407] {
         ep.set_failure(Some(Failure::Status(status)));
         let err = cache(oauth.clone(), dir.path())
             .access_token()
@@ -455,7 +456,7 @@ async fn endpoint_down_5xx_429_and_timeouts_are_transient() {
     let impatient = ChannelToken::new(
         "alice",
         oauth.clone(),
-        Http::with_timeout(Duration::from_millis(500)).unwrap(),
+        Http::with_timeout(None, Duration::from_millis(500)).unwrap(),
         Arc::new(LocalTokenStore::new(dir.path())),
     );
     let err = impatient.access_token().await.unwrap_err();

@@ -60,25 +60,24 @@ struct Answer {
 }
 
 impl GraphChannel {
-    /// The channel's client; connects lazily.
+    /// The channel's client (through `https_proxy` or the environment's proxy, SPEC §7;
+    /// no redirects: a bearer token is never re-sent elsewhere); connects lazily.
     pub(super) fn new(
         name: &str,
         target: &GraphTarget,
         connections: usize,
         max_message_size: Option<u64>,
+        https_proxy: Option<&crate::http::ProxyUrl>,
     ) -> Result<Self, String> {
-        crate::tls::install_crypto_provider();
-        let client = reqwest::Client::builder()
+        let setup = |e| format!("cannot set up the HTTPS client for Microsoft Graph: {e}");
+        let client = crate::http::client_builder(https_proxy)
+            .map_err(setup)?
             .http1_only()
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_max_idle_per_host(connections.max(1))
             .pool_idle_timeout(super::IDLE_TIMEOUT)
-            // A bearer token is never re-sent to wherever a redirect points.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("mailgate/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("cannot set up the HTTPS client for Microsoft Graph: {e}"))?;
+            .map_err(|e| setup(e.to_string()))?;
         Ok(GraphChannel {
             name: name.to_string(),
             target: target.clone(),
@@ -304,9 +303,13 @@ impl GraphChannel {
                 }
             } else {
                 // reqwest's text names the URL (the mailbox), never the token.
+                let what = match crate::http::proxy_refusal(&e) {
+                    Some(refusal) => refusal.to_string(),
+                    None => e.without_url().to_string(),
+                };
                 Error::Connect {
                     target: target.clone(),
-                    source: std::io::Error::other(e.without_url().to_string()),
+                    source: std::io::Error::other(what),
                 }
             }
         };
@@ -394,6 +397,13 @@ pub(crate) fn http_reply(
             text("refused to send as the message's From:/Sender: (SendAsDenied)"),
         ),
         429 => Reply::new(451, (4, 7, 0), text("throttled the request")),
+        407 => Reply::new(
+            451,
+            (4, 4, 0),
+            format!(
+                "Channel {channel}: the outbound proxy refused the request to Microsoft Graph (HTTP 407: check the user and password of https_proxy)"
+            ),
+        ),
         500..=599 => Reply::new(451, (4, 3, 0), text("is unavailable")),
         401 => Reply::new(535, (5, 7, 8), text("refused the access token")),
         403 => Reply::new(550, (5, 7, 1), text("denied access to the mailbox")),
@@ -470,6 +480,7 @@ mod tests {
     fn statuses_map_like_smtp_replies() {
         let table = [
             (429, Class::Transient, 451),
+            (407, Class::Transient, 451),
             (503, Class::Transient, 451),
             (504, Class::Transient, 451),
             (401, Class::CredentialsBroken, 535),
@@ -505,7 +516,7 @@ mod tests {
             mailbox: "dave@example.com".into(),
             oauth: crate::config::oauth::placeholder_for_tests(),
         };
-        let channel = GraphChannel::new("dave", &target, 1, Some(3_000_000)).unwrap();
+        let channel = GraphChannel::new("dave", &target, 1, Some(3_000_000), None).unwrap();
         let _busy = channel.permits.clone().acquire_owned().await.unwrap();
         // The message is not read while every request slot is taken: a missing file is
         // not even noticed before the wait for a slot times out.

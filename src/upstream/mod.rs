@@ -176,6 +176,7 @@ impl Upstreams {
                         target,
                         channel.limits.connections,
                         channel.limits.max_message_size,
+                        config.server.https_proxy.as_ref(),
                     )
                     .map_err(|e| format!("channel {}: {e}", channel.name))?;
                     graph.token = tokens.get(id).cloned();

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import secrets
+import ssl
 import threading
 import weakref
 import time
@@ -45,6 +46,15 @@ class Device:
     slow_down: bool = True  # …then slow_down once, then the token
 
 
+def _server(handler, tls: Optional[ssl.SSLContext]) -> ThreadingHTTPServer:
+    """A threading HTTP server on 127.0.0.1, port 0; HTTPS with `tls` (the handshake
+    happens in the request's thread, so a client that fails it stalls no one else)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    return server
+
+
 # Every endpoint started, so that conftest can check each mailgate log for their secrets.
 ENDPOINTS: "weakref.WeakSet[TokenEndpoint]" = weakref.WeakSet()
 
@@ -56,7 +66,7 @@ class TokenEndpoint:
     "unauthorized_client".
     """
 
-    def __init__(self, lifetime: int = 3600, rotate: bool = False):
+    def __init__(self, lifetime: int = 3600, rotate: bool = False, tls: Optional[ssl.SSLContext] = None):
         self.lifetime = lifetime
         self.rotate = rotate
         self.mode = "ok"
@@ -85,9 +95,9 @@ class TokenEndpoint:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _server(Handler, tls)
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -274,7 +284,7 @@ class GraphApi:
     sendMail requests: (status, code) or (status, code, retry_after).
     """
 
-    def __init__(self, endpoint: TokenEndpoint):
+    def __init__(self, endpoint: TokenEndpoint, tls: Optional[ssl.SSLContext] = None):
         self.endpoint = endpoint
         self.sent: list[GraphSent] = []
         self.requests = 0
@@ -344,8 +354,8 @@ class GraphApi:
             do_GET = _route
             do_POST = _route
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = _server(Handler, tls)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
