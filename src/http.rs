@@ -4,9 +4,9 @@
 //! `[server] https_proxy`, when set, carries every request whatever its scheme. Otherwise
 //! the environment is read as curl reads it:
 //! - `https://` URLs: `https_proxy`, else `HTTPS_PROXY`;
-//! - `http://` URLs: `http_proxy` only. curl ignores an uppercase `HTTP_PROXY` (a CGI
-//!   program gets a client's `Proxy:` header as `HTTP_PROXY`, "httpoxy"), and so does
-//!   mailgate, so that the same environment sends `curl` and mailgate the same way;
+//! - `http://` URLs: `http_proxy`, else `HTTP_PROXY`. curl reads only the lowercase one
+//!   (a CGI program gets a client's `Proxy:` header as `HTTP_PROXY`, "httpoxy"); mailgate
+//!   is no CGI program, and SPEC §7 names `HTTP_PROXY`, so it reads both, lowercase first;
 //! - then `all_proxy`, else `ALL_PROXY`;
 //! - a host that `no_proxy` (else `NO_PROXY`) lists goes direct: `*` for all, a name for
 //!   itself and its subdomains (a leading `.` is ignored), an IP address or CIDR block.
@@ -156,7 +156,7 @@ impl Proxies {
         Ok(Proxies {
             configured: None,
             https: proxy(&["https_proxy", "HTTPS_PROXY"])?,
-            http: proxy(&["http_proxy"])?,
+            http: proxy(&["http_proxy", "HTTP_PROXY"])?,
             all: proxy(&["all_proxy", "ALL_PROXY"])?,
             bypass: var(&["no_proxy", "NO_PROXY"])
                 .map(|(_, list)| parse_bypass(list))
@@ -279,8 +279,8 @@ fn parse_bypass(list: &str) -> Vec<Bypass> {
 pub fn client_builder(https_proxy: Option<&ProxyUrl>) -> Result<reqwest::ClientBuilder, String> {
     crate::tls::install_crypto_provider();
     let proxies = Proxies::from_process(https_proxy)?;
-    // reqwest's own reading of the environment is off: it differs from curl's (uppercase
-    // HTTP_PROXY, loopback).
+    // reqwest's own reading of the environment is off: it exempts loopback, and SPEC §7
+    // proxies loopback unless NO_PROXY lists it.
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
@@ -360,7 +360,7 @@ mod tests {
     fn the_environment_is_read_as_curl_reads_it() {
         let https = "https://graph.microsoft.com/v1.0";
         let http = "http://token.example/t";
-        // Lowercase first, uppercase for https and all, never HTTP_PROXY.
+        // Lowercase first, then uppercase, for every scheme.
         let p = Proxies::new(
             None,
             &env(&[
@@ -371,7 +371,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(via(&p, https).as_deref(), Some("http://lower:1/"));
-        assert_eq!(via(&p, http), None, "uppercase HTTP_PROXY is ignored");
+        assert_eq!(via(&p, http).as_deref(), Some("http://httpoxy:3/"));
+        let p = Proxies::new(
+            None,
+            &env(&[
+                ("http_proxy", "http://lower:4"),
+                ("HTTP_PROXY", "http://upper:5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(via(&p, http).as_deref(), Some("http://lower:4/"));
         let p = Proxies::new(None, &env(&[("HTTPS_PROXY", "http://upper:2")])).unwrap();
         assert_eq!(via(&p, https).as_deref(), Some("http://upper:2/"));
         let p = Proxies::new(None, &env(&[("http_proxy", "http://h:4")])).unwrap();

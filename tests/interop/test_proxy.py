@@ -218,11 +218,12 @@ def test_a_wrong_proxy_password_defers_and_is_never_logged(
     assert wrong not in log and PROXY_PASSWORD not in log
 
 
-@pytest.mark.parametrize("variable", ["http_proxy", "ALL_PROXY"])
+@pytest.mark.parametrize("variable", ["http_proxy", "HTTP_PROXY", "ALL_PROXY"])
 def test_the_environment_proxy_as_curl_reads_it(
         config, mailgate, upstream_factory, certs, proxy_factory, variable):
     """Plain-http peers (loopback), so the proxy forwards `POST http://…` itself: lowercase
-    http_proxy or ALL_PROXY is used, loopback included, unless NO_PROXY lists it."""
+    http_proxy, HTTP_PROXY (SPEC §7) or ALL_PROXY is used, loopback included, unless
+    NO_PROXY lists it."""
     endpoint = TokenEndpoint()
     graph = GraphApi(endpoint)
     try:
@@ -242,10 +243,9 @@ def test_the_environment_proxy_as_curl_reads_it(
 
 
 @pytest.mark.parametrize("env", [
-    {"HTTP_PROXY": "PROXY"},  # curl reads http_proxy in lowercase only
     {"http_proxy": "PROXY", "NO_PROXY": "localhost,127.0.0.1"},
     {"http_proxy": "PROXY", "no_proxy": "*"},
-], ids=["uppercase-HTTP_PROXY", "NO_PROXY-lists-loopback", "no_proxy-star"])
+], ids=["NO_PROXY-lists-loopback", "no_proxy-star"])
 def test_requests_go_direct_where_curl_would(config, mailgate, upstream_factory, certs, proxy_factory, env):
     endpoint = TokenEndpoint()
     graph = GraphApi(endpoint)
