@@ -237,7 +237,9 @@ impl Metrics {
     /// dashboard shows zeros rather than gaps, and drops the gauges of channels no longer
     /// configured (counters stay: they are totals since the start).
     pub fn declare_channels(&self, config: &Config) {
-        let names: Vec<&str> = config.channels.iter().map(|c| c.name.as_str()).collect();
+        // A set: a config may hold 10,000 channels, and each gauge is looked up here.
+        let names: std::collections::HashSet<&str> =
+            config.channels.iter().map(|c| c.name.as_str()).collect();
         // Gauges of channels that are gone would keep showing their last value.
         let gone: Vec<String> = lock(&self.gauge_channels)
             .extract_if(.., |n| !names.contains(&n.as_str()))

@@ -144,12 +144,13 @@ impl Upstreams {
         let tokens = crate::oauth::Tokens::new(config)?;
         let mut channels = Vec::with_capacity(config.channels.len());
         // By name, so that a reload of 10,000 channels is not 10,000 × 10,000 comparisons.
+        let keep: std::collections::HashSet<&str> = keep.iter().map(String::as_str).collect();
         let previous: HashMap<&str, &Arc<Transport>> = previous
             .map(|p| p.channels.iter().map(|t| (t.name(), t)).collect())
             .unwrap_or_default();
         for (id, channel) in config.channels.iter().enumerate() {
             let before = previous.get(channel.name.as_str()).copied();
-            if let Some(kept) = before.filter(|_| keep.contains(&channel.name)) {
+            if let Some(kept) = before.filter(|_| keep.contains(channel.name.as_str())) {
                 channels.push(kept.clone());
                 continue;
             }
@@ -328,9 +329,10 @@ impl Upstreams {
     /// transports the next generation did not take over, which from now on close the
     /// connections that come back rather than pool them).
     pub async fn close_idle_except(&self, keep: &[String]) {
+        let keep: std::collections::HashSet<&str> = keep.iter().map(String::as_str).collect();
         for transport in &self.channels {
             if let Transport::Smtp(ch) = &**transport
-                && !keep.contains(&ch.name)
+                && !keep.contains(ch.name.as_str())
             {
                 ch.retire();
                 ch.quit_idle().await;
