@@ -424,6 +424,8 @@ mod tests {
             metrics: None,
             has_literal_secrets: false,
             state: Default::default(),
+            rewrites: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 

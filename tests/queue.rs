@@ -157,6 +157,8 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
         metrics: None,
         has_literal_secrets: false,
         state: Default::default(),
+        rewrites: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 

@@ -33,6 +33,8 @@ pub fn config(channels: Vec<Channel>) -> Config {
         metrics: None,
         has_literal_secrets: false,
         state: Default::default(),
+        rewrites: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 
