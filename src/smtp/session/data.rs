@@ -92,6 +92,9 @@ impl Body {
         let Some(replace) = &mut self.replace else {
             return;
         };
+        if !matches!(replace.stage, Stage::Holding(_)) {
+            return;
+        }
         if self.headers.too_big() {
             replace.stage = Stage::Dropped;
             return;
