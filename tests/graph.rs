@@ -732,7 +732,8 @@ async fn an_unquoted_display_name_is_sent_quoted_and_nothing_else_changes() {
     // SPEC §4a, last paragraph: Exchange refuses `From: dave@example.com <dave@…>` as
     // send-as; the same name and address, quoted, go through.
     let s = setup(DeliveryMode::Relay, vec![]).await;
-    let tail = "To: bob@example.org\r\nSubject: scan\r\n\tfolded\r\n\r\nFrom: J. Smith <j@x.com>\r\n";
+    let tail =
+        "To: bob@example.org\r\nSubject: scan\r\n\tfolded\r\n\r\nFrom: J. Smith <j@x.com>\r\n";
     let body = format!("From: {MAILBOX} <{MAILBOX}>\r\n{tail}");
     let reply = s.submit(&["bob@example.org"], body.as_bytes()).await;
     assert_eq!(reply.code, 250, "{reply}");
