@@ -72,9 +72,7 @@ fn entry(
     users: &[User],
 ) -> Option<RewriteRule> {
     let before = r.problems.len();
-    let pattern = r.parsed(s, "match", &raw.pattern, |text| {
-        parse_sender_pattern(text).map_err(|why| format!("{why}"))
-    });
+    let pattern = r.parsed(s, "match", &raw.pattern, parse_sender_pattern);
     if !s.has("match") {
         r.problem(
             s.line,
