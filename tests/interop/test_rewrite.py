@@ -91,9 +91,18 @@ def test_smtplib_queue_mode_body_byte_for_byte_and_one_from(rconfig, mailgate, u
         b"MIME-Version: 1.0\r\n"
     )
     msg = headers + b"\r\n" + body
+    # The first attempt is deferred: the retry must send the bytes spooled the first time.
+    upstream.handler.data_reply = "451 4.3.0 try again later"
     with smtplib.SMTP(*split_addr(mg.addr), timeout=30) as c:
         refused = c.sendmail("scanner@printer.local", ["bob@example.org"], msg)
         assert refused == {}
+    mg.wait_log("deferred|451 4.3.0")
+    spooled = list((rconfig.tmp / "spool" / "queue").glob("*.eml"))
+    assert len(spooled) == 1
+    spooled_bytes = spooled[0].read_bytes()
+    state = next((rconfig.tmp / "spool" / "queue").glob("*.json")).read_text()
+    assert MAILBOX in state and "scanner@printer.local" not in state, state
+    upstream.handler.data_reply = None
     (m,) = upstream.wait_messages(1)
     assert m.mail_from == MAILBOX
     want = (
@@ -105,6 +114,7 @@ def test_smtplib_queue_mode_body_byte_for_byte_and_one_from(rconfig, mailgate, u
         b"\r\n" + body
     )
     assert m.content == want
+    assert spooled_bytes == want, "the spool holds the rewritten copy"
 
 
 def test_a_client_outside_the_entrys_networks_is_not_rewritten(rconfig, mailgate, upstream):
