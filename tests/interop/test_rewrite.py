@@ -213,3 +213,31 @@ def test_route_explains_the_rewrite_first(rconfig):
     p = run_cli(["-c", str(path), "route", "scanner@printer.local", "--client", "10.0.0.1"])
     assert p.returncode != 0 and "rewritten" not in p.stdout
     assert "MAIL FROM:<scanner@printer.local> is refused" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("mode", ["relay", "queue"])
+def test_graph_channel_device_rewritten_and_a_bare_display_name_repaired(rconfig, mailgate, mode):
+    """Every channel kind: over Graph (stand-in), the rewritten copy goes out; and a
+    client's own `From: dave@… <dave@…>` (no rewrite) is quoted on the Graph path only."""
+    from oauth_peers import GraphApi, TokenEndpoint
+    from test_graph import MAILBOX as GRAPH_MAILBOX, graph_channel
+
+    endpoint = TokenEndpoint()
+    graph = GraphApi(endpoint)
+    try:
+        if mode == "queue":
+            rconfig.server.update({"delivery": "queue", "retry_first": "1s"})
+        graph_channel(rconfig, endpoint, graph)
+        rconfig.rewrites.append({"match": "*@printer.local", "sender": GRAPH_MAILBOX})
+        mg = mailgate(rconfig, env=dict(rconfig.env))
+        device = b"To: bob@example.org\r\nSubject: scan\r\n\r\nbody\r\n"
+        bare = b"From: " + GRAPH_MAILBOX.encode() + b" <" + GRAPH_MAILBOX.encode() + b">\r\nTo: bob@example.org\r\n\r\nbody\r\n"
+        with smtplib.SMTP(*split_addr(mg.addr), timeout=30) as c:
+            assert c.sendmail("scanner@printer.local", ["bob@example.org"], device) == {}
+            assert c.sendmail(GRAPH_MAILBOX, ["bob@example.org"], bare) == {}
+        sent = sorted((s.mime for s in graph.wait_sent(2)), key=lambda m: m.startswith(b"To:"))
+        quoted = b'From: "' + GRAPH_MAILBOX.encode() + b'" <' + GRAPH_MAILBOX.encode() + b">\r\nTo: bob@example.org\r\n\r\nbody\r\n"
+        assert sent == [quoted, b"To: bob@example.org\r\nSubject: scan\r\nFrom: scanner <" + GRAPH_MAILBOX.encode() + b">\r\n\r\nbody\r\n"], sent
+    finally:
+        graph.stop()
+        endpoint.stop()
