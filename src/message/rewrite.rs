@@ -136,12 +136,35 @@ fn local_part(address: &str) -> String {
     local.replace("\\\"", "\"").replace("\\\\", "\\")
 }
 
-/// `From: <phrase> <sender>` with its line break.
+/// `From: <phrase> <sender>` with its line break, folded at spaces to stay near 78
+/// characters a line (a long display name must not break the 998-octet limit).
 fn from_line(display: &str, sender: &str) -> String {
-    match phrase(display) {
-        Some(p) => format!("From: {p} <{sender}>\r\n"),
-        None => format!("From: <{sender}>\r\n"),
+    let line = match phrase(display) {
+        Some(p) => format!("From: {p} <{sender}>"),
+        None => format!("From: <{sender}>"),
+    };
+    let mut out = String::with_capacity(line.len() + 2);
+    let mut width = 0;
+    for (i, word) in line.split(' ').enumerate() {
+        // Encoded words come folded already: their lines are short.
+        let first_len = word.split("\r\n").next().map_or(0, str::len);
+        if i > 0 {
+            if width + 1 + first_len > 78 {
+                out.push_str("\r\n ");
+                width = 1;
+            } else {
+                out.push(' ');
+                width += 1;
+            }
+        }
+        out.push_str(word);
+        width = match word.rsplit_once("\r\n") {
+            Some((_, last)) => last.len(),
+            None => width + word.len(),
+        };
     }
+    out.push_str("\r\n");
+    out
 }
 
 /// `atext` of RFC 5322 §3.2.3.
@@ -431,6 +454,21 @@ mod tests {
         assert_eq!(
             replaced("\r\nbody\r\n"),
             "From: scanner <scans@example.com>\r\n\r\nbody\r\n"
+        );
+    }
+
+    #[test]
+    fn a_long_display_name_is_folded_at_spaces_and_reads_the_same() {
+        let name = "Floor 3 copier, east wing. ".repeat(60);
+        let out = replaced(&format!("From: \"{name}\" <c@printer.local>\r\n"));
+        assert!(out.lines().all(|l| l.len() <= 78), "{out}");
+        assert!(out.ends_with(" <scans@example.com>\r\n"), "{out}");
+        assert_eq!(
+            read_from(&out),
+            [(
+                Some(name.trim().to_string()),
+                Some("scans@example.com".into())
+            )]
         );
     }
 

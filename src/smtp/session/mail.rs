@@ -49,7 +49,10 @@ impl Session {
         match routing::route_sender(&self.config, sender) {
             Err(refusal) => {
                 let refusal = Reply::from(refusal);
-                info!(peer = %self.peer, sender, reply = %refusal, "sender refused");
+                let rewritten_from = rewrite
+                    .as_ref()
+                    .map(|r| crate::text::escape_controls(&r.original).into_owned());
+                info!(peer = %self.peer, sender, rewritten_from, reply = %refusal, "sender refused");
                 refused(refusal)
             }
             Ok(decision) => {
