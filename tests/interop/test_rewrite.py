@@ -241,3 +241,16 @@ def test_graph_channel_device_rewritten_and_a_bare_display_name_repaired(rconfig
     finally:
         graph.stop()
         endpoint.stop()
+
+
+def test_the_dsn_goes_to_the_new_sender(rconfig, mailgate, upstream):
+    device_setup(rconfig, upstream)
+    rconfig.server.update({"delivery": "queue", "retry_first": "1s"})
+    upstream.handler.rcpt_reply_for["nobody@example.org"] = "550 5.1.1 No such user here"
+    mg = mailgate(rconfig)
+    with smtplib.SMTP(*split_addr(mg.addr), timeout=30) as c:
+        refused = c.sendmail("scanner@printer.local", ["nobody@example.org"], b"Subject: s\r\n\r\nx\r\n")
+        assert refused == {}
+    (dsn,) = upstream.wait_messages(1, timeout=20)
+    assert dsn.mail_from in ("", "<>") and dsn.rcpt_tos == [MAILBOX], dsn
+    assert b"scanner@printer.local" not in dsn.content.split(b"\r\n\r\n")[0]
