@@ -65,6 +65,8 @@ enum Reservation {
 pub struct Draft {
     id: String,
     body: SpoolDraft,
+    /// The envelope sender the client gave, when a `[[rewrite]]` entry replaced it.
+    rewritten_from: Option<String>,
 }
 
 impl Draft {
@@ -76,6 +78,12 @@ impl Draft {
     /// Appends decoded message bytes.
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
         self.body.write(data).await
+    }
+
+    /// Notes the envelope sender the client gave before a `[[rewrite]]` entry replaced
+    /// it, for the accepted-message log line (SPEC §4a `rewritten_from`).
+    pub fn set_rewritten_from(&mut self, original: &str) {
+        self.rewritten_from = Some(crate::text::escape_controls(original).into_owned());
     }
 
     /// Bytes written so far.
@@ -247,6 +255,7 @@ impl Delivery {
                 Ok(Draft {
                     id: spool.id().to_string(),
                     body: spool,
+                    rewritten_from: None,
                 })
             }
             None => {
@@ -257,7 +266,11 @@ impl Delivery {
                         tracing::error!(error = %e, "cannot start a message");
                         Reply::local_error()
                     })?;
-                Ok(Draft { id, body })
+                Ok(Draft {
+                    id,
+                    body,
+                    rewritten_from: None,
+                })
             }
         }
     }
@@ -266,6 +279,7 @@ impl Delivery {
     pub async fn finish(&self, draft: Draft, channel: ChannelId, envelope: &Envelope) -> Reply {
         let started = Instant::now();
         let (id, size) = (draft.id().to_string(), draft.len());
+        let rewritten_from = draft.rewritten_from.clone();
         let reply = match &self.queue {
             Some(queue) => {
                 queue
@@ -285,7 +299,7 @@ impl Delivery {
         let sender = crate::text::escape_controls(&envelope.sender);
         if reply.is_positive() {
             metrics::message(name, Outcome::Accepted);
-            tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
+            tracing::info!(id, %sender, rewritten_from, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
         } else {
             metrics::message(name, Outcome::Refused);
             tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message refused");

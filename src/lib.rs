@@ -16,7 +16,8 @@
 //! | [`listener`] | accept loop, connection limit, allow-list, TLS acceptors, graceful shutdown |
 //! | [`tls`] | rustls server config, `cert generate` |
 //! | [`smtp`] | the SMTP server: [`smtp::session`] state machine (read/write loop, one file per verb group), [`smtp::data`] DATA/BDAT decoder, [`smtp::reply`] catalogue, [`smtp::auth`] client AUTH |
-//! | [`message`] | the envelope of a message, message ids, the recipient headers and the Graph `Bcc:` completion |
+//! | [`message`] | the envelope of a message, message ids, the recipient headers and the Graph `Bcc:` completion, the `From:` rewrite and the Graph From repair |
+//! | [`rewrite`] | pure: the `[[rewrite]]` entry that gives a legacy envelope sender a real one at MAIL FROM, before routing (the header side is [`message::rewrite`]) |
 //! | [`routing`] | pure: envelope + headers → channel or a [`routing::Refusal`] (the session words it from the catalogue) |
 //! | [`scope`] | pure: sender-scope patterns: does one take an address, how specific is it (routing and the queue) |
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
@@ -47,6 +48,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod reload;
 pub mod reply;
+pub mod rewrite;
 pub mod routing;
 pub mod scope;
 pub mod sendmail;

@@ -191,6 +191,9 @@ async fn log_outcome(path: &Path, live: &Live, outcome: Result<Reloaded, Vec<Str
             return;
         }
     };
+    for warning in &live.current().config.warnings {
+        tracing::warn!(line = warning.line, "{file}: {}", warning.message);
+    }
     for setting in &reloaded.need_restart {
         tracing::warn!(
             "reload: {setting} changed in {file}; it takes effect after a restart (the running value stays)"

@@ -412,6 +412,8 @@ mod tests {
             has_literal_secrets: false,
             state: Default::default(),
             index: Default::default(),
+            rewrites: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 

@@ -726,3 +726,28 @@ async fn a_reload_ends_the_hand_over_to_the_fallback() {
     assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
     assert_eq!(s.graph.sent().len(), 1, "nothing more over the fallback");
 }
+
+#[tokio::test]
+async fn an_unquoted_display_name_is_sent_quoted_and_nothing_else_changes() {
+    // SPEC §4a, last paragraph: Exchange refuses `From: dave@example.com <dave@…>` as
+    // send-as; the same name and address, quoted, go through.
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    let tail =
+        "To: bob@example.org\r\nSubject: scan\r\n\tfolded\r\n\r\nFrom: J. Smith <j@x.com>\r\n";
+    let body = format!("From: {MAILBOX} <{MAILBOX}>\r\n{tail}");
+    let reply = s.submit(&["bob@example.org"], body.as_bytes()).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let want = format!("From: \"{MAILBOX}\" <{MAILBOX}>\r\n{tail}");
+    assert_eq!(
+        String::from_utf8(s.graph.sent()[0].mime.clone()).unwrap(),
+        want
+    );
+    // A dot in the name, on a folded line: quoted, unfolded, the rest as it was.
+    let body = format!("To: bob@example.org\r\nFROM: D. Ave\r\n <{MAILBOX}>\r\n\r\nx\r\n");
+    let reply = s.submit(&["bob@example.org"], body.as_bytes()).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(
+        String::from_utf8(s.graph.sent()[1].mime.clone()).unwrap(),
+        format!("To: bob@example.org\r\nFROM: \"D. Ave\" <{MAILBOX}>\r\n\r\nx\r\n")
+    );
+}

@@ -158,6 +158,8 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
         has_literal_secrets: false,
         state: Default::default(),
         index: Default::default(),
+        rewrites: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 

@@ -125,6 +125,32 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
         }
     }
 
+    if !config.rewrites.is_empty() {
+        writeln!(out, "rewrites (first match applies, before routing):")?;
+    }
+    for r in &config.rewrites {
+        let mut when = Vec::new();
+        if !r.networks.is_empty() {
+            let nets: Vec<String> = r.networks.iter().map(|n| n.to_string()).collect();
+            when.push(format!("client in {}", nets.join(", ")));
+        }
+        if let Some(user) = &r.user {
+            when.push(format!("user {user}"));
+        }
+        let when = if when.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", when.join(", "))
+        };
+        writeln!(
+            out,
+            "  {}{when} -> {} (header_from {})",
+            r.pattern.text(),
+            r.sender,
+            r.header_from.name()
+        )?;
+    }
+
     let s = &config.server;
     let addrs = |list: &[SocketAddr]| -> String {
         if list.is_empty() {

@@ -35,6 +35,48 @@ pub struct Config {
     /// The channels by name and scope, built at first use (see [`Config::index`]);
     /// `Default::default()` when assembling a `Config` by hand.
     pub index: OnceLock<ChannelIndex>,
+    /// `[[rewrite]]` entries in file order (SPEC §4a): the first that matches applies.
+    pub rewrites: Vec<RewriteRule>,
+    /// What `check` warns about without refusing the file (e.g. a `[[rewrite]]` entry an
+    /// earlier one always takes first), in file order.
+    pub warnings: Vec<super::Problem>,
+}
+
+/// One `[[rewrite]]` entry (SPEC §4a): legacy senders given a real one at intake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewriteRule {
+    /// `match`: the envelope senders it takes (exact address, `*@domain` or `*`).
+    pub pattern: SenderPattern,
+    /// The envelope sender from here on: one exact address some channel takes.
+    pub sender: String,
+    /// What happens to the `From:`/`Sender:` headers.
+    pub header_from: HeaderFrom,
+    /// Only clients from these networks; empty = any client.
+    pub networks: Vec<ipnet::IpNet>,
+    /// Only this authenticated `[[users]]` name; `None` = any client.
+    pub user: Option<String>,
+    /// The entry's line in the file (for `route` and the log).
+    pub line: Option<usize>,
+}
+
+/// `header_from` of a `[[rewrite]]` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeaderFrom {
+    /// `From:` becomes the entry's sender, `Sender:` goes.
+    #[default]
+    Replace,
+    /// The headers stay as the client wrote them (and the header check applies to them).
+    Keep,
+}
+
+impl HeaderFrom {
+    /// The name used in `proxy.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeaderFrom::Replace => "replace",
+            HeaderFrom::Keep => "keep",
+        }
+    }
 }
 
 /// `[state] backend`.

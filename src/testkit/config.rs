@@ -34,6 +34,8 @@ pub fn config(channels: Vec<Channel>) -> Config {
         has_literal_secrets: false,
         state: Default::default(),
         index: Default::default(),
+        rewrites: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 

@@ -134,7 +134,12 @@ impl GraphChannel {
                     reply,
                 }
             })?;
-        let encoded = bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&*copy));
+        // SPEC §4a: Exchange refuses `From: scan@x.com <scan@x.com>` as send-as; quoted, the
+        // same name and address go through.
+        let repaired = crate::message::rewrite::repair_from(&copy);
+        let encoded =
+            bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&*repaired));
+        drop(repaired);
         drop(copy);
         drop(message);
 

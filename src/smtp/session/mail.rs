@@ -30,6 +30,14 @@ impl Session {
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return Reply::bad_parameters(Syntax::BinaryMime);
         }
+        // SPEC §4a: a legacy sender takes its entry's sender before anything else reads it.
+        let rewrite = crate::rewrite::apply(
+            &self.config.rewrites,
+            sender,
+            Some(self.peer.ip()),
+            self.user.as_deref(),
+        );
+        let sender = rewrite.as_ref().map_or(sender, |r| r.sender.as_str());
         if let Some(user) = &self.user
             && let Err(refusal) = routing::authorize_user(&self.config, user, sender)
         {
@@ -41,11 +49,20 @@ impl Session {
         match routing::route_sender(&self.config, sender) {
             Err(refusal) => {
                 let refusal = Reply::from(refusal);
-                info!(peer = %self.peer, sender, reply = %refusal, "sender refused");
+                let rewritten_from = rewrite
+                    .as_ref()
+                    .map(|r| crate::text::escape_controls(&r.original).into_owned());
+                info!(peer = %self.peer, sender, rewritten_from, reply = %refusal, "sender refused");
                 refused(refusal)
             }
             Ok(decision) => {
                 debug!(sender, channel = %self.config.channels[decision.channel].name, reason = %decision.reason, "sender routed");
+                if let Some(r) = &rewrite {
+                    let original = crate::text::escape_controls(&r.original);
+                    let line = self.config.rewrites.get(r.entry).and_then(|e| e.line);
+                    info!(peer = %self.peer, %original, sender, header_from = r.header_from.name(), entry_line = line, "sender rewritten");
+                    metrics::rewrite(sender);
+                }
                 self.tx = Some(Transaction {
                     envelope: Envelope {
                         sender: sender.to_string(),
@@ -55,6 +72,7 @@ impl Session {
                     },
                     channel: decision.channel,
                     bdat: None,
+                    rewrite,
                 });
                 Reply::sender_ok()
             }
