@@ -329,7 +329,9 @@ impl Delivery {
             {
                 return Reply::too_big(max);
             }
-            if let Some(max) = ch.limits.max_recipients
+            // Relay mode never splits a message: more recipients than one transaction or a
+            // day's quota takes could never go (a 451 would have the client retry for ever).
+            if let Some(max) = ch.limits.whole_message_recipients()
                 && envelope.recipients.len() > max
             {
                 return Reply::too_many_recipients(max);

@@ -5,7 +5,11 @@
 //! A message with more pending recipients than the channel takes per transaction
 //! (`max_recipients`, and never more than `recipients_per_day`) goes out in several
 //! transactions; after each, the state file records which recipients are done, so a
-//! crash never resends those. Each transaction counts as one message against `rate` and
+//! crash never resends those. A graph channel is the exception: Graph sends to every
+//! recipient the headers name, so its transaction carries the whole envelope and waits
+//! until the day window has room for all of it; a message it could never take (after a
+//! reload lowered its limits) fails with a DSN saying why, or, lent by a broken channel,
+//! waits for that channel. Each transaction counts as one message against `rate` and
 //! its recipients against `recipients_per_day` when it starts (conservative: a failed
 //! attempt counts too).
 
@@ -20,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::attempt::Attempt;
 use super::spool::now_ms;
 use super::{Generation, Queue};
-use crate::config::{Channel, ChannelId};
+use crate::config::{Channel, ChannelId, ChannelKind};
 use crate::metrics::{self, ChannelState};
 use crate::state::shared::Reserved;
 use crate::state::{Backend, Counters, Health, format_time};
@@ -123,7 +127,7 @@ pub struct ChannelTask {
     channel: ChannelId,
     name: String,
     connections: usize,
-    chunk: usize,
+    take: Take,
     due: BTreeSet<(u64, String)>,
     entries: HashMap<String, (u64, usize)>,
     in_flight: HashSet<String>,
@@ -155,7 +159,7 @@ impl ChannelTask {
         let ch = &generation.config.channels[channel];
         let name = ch.name.clone();
         let connections = ch.limits.connections.max(1);
-        let chunk = chunk_size(ch);
+        let take = Take::of(ch);
         let fallback = ch
             .fallback
             .map(|f| generation.config.channels[f].name.clone());
@@ -173,7 +177,7 @@ impl ChannelTask {
             channel,
             name,
             connections,
-            chunk,
+            take,
             due: BTreeSet::new(),
             entries: HashMap::new(),
             in_flight: HashSet::new(),
@@ -500,7 +504,13 @@ impl ChannelTask {
                 return Some(due);
             }
             let pending = self.entries[&id].1;
-            let rcpts = pending.min(self.chunk);
+            let rcpts = match self.take.size(pending) {
+                Ok(rcpts) => rcpts,
+                Err(max) => {
+                    self.never_fits(deliveries, id, due, pending, max);
+                    continue;
+                }
+            };
             let mut counted = None;
             let limits = &self.generation.config.channels[self.channel].limits;
             if rcpts > 0
@@ -517,7 +527,7 @@ impl ChannelTask {
                         .take_while(|(d, _)| *d <= now)
                         .take(free)
                         .filter_map(|(_, id)| {
-                            let n = self.entries[id].1.min(self.chunk) as u64;
+                            let n = self.take.size(self.entries[id].1).ok()? as u64;
                             (n > 0).then(|| (id.clone(), n))
                         })
                         .collect();
@@ -592,10 +602,41 @@ impl ChannelTask {
                 channel: self.channel,
                 rcpts,
                 counted,
+                never_fits: None,
             };
             deliveries.spawn(attempt.run(id));
         }
         None
+    }
+
+    /// A message this channel can never send whole (more pending recipients than `max`).
+    /// Lent by a broken channel, it waits for that channel (which may split it) rather
+    /// than fail; the channel's own fails with a DSN saying why, counting nothing.
+    fn never_fits(
+        &mut self,
+        deliveries: &mut JoinSet<Report>,
+        id: String,
+        due: u64,
+        pending: usize,
+        max: usize,
+    ) {
+        if let Some(owner) = self.borrowed.get(&id) {
+            tracing::warn!(id, channel = %self.name, owner = %owner, pending, max, "queue: more recipients than this channel ever sends at once (never split); the message waits for its own channel");
+            self.schedule(id, now_ms().saturating_add(3_600_000), pending);
+            return;
+        }
+        self.due.remove(&(due, id.clone()));
+        self.entries.remove(&id);
+        self.in_flight.insert(id.clone());
+        let attempt = Attempt {
+            queue: self.queue.clone(),
+            generation: self.generation.clone(),
+            channel: self.channel,
+            rcpts: pending,
+            counted: None,
+            never_fits: Some(max),
+        };
+        deliveries.spawn(attempt.run(id));
     }
 
     async fn apply(&mut self, report: Report) {
@@ -687,15 +728,41 @@ impl ChannelTask {
     }
 }
 
-/// Recipients per transaction: `max_recipients`, and never more than a day's quota.
-pub fn chunk_size(channel: &Channel) -> usize {
-    let per_message = channel.limits.max_recipients.unwrap_or(usize::MAX);
-    let per_day = channel
-        .limits
-        .recipients_per_day
-        .map(|d| d.min(usize::MAX as u64) as usize)
-        .unwrap_or(usize::MAX);
-    per_message.min(per_day).max(1)
+/// How a channel's transactions take a message's pending recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// Up to this many per transaction (`max_recipients`, and never more than a day's
+    /// quota), the rest in later transactions.
+    Split(usize),
+    /// All at once, never split: Microsoft Graph sends to every header recipient, so a
+    /// part would be refused or reach the others too (SPEC §7). At most this many ever.
+    Whole(Option<usize>),
+}
+
+impl Take {
+    /// How `channel` takes them.
+    pub fn of(channel: &Channel) -> Self {
+        if matches!(channel.kind, ChannelKind::Graph(_)) {
+            return Take::Whole(channel.limits.whole_message_recipients());
+        }
+        let per_message = channel.limits.max_recipients.unwrap_or(usize::MAX);
+        let per_day = channel
+            .limits
+            .recipients_per_day
+            .map(|d| usize::try_from(d).unwrap_or(usize::MAX))
+            .unwrap_or(usize::MAX);
+        Take::Split(per_message.min(per_day).max(1))
+    }
+
+    /// The recipients of the next transaction of a message with `pending` ones; `Err` with
+    /// the most the channel takes when the message can never go whole.
+    pub fn size(self, pending: usize) -> Result<usize, usize> {
+        match self {
+            Take::Split(chunk) => Ok(pending.min(chunk)),
+            Take::Whole(Some(max)) if pending > max => Err(max),
+            Take::Whole(_) => Ok(pending),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -711,10 +778,57 @@ mod tests {
     fn chunk_respects_max_recipients_and_daily_quota() {
         let mut ch = channel();
         ch.limits.max_recipients = Some(500);
-        assert_eq!(chunk_size(&ch), 500);
+        assert_eq!(Take::of(&ch), Take::Split(500));
         ch.limits.recipients_per_day = Some(3);
-        assert_eq!(chunk_size(&ch), 3);
+        assert_eq!(Take::of(&ch), Take::Split(3));
+        assert_eq!(Take::of(&ch).size(7), Ok(3));
+        assert_eq!(Take::of(&ch).size(2), Ok(2));
         ch.limits = Limits::default();
-        assert_eq!(chunk_size(&ch), usize::MAX);
+        assert_eq!(Take::of(&ch), Take::Split(usize::MAX));
+    }
+
+    fn graph(max_recipients: Option<usize>, per_day: Option<u64>) -> Channel {
+        let mut ch = crate::testkit::config::graph_channel(
+            "dave",
+            "dave@example.com",
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:1/token",
+        );
+        ch.limits.max_recipients = max_recipients;
+        ch.limits.recipients_per_day = per_day;
+        ch
+    }
+
+    #[test]
+    fn a_graph_transaction_takes_the_whole_envelope_or_nothing() {
+        // Issue 16 item 7: three recipients with `recipients_per_day = 2` went out as a
+        // transaction of two, which Graph refused for the third in `To:`.
+        let ch = graph(None, Some(2));
+        assert_eq!(Take::of(&ch), Take::Whole(Some(2)));
+        assert_eq!(Take::of(&ch).size(3), Err(2));
+        assert_eq!(Take::of(&ch).size(2), Ok(2));
+        assert_eq!(Take::of(&ch).size(1), Ok(1));
+        // max_recipients the same way, the smaller of the two bounding it.
+        assert_eq!(Take::of(&graph(Some(4), Some(10))).size(5), Err(4));
+        assert_eq!(Take::of(&graph(Some(40), Some(10))).size(11), Err(10));
+        assert_eq!(Take::of(&graph(Some(40), Some(10))).size(10), Ok(10));
+        // No limit: any envelope, whole.
+        assert_eq!(Take::of(&graph(None, None)).size(5000), Ok(5000));
+    }
+
+    #[test]
+    fn a_whole_envelope_waits_for_room_for_all_of_it() {
+        // recipients_per_day = 3: a message of 2 went; the next of 2 waits for the
+        // window (never 1 now and 1 later), then goes whole.
+        use crate::ratelimit::{ChannelLimiter, DAY_MS};
+        let ch = graph(None, Some(3));
+        let mut window = ChannelLimiter::new(&ch.limits);
+        let t0 = 1_700_000_000_000;
+        let first = Take::of(&ch).size(2).unwrap();
+        window.record(t0, first as u64);
+        let second = Take::of(&ch).size(2).unwrap();
+        assert_eq!(second, 2);
+        assert_eq!(window.check(t0 + 1000, second as u64), Err(t0 + DAY_MS));
+        assert_eq!(window.check(t0 + DAY_MS, second as u64), Ok(()));
     }
 }
