@@ -373,3 +373,52 @@ async fn relay_mode_refuses_a_message_over_a_graph_day_quota_with_452() {
     assert_eq!(reply.code, 250, "{reply}");
     assert_eq!(s.graph.sent().len(), 1);
 }
+
+/// The same with `[state] backend = "redis"`, where the windows are reserved in batches:
+/// the second message of 2 waits whole behind a day quota of 3 (no reservation of a
+/// part), and after a reload lowers the quota to 1 it fails with a DSN, nothing sent.
+#[tokio::test]
+async fn with_redis_a_graph_message_waits_whole_and_fails_once_it_can_never_fit() {
+    use mailgate::testkit::redis_server::RedisServer;
+    let redis = RedisServer::start();
+    let s = setup(
+        DeliveryMode::Queue,
+        vec![],
+        |c| {
+            dave(c).limits.recipients_per_day = Some(3);
+            c.state = mailgate::config::StateBackend::Redis(redis.settings("gl:"));
+        },
+        |_| {},
+    )
+    .await;
+    let first = submit(&s.delivery, &s.config, "dave", &[BOB, CAROL]).await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(5), || s.graph.sent().len() == 1).await);
+    let second = submit(&s.delivery, &s.config, "dave", &[CAROL, ERIN]).await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.graph.requests(), 1, "held whole: no recipient of it sent");
+    let shared = mailgate::state::shared::RedisState::new(&redis.settings("gl:")).unwrap();
+    let counted: Vec<u64> = shared
+        .events("dave")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(counted, vec![2], "only the first message is counted");
+
+    let mut lowered = (*s.config).clone();
+    dave(&mut lowered).limits.recipients_per_day = Some(1);
+    s.reload(lowered).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || s.files("failed").len() == 1).await,
+        "failed, not left waiting for ever"
+    );
+    let failed = &s.files("failed")[0];
+    assert!(
+        failed.contains("5.5.3") && failed.contains("at most 1"),
+        "{failed}"
+    );
+    assert_eq!(s.graph.requests(), 1);
+}
