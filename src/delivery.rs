@@ -343,7 +343,9 @@ impl Delivery {
             {
                 return Reply::too_big(max);
             }
-            if let Some(max) = ch.limits.max_recipients
+            // Relay mode never splits a message: more recipients than one transaction or a
+            // day's quota takes could never go (a 451 would have the client retry for ever).
+            if let Some(max) = ch.limits.whole_message_recipients()
                 && envelope.recipients.len() > max
             {
                 return Reply::too_many_recipients(max);
@@ -449,9 +451,13 @@ impl Delivery {
                     metrics::channel_state(&ch.name, ChannelState::Limited);
                     Err(Reply::channel_limited(&ch.name))
                 }
+                // A rate is at least 1: only a day's quota can never take a message.
                 Ok(Reserved::Never) => {
                     tracing::info!(id, channel = %ch.name, "channel limit can never take this message");
-                    Err(Reply::channel_limited(&ch.name))
+                    let max = ch.limits.recipients_per_day.unwrap_or(0);
+                    Err(Reply::too_many_recipients(
+                        usize::try_from(max).unwrap_or(usize::MAX),
+                    ))
                 }
                 // Logged once per outage by the connection; never sent uncounted.
                 Err(_) => Err(Reply::limits_unavailable(&ch.name)),
@@ -461,6 +467,16 @@ impl Delivery {
             let mut limiter = lock(limiter);
             let now = now_ms();
             if let Err(until) = limiter.check(now, rcpts) {
+                // More recipients than a day's quota (which a reload may have lowered
+                // since this session checked them at RCPT): a 451 would be retried for
+                // ever. (A rate is at least 1, so only the quota says never.)
+                if until == u64::MAX {
+                    tracing::info!(id, channel = %ch.name, rcpts, "channel limit can never take this message");
+                    let max = limiter.recipients_per_day().unwrap_or(0);
+                    return Err(Reply::too_many_recipients(
+                        usize::try_from(max).unwrap_or(usize::MAX),
+                    ));
+                }
                 tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
                 metrics::channel_state(&ch.name, ChannelState::Limited);
                 return Err(Reply::channel_limited(&ch.name));
@@ -789,6 +805,30 @@ mod tests {
             .await;
         assert_eq!(reply, Reply::channel_limited("relay"));
         assert_eq!(record.txns().len(), 2);
+    }
+
+    /// Relay mode never splits a message: one with more recipients than the channel's
+    /// day quota could never go, so the client hears `452 4.5.3`, not a `451` it would
+    /// retry for ever; also in a session begun before a reload lowered the quota (the
+    /// old generation's limiter takes the new limits).
+    #[tokio::test]
+    async fn more_recipients_than_a_days_quota_is_452_also_after_a_reload_lowers_it() {
+        let (old, record) = delivery(plain_fake(), |l| l.recipients_per_day = Some(3)).await;
+        let three = envelope("a@example.com", &["b@x.org", "c@x.org", "d@x.org"]);
+        let mut lowered = (**old.config()).clone();
+        lowered.channels[0].limits.recipients_per_day = Some(2);
+        let changes = ChannelChanges {
+            changed: vec!["relay".into()],
+            ..Default::default()
+        };
+        let new = old.reload(Arc::new(lowered), &changes).unwrap();
+        old.apply(&new, &changes).await;
+        for generation in [&old, &new] {
+            let d = draft(generation, b"x\r\n").await;
+            let reply = generation.finish(d, 0, &three).await;
+            assert_eq!(reply, Reply::too_many_recipients(2));
+        }
+        assert_eq!(record.txns().len(), 0);
     }
 
     /// A reload that lowers a channel's rate applies it to the messages already counted,

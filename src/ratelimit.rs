@@ -54,6 +54,11 @@ impl ChannelLimiter {
         limiter
     }
 
+    /// The most recipients in any rolling day, as this limiter counts them.
+    pub fn recipients_per_day(&self) -> Option<u64> {
+        self.recipients_per_day
+    }
+
     /// The counted messages, oldest first, as (unix ms, recipients): what to persist.
     pub fn snapshot(&self) -> Vec<(u64, u64)> {
         self.sent.iter().copied().collect()

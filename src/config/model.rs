@@ -309,6 +309,22 @@ pub struct Limits {
     pub max_message_size: Option<u64>,
 }
 
+impl Limits {
+    /// Most recipients one message can ever have when it goes out whole, in one
+    /// transaction that is never split (a graph channel; any channel in relay mode): its
+    /// `max_recipients`, and no more than its `recipients_per_day` (a message over a day's
+    /// quota would wait for ever). `None`: unlimited.
+    pub fn whole_message_recipients(&self) -> Option<usize> {
+        let per_day = self
+            .recipients_per_day
+            .map(|d| usize::try_from(d).unwrap_or(usize::MAX));
+        match (self.max_recipients, per_day) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 /// `"30/min"`: `count` messages per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -398,6 +414,15 @@ impl Config {
             at = ch.fallback;
         }
         None
+    }
+
+    /// The most recipients a message routed to `channel` may have because it may go out
+    /// over a graph channel (the channel itself, or one on its fallback chain), which sends
+    /// the whole envelope at once (SPEC §7 "Large messages over Graph"); with that channel.
+    pub fn graph_recipient_cap(&self, channel: ChannelId) -> Option<(usize, ChannelId)> {
+        let graph = self.graph_on_path(channel)?;
+        let cap = self.channels[graph].limits.whole_message_recipients()?;
+        Some((cap, graph))
     }
 
     /// Some channel names `id` as its `fallback`: it is no routing candidate of its own.

@@ -29,6 +29,9 @@ pub(super) struct Attempt {
     /// What the worker counted against the channel's windows for this attempt: taken
     /// back when no transaction starts.
     pub(super) counted: Option<Counted>,
+    /// The channel sends a message whole and takes at most this many recipients, fewer
+    /// than the message's pending ones: fail them with a DSN, sending nothing.
+    pub(super) never_fits: Option<usize>,
 }
 
 enum Prepared {
@@ -90,6 +93,22 @@ impl Attempt {
         let channel_name = config.channels[self.channel].name.clone();
 
         let mut effect = ChannelEffect::None;
+        if let Some(max) = self.never_fits {
+            if state.pending() <= max {
+                // Changed since it was scheduled (`queue delete`, a crash's recovery):
+                // the worker counts it against the windows before it goes.
+                drop(lock);
+                return Report {
+                    id,
+                    next: Some((now_ms(), state.pending())),
+                    effect,
+                    dsn: None,
+                    uncount: None,
+                };
+            }
+            let reason = fail_never_fitting(&mut state, max, &channel_name);
+            tracing::warn!(id, channel = %channel_name, reason = %reason, "queue: the message can never go over this channel; failing it");
+        }
         let chunk: Vec<usize> = state
             .recipients
             .iter()
@@ -240,6 +259,24 @@ fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
         Some(state) => Ok(Prepared::Ready(lock, Box::new(state))),
         None => Ok(Prepared::Gone),
     }
+}
+
+/// Pure: fails every pending recipient of a message with more of them than its graph
+/// channel `channel` ever sends at once (`max`): Graph never splits a message, so it
+/// would wait for ever. Returns the reply given to each, which the DSN states.
+pub fn fail_never_fitting(state: &mut MessageState, max: usize, channel: &str) -> Reply {
+    let reply = Reply::never_fits_graph(state.pending(), max, channel);
+    for rcpt in state
+        .recipients
+        .iter_mut()
+        .filter(|r| r.status == RcptStatus::Pending)
+    {
+        rcpt.status = RcptStatus::Failed;
+        rcpt.reply = Some(reply.to_string());
+    }
+    state.last_reply = Some(reply.to_string());
+    state.failure = Some(reply.to_string());
+    reply
 }
 
 /// What one transaction did to a message.
@@ -698,6 +735,23 @@ mod tests {
         let applied = apply_outcome(&mut st, &[0], &outcome, "c", 2_000_000, &config);
         assert_eq!(applied.effect, ChannelEffect::None);
         assert_eq!(statuses(&st), vec![Failed]);
+    }
+
+    #[test]
+    fn a_message_graph_can_never_send_whole_fails_every_pending_recipient_saying_why() {
+        use RcptStatus::*;
+        let mut st = state(&["b@x", "c@x", "d@x"]);
+        let reply = fail_never_fitting(&mut st, 2, "dave");
+        assert_eq!(statuses(&st), vec![Failed, Failed, Failed]);
+        assert_eq!(reply.enhanced_text().as_deref(), Some("5.5.3"));
+        assert!(reply.is_permanent());
+        let text = st.recipients[2].reply.clone().unwrap();
+        assert!(text.contains("channel dave"), "{text}");
+        assert!(text.contains("at most 2"), "{text}");
+        assert!(text.contains("has 3"), "{text}");
+        assert_eq!(dsn::status_of(&text), "5.5.3");
+        assert_eq!(st.failure.as_deref(), Some(text.as_str()));
+        assert_eq!(st.attempts, 0, "nothing was sent");
     }
 
     #[test]

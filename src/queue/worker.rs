@@ -5,7 +5,11 @@
 //! A message with more pending recipients than the channel takes per transaction
 //! (`max_recipients`, and never more than `recipients_per_day`) goes out in several
 //! transactions; after each, the state file records which recipients are done, so a
-//! crash never resends those. Each transaction counts as one message against `rate` and
+//! crash never resends those. A graph channel is the exception: Graph sends to every
+//! recipient the headers name, so its transaction carries the whole envelope and waits
+//! until the day window has room for all of it; a message it could never take (after a
+//! reload lowered its limits) fails with a DSN saying why, or, lent by a broken channel,
+//! waits for that channel. Each transaction counts as one message against `rate` and
 //! its recipients against `recipients_per_day` when it starts (conservative: a failed
 //! attempt counts too).
 
@@ -20,13 +24,15 @@ use tokio_util::sync::CancellationToken;
 use super::attempt::Attempt;
 use super::spool::now_ms;
 use super::{Generation, Queue};
-use crate::config::{Channel, ChannelId};
+use crate::config::ChannelId;
 use crate::metrics::{self, ChannelState};
 use crate::state::shared::Reserved;
 use crate::state::{Backend, Counters, Health, format_time};
 
 mod health;
+mod take;
 use health::{HealthWriter, SharedView};
+use take::Take;
 
 /// Longest a single upstream transaction may take, on top of the upstream's own
 /// per-command timeouts (a large message on a slow link).
@@ -123,7 +129,7 @@ pub struct ChannelTask {
     channel: ChannelId,
     name: String,
     connections: usize,
-    chunk: usize,
+    take: Take,
     due: BTreeSet<(u64, String)>,
     entries: HashMap<String, (u64, usize)>,
     in_flight: HashSet<String>,
@@ -155,7 +161,7 @@ impl ChannelTask {
         let ch = &generation.config.channels[channel];
         let name = ch.name.clone();
         let connections = ch.limits.connections.max(1);
-        let chunk = chunk_size(ch);
+        let take = Take::of(ch);
         let fallback = ch
             .fallback
             .map(|f| generation.config.channels[f].name.clone());
@@ -173,7 +179,7 @@ impl ChannelTask {
             channel,
             name,
             connections,
-            chunk,
+            take,
             due: BTreeSet::new(),
             entries: HashMap::new(),
             in_flight: HashSet::new(),
@@ -500,7 +506,13 @@ impl ChannelTask {
                 return Some(due);
             }
             let pending = self.entries[&id].1;
-            let rcpts = pending.min(self.chunk);
+            let rcpts = match self.take.size(pending) {
+                Ok(rcpts) => rcpts,
+                Err(max) => {
+                    self.never_fits(deliveries, id, due, pending, max);
+                    continue;
+                }
+            };
             let mut counted = None;
             let limits = &self.generation.config.channels[self.channel].limits;
             if rcpts > 0
@@ -517,7 +529,7 @@ impl ChannelTask {
                         .take_while(|(d, _)| *d <= now)
                         .take(free)
                         .filter_map(|(_, id)| {
-                            let n = self.entries[id].1.min(self.chunk) as u64;
+                            let n = self.take.size(self.entries[id].1).ok()? as u64;
                             (n > 0).then(|| (id.clone(), n))
                         })
                         .collect();
@@ -592,6 +604,7 @@ impl ChannelTask {
                 channel: self.channel,
                 rcpts,
                 counted,
+                never_fits: None,
             };
             deliveries.spawn(attempt.run(id));
         }
@@ -684,37 +697,5 @@ impl ChannelTask {
         if self.handing_over {
             self.hand_over_all();
         }
-    }
-}
-
-/// Recipients per transaction: `max_recipients`, and never more than a day's quota.
-pub fn chunk_size(channel: &Channel) -> usize {
-    let per_message = channel.limits.max_recipients.unwrap_or(usize::MAX);
-    let per_day = channel
-        .limits
-        .recipients_per_day
-        .map(|d| d.min(usize::MAX as u64) as usize)
-        .unwrap_or(usize::MAX);
-    per_message.min(per_day).max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{ChannelKind, Limits};
-
-    fn channel() -> Channel {
-        crate::testkit::config::channel("c", ChannelKind::File { dir: "out".into() }, 2)
-    }
-
-    #[test]
-    fn chunk_respects_max_recipients_and_daily_quota() {
-        let mut ch = channel();
-        ch.limits.max_recipients = Some(500);
-        assert_eq!(chunk_size(&ch), 500);
-        ch.limits.recipients_per_day = Some(3);
-        assert_eq!(chunk_size(&ch), 3);
-        ch.limits = Limits::default();
-        assert_eq!(chunk_size(&ch), usize::MAX);
     }
 }

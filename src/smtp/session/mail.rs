@@ -108,23 +108,23 @@ impl Session {
         Reply::recipient_ok()
     }
 
-    /// `max_recipients`, in relay mode also the channel's own per-message limit, and in
-    /// both modes that of a graph channel on the way (its fallback included: Graph never
-    /// splits a message, and a `452` here lets the client send the rest in another
-    /// transaction).
+    /// `max_recipients`, in relay mode also the channel's own limits, and in both modes
+    /// those of a graph channel on the way (its fallback included). A message that goes
+    /// out whole (relay mode; Graph, which never splits one) must fit one transaction and
+    /// a day's `recipients_per_day`, or it could never go; a `452` here lets the client
+    /// send the rest in another transaction.
     fn recipient_limit(&self) -> usize {
         let server = self.config.server.max_recipients;
         let Some(tx) = &self.tx else {
             return server;
         };
         let own = match self.config.server.delivery {
-            DeliveryMode::Relay => self.config.channels[tx.channel].limits.max_recipients,
+            DeliveryMode::Relay => self.config.channels[tx.channel]
+                .limits
+                .whole_message_recipients(),
             DeliveryMode::Queue => None,
         };
-        let graph = self
-            .config
-            .graph_on_path(tx.channel)
-            .and_then(|g| self.config.channels[g].limits.max_recipients);
+        let graph = self.config.graph_recipient_cap(tx.channel).map(|g| g.0);
         [own, graph].into_iter().flatten().fold(server, usize::min)
     }
 }
