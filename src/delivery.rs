@@ -266,15 +266,28 @@ impl Delivery {
     pub async fn finish(&self, draft: Draft, channel: ChannelId, envelope: &Envelope) -> Reply {
         let started = Instant::now();
         let (id, size) = (draft.id().to_string(), draft.len());
-        let reply = match &self.queue {
-            Some(queue) => {
-                queue
-                    .finish(draft.body, &self.config, channel, envelope)
-                    .await
+        let handled = crate::unwind::catch_unwind(async {
+            match &self.queue {
+                Some(queue) => {
+                    queue
+                        .finish(draft.body, &self.config, channel, envelope)
+                        .await
+                }
+                // The draft (and its file) goes once the upstream has answered.
+                None => self.relay(&id, draft.body, channel, envelope).await,
             }
-            // The draft (and its file) goes once the upstream has answered.
-            None => self.relay(&id, draft.body, channel, envelope).await,
-        };
+        })
+        .await;
+        // A panic (a bug) costs this message a temporary refusal, never the session or
+        // what the delivery held: the client tries again.
+        let reply = handled.unwrap_or_else(|panic| {
+            tracing::error!(
+                id,
+                panic = %crate::text::escape_controls(&panic),
+                "internal error while delivering a message; the client is told to try again"
+            );
+            Reply::local_error()
+        });
         let name = self
             .config
             .channels

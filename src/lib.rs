@@ -29,6 +29,8 @@
 //! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`) |
 //! | [`state`] | below the flow: channel health, rate/quota counters and stored tokens: files beside the spool, or one Redis shared by several hosts (`[state]`); `state export`/`import` |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
+//! | [`http`] | below the flow: every HTTPS answer read with a size limit; endpoint durations clamped |
+//! | [`unwind`] | below the flow: a panic in one delivery contained to an error of that delivery |
 //! | [`text`] | below the flow: outside text made safe to print (control characters escaped) |
 //! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, Microsoft Graph stand-in, test PKI, a real `redis-server` on a free port, config builders |
 #![forbid(unsafe_code)]
@@ -37,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod fsutil;
+pub mod http;
 pub mod listener;
 pub mod message;
 pub mod metrics;
@@ -54,6 +57,7 @@ pub mod state;
 pub mod testkit;
 pub mod text;
 pub mod tls;
+pub mod unwind;
 pub mod upstream;
 
 use std::sync::Arc;

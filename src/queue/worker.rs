@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::attempt::Attempt;
+use super::attempt::{Attempt, internal_failure};
 use super::spool::now_ms;
 use super::{Generation, Queue};
 use crate::config::{Channel, ChannelId};
@@ -127,6 +127,9 @@ pub struct ChannelTask {
     due: BTreeSet<(u64, String)>,
     entries: HashMap<String, (u64, usize)>,
     in_flight: HashSet<String>,
+    /// Each delivery task's message: (id, pending, recipients of the attempt). A task
+    /// that ends without a report (a panic, a cancellation) still frees its message.
+    tasks: HashMap<tokio::task::Id, (String, usize, usize)>,
     health: Health,
     counters: Option<Counters>,
     health_writer: Arc<HealthWriter>,
@@ -177,6 +180,7 @@ impl ChannelTask {
             due: BTreeSet::new(),
             entries: HashMap::new(),
             in_flight: HashSet::new(),
+            tasks: HashMap::new(),
             health: Health::Ok,
             counters: None,
             health_writer: Arc::default(),
@@ -228,34 +232,26 @@ impl ChannelTask {
         loop {
             let wake = self.dispatch(&mut deliveries).await;
             self.publish();
-            let sleep = match wake {
-                Some(at) => {
-                    tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
-                }
-                None => tokio::time::Instant::now() + Duration::from_secs(3600),
-            };
+            // A due time read from a state file or Redis may be anything: the wait is at
+            // most an hour (then the schedule is looked at again), so no instant overflows.
+            let wait_ms = wake.map_or(3_600_000, |at| at.saturating_sub(now_ms()).min(3_600_000));
+            let sleep = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = self.rx.recv() => match event {
                     Some(event) => self.handle(event).await,
                     None => break,
                 },
-                Some(done) = deliveries.join_next(), if !deliveries.is_empty() => match done {
-                    Ok(report) => self.apply(report).await,
-                    Err(e) => tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed"),
-                },
+                Some(done) = deliveries.join_next_with_id(), if !deliveries.is_empty() => {
+                    self.finished(done).await;
+                }
                 _ = tokio::time::sleep_until(sleep) => {}
                 _ = poll.tick(), if self.shared.is_some() => self.sync_shared().await,
             }
             // Everything already there before dispatching again: the shared backend then
             // reserves for all the connections freed meanwhile in one round trip.
-            while let Some(done) = deliveries.try_join_next() {
-                match done {
-                    Ok(report) => self.apply(report).await,
-                    Err(e) => {
-                        tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed")
-                    }
-                }
+            while let Some(done) = deliveries.try_join_next_with_id() {
+                self.finished(done).await;
             }
             while let Ok(event) = self.rx.try_recv() {
                 self.handle(event).await;
@@ -282,8 +278,8 @@ impl ChannelTask {
             }
         };
         let drain = async {
-            while let Some(done) = deliveries.join_next().await {
-                if let Ok(mut report) = done {
+            while let Some(done) = deliveries.join_next_with_id().await {
+                if let Some(mut report) = self.report_of(done).await {
                     self.tell_successor(&report);
                     if superseded {
                         report.effect = ChannelEffect::None;
@@ -549,7 +545,7 @@ impl ChannelTask {
                         }
                         Some((_, Reserved::Wait(ms))) => {
                             self.waiting_on_limits = true;
-                            return Some(now_ms() + ms);
+                            return Some(now_ms().saturating_add(ms));
                         }
                         // Not in the batch (cannot happen: the batch is the front of
                         // `due`, taken in order); reserve afresh rather than loop.
@@ -573,7 +569,7 @@ impl ChannelTask {
                     }
                     Err(at) => {
                         self.waiting_on_limits = true;
-                        return Some(at.max(now + 1));
+                        return Some(at.max(now.saturating_add(1)));
                     }
                 }
                 if let Err(e) = counters.record(local, now, rcpts as u64) {
@@ -593,9 +589,61 @@ impl ChannelTask {
                 rcpts,
                 counted,
             };
-            deliveries.spawn(attempt.run(id));
+            let task = deliveries.spawn(attempt.run(id.clone()));
+            self.tasks.insert(task.id(), (id, pending, rcpts));
         }
         None
+    }
+
+    /// A delivery task ended: its report applied, whatever way it ended.
+    async fn finished(&mut self, done: Result<(tokio::task::Id, Report), JoinError>) {
+        if let Some(report) = self.report_of(done).await {
+            self.apply(report).await;
+        }
+    }
+
+    /// The report of an ended delivery task. A task that panicked or was cancelled has
+    /// none: its attempt is recorded as an internal (temporary) error, so the message
+    /// leaves `in_flight`, its connection slot is free and it is retried like after a
+    /// 4xx. `None` only for a task this worker does not know (cannot happen).
+    async fn report_of(
+        &mut self,
+        done: Result<(tokio::task::Id, Report), JoinError>,
+    ) -> Option<Report> {
+        let error = match done {
+            Ok((task, report)) => {
+                self.tasks.remove(&task);
+                return Some(report);
+            }
+            Err(error) => error,
+        };
+        let Some((id, pending, rcpts)) = self.tasks.remove(&error.id()) else {
+            tracing::error!(channel = %self.name, error = %error, "queue: internal error: an unknown delivery task failed");
+            return None;
+        };
+        let what = if error.is_panic() {
+            let panic = error.into_panic();
+            crate::unwind::panic_text(panic.as_ref())
+        } else {
+            "cancelled".to_string()
+        };
+        tracing::error!(
+            id,
+            channel = %self.name,
+            error = %crate::text::escape_controls(&what),
+            "queue: internal error during a delivery attempt; the message is retried like after a 4xx"
+        );
+        Some(
+            internal_failure(
+                self.queue.clone(),
+                self.generation.clone(),
+                self.channel,
+                id,
+                pending,
+                rcpts,
+            )
+            .await,
+        )
     }
 
     async fn apply(&mut self, report: Report) {

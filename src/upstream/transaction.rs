@@ -99,7 +99,9 @@ impl Upstreams {
             return ended;
         }
 
-        let data_timeout = self.timeout + Duration::from_secs(body.len / MIN_DATA_RATE);
+        let data_timeout = self
+            .timeout
+            .saturating_add(Duration::from_secs(body.len / MIN_DATA_RATE));
         let sent = match body.source {
             _ if body.empty => {
                 self.call(ch, data_timeout, conn.smtp.command(EmptyMessageEnd))
