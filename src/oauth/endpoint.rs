@@ -34,8 +34,9 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// a huge value would overflow the expiry instant, and a token refused early is
 /// refreshed anyway (SMTP 535, Graph 401).
 pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
-/// …and at least a minute: `expires_in: 0` would make every message ask the endpoint.
-pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(60);
+/// …and at least a second. Not more: a token is used until it expires, and a short-lived
+/// one is refreshed once per message (within the refresh margin), never in a loop.
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(1);
 /// A device code is waited for at least a minute and at most an hour (real ones: 15 min).
 pub(crate) const DEVICE_MIN_WAIT: Duration = Duration::from_secs(60);
 /// See [`DEVICE_MIN_WAIT`].
@@ -361,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn token_lifetimes_are_clamped_to_a_minute_and_a_day() {
+    fn token_lifetimes_are_clamped_to_a_second_and_a_day() {
         let lifetime = |v: serde_json::Value| {
             let body = serde_json::json!({"access_token": "t", "expires_in": v});
             match body {

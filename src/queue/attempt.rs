@@ -367,11 +367,11 @@ pub fn apply_outcome(
         rcpt.reply = Some(why.to_string());
         note(verdict, why, &mut effect);
     }
-    state.attempts += 1;
+    state.attempts = state.attempts.saturating_add(1);
     state.last_reply = Some(reply.to_string());
     state.next_attempt_ms = now;
     if deferred {
-        state.deferrals += 1;
+        state.deferrals = state.deferrals.saturating_add(1);
         let server = &config.server;
         let wait = retry_after
             .filter(|asked| !asked.is_zero())
