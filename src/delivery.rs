@@ -671,6 +671,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_panic_in_a_relay_delivery_is_451_4_3_0_and_frees_the_connection_slot() {
+        // One connection: were the slot kept, the next message would wait for it in vain.
+        let (delivery, record) = delivery(plain_fake(), |l| l.connections = 1).await;
+        delivery.upstreams.panics.store(1, Ordering::SeqCst);
+        let envelope = envelope("a@example.com", &["b@example.org"]);
+        let first = draft(&delivery, b"Subject: one\r\n\r\nhi\r\n").await;
+        let reply = delivery.finish(first, 0, &envelope).await;
+        assert_eq!(
+            (reply.code, reply.enhanced),
+            (451, Some((4, 3, 0))),
+            "{reply}"
+        );
+        let second = draft(&delivery, b"Subject: two\r\n\r\nhi\r\n").await;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(3),
+            delivery.finish(second, 0, &envelope),
+        )
+        .await
+        .expect("the slot was given back");
+        assert_eq!(reply.code, 250, "{reply}");
+        assert_eq!(record.txns().len(), 1);
+    }
+
+    #[tokio::test]
     async fn a_refused_recipient_refuses_the_message() {
         let fake = Fake {
             replies: vec![("RCPT TO:<bad@", "550 5.1.1 no such user")],

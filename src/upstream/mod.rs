@@ -99,6 +99,9 @@ pub struct Upstreams {
     timeout: Duration,
     idle_timeout: Duration,
     trusted_idle: Duration,
+    /// Tests: this many SMTP transactions panic once they hold a connection slot.
+    #[cfg(test)]
+    pub(crate) panics: std::sync::atomic::AtomicUsize,
 }
 
 /// How one channel sends. A new kind of channel (`graph`) is a new variant here.
@@ -201,6 +204,8 @@ impl Upstreams {
             timeout: COMMAND_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             trusted_idle: TRUSTED_IDLE,
+            #[cfg(test)]
+            panics: Default::default(),
         })
     }
 
