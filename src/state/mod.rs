@@ -579,6 +579,21 @@ mod tests {
     }
 
     #[test]
+    fn event_times_from_a_file_or_redis_cannot_overflow() {
+        let now = 1_709_210_096_789;
+        // A torn or hostile events log: a time at the end of u64.
+        let held = hold_until(&[(u64::MAX, 3)], now);
+        assert!((now + 60_000..=now + HOUR_MS).contains(&held), "{held}");
+        let limits = Limits {
+            recipients_per_day: Some(10),
+            ..Default::default()
+        };
+        let text = format!("{} 3\n{} 2\n", u64::MAX, now - 1000);
+        assert_eq!(parse_events(&text, &limits, now), vec![(now - 1000, 2)]);
+        assert!(format_time(u64::MAX).len() > 10);
+    }
+
+    #[test]
     fn channel_names_become_safe_file_names() {
         assert_eq!(file_stem("alice"), "alice");
         assert_eq!(file_stem("a.b-c_d"), "a.b-c_d");

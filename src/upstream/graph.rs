@@ -438,6 +438,8 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     let wait = match value.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),
+        // Delta-seconds past u64: "a very long time", like any other over a day.
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
         Err(_) => {
             let at = httpdate::parse_http_date(value).ok()?;
             at.duration_since(std::time::SystemTime::now())
@@ -468,6 +470,15 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("99999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("184467440737095516150000"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("-5"), None);
         assert_eq!(parse_retry_after("soon"), None);
     }
 
