@@ -267,6 +267,7 @@ async fn wait_for_code<R: AsyncBufRead + Unpin>(
     let (requests, mut received) = mpsc::channel::<(String, TcpStream)>(4);
     let mut lines = input.lines();
     let mut input_open = true;
+    let mut ignored_one = false;
     let deadline = tokio::time::sleep(USER_TIMEOUT);
     tokio::pin!(deadline);
     loop {
@@ -299,9 +300,13 @@ async fn wait_for_code<R: AsyncBufRead + Unpin>(
                 let ours = query.iter().any(|(k, v)| k == "state" && v == state);
                 if !ours {
                     respond(&mut stream, "400 Bad Request", "mailgate: not the redirect of this sign-in; ignored.").await;
-                    say(output, format_args!(
-                        "ignored a request to the redirect listener with a wrong or missing state; still waiting"
-                    ))?;
+                    // Said once: a flood of such requests must not flood the terminal.
+                    if !ignored_one {
+                        ignored_one = true;
+                        say(output, format_args!(
+                            "ignored a request to the redirect listener with a wrong or missing state; still waiting"
+                        ))?;
+                    }
                     continue;
                 }
                 let verdict = judge(&query, state);
