@@ -269,6 +269,25 @@ def test_an_oversized_token_answer_is_a_temporary_error_and_memory_stays_bounded
     up.wait_messages(1, timeout=20)
 
 
+@pytest.mark.parametrize("mode", ["queue", "relay"])
+def test_a_huge_expires_in_neither_panics_nor_wedges_the_channel(
+        config, mailgate, upstream_factory, certs, endpoint, mode):
+    """Issue 16: `expires_in: 18446744073709551615` overflowed the expiry; the panicked
+    delivery held the channel's connection slot until a restart."""
+    if mode == "queue":
+        queue_mode(config)
+    up = xoauth_upstream(upstream_factory, certs, endpoint)
+    oauth_channel(config, "m365", up, endpoint)
+    endpoint.lifetime = 18446744073709551615
+    mg = start(mailgate, config)
+    for i in range(3):
+        code, text = submit(mg.addr, MAILBOX, ["bob@example.org"], message(subject=f"m{i}"))
+        assert code == 250, text
+    up.wait_messages(3, timeout=20)
+    assert len(endpoint.grants("refresh_token")) == 1, "the token is cached (a day at most)"
+    assert "panicked" not in mg.log(), mg.log()
+
+
 def test_xoauth2_without_tls_is_a_config_error(config, upstream_factory, endpoint):
     up = upstream_factory()
     oauth_channel(config, "m365", up, endpoint)
