@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::{JoinError, JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::attempt::{Attempt, internal_failure};
+use super::attempt::Attempt;
 use super::spool::now_ms;
 use super::{Generation, Queue};
 use crate::config::{Channel, ChannelId};
@@ -25,6 +25,7 @@ use crate::metrics::{self, ChannelState};
 use crate::state::shared::Reserved;
 use crate::state::{Backend, Counters, Health, format_time};
 
+mod ended;
 mod health;
 use health::{HealthWriter, SharedView};
 
@@ -593,57 +594,6 @@ impl ChannelTask {
             self.tasks.insert(task.id(), (id, pending, rcpts));
         }
         None
-    }
-
-    /// A delivery task ended: its report applied, whatever way it ended.
-    async fn finished(&mut self, done: Result<(tokio::task::Id, Report), JoinError>) {
-        if let Some(report) = self.report_of(done).await {
-            self.apply(report).await;
-        }
-    }
-
-    /// The report of an ended delivery task. A task that panicked or was cancelled has
-    /// none: its attempt is recorded as an internal (temporary) error, so the message
-    /// leaves `in_flight`, its connection slot is free and it is retried like after a
-    /// 4xx. `None` only for a task this worker does not know (cannot happen).
-    async fn report_of(
-        &mut self,
-        done: Result<(tokio::task::Id, Report), JoinError>,
-    ) -> Option<Report> {
-        let error = match done {
-            Ok((task, report)) => {
-                self.tasks.remove(&task);
-                return Some(report);
-            }
-            Err(error) => error,
-        };
-        let Some((id, pending, rcpts)) = self.tasks.remove(&error.id()) else {
-            tracing::error!(channel = %self.name, error = %error, "queue: internal error: an unknown delivery task failed");
-            return None;
-        };
-        let what = if error.is_panic() {
-            let panic = error.into_panic();
-            crate::unwind::panic_text(panic.as_ref())
-        } else {
-            "cancelled".to_string()
-        };
-        tracing::error!(
-            id,
-            channel = %self.name,
-            error = %crate::text::escape_controls(&what),
-            "queue: internal error during a delivery attempt; the message is retried like after a 4xx"
-        );
-        Some(
-            internal_failure(
-                self.queue.clone(),
-                self.generation.clone(),
-                self.channel,
-                id,
-                pending,
-                rcpts,
-            )
-            .await,
-        )
     }
 
     async fn apply(&mut self, report: Report) {
