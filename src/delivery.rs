@@ -280,15 +280,28 @@ impl Delivery {
         let started = Instant::now();
         let (id, size) = (draft.id().to_string(), draft.len());
         let rewritten_from = draft.rewritten_from.clone();
-        let reply = match &self.queue {
-            Some(queue) => {
-                queue
-                    .finish(draft.body, &self.config, channel, envelope)
-                    .await
+        let handled = crate::unwind::catch_unwind(async {
+            match &self.queue {
+                Some(queue) => {
+                    queue
+                        .finish(draft.body, &self.config, channel, envelope)
+                        .await
+                }
+                // The draft (and its file) goes once the upstream has answered.
+                None => self.relay(&id, draft.body, channel, envelope).await,
             }
-            // The draft (and its file) goes once the upstream has answered.
-            None => self.relay(&id, draft.body, channel, envelope).await,
-        };
+        })
+        .await;
+        // A panic (a bug) costs this message a temporary refusal, never the session or
+        // what the delivery held: the client tries again.
+        let reply = handled.unwrap_or_else(|panic| {
+            tracing::error!(
+                id,
+                panic = %crate::text::escape_controls(&panic),
+                "internal error while delivering a message; the client is told to try again"
+            );
+            Reply::local_error()
+        });
         let name = self
             .config
             .channels
@@ -685,6 +698,30 @@ mod tests {
             "250 2.0.0 Channel relay: upstream said: Ok: queued as FAKE1\r\n"
         );
         assert_eq!(record.txns()[0].wire, b"Subject: hi\r\n\r\n..hello\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_relay_delivery_is_451_4_3_0_and_frees_the_connection_slot() {
+        // One connection: were the slot kept, the next message would wait for it in vain.
+        let (delivery, record) = delivery(plain_fake(), |l| l.connections = 1).await;
+        delivery.upstreams.panics.store(1, Ordering::SeqCst);
+        let envelope = envelope("a@example.com", &["b@example.org"]);
+        let first = draft(&delivery, b"Subject: one\r\n\r\nhi\r\n").await;
+        let reply = delivery.finish(first, 0, &envelope).await;
+        assert_eq!(
+            (reply.code, reply.enhanced),
+            (451, Some((4, 3, 0))),
+            "{reply}"
+        );
+        let second = draft(&delivery, b"Subject: two\r\n\r\nhi\r\n").await;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(3),
+            delivery.finish(second, 0, &envelope),
+        )
+        .await
+        .expect("the slot was given back");
+        assert_eq!(reply.code, 250, "{reply}");
+        assert_eq!(record.txns().len(), 1);
     }
 
     #[tokio::test]

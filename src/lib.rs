@@ -29,8 +29,9 @@
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 //! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`) |
 //! | [`state`] | below the flow: channel health, rate/quota counters and stored tokens: files beside the spool, or one Redis shared by several hosts (`[state]`); `state export`/`import` |
-//! | [`http`] | below the flow: the one builder of outbound HTTP clients (token endpoints, Graph) and its proxy choice (`[server] https_proxy`, else the environment as curl reads it) |
+//! | [`http`] | below the flow: the one builder of outbound HTTP clients (token endpoints, Graph) and its proxy choice (`[server] https_proxy`, else the environment as curl reads it); every answer read with a size limit, endpoint durations clamped |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
+//! | [`unwind`] | below the flow: a panic in one delivery contained to an error of that delivery |
 //! | [`text`] | below the flow: outside text made safe to print (control characters escaped) |
 //! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, Microsoft Graph stand-in, test PKI, a real `redis-server` on a free port, config builders |
 #![forbid(unsafe_code)]
@@ -58,6 +59,7 @@ pub mod state;
 pub mod testkit;
 pub mod text;
 pub mod tls;
+pub mod unwind;
 pub mod upstream;
 
 use std::sync::Arc;

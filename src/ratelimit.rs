@@ -92,7 +92,7 @@ impl ChannelLimiter {
                 // Wait for the oldest messages to age out until the new one fits.
                 for &(ms, n) in in_window {
                     used = used.saturating_sub(n);
-                    if used + recipients <= limit {
+                    if used.saturating_add(recipients) <= limit {
                         earliest = earliest.max(ms.saturating_add(DAY_MS));
                         break;
                     }

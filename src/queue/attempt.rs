@@ -247,6 +247,63 @@ impl Attempt {
     }
 }
 
+/// The attempt on message `id` ended without a report (its task panicked or was
+/// cancelled): recorded like a temporary failure of the `rcpts` recipients it was for
+/// (attempt counted, backoff, give-up after `give_up_after`), under the message's lock
+/// as any attempt. When even that fails, the message is simply due again in a minute.
+pub(super) async fn internal_failure(
+    queue: Arc<Queue>,
+    generation: Generation,
+    channel: ChannelId,
+    id: String,
+    pending: usize,
+    rcpts: usize,
+) -> Report {
+    let config = generation.config.clone();
+    let lock_id = id.clone();
+    let recorded = tokio::task::spawn_blocking(move || {
+        let ch = &config.channels[channel];
+        let (lock, mut state) = match prepare(&queue.spool, &lock_id)? {
+            Prepared::Ready(lock, state) => (lock, *state),
+            Prepared::Gone => return Ok((None, None)),
+            Prepared::Busy => return Ok((Some((now_ms() + BUSY_RETRY_MS, pending)), None)),
+        };
+        let chunk: Vec<usize> = state
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.status == RcptStatus::Pending)
+            .map(|(i, _)| i)
+            .take(rcpts.max(1))
+            .collect();
+        let outcome = Outcome {
+            refused: Vec::new(),
+            result: Err(Error::local("internal error (see the log)")),
+        };
+        apply_outcome(&mut state, &chunk, &outcome, &ch.name, now_ms(), &config);
+        settle(&queue, ch, &config.server.hostname, state, lock)
+    })
+    .await;
+    let (next, dsn) = match recorded {
+        Ok(Ok(recorded)) => recorded,
+        Ok(Err(e)) => {
+            tracing::error!(id, error = %e, "queue: cannot record the failed attempt; retrying in a minute");
+            (Some((now_ms() + 60_000, pending)), None)
+        }
+        Err(e) => {
+            tracing::error!(id, error = %e, "queue: recording the failed attempt failed; retrying in a minute");
+            (Some((now_ms() + 60_000, pending)), None)
+        }
+    };
+    Report {
+        id,
+        next,
+        effect: ChannelEffect::None,
+        dsn,
+        uncount: None,
+    }
+}
+
 fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
     let lock = match spool::try_lock_data(&spool.data_path(id)) {
         Ok(Some(lock)) => lock,
@@ -347,16 +404,17 @@ pub fn apply_outcome(
         rcpt.reply = Some(why.to_string());
         note(verdict, why, &mut effect);
     }
-    state.attempts += 1;
+    state.attempts = state.attempts.saturating_add(1);
     state.last_reply = Some(reply.to_string());
     state.next_attempt_ms = now;
     if deferred {
-        state.deferrals += 1;
+        state.deferrals = state.deferrals.saturating_add(1);
         let server = &config.server;
         let wait = retry_after
             .filter(|asked| !asked.is_zero())
             .unwrap_or_else(|| backoff(server.retry_first, server.retry_max, state.deferrals));
-        state.next_attempt_ms = now + wait.as_millis() as u64;
+        state.next_attempt_ms =
+            now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
         let age = Duration::from_millis(now.saturating_sub(state.created_ms));
         if age >= server.give_up_after {
             for rcpt in state

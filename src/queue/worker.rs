@@ -29,6 +29,7 @@ use crate::metrics::{self, ChannelState};
 use crate::state::shared::Reserved;
 use crate::state::{Backend, Counters, Health, format_time};
 
+mod ended;
 mod health;
 mod take;
 use health::{HealthWriter, SharedView};
@@ -133,6 +134,9 @@ pub struct ChannelTask {
     due: BTreeSet<(u64, String)>,
     entries: HashMap<String, (u64, usize)>,
     in_flight: HashSet<String>,
+    /// Each delivery task's message: (id, pending, recipients of the attempt). A task
+    /// that ends without a report (a panic, a cancellation) still frees its message.
+    tasks: HashMap<tokio::task::Id, (String, usize, usize)>,
     health: Health,
     counters: Option<Counters>,
     health_writer: Arc<HealthWriter>,
@@ -183,6 +187,7 @@ impl ChannelTask {
             due: BTreeSet::new(),
             entries: HashMap::new(),
             in_flight: HashSet::new(),
+            tasks: HashMap::new(),
             health: Health::Ok,
             counters: None,
             health_writer: Arc::default(),
@@ -234,34 +239,26 @@ impl ChannelTask {
         loop {
             let wake = self.dispatch(&mut deliveries).await;
             self.publish();
-            let sleep = match wake {
-                Some(at) => {
-                    tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
-                }
-                None => tokio::time::Instant::now() + Duration::from_secs(3600),
-            };
+            // A due time read from a state file or Redis may be anything: the wait is at
+            // most an hour (then the schedule is looked at again), so no instant overflows.
+            let wait_ms = wake.map_or(3_600_000, |at| at.saturating_sub(now_ms()).min(3_600_000));
+            let sleep = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = self.rx.recv() => match event {
                     Some(event) => self.handle(event).await,
                     None => break,
                 },
-                Some(done) = deliveries.join_next(), if !deliveries.is_empty() => match done {
-                    Ok(report) => self.apply(report).await,
-                    Err(e) => tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed"),
-                },
+                Some(done) = deliveries.join_next_with_id(), if !deliveries.is_empty() => {
+                    self.finished(done).await;
+                }
                 _ = tokio::time::sleep_until(sleep) => {}
                 _ = poll.tick(), if self.shared.is_some() => self.sync_shared().await,
             }
             // Everything already there before dispatching again: the shared backend then
             // reserves for all the connections freed meanwhile in one round trip.
-            while let Some(done) = deliveries.try_join_next() {
-                match done {
-                    Ok(report) => self.apply(report).await,
-                    Err(e) => {
-                        tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed")
-                    }
-                }
+            while let Some(done) = deliveries.try_join_next_with_id() {
+                self.finished(done).await;
             }
             while let Ok(event) = self.rx.try_recv() {
                 self.handle(event).await;
@@ -288,8 +285,8 @@ impl ChannelTask {
             }
         };
         let drain = async {
-            while let Some(done) = deliveries.join_next().await {
-                if let Ok(mut report) = done {
+            while let Some(done) = deliveries.join_next_with_id().await {
+                if let Some(mut report) = self.report_of(done).await {
                     self.tell_successor(&report);
                     if superseded {
                         report.effect = ChannelEffect::None;
@@ -561,7 +558,7 @@ impl ChannelTask {
                         }
                         Some((_, Reserved::Wait(ms))) => {
                             self.waiting_on_limits = true;
-                            return Some(now_ms() + ms);
+                            return Some(now_ms().saturating_add(ms));
                         }
                         // Not in the batch (cannot happen: the batch is the front of
                         // `due`, taken in order); reserve afresh rather than loop.
@@ -585,7 +582,7 @@ impl ChannelTask {
                     }
                     Err(at) => {
                         self.waiting_on_limits = true;
-                        return Some(at.max(now + 1));
+                        return Some(at.max(now.saturating_add(1)));
                     }
                 }
                 if let Err(e) = counters.record(local, now, rcpts as u64) {
@@ -606,7 +603,8 @@ impl ChannelTask {
                 counted,
                 never_fits: None,
             };
-            deliveries.spawn(attempt.run(id));
+            let task = deliveries.spawn(attempt.run(id.clone()));
+            self.tasks.insert(task.id(), (id, pending, rcpts));
         }
         None
     }

@@ -41,6 +41,13 @@ pub enum Scripted {
         /// `Retry-After` value, verbatim.
         retry_after: Option<String>,
     },
+    /// This status with a valid Graph error document padded to `size` bytes.
+    Oversized {
+        /// HTTP status.
+        status: u16,
+        /// Length of the whole answer body.
+        size: usize,
+    },
 }
 
 impl Scripted {
@@ -259,6 +266,17 @@ async fn handle(
             }) = scripted
             {
                 error(status, &code, retry_after.as_deref())
+            } else if let Some(Scripted::Oversized { status, size }) = scripted {
+                let head =
+                    r#"{"error":{"code":"ErrorInvalidRecipients","message":"x"},"padding":""#;
+                let mut body = head.as_bytes().to_vec();
+                body.resize(size.saturating_sub(2).max(body.len()), b' ');
+                body.extend_from_slice(b"\"}");
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("response")
             } else if !content_type.starts_with("text/plain") {
                 error(400, "ErrorMimeContentInvalid", None)
             } else {

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 
 use super::{Body, Error, Step};
 use crate::config::GraphTarget;
+use crate::http::{MAX_GRAPH_ANSWER, ReadError, read_limited};
 use crate::message::Envelope;
 use crate::message::recipients::{self, Unfit};
 use crate::oauth::{AccessToken, ChannelToken};
@@ -31,8 +32,6 @@ use crate::reply::Reply;
 
 /// Connect timeout of a Graph request (the whole request has the channel's timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most of an error answer read (Graph's JSON errors are small).
-const MAX_ERROR_BODY: usize = 64 * 1024;
 /// A `Retry-After` longer than this is taken as this (a day): the queue's own give-up
 /// time still applies.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
@@ -318,7 +317,7 @@ impl GraphChannel {
                 }
             }
         };
-        let mut response = request.send().await.map_err(net)?;
+        let response = request.send().await.map_err(net)?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -329,22 +328,28 @@ impl GraphChannel {
         };
         let retry_after = header("retry-after").and_then(|v| parse_retry_after(&v));
         let request_id = header("request-id").map(|v| crate::text::escape_controls(&v).to_string());
-        let mut body = Vec::new();
+        let mut body = bytes::Bytes::new();
         if status != 202 {
-            // Bounded: a hostile or broken server cannot make us hold more than this.
-            let read = tokio::time::timeout(timeout, async {
-                while let Some(chunk) = response.chunk().await? {
-                    let room = MAX_ERROR_BODY.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if body.len() >= MAX_ERROR_BODY {
-                        break;
-                    }
+            // Bounded (SPEC §7): an answer over the limit is a temporary error of Graph,
+            // whatever its status says; a body that breaks off leaves the status to speak.
+            match tokio::time::timeout(timeout, read_limited(response, MAX_GRAPH_ANSWER)).await {
+                Ok(Ok(read)) => body = read,
+                Ok(Err(ReadError::TooLarge { max })) => {
+                    tracing::warn!(channel = %self.name, status, max, "Microsoft Graph's answer is over the limit; treated as a temporary error");
+                    return Err(Error::Connect {
+                        target,
+                        source: std::io::Error::other(format!(
+                            "Microsoft Graph answered HTTP {status} with more than {} MiB",
+                            max / (1024 * 1024)
+                        )),
+                    });
                 }
-                Ok::<(), reqwest::Error>(())
-            })
-            .await;
-            if let Ok(Err(e)) = read {
-                tracing::debug!(channel = %self.name, error = %e.without_url(), "reading Graph's error answer failed");
+                Ok(Err(ReadError::Body(e))) => {
+                    tracing::debug!(channel = %self.name, error = %e.without_url(), "reading Graph's error answer failed");
+                }
+                Err(_) => {
+                    tracing::debug!(channel = %self.name, "reading Graph's error answer timed out");
+                }
             }
         }
         let (code, message) = graph_error(&body);
@@ -448,6 +453,8 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     let wait = match value.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),
+        // Delta-seconds past u64: "a very long time", like any other over a day.
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
         Err(_) => {
             let at = httpdate::parse_http_date(value).ok()?;
             at.duration_since(std::time::SystemTime::now())
@@ -478,6 +485,15 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("99999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("184467440737095516150000"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("-5"), None);
         assert_eq!(parse_retry_after("soon"), None);
     }
 

@@ -100,6 +100,9 @@ pub struct Upstreams {
     timeout: Duration,
     idle_timeout: Duration,
     trusted_idle: Duration,
+    /// Tests: this many SMTP transactions panic once they hold a connection slot.
+    #[cfg(test)]
+    pub(crate) panics: std::sync::atomic::AtomicUsize,
 }
 
 /// How one channel sends. A new kind of channel (`graph`) is a new variant here.
@@ -207,6 +210,8 @@ impl Upstreams {
             timeout: COMMAND_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             trusted_idle: TRUSTED_IDLE,
+            #[cfg(test)]
+            panics: Default::default(),
         })
     }
 
@@ -254,26 +259,43 @@ impl Upstreams {
                 result: Err(Error::local(format!("no channel #{channel}"))),
             };
         };
-        let outcome = match &**transport {
-            Transport::Smtp(ch) => {
-                let mut refused = Vec::new();
-                let result = self
-                    .relay(ch, envelope, body, all_or_nothing, &mut refused)
-                    .await;
-                Outcome { refused, result }
-            }
-            Transport::Graph(ch) => Outcome {
-                refused: Vec::new(),
-                result: ch.send(envelope, body, self.timeout).await,
-            },
-            Transport::File { name, dir } => {
-                let id = id.map_or_else(crate::message::new_id, str::to_string);
-                Outcome {
+        let sent = crate::unwind::catch_unwind(async {
+            match &**transport {
+                Transport::Smtp(ch) => {
+                    let mut refused = Vec::new();
+                    let result = self
+                        .relay(ch, envelope, body, all_or_nothing, &mut refused)
+                        .await;
+                    Outcome { refused, result }
+                }
+                Transport::Graph(ch) => Outcome {
                     refused: Vec::new(),
-                    result: file::store_in_dir(name, dir, &id, envelope, body).await,
+                    result: ch.send(envelope, body, self.timeout).await,
+                },
+                Transport::File { name, dir } => {
+                    let id = id.map_or_else(crate::message::new_id, str::to_string);
+                    Outcome {
+                        refused: Vec::new(),
+                        result: file::store_in_dir(name, dir, &id, envelope, body).await,
+                    }
                 }
             }
-        };
+        })
+        .await;
+        // A bug (or an answer nothing guarded against) panicked mid-delivery: the
+        // delivery fails like a temporary one and everything it held was given back.
+        let outcome = sent.unwrap_or_else(|panic| {
+            tracing::error!(
+                id = id.unwrap_or("-"),
+                channel = transport.name(),
+                panic = %crate::text::escape_controls(&panic),
+                "internal error during a delivery attempt; the message is retried like after a 4xx"
+            );
+            Outcome {
+                refused: Vec::new(),
+                result: Err(Error::local("internal error (a panic; see the log)")),
+            }
+        });
         let duration_ms = started.elapsed().as_millis() as u64;
         let (id, channel, rcpts) = (
             id.unwrap_or("-"),

@@ -63,7 +63,8 @@ class TokenEndpoint:
     """Token, device-authorization and code-exchange endpoints on one HTTP server.
 
     `mode` scripts failures: "ok", "503", "invalid_grant", "invalid_client",
-    "unauthorized_client".
+    "unauthorized_client", and "huge": a 200 token answer streamed without a length,
+    `huge_size` bytes of valid JSON (`huge_sent` records how much each request took).
     """
 
     def __init__(self, lifetime: int = 3600, rotate: bool = False, tls: Optional[ssl.SSLContext] = None):
@@ -77,6 +78,8 @@ class TokenEndpoint:
         self.device_polls: list[float] = []
         self.codes: dict[str, dict] = {}  # code -> {challenge, redirect_uri}
         self.lock = threading.Lock()
+        self.huge_size = 100 << 20
+        self.huge_sent: list[int] = []
         ENDPOINTS.add(self)
         endpoint = self
 
@@ -87,6 +90,11 @@ class TokenEndpoint:
             def do_POST(self):
                 n = int(self.headers.get("Content-Length", "0"))
                 form = dict(urllib.parse.parse_qsl(self.rfile.read(n).decode()))
+                if endpoint.mode == "huge" and self.path.endswith("/token"):
+                    with endpoint.lock:
+                        endpoint.requests.append({"path": self.path, **form})
+                    endpoint.huge_sent.append(self.stream_huge(endpoint.huge_size))
+                    return
                 status, body = endpoint.handle(self.path, form)
                 data = json.dumps(body).encode()
                 self.send_response(status)
@@ -94,6 +102,30 @@ class TokenEndpoint:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def stream_huge(self, size: int) -> int:
+                """A valid token document of `size` bytes, no Content-Length (the body ends
+                when the connection closes), in 64 KiB writes; returns the bytes the client
+                took before it hung up."""
+                head = b'{"token_type": "Bearer", "access_token": "TEST-AT-HUGE", "expires_in": 3600, "pad": "'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                sent = 0
+                piece = b" " * 65536
+                try:
+                    self.wfile.write(head)
+                    sent += len(head)
+                    while sent + len(piece) + 2 <= size:
+                        self.wfile.write(piece)
+                        sent += len(piece)
+                    self.wfile.write(b'"}')
+                    sent += 2
+                except OSError:
+                    pass
+                self.close_connection = True
+                return sent
 
         self.server = _server(Handler, tls)
         self.port = self.server.server_address[1]

@@ -1,5 +1,6 @@
 //! Below the flow: the one way to build an outbound HTTP client (token endpoints, Microsoft
-//! Graph), and which proxy a request goes through (SPEC §7 "Outbound proxy").
+//! Graph), and which proxy a request goes through (SPEC §7 "Outbound proxy"); how much of
+//! an answer is read and how long a wait it may ask for is [`limits`]'s (re-exported here).
 //!
 //! `[server] https_proxy`, when set, carries every request whatever its scheme. Otherwise
 //! the environment is read as curl reads it:
@@ -15,6 +16,10 @@
 //! An empty variable counts as unset. A proxy without a scheme is `http://`, and one
 //! without a port uses curl's defaults (1080 for http, 443 for https). SMTP channels never
 //! use a proxy.
+
+mod limits;
+
+pub use limits::*;
 
 use std::collections::HashMap;
 use std::fmt;
