@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailgate::config::{Channel, ChannelKind, Config, DeliveryMode};
+use mailgate::config::{Channel, ChannelKind, Config, DeliveryMode, StateBackend};
 use mailgate::delivery::Delivery;
 use mailgate::message::Envelope;
 use mailgate::reply::Reply;
@@ -38,6 +38,16 @@ async fn setup(mode: DeliveryMode, extra: Vec<Channel>) -> Setup {
 
 /// `fallbacks`: (channel, its fallback) wired after the channels are sorted.
 async fn setup_with(mode: DeliveryMode, extra: Vec<Channel>, fallbacks: &[(&str, &str)]) -> Setup {
+    setup_state(mode, extra, fallbacks, StateBackend::Local).await
+}
+
+/// As [`setup_with`], one host of a fleet sharing `state`.
+async fn setup_state(
+    mode: DeliveryMode,
+    extra: Vec<Channel>,
+    fallbacks: &[(&str, &str)],
+    state: StateBackend,
+) -> Setup {
     mailgate::tls::install_crypto_provider();
     let tokens = Arc::new(TokenEndpoint::start().await);
     let graph = GraphApi::start(tokens.clone()).await;
@@ -63,6 +73,7 @@ async fn setup_with(mode: DeliveryMode, extra: Vec<Channel>, fallbacks: &[(&str,
             retry_max: Duration::from_secs(2),
             ..server()
         },
+        state,
         ..mailgate::testkit::config::config(channels)
     });
     let delivery = Arc::new(Delivery::new(config.clone()).unwrap());
@@ -594,6 +605,94 @@ async fn relay_mode_hands_over_to_the_fallback_at_once() {
             .count(),
         1
     );
+}
+
+/// Issue 16 item 5: with Redis, "auth method refused" is shared health, so the host that
+/// did not see the refusal hands its queued mail to its own fallback too.
+#[tokio::test]
+async fn with_redis_every_host_hands_its_queued_mail_to_the_fallback() {
+    use mailgate::testkit::fake_smtp;
+    let redis = mailgate::testkit::redis_server::RedisServer::start();
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_reply: Some(AUTH_DISABLED),
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let host = || {
+        setup_state(
+            DeliveryMode::Queue,
+            vec![smtp_channel("alice", port)],
+            &[("alice", "dave")],
+            StateBackend::Redis(redis.settings("fleet5:")),
+        )
+    };
+    let (a, b) = (host().await, host().await);
+    let first = a
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["bob@example.org"],
+            &message("bob@example.org"),
+        )
+        .await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || a.graph.sent().len() == 1).await);
+    // Host B has seen the shared health by now (it polls every second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = b
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["carol@example.org"],
+            &message("carol@example.org"),
+        )
+        .await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(
+        wait_for(Duration::from_secs(10), || b.graph.sent().len() == 1).await,
+        "host B's mail stays queued on a channel broken elsewhere"
+    );
+    assert!(wait_for(Duration::from_secs(5), || b.spool_files("queue").is_empty()).await);
+    assert_eq!(upstream.ended.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Issue 16 item 5, relay mode: host B goes straight to the fallback once host A found
+/// the channel's auth method refused, without knocking on the refusing door itself.
+#[tokio::test]
+async fn with_redis_every_relay_host_goes_over_the_fallback() {
+    use mailgate::testkit::fake_smtp;
+    let redis = mailgate::testkit::redis_server::RedisServer::start();
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_reply: Some(AUTH_DISABLED),
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let host = || {
+        setup_state(
+            DeliveryMode::Relay,
+            vec![smtp_channel("alice", port)],
+            &[("alice", "dave")],
+            StateBackend::Redis(redis.settings("fleet5r:")),
+        )
+    };
+    let (a, b) = (host().await, host().await);
+    let body = message("bob@example.org");
+    let reply = a
+        .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(a.graph.sent().len(), 1);
+    let reply = b
+        .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(b.graph.sent().len(), 1);
+    let mails = upstream
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("MAIL"))
+        .count();
+    assert_eq!(mails, 1, "host B tried the refusing channel again");
 }
 
 #[tokio::test]

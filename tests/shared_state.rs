@@ -84,6 +84,7 @@ async fn health_retry_and_tokens_are_shared() {
     let broken = Health::Broken {
         since_ms: 1,
         reason: "535 5.7.3".into(),
+        auth_method_refused: false,
     };
     a.set_health("c", &broken).await.unwrap();
     assert_eq!(b.health("c").await.unwrap(), (broken, 0));

@@ -660,30 +660,37 @@ impl ChannelTask {
                             "{reason} (mail goes over fallback {})",
                             fallback.as_deref().unwrap_or("")
                         ),
+                        auth_method_refused: true,
                     })
                     .await;
                     self.handing_over = true;
                 }
                 self.hand_over_all();
             }
-            ChannelEffect::Broken(reason) | ChannelEffect::AuthMethodRefused(reason) => {
-                if !matches!(self.health, Health::Broken { .. }) {
-                    tracing::error!(
-                        channel = %self.name,
-                        reason,
-                        "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all`, a reload or a restart"
-                    );
-                    self.set_health(Health::Broken {
-                        since_ms: now_ms(),
-                        reason,
-                    })
-                    .await;
-                }
-            }
+            ChannelEffect::Broken(reason) => self.mark_broken(reason, false).await,
+            ChannelEffect::AuthMethodRefused(reason) => self.mark_broken(reason, true).await,
         }
         if self.handing_over {
             self.hand_over_all();
         }
+    }
+
+    /// Credentials refused on a channel without a fallback to hand its mail to.
+    async fn mark_broken(&mut self, reason: String, auth_method_refused: bool) {
+        if matches!(self.health, Health::Broken { .. }) {
+            return;
+        }
+        tracing::error!(
+            channel = %self.name,
+            reason,
+            "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all`, a reload or a restart"
+        );
+        self.set_health(Health::Broken {
+            since_ms: now_ms(),
+            reason,
+            auth_method_refused,
+        })
+        .await;
     }
 }
 

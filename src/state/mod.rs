@@ -52,6 +52,10 @@ pub enum Health {
         since_ms: u64,
         /// The upstream reply or error that caused it.
         reason: String,
+        /// The provider refuses how the channel authenticates (SPEC §7 "Fallback"): every
+        /// host hands the channel's mail to its fallback, not only the one that saw it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        auth_method_refused: bool,
     },
 }
 
@@ -67,7 +71,9 @@ impl Health {
                 )
             }
             Health::Held { .. } => "ok".to_string(),
-            Health::Broken { since_ms, reason } => {
+            Health::Broken {
+                since_ms, reason, ..
+            } => {
                 format!("broken since {}: {reason}", format_time(*since_ms))
             }
         }
@@ -590,6 +596,7 @@ mod tests {
         let broken = Health::Broken {
             since_ms: 5,
             reason: "535 5.7.3 Authentication unsuccessful".into(),
+            auth_method_refused: false,
         };
         state.write_health("c", &broken).unwrap();
         assert_eq!(state.read_health("c"), broken);
