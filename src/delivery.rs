@@ -352,6 +352,7 @@ impl Delivery {
             metrics::delivery_time(&ch.name, started.elapsed());
             let error = match outcome.result {
                 Ok(reply) => {
+                    self.settle(id, ch, limiter, reservation, rcpts).await;
                     metrics::message(&ch.name, Outcome::Delivered);
                     metrics::channel_state(&ch.name, ChannelState::Ok);
                     return reply;
@@ -361,6 +362,7 @@ impl Delivery {
             if error.may_have_delivered() {
                 // Given back, it would let one more through than the provider allows.
                 tracing::warn!(id, channel = %ch.name, error = %error, "the upstream may have taken the message: it stays counted against the channel's limits");
+                self.settle(id, ch, limiter, reservation, rcpts).await;
             } else {
                 self.give_back(id, ch, limiter, reservation, rcpts).await;
             }
@@ -520,6 +522,39 @@ impl Delivery {
                     && let Err(e) = redis.release(&ch.name, &token).await
                 {
                     tracing::warn!(id, channel = %ch.name, error = %e, "cannot give back a reservation: it counts until its window passes");
+                }
+            }
+            Reservation::Shared(None) => {}
+        }
+    }
+
+    /// Counts a message the upstream took (or may have taken) from now, when its
+    /// transaction ended, rather than from when it was reserved (see
+    /// [`ChannelLimiter::settle`]).
+    async fn settle(
+        &self,
+        id: &str,
+        ch: &Channel,
+        limiter: &Mutex<ChannelLimiter>,
+        reservation: Reservation,
+        rcpts: u64,
+    ) {
+        match reservation {
+            Reservation::Local(at) => {
+                let end = now_ms();
+                if end <= at {
+                    return;
+                }
+                lock(limiter).settle(at, rcpts, end);
+                // Counted at its end before the first count is taken back.
+                self.persist(&ch.name, end, rcpts, false);
+                self.persist(&ch.name, at, rcpts, true);
+            }
+            Reservation::Shared(Some(token)) => {
+                if let Some(redis) = &self.shared
+                    && let Err(e) = redis.settle(&ch.name, &ch.limits, &token).await
+                {
+                    tracing::warn!(id, channel = %ch.name, error = %e, "cannot count the message from the end of its transaction: its window may end up to a delivery time early");
                 }
             }
             Reservation::Shared(None) => {}

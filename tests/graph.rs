@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailgate::config::{Channel, ChannelKind, Config, DeliveryMode, StateBackend};
+use mailgate::config::{Channel, ChannelKind, Config, DeliveryMode, Limits, StateBackend};
 use mailgate::delivery::Delivery;
 use mailgate::message::Envelope;
 use mailgate::reply::Reply;
@@ -48,16 +48,27 @@ async fn setup_state(
     fallbacks: &[(&str, &str)],
     state: StateBackend,
 ) -> Setup {
+    setup_full(mode, extra, fallbacks, state, Limits::default()).await
+}
+
+/// As [`setup_state`], the graph channel with these limits.
+async fn setup_full(
+    mode: DeliveryMode,
+    extra: Vec<Channel>,
+    fallbacks: &[(&str, &str)],
+    state: StateBackend,
+    dave_limits: Limits,
+) -> Setup {
     mailgate::tls::install_crypto_provider();
     let tokens = Arc::new(TokenEndpoint::start().await);
     let graph = GraphApi::start(tokens.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut channels = vec![graph_channel(
-        "dave",
-        MAILBOX,
-        &graph.url(),
-        &tokens.token_url(),
-    )];
+    let mut dave = graph_channel("dave", MAILBOX, &graph.url(), &tokens.token_url());
+    dave.limits = Limits {
+        connections: dave.limits.connections,
+        ..dave_limits
+    };
+    let mut channels = vec![dave];
     channels.extend(extra);
     channels.sort_by(|a, b| a.name.cmp(&b.name));
     for (from, to) in fallbacks {
@@ -743,6 +754,87 @@ async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_gr
         s.spool_files("failed")
     );
     assert_eq!(s.spool_files("queue").len(), 1, "carol's copy stays queued");
+}
+
+/// Issue 16 item 11: a partly delivered message lent to a graph fallback is not tried
+/// there at every backoff step, spends none of the fallback's quota, and goes back to its
+/// own channel with `queue retry --all`.
+#[tokio::test]
+async fn a_partly_delivered_message_lent_to_graph_waits_without_spending_its_quota() {
+    use mailgate::testkit::fake_smtp;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        replies: vec![("RCPT TO:<carol@", "451 4.2.0 try again later")],
+        data_script: vec!["250 2.0.0 Ok", AUTH_DISABLED],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let day = Limits {
+        recipients_per_day: Some(100),
+        ..Limits::default()
+    };
+    let s = setup_full(
+        DeliveryMode::Queue,
+        vec![smtp_channel("alice", port)],
+        &[("alice", "dave")],
+        StateBackend::Local,
+        day.clone(),
+    )
+    .await;
+    let both = message("bob@example.org, carol@example.org");
+    let rcpts = ["bob@example.org", "carol@example.org"];
+    let first = s.submit_to("alice", MAILBOX, &rcpts, &both).await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
+    let erin = message("erin@example.org");
+    let second = s
+        .submit_to("alice", MAILBOX, &["erin@example.org"], &erin)
+        .await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    let attempts = || {
+        let files = s.spool_files("queue");
+        assert_eq!(files.len(), 1, "carol's copy stays queued");
+        let state: serde_json::Value = serde_json::from_str(&files[0]).unwrap();
+        state["attempts"].as_u64().unwrap()
+    };
+    let before = attempts();
+    // Several backoff steps (300 ms doubling to 2 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let backend = mailgate::state::Backend::Local(mailgate::state::LocalState::new(
+        &s.config.server.spool_dir,
+    ));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let counted: u64 = backend
+        .events("dave", &day, now + 1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.1)
+        .sum();
+    assert_eq!(
+        counted, 1,
+        "only erin, sent over Graph, counts against its quota"
+    );
+    assert_eq!(
+        attempts(),
+        before,
+        "tried again over Graph at every backoff step"
+    );
+    assert_eq!(s.graph.sent().len(), 1);
+    // `queue retry --all`: back to its own channel, which asks for carol again.
+    let asked = || {
+        upstream
+            .commands()
+            .iter()
+            .filter(|c| c.starts_with("RCPT TO:<carol@"))
+            .count()
+    };
+    let asked_before = asked();
+    s.delivery.resume_queue();
+    assert!(wait_for(Duration::from_secs(10), || asked() > asked_before).await);
 }
 
 #[tokio::test]

@@ -407,3 +407,138 @@ async fn an_import_from_a_host_whose_clock_runs_ahead_still_counts_its_sends() {
         "2 sends in the minute already"
     );
 }
+
+/// Queue mode at 5 per second, five connections, an upstream that is slow to take the
+/// first burst (400 ms before its `354`) and quick afterwards: `state` is the backend.
+/// The largest number of message arrivals the upstream saw within any one second.
+async fn busiest_second_at_the_upstream(
+    state: mailgate::config::StateBackend,
+    delivery_mode: mailgate::config::DeliveryMode,
+) -> usize {
+    use mailgate::config::{ChannelKind, Config, DeliveryMode, TlsMode};
+    use mailgate::delivery::Delivery;
+    use mailgate::testkit::{config as tk, fake_smtp};
+    use std::sync::Arc;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        go_ahead_delays: vec![Duration::from_millis(400); 5],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let mut channel = tk::channel(
+        "up",
+        ChannelKind::Smtp(tk::smtp_target(port, TlsMode::None)),
+        5,
+    );
+    channel.limits.rate = Some(Rate {
+        count: 5,
+        per: Duration::from_secs(1),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(Config {
+        server: mailgate::config::Server {
+            delivery: delivery_mode,
+            spool_dir: dir.path().join("spool"),
+            ..tk::server()
+        },
+        state,
+        ..tk::config(vec![channel])
+    });
+    let delivery = Arc::new(Delivery::new(config).unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    {
+        let (d, s) = (delivery.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run_queue(s).await });
+    }
+    let total = 15;
+    let submit = |i: usize| {
+        let delivery = delivery.clone();
+        async move {
+            // A relay-mode client whose message meets the rate tries again shortly.
+            for _ in 0..100 {
+                let mut draft = delivery.begin().await.unwrap();
+                draft
+                    .write(format!("Subject: {i}\r\n\r\nhello\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let envelope = tk::envelope("a@example.com", &["b@example.org"]);
+                let reply = delivery.finish(draft, 0, &envelope).await;
+                if reply.code == 250 {
+                    return;
+                }
+                assert_eq!(reply.code / 100, 4, "{reply}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("message {i} never went");
+        }
+    };
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..total {
+        clients.spawn(submit(i));
+        if delivery_mode == DeliveryMode::Queue {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while upstream.arrivals.lock().unwrap().len() < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all delivered in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    let mut arrivals = upstream.arrivals.lock().unwrap().clone();
+    arrivals.sort_unstable();
+    eprintln!(
+        "{delivery_mode:?} arrivals (ms): {:?}",
+        arrivals
+            .iter()
+            .map(|t| t.duration_since(arrivals[0]).as_millis())
+            .collect::<Vec<_>>()
+    );
+    arrivals
+        .iter()
+        .map(|&t| {
+            arrivals
+                .iter()
+                .filter(|&&u| u >= t && u < t + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Issue 16 item 10: providers count arrivals, so no window at the upstream may hold more
+/// than the rate, whatever the delivery time; a send counts from when its transaction
+/// ended. The local backend, then Redis, in queue and relay mode.
+#[tokio::test]
+async fn no_second_at_the_upstream_holds_more_than_the_rate_local_backend() {
+    use mailgate::config::{DeliveryMode, StateBackend};
+    for mode in [DeliveryMode::Queue, DeliveryMode::Relay] {
+        let busiest = busiest_second_at_the_upstream(StateBackend::Local, mode).await;
+        assert!(
+            busiest <= 5,
+            "{mode:?}: {busiest} arrivals within one second"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_second_at_the_upstream_holds_more_than_the_rate_redis_backend() {
+    use mailgate::config::{DeliveryMode, StateBackend};
+    let server = RedisServer::start();
+    for (mode, prefix) in [
+        (DeliveryMode::Queue, "r10q:"),
+        (DeliveryMode::Relay, "r10r:"),
+    ] {
+        let state = StateBackend::Redis(server.settings(prefix));
+        let busiest = busiest_second_at_the_upstream(state, mode).await;
+        assert!(
+            busiest <= 5,
+            "{mode:?}: {busiest} arrivals within one second"
+        );
+    }
+}

@@ -29,6 +29,8 @@ pub(super) struct Attempt {
     /// What the worker counted against the channel's windows for this attempt: taken
     /// back when no transaction starts.
     pub(super) counted: Option<Counted>,
+    /// The message belongs to another channel, which handed it to this one.
+    pub(super) lent: bool,
 }
 
 enum Prepared {
@@ -52,6 +54,8 @@ impl Attempt {
                     effect: ChannelEffect::None,
                     dsn: None,
                     uncount: self.counted.clone(),
+                    settle: None,
+                    parked: false,
                 };
             }
             // Someone else holds the message (the CLI, or the worker a reload replaced,
@@ -63,6 +67,8 @@ impl Attempt {
                     effect: ChannelEffect::None,
                     dsn: None,
                     uncount: self.counted.clone(),
+                    settle: None,
+                    parked: false,
                 };
             }
             Ok(Err(e)) => {
@@ -73,6 +79,8 @@ impl Attempt {
                     effect: ChannelEffect::None,
                     dsn: None,
                     uncount: self.counted.clone(),
+                    settle: None,
+                    parked: false,
                 };
             }
             Err(e) => {
@@ -83,6 +91,8 @@ impl Attempt {
                     effect: ChannelEffect::None,
                     dsn: None,
                     uncount: self.counted.clone(),
+                    settle: None,
+                    parked: false,
                 };
             }
         };
@@ -90,6 +100,8 @@ impl Attempt {
         let channel_name = config.channels[self.channel].name.clone();
 
         let mut effect = ChannelEffect::None;
+        // No transaction: what was counted for it is taken back.
+        let mut sent_nothing = true;
         let chunk: Vec<usize> = state
             .recipients
             .iter()
@@ -119,6 +131,25 @@ impl Attempt {
                     .recipients
                     .iter()
                     .any(|r| r.status != RcptStatus::Pending);
+            if done_before && self.lent {
+                // Nothing is sent, so nothing counts, and no retry can change it: it waits
+                // for its own channel instead of being tried again at every backoff step.
+                tracing::warn!(
+                    id,
+                    channel = %channel_name,
+                    "queue: some recipients of this message are done already; Microsoft Graph would send to them again, so it waits for its own channel (`mailgate queue retry --all`, a reload or a restart)"
+                );
+                return Report {
+                    id,
+                    next: Some((now_ms(), state.pending())),
+                    effect: ChannelEffect::None,
+                    dsn: None,
+                    uncount: self.counted.clone(),
+                    settle: None,
+                    parked: true,
+                };
+            }
+            sent_nothing = done_before;
             let outcome = if done_before {
                 tracing::warn!(
                     id,
@@ -201,7 +232,9 @@ impl Attempt {
                     next,
                     effect,
                     dsn,
-                    uncount: None,
+                    uncount: sent_nothing.then(|| self.counted.clone()).flatten(),
+                    settle: (!sent_nothing).then(|| self.counted.clone()).flatten(),
+                    parked: false,
                 }
             }
             Ok(Err(e)) => {
@@ -211,7 +244,9 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect,
                     dsn: None,
-                    uncount: None,
+                    uncount: sent_nothing.then(|| self.counted.clone()).flatten(),
+                    settle: (!sent_nothing).then(|| self.counted.clone()).flatten(),
+                    parked: false,
                 }
             }
             Err(e) => {
@@ -221,7 +256,9 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect,
                     dsn: None,
-                    uncount: None,
+                    uncount: sent_nothing.then(|| self.counted.clone()).flatten(),
+                    settle: (!sent_nothing).then(|| self.counted.clone()).flatten(),
+                    parked: false,
                 }
             }
         }

@@ -7,7 +7,10 @@
 //! transactions; after each, the state file records which recipients are done, so a
 //! crash never resends those. Each transaction counts as one message against `rate` and
 //! its recipients against `recipients_per_day` when it starts (conservative: a failed
-//! attempt counts too).
+//! attempt counts too), and once it ends, from its end: providers count arrivals, and a
+//! window counted from the start lets a quick burst arrive sooner than a window after a
+//! slow one. An attempt that sends nothing (the message was locked or gone, or Graph
+//! cannot take it) counts nothing.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -104,6 +107,12 @@ pub(super) struct Report {
     /// No transaction started (the message was locked or gone): what the worker counted
     /// against the channel's windows for it, to take back.
     pub(super) uncount: Option<Counted>,
+    /// A transaction ran: what it was counted as, to count from its end instead
+    /// ([`crate::ratelimit::ChannelLimiter::settle`]).
+    pub(super) settle: Option<Counted>,
+    /// A message lent to this channel that it cannot send (Graph, and some recipients are
+    /// done already): it waits, unscheduled, until it goes back to its own channel.
+    pub(super) parked: bool,
 }
 
 /// What a transaction was counted as against its channel's windows when it started.
@@ -140,6 +149,9 @@ pub struct ChannelTask {
     handing_over: bool,
     /// Messages other channels lent to this one, with their owner's name.
     borrowed: HashMap<String, String>,
+    /// Borrowed messages this channel cannot send ([`Report::parked`]), with their
+    /// pending recipients: they go back with the rest of `borrowed`.
+    parked: HashMap<String, usize>,
     /// The shared backend, when `[state] backend = "redis"`.
     shared: Option<SharedView>,
 }
@@ -185,6 +197,7 @@ impl ChannelTask {
             fallback,
             handing_over: false,
             borrowed: HashMap::new(),
+            parked: HashMap::new(),
             shared,
         }
     }
@@ -309,7 +322,10 @@ impl ChannelTask {
 
     /// The channel's queue depth and state, for the metrics.
     fn publish(&self) {
-        metrics::queued(&self.name, self.entries.len() + self.in_flight.len());
+        metrics::queued(
+            &self.name,
+            self.entries.len() + self.in_flight.len() + self.parked.len(),
+        );
         let state = match &self.health {
             Health::Broken { .. } => ChannelState::Broken,
             Health::Held { until_ms, .. } if *until_ms > now_ms() => ChannelState::Limited,
@@ -369,7 +385,10 @@ impl ChannelTask {
                             owner: self.name.clone(),
                         },
                     );
-                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                } else if !self.in_flight.contains(&id)
+                    && !self.entries.contains_key(&id)
+                    && !self.parked.contains_key(&id)
+                {
                     self.schedule(id, due_ms, pending);
                 }
             }
@@ -392,7 +411,10 @@ impl ChannelTask {
                             owner,
                         },
                     );
-                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                } else if !self.in_flight.contains(&id)
+                    && !self.entries.contains_key(&id)
+                    && !self.parked.contains_key(&id)
+                {
                     self.borrowed.insert(id.clone(), owner);
                     self.schedule(id, due_ms, pending);
                 }
@@ -437,6 +459,18 @@ impl ChannelTask {
 
     /// Every channel resumes: mail lent to this one goes back to its own channel.
     fn return_lent(&mut self) {
+        for (id, pending) in std::mem::take(&mut self.parked) {
+            if let Some(owner) = self.borrowed.remove(&id) {
+                self.queue.notify(
+                    &owner,
+                    Event::Queued {
+                        id,
+                        due_ms: now_ms(),
+                        pending,
+                    },
+                );
+            }
+        }
         let lent: Vec<(String, String)> = self
             .borrowed
             .iter()
@@ -592,6 +626,7 @@ impl ChannelTask {
                 channel: self.channel,
                 rcpts,
                 counted,
+                lent: self.borrowed.contains_key(&id),
             };
             deliveries.spawn(attempt.run(id));
         }
@@ -617,7 +652,32 @@ impl ChannelTask {
         if let Err(e) = taken_back {
             tracing::warn!(id = report.id, channel = %self.name, error = %e, "queue: cannot take back a count of the rate counters");
         }
-        if let Some((due, pending)) = report.next {
+        let settled = match (&report.settle, &self.queue.state, &self.shared) {
+            (Some(Counted::Local(at_ms, rcpts)), Backend::Local(local), _) => {
+                match &mut self.counters {
+                    Some(counters) => counters
+                        .settle(local, *at_ms, *rcpts, now_ms())
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            }
+            (Some(Counted::Shared(token)), _, Some(view)) => {
+                let limits = &self.generation.config.channels[self.channel].limits;
+                view.redis
+                    .settle(&self.name, limits, token)
+                    .await
+                    .map_err(|e| e.0)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = settled {
+            // Counted from its start: the window may end up to a delivery time early.
+            tracing::warn!(id = report.id, channel = %self.name, error = %e, "queue: cannot count a transaction from its end in the rate counters");
+        }
+        if report.parked && self.borrowed.contains_key(&report.id) {
+            let pending = report.next.map_or(0, |(_, pending)| pending);
+            self.parked.insert(report.id.clone(), pending);
+        } else if let Some((due, pending)) = report.next {
             self.schedule(report.id.clone(), due, pending);
         } else {
             self.borrowed.remove(&report.id);

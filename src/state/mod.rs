@@ -471,6 +471,38 @@ impl Counters {
         Ok(())
     }
 
+    /// Moves a transaction counted at `at_ms` to `end_ms`, when it ended (see
+    /// [`ChannelLimiter::settle`]): logged as counted then, before the first count is
+    /// taken back, so a crash in between counts it twice rather than never.
+    pub fn settle(
+        &mut self,
+        state: &LocalState,
+        at_ms: u64,
+        recipients: u64,
+        end_ms: u64,
+    ) -> io::Result<()> {
+        let Some(i) = self.events.iter().rposition(|&e| e == (at_ms, recipients)) else {
+            return Ok(());
+        };
+        if end_ms <= at_ms {
+            return Ok(());
+        }
+        let compact = state.append_event(&self.channel, end_ms, recipients, false)?;
+        state.append_event(&self.channel, at_ms, recipients, true)?;
+        // In memory in one step: recording first would let the limiter drop another
+        // count to stay within its rate's size.
+        if let Some(limiter) = &mut self.limiter {
+            limiter.settle(at_ms, recipients, end_ms);
+        }
+        self.events.remove(i);
+        let at = self.events.partition_point(|e| e.0 <= end_ms);
+        self.events.insert(at, (end_ms, recipients));
+        if compact {
+            state.compact_in_background(&self.channel, &self.limits, end_ms);
+        }
+        Ok(())
+    }
+
     /// The counted transactions still inside the windows, oldest first, as (unix ms, recipients).
     pub fn events(&self) -> Vec<(u64, u64)> {
         self.events.iter().copied().collect()

@@ -61,6 +61,12 @@ const RESERVE: &str = include_str!("lua/reserve.lua");
 
 const RELEASE: &str = include_str!("lua/release.lua");
 
+/// KEYS: rate, day, daysum. ARGV: a reservation's member, rate window ms (-1: none).
+/// Moves the reservation to now, on Redis's clock, when its transaction ended: the
+/// windows then run from the arrival the provider counts, never from before it. A
+/// reservation no longer there (given back, or aged out) stays gone.
+const SETTLE: &str = include_str!("lua/settle.lua");
+
 /// `state import`. KEYS: rate, day, daysum. ARGV: rate window ms (-1: none), 1 if the
 /// channel counts recipients per day, then (unix ms, recipients) pairs. Adds each send
 /// still inside a window (on Redis's clock) unless the window already holds it, so the
@@ -92,6 +98,7 @@ struct Inner {
     status: AtomicU8,
     reserve: Script,
     release: Script,
+    settle: Script,
     unlock: Script,
     import: Script,
 }
@@ -141,6 +148,7 @@ impl RedisState {
                 status: AtomicU8::new(UNKNOWN),
                 reserve: Script::new(RESERVE),
                 release: Script::new(RELEASE),
+                settle: Script::new(SETTLE),
                 unlock: Script::new(UNLOCK),
                 import: Script::new(IMPORT),
             }),
@@ -363,6 +371,34 @@ impl RedisState {
                 .key(&keys[1])
                 .key(&keys[2])
                 .arg(token)
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Counts a reservation from now, when its transaction ended ([`SETTLE`]).
+    pub async fn settle(
+        &self,
+        channel: &str,
+        limits: &Limits,
+        token: &str,
+    ) -> Result<(), Unavailable> {
+        let keys = [
+            self.key("rate", channel),
+            self.key("day", channel),
+            self.key("daysum", channel),
+        ];
+        let per = limits.rate.map_or(-1, |r| r.per.as_millis() as i64);
+        let script = &self.inner.settle;
+        self.call(|mut c| async move {
+            script
+                .key(&keys[0])
+                .key(&keys[1])
+                .key(&keys[2])
+                .arg(token)
+                .arg(per)
                 .invoke_async::<i64>(&mut c)
                 .await
         })
