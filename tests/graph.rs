@@ -48,26 +48,23 @@ async fn setup_state(
     fallbacks: &[(&str, &str)],
     state: StateBackend,
 ) -> Setup {
-    setup_full(mode, extra, fallbacks, state, Limits::default()).await
+    setup_full(mode, extra, fallbacks, state, |_, _| {}).await
 }
 
-/// As [`setup_state`], the graph channel with these limits.
+/// As [`setup_state`], the graph channel changed by `tweak` (given the token endpoint).
 async fn setup_full(
     mode: DeliveryMode,
     extra: Vec<Channel>,
     fallbacks: &[(&str, &str)],
     state: StateBackend,
-    dave_limits: Limits,
+    tweak: impl FnOnce(&mut Channel, &TokenEndpoint),
 ) -> Setup {
     mailgate::tls::install_crypto_provider();
     let tokens = Arc::new(TokenEndpoint::start().await);
     let graph = GraphApi::start(tokens.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut dave = graph_channel("dave", MAILBOX, &graph.url(), &tokens.token_url());
-    dave.limits = Limits {
-        connections: dave.limits.connections,
-        ..dave_limits
-    };
+    tweak(&mut dave, &tokens);
     let mut channels = vec![dave];
     channels.extend(extra);
     channels.sort_by(|a, b| a.name.cmp(&b.name));
@@ -756,6 +753,104 @@ async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_gr
     assert_eq!(s.spool_files("queue").len(), 1, "carol's copy stays queued");
 }
 
+/// Issue 16 item 6: with Redis, `oauth authorize` on a channel with a
+/// `refresh_token_file` stores the new refresh token where every host reads it first and
+/// forgets the access token cached for them, so `queue retry --all` recovers the channel.
+#[tokio::test]
+async fn with_redis_oauth_authorize_recovers_a_broken_channel() {
+    use mailgate::config::Secret;
+    use mailgate::config::oauth::{Grant, TokenSource, defaults};
+    use mailgate::state::shared::RedisState;
+    let redis = mailgate::testkit::redis_server::RedisServer::start();
+    let settings = redis.settings("auth6:");
+    let fleet = RedisState::new(&settings).unwrap();
+    // A refresh token the provider revoked, in Redis where every host looks first, and
+    // an access token another host cached from that grant.
+    fleet
+        .set_refresh_token("dave", &Secret::new("rt-revoked"))
+        .await
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let token_file = files.path().join("dave.token");
+    std::fs::write(&token_file, "rt-also-revoked\n").unwrap();
+    let file = token_file.clone();
+    let s = setup_full(
+        DeliveryMode::Queue,
+        vec![],
+        &[],
+        StateBackend::Redis(settings),
+        move |dave, tokens| {
+            let ChannelKind::Graph(target) = &mut dave.kind else {
+                unreachable!()
+            };
+            target.oauth.grant = Grant::RefreshToken;
+            target.oauth.scope = defaults::GRAPH_DELEGATED_SCOPE.into();
+            target.oauth.refresh_token_source = TokenSource::File(file);
+            target.oauth.device_url = tokens.device_url();
+            tokens.set_device(0, 0);
+        },
+    )
+    .await;
+    let reply = s
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert!(reply.text.starts_with("queued as"), "{reply}");
+    let broken = || async {
+        matches!(
+            fleet.health("dave").await.unwrap().0,
+            mailgate::state::Health::Broken { .. }
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broken().await {
+        assert!(Instant::now() < deadline, "the channel never broke");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet
+        .set_access_token("dave", &Secret::new("at-stale"), 3_600_000)
+        .await
+        .unwrap();
+
+    let ChannelKind::Graph(target) = &s.config.channels[s.id("dave")].kind else {
+        unreachable!()
+    };
+    let store = mailgate::state::Backend::of(&s.config)
+        .unwrap()
+        .token_store();
+    let http = mailgate::oauth::Http::new().unwrap();
+    let mut output = Vec::new();
+    let done = mailgate::oauth::authorize(
+        "dave",
+        &target.oauth,
+        &http,
+        &*store,
+        tokio::io::empty(),
+        &mut output,
+    )
+    .await;
+    let output = String::from_utf8_lossy(&output).into_owned();
+    assert!(done.is_ok(), "{done:?}\n{output}");
+    s.delivery.resume_queue();
+    assert!(
+        wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await,
+        "still broken after authorize and retry"
+    );
+    assert!(!broken().await);
+    assert!(output.contains("Redis"), "{output}");
+    let shared = fleet.access_token("dave").await.unwrap();
+    assert!(
+        shared.is_none_or(|(t, _)| t.expose() != "at-stale"),
+        "the access token of the old grant is still shared"
+    );
+    let stored = fleet.refresh_token("dave").await.unwrap().unwrap();
+    assert!(s.tokens.refresh_token_is_valid(stored.expose()));
+    // The file is a copy, for a move back to the local backend.
+    assert_eq!(
+        std::fs::read_to_string(&token_file).unwrap().trim(),
+        stored.expose()
+    );
+}
+
 /// Issue 16 item 11: a partly delivered message lent to a graph fallback is not tried
 /// there at every backoff step, spends none of the fallback's quota, and goes back to its
 /// own channel with `queue retry --all`.
@@ -777,7 +872,7 @@ async fn a_partly_delivered_message_lent_to_graph_waits_without_spending_its_quo
         vec![smtp_channel("alice", port)],
         &[("alice", "dave")],
         StateBackend::Local,
-        day.clone(),
+        |dave, _| dave.limits.recipients_per_day = day.recipients_per_day,
     )
     .await;
     let both = message("bob@example.org, carol@example.org");

@@ -538,6 +538,13 @@ impl RedisState {
         .map(drop)
     }
 
+    /// Forgets the shared access token of `channel`, whatever it is (`oauth authorize`).
+    pub async fn forget_access_token(&self, channel: &str) -> Result<(), Unavailable> {
+        let key = self.key("token", channel);
+        self.call(|mut c| async move { c.del::<_, ()>(&key).await })
+            .await
+    }
+
     /// Takes the refresh lock of `channel` for `hold` (`SET NX PX`); the value to give
     /// it back with, or `None` when another host holds it.
     pub async fn lock_refresh(
@@ -639,5 +646,18 @@ impl super::tokens::TokenStore for RedisTokenStore {
             self.0.display(),
             self.0.key("refresh", channel)
         )
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn forget_access_token<'a>(&'a self, channel: &'a str) -> super::tokens::StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.0
+                .forget_access_token(channel)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
