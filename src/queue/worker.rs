@@ -28,6 +28,7 @@ use crate::metrics::{self, ChannelState};
 use crate::state::shared::Reserved;
 use crate::state::{Backend, Counters, Health, format_time};
 
+mod counting;
 mod health;
 use health::{HealthWriter, SharedView};
 
@@ -635,45 +636,7 @@ impl ChannelTask {
 
     async fn apply(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
-        let taken_back = match (&report.uncount, &self.queue.state, &self.shared) {
-            (Some(Counted::Local(at_ms, rcpts)), Backend::Local(local), _) => {
-                match &mut self.counters {
-                    Some(counters) => counters
-                        .unrecord(local, *at_ms, *rcpts)
-                        .map_err(|e| e.to_string()),
-                    None => Ok(()),
-                }
-            }
-            (Some(Counted::Shared(token)), _, Some(view)) => {
-                view.redis.release(&self.name, token).await.map_err(|e| e.0)
-            }
-            _ => Ok(()),
-        };
-        if let Err(e) = taken_back {
-            tracing::warn!(id = report.id, channel = %self.name, error = %e, "queue: cannot take back a count of the rate counters");
-        }
-        let settled = match (&report.settle, &self.queue.state, &self.shared) {
-            (Some(Counted::Local(at_ms, rcpts)), Backend::Local(local), _) => {
-                match &mut self.counters {
-                    Some(counters) => counters
-                        .settle(local, *at_ms, *rcpts, now_ms())
-                        .map_err(|e| e.to_string()),
-                    None => Ok(()),
-                }
-            }
-            (Some(Counted::Shared(token)), _, Some(view)) => {
-                let limits = &self.generation.config.channels[self.channel].limits;
-                view.redis
-                    .settle(&self.name, limits, token)
-                    .await
-                    .map_err(|e| e.0)
-            }
-            _ => Ok(()),
-        };
-        if let Err(e) = settled {
-            // Counted from its start: the window may end up to a delivery time early.
-            tracing::warn!(id = report.id, channel = %self.name, error = %e, "queue: cannot count a transaction from its end in the rate counters");
-        }
+        self.recount(&report).await;
         if report.parked && self.borrowed.contains_key(&report.id) {
             let pending = report.next.map_or(0, |(_, pending)| pending);
             self.parked.insert(report.id.clone(), pending);
@@ -733,24 +696,6 @@ impl ChannelTask {
         if self.handing_over {
             self.hand_over_all();
         }
-    }
-
-    /// Credentials refused on a channel without a fallback to hand its mail to.
-    async fn mark_broken(&mut self, reason: String, auth_method_refused: bool) {
-        if matches!(self.health, Health::Broken { .. }) {
-            return;
-        }
-        tracing::error!(
-            channel = %self.name,
-            reason,
-            "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all`, a reload or a restart"
-        );
-        self.set_health(Health::Broken {
-            since_ms: now_ms(),
-            reason,
-            auth_method_refused,
-        })
-        .await;
     }
 }
 

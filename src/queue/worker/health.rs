@@ -169,4 +169,22 @@ impl ChannelTask {
             self.hand_over_all();
         }
     }
+
+    /// Credentials refused on a channel without a fallback to hand its mail to.
+    pub(super) async fn mark_broken(&mut self, reason: String, auth_method_refused: bool) {
+        if matches!(self.health, Health::Broken { .. }) {
+            return;
+        }
+        tracing::error!(
+            channel = %self.name,
+            reason,
+            "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all`, a reload or a restart"
+        );
+        self.set_health(Health::Broken {
+            since_ms: now_ms(),
+            reason,
+            auth_method_refused,
+        })
+        .await;
+    }
 }
