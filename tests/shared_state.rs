@@ -44,6 +44,28 @@ async fn the_rate_window_refuses_the_sixth_until_the_first_ages_out() {
     assert_eq!(a.events("c").await.unwrap(), vec![]);
 }
 
+/// Issue 16 item 10: a settled reservation counts from when its transaction ended.
+#[tokio::test]
+async fn a_settled_reservation_counts_from_the_end_of_its_transaction() {
+    let server = RedisServer::start();
+    let a = RedisState::new(&server.settings("t10:")).unwrap();
+    let l = limits(Some((1, 1000)), Some(10));
+    let Ok(Reserved::Yes(token)) = a.reserve("c", &l, 2).await else {
+        panic!("the first fits");
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.settle("c", &l, &token).await.unwrap();
+    // Counted from now, not from 600 ms ago: the next waits about a whole window.
+    let Ok(Reserved::Wait(ms)) = a.reserve("c", &l, 1).await else {
+        panic!("the second must wait");
+    };
+    assert!(ms > 900, "{ms}");
+    // Still one send of two recipients in the day, and still given back by its token.
+    assert_eq!(a.events("c").await.unwrap().len(), 1);
+    a.release("c", &token).await.unwrap();
+    assert!(matches!(a.reserve("c", &l, 10).await, Ok(Reserved::Yes(_))));
+}
+
 #[tokio::test]
 async fn recipients_per_day_counts_recipients_and_a_release_gives_them_back() {
     let server = RedisServer::start();

@@ -642,6 +642,33 @@ mod tests {
     }
 
     #[test]
+    fn settling_moves_one_count_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = LocalState::open(dir.path()).unwrap();
+        let limits = Limits {
+            rate: Some(crate::config::Rate {
+                count: 3,
+                per: std::time::Duration::from_secs(1),
+            }),
+            ..Limits::default()
+        };
+        let t0 = 10 * DAY_MS;
+        let mut counters = Counters::load(&state, "c", &limits, t0).unwrap();
+        for i in 0..3 {
+            counters.record(&state, t0 + i, 1).unwrap();
+        }
+        // Settled while the window is full: no other count may be dropped to make room.
+        counters.settle(&state, t0 + 1, 1, t0 + 400).unwrap();
+        assert_eq!(counters.check(t0 + 500, 1), Err(t0 + 1000));
+        assert_eq!(counters.check(t0 + 999, 1), Err(t0 + 1000));
+        assert_eq!(counters.check(t0 + 1000, 1), Ok(()));
+        assert_eq!(counters.events(), vec![(t0, 1), (t0 + 2, 1), (t0 + 400, 1)]);
+        // The log says the same after a restart.
+        let back = Counters::load(&state, "c", &limits, t0 + 500).unwrap();
+        assert_eq!(back.events(), counters.events());
+    }
+
+    #[test]
     fn events_are_pruned_and_torn_lines_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let state = LocalState::open(dir.path()).unwrap();
