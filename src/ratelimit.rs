@@ -125,14 +125,16 @@ impl ChannelLimiter {
     /// would leave a window after the previous one but could arrive sooner after it than
     /// the window, if the previous one took longer to deliver. Counted from its end, every
     /// arrival lies before it, and the next message starts no sooner than a window after.
+    /// A transaction longer than the rate window had left it meanwhile: it is counted again.
+    /// Only for a message counted at `at_ms` and never taken back.
     pub fn settle(&mut self, at_ms: u64, recipients: u64, end_ms: u64) {
         if end_ms <= at_ms {
             return;
         }
         if let Some(i) = self.sent.iter().rposition(|&e| e == (at_ms, recipients)) {
             self.sent.remove(i);
-            self.record(end_ms, recipients);
         }
+        self.record(end_ms, recipients);
     }
 
     /// Forgets messages no window needs any more (also done by `record`).
@@ -400,15 +402,21 @@ mod tests {
     }
 
     #[test]
-    fn settle_moves_only_a_counted_message() {
+    fn settle_moves_a_count_to_the_end_of_its_transaction() {
         let mut l = ChannelLimiter::new(&limits(Some((2, 1000)), None));
         l.record(T0, 1);
         l.settle(T0, 1, T0 + 300);
         assert_eq!(l.snapshot(), vec![(T0 + 300, 1)]);
-        // Not counted (taken back meanwhile), or a clock stepped back: nothing moves.
-        l.settle(T0, 1, T0 + 500);
+        // A clock stepped back: nothing moves.
         l.settle(T0 + 300, 1, T0 + 100);
         assert_eq!(l.snapshot(), vec![(T0 + 300, 1)]);
+        // A transaction longer than the window: it left the window while in flight (two
+        // later ones pushed it out) and counts again from its end.
+        l.record(T0 + 1400, 1);
+        l.record(T0 + 1500, 1);
+        assert_eq!(l.snapshot(), vec![(T0 + 1400, 1), (T0 + 1500, 1)]);
+        l.settle(T0 + 300, 1, T0 + 1600);
+        assert_eq!(l.check(T0 + 1600, 1), Err(T0 + 2500));
     }
 
     #[test]

@@ -64,6 +64,18 @@ async fn a_settled_reservation_counts_from_the_end_of_its_transaction() {
     assert_eq!(a.events("c").await.unwrap().len(), 1);
     a.release("c", &token).await.unwrap();
     assert!(matches!(a.reserve("c", &l, 10).await, Ok(Reserved::Yes(_))));
+    // A transaction longer than the window: its reservation aged out while it ran, and
+    // it counts again from its end.
+    let short = limits(Some((1, 300)), None);
+    let Ok(Reserved::Yes(slow)) = a.reserve("d", &short, 1).await else {
+        panic!("the first fits");
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    a.settle("d", &short, &slow).await.unwrap();
+    assert!(matches!(
+        a.reserve("d", &short, 1).await,
+        Ok(Reserved::Wait(_))
+    ));
 }
 
 #[tokio::test]

@@ -64,7 +64,8 @@ const RELEASE: &str = include_str!("lua/release.lua");
 /// KEYS: rate, day, daysum. ARGV: a reservation's member, rate window ms (-1: none).
 /// Moves the reservation to now, on Redis's clock, when its transaction ended: the
 /// windows then run from the arrival the provider counts, never from before it. A
-/// reservation no longer there (given back, or aged out) stays gone.
+/// reservation that aged out of the rate window while its transaction ran is counted
+/// again (only called for a reservation never given back).
 const SETTLE: &str = include_str!("lua/settle.lua");
 
 /// `state import`. KEYS: rate, day, daysum. ARGV: rate window ms (-1: none), 1 if the
