@@ -21,7 +21,7 @@ use crate::queue::{Queue, Spool, SpoolDraft};
 use crate::ratelimit::ChannelLimiter;
 use crate::reply::Reply;
 use crate::state::shared::{RedisState, Reserved};
-use crate::state::{self, Backend, Counters, LocalState};
+use crate::state::{self, Backend, Counters, Health, LocalState};
 use crate::upstream::{Body, Class, Upstreams};
 
 /// The delivery side of a running proxy, for one config: a reload makes the next one
@@ -46,6 +46,9 @@ pub struct Delivery {
     handing_over: Vec<AtomicBool>,
     /// Relay mode with `[state] backend = "redis"`: the shared windows, instead of `limiters`.
     shared: Option<RedisState>,
+    /// When this generation started (unix ms): a hand-over another host recorded in Redis
+    /// before it is not followed, as a reload or a restart ends this host's own.
+    started_ms: u64,
 }
 
 /// A relay-mode message counted against its channel's windows.
@@ -143,6 +146,7 @@ impl Delivery {
             persist,
             handing_over,
             shared,
+            started_ms: now_ms(),
         })
     }
 
@@ -172,6 +176,7 @@ impl Delivery {
             persist: self.persist,
             handing_over,
             shared: self.shared.clone(),
+            started_ms: now_ms(),
         })
     }
 
@@ -330,7 +335,7 @@ impl Delivery {
         channel: ChannelId,
         envelope: &Envelope,
     ) -> Reply {
-        let mut channel = self.fallback_for(channel);
+        let mut channel = self.fallback_for(channel).await;
         let closed = match draft.close().await {
             Ok(closed) => closed,
             Err(e) => {
@@ -376,6 +381,7 @@ impl Delivery {
             metrics::delivery_time(&ch.name, started.elapsed());
             let error = match outcome.result {
                 Ok(reply) => {
+                    self.settle(id, ch, limiter, reservation, rcpts).await;
                     metrics::message(&ch.name, Outcome::Delivered);
                     metrics::channel_state(&ch.name, ChannelState::Ok);
                     return reply;
@@ -385,6 +391,7 @@ impl Delivery {
             if error.may_have_delivered() {
                 // Given back, it would let one more through than the provider allows.
                 tracing::warn!(id, channel = %ch.name, error = %error, "the upstream may have taken the message: it stays counted against the channel's limits");
+                self.settle(id, ch, limiter, reservation, rcpts).await;
             } else {
                 self.give_back(id, ch, limiter, reservation, rcpts).await;
             }
@@ -406,6 +413,8 @@ impl Delivery {
                             error = %error,
                             "CHANNEL BROKEN: the provider refuses how this channel authenticates; its mail goes over its fallback until a reload or a restart"
                         );
+                        self.share_hand_over(id, &ch.name, to, &error.to_string())
+                            .await;
                     }
                     tracing::info!(id, channel = %ch.name, fallback = %to, "message handed to the fallback channel");
                     channel = fallback;
@@ -428,18 +437,54 @@ impl Delivery {
 
     /// Relay mode: the channel a message for `channel` goes over now: its fallback (and
     /// that one's) while the provider refuses how it authenticates.
-    fn fallback_for(&self, mut channel: ChannelId) -> ChannelId {
+    /// With Redis, another host's hand-over since this generation started counts too.
+    async fn fallback_for(&self, mut channel: ChannelId) -> ChannelId {
         for _ in 0..self.config.channels.len() {
+            let Some(ch) = self.config.channels.get(channel) else {
+                break;
+            };
+            let Some(fallback) = ch.fallback else { break };
             let handing_over = self
                 .handing_over
                 .get(channel)
-                .is_some_and(|h| h.load(Ordering::Relaxed));
-            match self.config.channels.get(channel).and_then(|c| c.fallback) {
-                Some(fallback) if handing_over => channel = fallback,
-                _ => break,
+                .is_some_and(|h| h.load(Ordering::Relaxed))
+                || self.handed_over_elsewhere(&ch.name).await;
+            if !handing_over {
+                break;
             }
+            channel = fallback;
         }
         channel
+    }
+
+    /// Shared backend: another host found that `channel`'s provider refuses how it
+    /// authenticates, since this generation started. Redis down: no (the reservation
+    /// then answers `451` anyway).
+    async fn handed_over_elsewhere(&self, channel: &str) -> bool {
+        let Some(redis) = &self.shared else {
+            return false;
+        };
+        matches!(
+            redis.health(channel).await,
+            Ok((Health::Broken {
+                since_ms,
+                auth_method_refused: true,
+                ..
+            }, _)) if since_ms >= self.started_ms
+        )
+    }
+
+    /// Shared backend: tells every host that `channel`'s mail goes over its fallback.
+    async fn share_hand_over(&self, id: &str, channel: &str, fallback: &str, error: &str) {
+        let Some(redis) = &self.shared else { return };
+        let health = Health::Broken {
+            since_ms: now_ms(),
+            reason: format!("{error} (mail goes over fallback {fallback})"),
+            auth_method_refused: true,
+        };
+        if let Err(e) = redis.set_health(channel, &health).await {
+            tracing::warn!(id, channel, error = %e, "cannot tell the other hosts that the channel's mail goes over its fallback");
+        }
     }
 }
 
@@ -520,6 +565,39 @@ impl Delivery {
                     && let Err(e) = redis.release(&ch.name, &token).await
                 {
                     tracing::warn!(id, channel = %ch.name, error = %e, "cannot give back a reservation: it counts until its window passes");
+                }
+            }
+            Reservation::Shared(None) => {}
+        }
+    }
+
+    /// Counts a message the upstream took (or may have taken) from now, when its
+    /// transaction ended, rather than from when it was reserved (see
+    /// [`ChannelLimiter::settle`]).
+    async fn settle(
+        &self,
+        id: &str,
+        ch: &Channel,
+        limiter: &Mutex<ChannelLimiter>,
+        reservation: Reservation,
+        rcpts: u64,
+    ) {
+        match reservation {
+            Reservation::Local(at) => {
+                let end = now_ms();
+                if end <= at {
+                    return;
+                }
+                lock(limiter).settle(at, rcpts, end);
+                // Counted at its end before the first count is taken back.
+                self.persist(&ch.name, end, rcpts, false);
+                self.persist(&ch.name, at, rcpts, true);
+            }
+            Reservation::Shared(Some(token)) => {
+                if let Some(redis) = &self.shared
+                    && let Err(e) = redis.settle(&ch.name, &ch.limits, &token).await
+                {
+                    tracing::warn!(id, channel = %ch.name, error = %e, "cannot count the message from the end of its transaction: its window may end up to a delivery time early");
                 }
             }
             Reservation::Shared(None) => {}

@@ -125,6 +125,23 @@ impl ChannelLimiter {
         }
     }
 
+    /// Moves a message counted at `at_ms` (when its transaction started) to `end_ms`, when
+    /// the transaction ended. Providers count arrivals: a burst counted from its start
+    /// would leave a window after the previous one but could arrive sooner after it than
+    /// the window, if the previous one took longer to deliver. Counted from its end, every
+    /// arrival lies before it, and the next message starts no sooner than a window after.
+    /// A transaction longer than the rate window had left it meanwhile: it is counted again.
+    /// Only for a message counted at `at_ms` and never taken back.
+    pub fn settle(&mut self, at_ms: u64, recipients: u64, end_ms: u64) {
+        if end_ms <= at_ms {
+            return;
+        }
+        if let Some(i) = self.sent.iter().rposition(|&e| e == (at_ms, recipients)) {
+            self.sent.remove(i);
+        }
+        self.record(end_ms, recipients);
+    }
+
     /// Forgets messages no window needs any more (also done by `record`).
     pub fn prune(&mut self, now_ms: u64) {
         while let Some(&(ms, n)) = self.sent.front() {
@@ -337,6 +354,74 @@ mod tests {
                 .snapshot()
                 .is_empty()
         );
+    }
+
+    /// Issue 16 item 10: the first burst of a window takes 400 ms to deliver, the next
+    /// one (pooled connections) none. Counted from their start, the second burst left a
+    /// window after the first but arrived 600 ms after it; counted from their end, no
+    /// window at the upstream holds more than the rate.
+    #[test]
+    fn counted_from_the_end_of_delivery_no_arrival_window_holds_more_than_the_rate() {
+        for settle in [false, true] {
+            let mut l = ChannelLimiter::new(&limits(Some((5, 1000)), None));
+            let mut in_flight: Vec<(u64, u64)> = Vec::new(); // (counted at, arrives at)
+            let mut arrivals = Vec::new();
+            let mut now = T0;
+            for i in 0..20u64 {
+                loop {
+                    // Deliveries that ended by now are settled first.
+                    in_flight.retain(|&(at, end)| {
+                        if end > now {
+                            return true;
+                        }
+                        if settle {
+                            l.settle(at, 1, end);
+                        }
+                        false
+                    });
+                    match l.check(now, 1) {
+                        Ok(()) => break,
+                        Err(at) => {
+                            let next_end = in_flight.iter().map(|e| e.1).filter(|&e| e > now).min();
+                            now = next_end.map_or(at, |e| e.min(at));
+                        }
+                    }
+                }
+                l.record(now, 1);
+                let took = if i < 5 { 400 } else { 0 };
+                in_flight.push((now, now + took));
+                arrivals.push(now + took);
+            }
+            arrivals.sort_unstable();
+            let worst = arrivals
+                .iter()
+                .map(|&t| arrivals.iter().filter(|&&u| u >= t && u < t + 1000).count())
+                .max()
+                .unwrap_or(0);
+            if settle {
+                assert!(worst <= 5, "{worst} arrivals within one second");
+            } else {
+                assert!(worst > 5, "the simulation shows the defect ({worst})");
+            }
+        }
+    }
+
+    #[test]
+    fn settle_moves_a_count_to_the_end_of_its_transaction() {
+        let mut l = ChannelLimiter::new(&limits(Some((2, 1000)), None));
+        l.record(T0, 1);
+        l.settle(T0, 1, T0 + 300);
+        assert_eq!(l.snapshot(), vec![(T0 + 300, 1)]);
+        // A clock stepped back: nothing moves.
+        l.settle(T0 + 300, 1, T0 + 100);
+        assert_eq!(l.snapshot(), vec![(T0 + 300, 1)]);
+        // A transaction longer than the window: it left the window while in flight (two
+        // later ones pushed it out) and counts again from its end.
+        l.record(T0 + 1400, 1);
+        l.record(T0 + 1500, 1);
+        assert_eq!(l.snapshot(), vec![(T0 + 1400, 1), (T0 + 1500, 1)]);
+        l.settle(T0 + 300, 1, T0 + 1600);
+        assert_eq!(l.check(T0 + 1600, 1), Err(T0 + 2500));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailgate::config::{Channel, ChannelKind, Config, DeliveryMode};
+use mailgate::config::{Channel, ChannelKind, Config, DeliveryMode, Limits, StateBackend};
 use mailgate::delivery::Delivery;
 use mailgate::message::Envelope;
 use mailgate::reply::Reply;
@@ -38,16 +38,34 @@ async fn setup(mode: DeliveryMode, extra: Vec<Channel>) -> Setup {
 
 /// `fallbacks`: (channel, its fallback) wired after the channels are sorted.
 async fn setup_with(mode: DeliveryMode, extra: Vec<Channel>, fallbacks: &[(&str, &str)]) -> Setup {
+    setup_state(mode, extra, fallbacks, StateBackend::Local).await
+}
+
+/// As [`setup_with`], one host of a fleet sharing `state`.
+async fn setup_state(
+    mode: DeliveryMode,
+    extra: Vec<Channel>,
+    fallbacks: &[(&str, &str)],
+    state: StateBackend,
+) -> Setup {
+    setup_full(mode, extra, fallbacks, state, |_, _| {}).await
+}
+
+/// As [`setup_state`], the graph channel changed by `tweak` (given the token endpoint).
+async fn setup_full(
+    mode: DeliveryMode,
+    extra: Vec<Channel>,
+    fallbacks: &[(&str, &str)],
+    state: StateBackend,
+    tweak: impl FnOnce(&mut Channel, &TokenEndpoint),
+) -> Setup {
     mailgate::tls::install_crypto_provider();
     let tokens = Arc::new(TokenEndpoint::start().await);
     let graph = GraphApi::start(tokens.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut channels = vec![graph_channel(
-        "dave",
-        MAILBOX,
-        &graph.url(),
-        &tokens.token_url(),
-    )];
+    let mut dave = graph_channel("dave", MAILBOX, &graph.url(), &tokens.token_url());
+    tweak(&mut dave, &tokens);
+    let mut channels = vec![dave];
     channels.extend(extra);
     channels.sort_by(|a, b| a.name.cmp(&b.name));
     for (from, to) in fallbacks {
@@ -63,6 +81,7 @@ async fn setup_with(mode: DeliveryMode, extra: Vec<Channel>, fallbacks: &[(&str,
             retry_max: Duration::from_secs(2),
             ..server()
         },
+        state,
         ..mailgate::testkit::config::config(channels)
     });
     let delivery = Arc::new(Delivery::new(config.clone()).unwrap());
@@ -596,6 +615,94 @@ async fn relay_mode_hands_over_to_the_fallback_at_once() {
     );
 }
 
+/// Issue 16 item 5: with Redis, "auth method refused" is shared health, so the host that
+/// did not see the refusal hands its queued mail to its own fallback too.
+#[tokio::test]
+async fn with_redis_every_host_hands_its_queued_mail_to_the_fallback() {
+    use mailgate::testkit::fake_smtp;
+    let redis = mailgate::testkit::redis_server::RedisServer::start();
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_reply: Some(AUTH_DISABLED),
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let host = || {
+        setup_state(
+            DeliveryMode::Queue,
+            vec![smtp_channel("alice", port)],
+            &[("alice", "dave")],
+            StateBackend::Redis(redis.settings("fleet5:")),
+        )
+    };
+    let (a, b) = (host().await, host().await);
+    let first = a
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["bob@example.org"],
+            &message("bob@example.org"),
+        )
+        .await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || a.graph.sent().len() == 1).await);
+    // Host B has seen the shared health by now (it polls every second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = b
+        .submit_to(
+            "alice",
+            MAILBOX,
+            &["carol@example.org"],
+            &message("carol@example.org"),
+        )
+        .await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(
+        wait_for(Duration::from_secs(10), || b.graph.sent().len() == 1).await,
+        "host B's mail stays queued on a channel broken elsewhere"
+    );
+    assert!(wait_for(Duration::from_secs(5), || b.spool_files("queue").is_empty()).await);
+    assert_eq!(upstream.ended.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Issue 16 item 5, relay mode: host B goes straight to the fallback once host A found
+/// the channel's auth method refused, without knocking on the refusing door itself.
+#[tokio::test]
+async fn with_redis_every_relay_host_goes_over_the_fallback() {
+    use mailgate::testkit::fake_smtp;
+    let redis = mailgate::testkit::redis_server::RedisServer::start();
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        data_reply: Some(AUTH_DISABLED),
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let host = || {
+        setup_state(
+            DeliveryMode::Relay,
+            vec![smtp_channel("alice", port)],
+            &[("alice", "dave")],
+            StateBackend::Redis(redis.settings("fleet5r:")),
+        )
+    };
+    let (a, b) = (host().await, host().await);
+    let body = message("bob@example.org");
+    let reply = a
+        .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(a.graph.sent().len(), 1);
+    let reply = b
+        .submit_to("alice", MAILBOX, &["bob@example.org"], &body)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(b.graph.sent().len(), 1);
+    let mails = upstream
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("MAIL"))
+        .count();
+    assert_eq!(mails, 1, "host B tried the refusing channel again");
+}
+
 #[tokio::test]
 async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_graph() {
     use mailgate::testkit::fake_smtp;
@@ -644,6 +751,185 @@ async fn a_partly_delivered_message_is_not_resent_to_its_done_recipients_over_gr
         s.spool_files("failed")
     );
     assert_eq!(s.spool_files("queue").len(), 1, "carol's copy stays queued");
+}
+
+/// Issue 16 item 6: with Redis, `oauth authorize` on a channel with a
+/// `refresh_token_file` stores the new refresh token where every host reads it first and
+/// forgets the access token cached for them, so `queue retry --all` recovers the channel.
+#[tokio::test]
+async fn with_redis_oauth_authorize_recovers_a_broken_channel() {
+    use mailgate::config::Secret;
+    use mailgate::config::oauth::{Grant, TokenSource, defaults};
+    use mailgate::state::shared::RedisState;
+    let redis = mailgate::testkit::redis_server::RedisServer::start();
+    let settings = redis.settings("auth6:");
+    let fleet = RedisState::new(&settings).unwrap();
+    // A refresh token the provider revoked, in Redis where every host looks first, and
+    // an access token another host cached from that grant.
+    fleet
+        .set_refresh_token("dave", &Secret::new("rt-revoked"))
+        .await
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let token_file = files.path().join("dave.token");
+    std::fs::write(&token_file, "rt-also-revoked\n").unwrap();
+    let file = token_file.clone();
+    let s = setup_full(
+        DeliveryMode::Queue,
+        vec![],
+        &[],
+        StateBackend::Redis(settings),
+        move |dave, tokens| {
+            let ChannelKind::Graph(target) = &mut dave.kind else {
+                unreachable!()
+            };
+            target.oauth.grant = Grant::RefreshToken;
+            target.oauth.scope = defaults::GRAPH_DELEGATED_SCOPE.into();
+            target.oauth.refresh_token_source = TokenSource::File(file);
+            target.oauth.device_url = tokens.device_url();
+            tokens.set_device(0, 0);
+        },
+    )
+    .await;
+    let reply = s
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert!(reply.text.starts_with("queued as"), "{reply}");
+    let broken = || async {
+        matches!(
+            fleet.health("dave").await.unwrap().0,
+            mailgate::state::Health::Broken { .. }
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broken().await {
+        assert!(Instant::now() < deadline, "the channel never broke");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet
+        .set_access_token("dave", &Secret::new("at-stale"), 3_600_000)
+        .await
+        .unwrap();
+
+    let ChannelKind::Graph(target) = &s.config.channels[s.id("dave")].kind else {
+        unreachable!()
+    };
+    let store = mailgate::state::Backend::of(&s.config)
+        .unwrap()
+        .token_store();
+    let http = mailgate::oauth::Http::new(None).unwrap();
+    let mut output = Vec::new();
+    let done = mailgate::oauth::authorize(
+        "dave",
+        &target.oauth,
+        &http,
+        &*store,
+        tokio::io::empty(),
+        &mut output,
+    )
+    .await;
+    let output = String::from_utf8_lossy(&output).into_owned();
+    assert!(done.is_ok(), "{done:?}\n{output}");
+    s.delivery.resume_queue();
+    assert!(
+        wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await,
+        "still broken after authorize and retry"
+    );
+    assert!(!broken().await);
+    assert!(output.contains("Redis"), "{output}");
+    let shared = fleet.access_token("dave").await.unwrap();
+    assert!(
+        shared.is_none_or(|(t, _)| t.expose() != "at-stale"),
+        "the access token of the old grant is still shared"
+    );
+    let stored = fleet.refresh_token("dave").await.unwrap().unwrap();
+    assert!(s.tokens.refresh_token_is_valid(stored.expose()));
+    // The file is a copy, for a move back to the local backend.
+    assert_eq!(
+        std::fs::read_to_string(&token_file).unwrap().trim(),
+        stored.expose()
+    );
+}
+
+/// Issue 16 item 11: a partly delivered message lent to a graph fallback is not tried
+/// there at every backoff step, spends none of the fallback's quota, and goes back to its
+/// own channel with `queue retry --all`.
+#[tokio::test]
+async fn a_partly_delivered_message_lent_to_graph_waits_without_spending_its_quota() {
+    use mailgate::testkit::fake_smtp;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        replies: vec![("RCPT TO:<carol@", "451 4.2.0 try again later")],
+        data_script: vec!["250 2.0.0 Ok", AUTH_DISABLED],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let day = Limits {
+        recipients_per_day: Some(100),
+        ..Limits::default()
+    };
+    let s = setup_full(
+        DeliveryMode::Queue,
+        vec![smtp_channel("alice", port)],
+        &[("alice", "dave")],
+        StateBackend::Local,
+        |dave, _| dave.limits.recipients_per_day = day.recipients_per_day,
+    )
+    .await;
+    let both = message("bob@example.org, carol@example.org");
+    let rcpts = ["bob@example.org", "carol@example.org"];
+    let first = s.submit_to("alice", MAILBOX, &rcpts, &both).await;
+    assert!(first.text.starts_with("queued as"), "{first}");
+    assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
+    let erin = message("erin@example.org");
+    let second = s
+        .submit_to("alice", MAILBOX, &["erin@example.org"], &erin)
+        .await;
+    assert!(second.text.starts_with("queued as"), "{second}");
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    let attempts = || {
+        let files = s.spool_files("queue");
+        assert_eq!(files.len(), 1, "carol's copy stays queued");
+        let state: serde_json::Value = serde_json::from_str(&files[0]).unwrap();
+        state["attempts"].as_u64().unwrap()
+    };
+    let before = attempts();
+    // Several backoff steps (300 ms doubling to 2 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let backend = mailgate::state::Backend::Local(mailgate::state::LocalState::new(
+        &s.config.server.spool_dir,
+    ));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let counted: u64 = backend
+        .events("dave", &day, now + 1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.1)
+        .sum();
+    assert_eq!(
+        counted, 1,
+        "only erin, sent over Graph, counts against its quota"
+    );
+    assert_eq!(
+        attempts(),
+        before,
+        "tried again over Graph at every backoff step"
+    );
+    assert_eq!(s.graph.sent().len(), 1);
+    // `queue retry --all`: back to its own channel, which asks for carol again.
+    let asked = || {
+        upstream
+            .commands()
+            .iter()
+            .filter(|c| c.starts_with("RCPT TO:<carol@"))
+            .count()
+    };
+    let asked_before = asked();
+    s.delivery.resume_queue();
+    assert!(wait_for(Duration::from_secs(10), || asked() > asked_before).await);
 }
 
 #[tokio::test]

@@ -887,16 +887,22 @@ async fn a_full_disk_defers_and_delivery_resumes_by_itself() {
         per: Duration::from_secs(2),
     });
     let config = config(&spool, vec![channel("c", limits)]);
-    // The events log ends exactly on a page once the first send is counted, so the next
-    // append needs a new page: on a full disk it fails (older events, still in the day).
+    // The events log ends exactly on a page once the first send is counted (when it
+    // starts, then moved to when it ended: three lines), so the next append needs a new
+    // page: on a full disk it fails (older events, still in the day; "00" only pads).
     std::fs::create_dir_all(spool.join("state")).unwrap();
     let now = mailgate::queue::spool::now_ms();
-    let old: String = (0..255)
-        .map(|i| format!("{} 0\n", now - 60_000 - i))
+    let old: String = (0..252)
+        .map(|i| {
+            let zero = if i < 14 { "00" } else { "0" };
+            format!("{} {zero}\n", now - 60_000 - i)
+        })
         .collect();
-    assert_eq!(old.len() + format!("{now} 1\n").len(), 4096);
+    let first = format!("{now} 1\n{now} 1\n{now} 1 -\n");
+    assert_eq!(old.len() + first.len(), 4096);
     std::fs::write(spool.join("state/c.events"), old).unwrap();
-    let fake = Fake::new(|_, _, _| ok());
+    // Slow enough that the transaction ends a few ms after it starts.
+    let fake = Fake::slow(Duration::from_millis(20), |_, _, _| ok());
     let running = Running::start(&config, fake.clone());
     let reply = running.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
     assert_eq!(reply.code, 250, "{reply:?}");

@@ -44,6 +44,40 @@ async fn the_rate_window_refuses_the_sixth_until_the_first_ages_out() {
     assert_eq!(a.events("c").await.unwrap(), vec![]);
 }
 
+/// Issue 16 item 10: a settled reservation counts from when its transaction ended.
+#[tokio::test]
+async fn a_settled_reservation_counts_from_the_end_of_its_transaction() {
+    let server = RedisServer::start();
+    let a = RedisState::new(&server.settings("t10:")).unwrap();
+    let l = limits(Some((1, 1000)), Some(10));
+    let Ok(Reserved::Yes(token)) = a.reserve("c", &l, 2).await else {
+        panic!("the first fits");
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.settle("c", &l, &token).await.unwrap();
+    // Counted from now, not from 600 ms ago: the next waits about a whole window.
+    let Ok(Reserved::Wait(ms)) = a.reserve("c", &l, 1).await else {
+        panic!("the second must wait");
+    };
+    assert!(ms > 900, "{ms}");
+    // Still one send of two recipients in the day, and still given back by its token.
+    assert_eq!(a.events("c").await.unwrap().len(), 1);
+    a.release("c", &token).await.unwrap();
+    assert!(matches!(a.reserve("c", &l, 10).await, Ok(Reserved::Yes(_))));
+    // A transaction longer than the window: its reservation aged out while it ran, and
+    // it counts again from its end.
+    let short = limits(Some((1, 300)), None);
+    let Ok(Reserved::Yes(slow)) = a.reserve("d", &short, 1).await else {
+        panic!("the first fits");
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    a.settle("d", &short, &slow).await.unwrap();
+    assert!(matches!(
+        a.reserve("d", &short, 1).await,
+        Ok(Reserved::Wait(_))
+    ));
+}
+
 #[tokio::test]
 async fn recipients_per_day_counts_recipients_and_a_release_gives_them_back() {
     let server = RedisServer::start();
@@ -84,6 +118,7 @@ async fn health_retry_and_tokens_are_shared() {
     let broken = Health::Broken {
         since_ms: 1,
         reason: "535 5.7.3".into(),
+        auth_method_refused: false,
     };
     a.set_health("c", &broken).await.unwrap();
     assert_eq!(b.health("c").await.unwrap(), (broken, 0));
@@ -405,4 +440,139 @@ async fn an_import_from_a_host_whose_clock_runs_ahead_still_counts_its_sends() {
         matches!(redis.reserve("c", &l, 1).await, Ok(Reserved::Wait(_))),
         "2 sends in the minute already"
     );
+}
+
+/// Queue mode at 5 per second, five connections, an upstream that is slow to take the
+/// first burst (400 ms before its `354`) and quick afterwards: `state` is the backend.
+/// The largest number of message arrivals the upstream saw within any one second.
+async fn busiest_second_at_the_upstream(
+    state: mailgate::config::StateBackend,
+    delivery_mode: mailgate::config::DeliveryMode,
+) -> usize {
+    use mailgate::config::{ChannelKind, Config, DeliveryMode, TlsMode};
+    use mailgate::delivery::Delivery;
+    use mailgate::testkit::{config as tk, fake_smtp};
+    use std::sync::Arc;
+    let (port, upstream) = fake_smtp::start(fake_smtp::Fake {
+        go_ahead_delays: vec![Duration::from_millis(400); 5],
+        ..fake_smtp::plain_fake()
+    })
+    .await;
+    let mut channel = tk::channel(
+        "up",
+        ChannelKind::Smtp(tk::smtp_target(port, TlsMode::None)),
+        5,
+    );
+    channel.limits.rate = Some(Rate {
+        count: 5,
+        per: Duration::from_secs(1),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(Config {
+        server: mailgate::config::Server {
+            delivery: delivery_mode,
+            spool_dir: dir.path().join("spool"),
+            ..tk::server()
+        },
+        state,
+        ..tk::config(vec![channel])
+    });
+    let delivery = Arc::new(Delivery::new(config).unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    {
+        let (d, s) = (delivery.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run_queue(s).await });
+    }
+    let total = 15;
+    let submit = |i: usize| {
+        let delivery = delivery.clone();
+        async move {
+            // A relay-mode client whose message meets the rate tries again shortly.
+            for _ in 0..100 {
+                let mut draft = delivery.begin().await.unwrap();
+                draft
+                    .write(format!("Subject: {i}\r\n\r\nhello\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let envelope = tk::envelope("a@example.com", &["b@example.org"]);
+                let reply = delivery.finish(draft, 0, &envelope).await;
+                if reply.code == 250 {
+                    return;
+                }
+                assert_eq!(reply.code / 100, 4, "{reply}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("message {i} never went");
+        }
+    };
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..total {
+        clients.spawn(submit(i));
+        if delivery_mode == DeliveryMode::Queue {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while upstream.arrivals.lock().unwrap().len() < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all delivered in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    let mut arrivals = upstream.arrivals.lock().unwrap().clone();
+    arrivals.sort_unstable();
+    eprintln!(
+        "{delivery_mode:?} arrivals (ms): {:?}",
+        arrivals
+            .iter()
+            .map(|t| t.duration_since(arrivals[0]).as_millis())
+            .collect::<Vec<_>>()
+    );
+    arrivals
+        .iter()
+        .map(|&t| {
+            arrivals
+                .iter()
+                .filter(|&&u| u >= t && u < t + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Issue 16 item 10: providers count arrivals, so no window at the upstream may hold more
+/// than the rate, whatever the delivery time; a send counts from when its transaction
+/// ended. The local backend, then Redis, in queue and relay mode.
+#[tokio::test]
+async fn no_second_at_the_upstream_holds_more_than_the_rate_local_backend() {
+    use mailgate::config::{DeliveryMode, StateBackend};
+    for mode in [DeliveryMode::Queue, DeliveryMode::Relay] {
+        let busiest = busiest_second_at_the_upstream(StateBackend::Local, mode).await;
+        assert!(
+            busiest <= 5,
+            "{mode:?}: {busiest} arrivals within one second"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_second_at_the_upstream_holds_more_than_the_rate_redis_backend() {
+    use mailgate::config::{DeliveryMode, StateBackend};
+    let server = RedisServer::start();
+    for (mode, prefix) in [
+        (DeliveryMode::Queue, "r10q:"),
+        (DeliveryMode::Relay, "r10r:"),
+    ] {
+        let state = StateBackend::Redis(server.settings(prefix));
+        let busiest = busiest_second_at_the_upstream(state, mode).await;
+        assert!(
+            busiest <= 5,
+            "{mode:?}: {busiest} arrivals within one second"
+        );
+    }
 }

@@ -14,7 +14,7 @@ use super::Http;
 use super::endpoint::{self, Failure};
 use super::store;
 use crate::config::Secret;
-use crate::config::oauth::{Grant, OAuth, Provider};
+use crate::config::oauth::{Grant, OAuth, Provider, TokenSource};
 use crate::state::tokens::TokenStore;
 
 /// How long the user has to finish signing in on the Google flow.
@@ -118,7 +118,26 @@ async fn stored(
     token: &Secret,
     output: &mut impl Write,
 ) -> Result<Authorized, String> {
-    let location = store::save_refresh_token(channel, settings, store, token).await?;
+    let location = if store.shared() {
+        // Every host reads the shared store first: a token only in the file would never be
+        // used, and the access token cached for them came from the grant being replaced.
+        store.save(channel, token).await?;
+        store.forget_access_token(channel).await?;
+        let mut location = store.location(channel);
+        if let TokenSource::File(path) = &settings.refresh_token_source {
+            // The file is a copy for a move back to the local backend.
+            match store::write_token_file(path, token) {
+                Ok(()) => location.push_str(&format!(" (copied to {})", path.display())),
+                Err(e) => say(
+                    output,
+                    format_args!("warning: {e}; the token in Redis is the one every host uses"),
+                )?,
+            }
+        }
+        location
+    } else {
+        store::save_refresh_token(channel, settings, store, token).await?
+    };
     say(
         output,
         format_args!("channel {channel}: refresh token stored in {location}"),

@@ -32,6 +32,8 @@ pub(super) struct Attempt {
     /// The channel sends a message whole and takes at most this many recipients, fewer
     /// than the message's pending ones: fail them with a DSN, sending nothing.
     pub(super) never_fits: Option<usize>,
+    /// The message belongs to another channel, which handed it to this one.
+    pub(super) lent: bool,
 }
 
 enum Prepared {
@@ -55,6 +57,8 @@ impl Attempt {
                     effect: ChannelEffect::None,
                     dsn: None,
                     uncount: self.counted.clone(),
+                    settle: None,
+                    parked: false,
                 };
             }
             // Someone else holds the message (the CLI, or the worker a reload replaced,
@@ -66,6 +70,8 @@ impl Attempt {
                     effect: ChannelEffect::None,
                     dsn: None,
                     uncount: self.counted.clone(),
+                    settle: None,
+                    parked: false,
                 };
             }
             Ok(Err(e)) => {
@@ -76,6 +82,8 @@ impl Attempt {
                     effect: ChannelEffect::None,
                     dsn: None,
                     uncount: self.counted.clone(),
+                    settle: None,
+                    parked: false,
                 };
             }
             Err(e) => {
@@ -86,6 +94,8 @@ impl Attempt {
                     effect: ChannelEffect::None,
                     dsn: None,
                     uncount: self.counted.clone(),
+                    settle: None,
+                    parked: false,
                 };
             }
         };
@@ -104,11 +114,15 @@ impl Attempt {
                     effect,
                     dsn: None,
                     uncount: None,
+                    settle: None,
+                    parked: false,
                 };
             }
             let reason = fail_never_fitting(&mut state, max, &channel_name);
             tracing::warn!(id, channel = %channel_name, reason = %reason, "queue: the message can never go over this channel; failing it");
         }
+        // No transaction: what was counted for it is taken back.
+        let mut sent_nothing = true;
         let chunk: Vec<usize> = state
             .recipients
             .iter()
@@ -138,6 +152,25 @@ impl Attempt {
                     .recipients
                     .iter()
                     .any(|r| r.status != RcptStatus::Pending);
+            if done_before && self.lent {
+                // Nothing is sent, so nothing counts, and no retry can change it: it waits
+                // for its own channel instead of being tried again at every backoff step.
+                tracing::warn!(
+                    id,
+                    channel = %channel_name,
+                    "queue: some recipients of this message are done already; Microsoft Graph would send to them again, so it waits for its own channel (`mailgate queue retry --all`, a reload or a restart)"
+                );
+                return Report {
+                    id,
+                    next: Some((now_ms(), state.pending())),
+                    effect: ChannelEffect::None,
+                    dsn: None,
+                    uncount: self.counted.clone(),
+                    settle: None,
+                    parked: true,
+                };
+            }
+            sent_nothing = done_before;
             let outcome = if done_before {
                 tracing::warn!(
                     id,
@@ -220,7 +253,9 @@ impl Attempt {
                     next,
                     effect,
                     dsn,
-                    uncount: None,
+                    uncount: sent_nothing.then(|| self.counted.clone()).flatten(),
+                    settle: (!sent_nothing).then(|| self.counted.clone()).flatten(),
+                    parked: false,
                 }
             }
             Ok(Err(e)) => {
@@ -230,7 +265,9 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect,
                     dsn: None,
-                    uncount: None,
+                    uncount: sent_nothing.then(|| self.counted.clone()).flatten(),
+                    settle: (!sent_nothing).then(|| self.counted.clone()).flatten(),
+                    parked: false,
                 }
             }
             Err(e) => {
@@ -240,7 +277,9 @@ impl Attempt {
                     next: Some((now_ms() + 60_000, self.rcpts)),
                     effect,
                     dsn: None,
-                    uncount: None,
+                    uncount: sent_nothing.then(|| self.counted.clone()).flatten(),
+                    settle: (!sent_nothing).then(|| self.counted.clone()).flatten(),
+                    parked: false,
                 }
             }
         }
@@ -301,6 +340,8 @@ pub(super) async fn internal_failure(
         effect: ChannelEffect::None,
         dsn,
         uncount: None,
+        settle: None,
+        parked: false,
     }
 }
 

@@ -11,7 +11,10 @@
 //! reload lowered its limits) fails with a DSN saying why, or, lent by a broken channel,
 //! waits for that channel. Each transaction counts as one message against `rate` and
 //! its recipients against `recipients_per_day` when it starts (conservative: a failed
-//! attempt counts too).
+//! attempt counts too), and once it ends, from its end: providers count arrivals, and a
+//! window counted from the start lets a quick burst arrive sooner than a window after a
+//! slow one. An attempt that sends nothing (the message was locked or gone, or Graph
+//! cannot take it) counts nothing.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use crate::metrics::{self, ChannelState};
 use crate::state::shared::Reserved;
 use crate::state::{Backend, Counters, Health, format_time};
 
+mod counting;
 mod ended;
 mod health;
 mod take;
@@ -111,6 +115,12 @@ pub(super) struct Report {
     /// No transaction started (the message was locked or gone): what the worker counted
     /// against the channel's windows for it, to take back.
     pub(super) uncount: Option<Counted>,
+    /// A transaction ran: what it was counted as, to count from its end instead
+    /// ([`crate::ratelimit::ChannelLimiter::settle`]).
+    pub(super) settle: Option<Counted>,
+    /// A message lent to this channel that it cannot send (Graph, and some recipients are
+    /// done already): it waits, unscheduled, until it goes back to its own channel.
+    pub(super) parked: bool,
 }
 
 /// What a transaction was counted as against its channel's windows when it started.
@@ -150,6 +160,9 @@ pub struct ChannelTask {
     handing_over: bool,
     /// Messages other channels lent to this one, with their owner's name.
     borrowed: HashMap<String, String>,
+    /// Borrowed messages this channel cannot send ([`Report::parked`]), with their
+    /// pending recipients: they go back with the rest of `borrowed`.
+    parked: HashMap<String, usize>,
     /// The shared backend, when `[state] backend = "redis"`.
     shared: Option<SharedView>,
 }
@@ -196,6 +209,7 @@ impl ChannelTask {
             fallback,
             handing_over: false,
             borrowed: HashMap::new(),
+            parked: HashMap::new(),
             shared,
         }
     }
@@ -312,7 +326,10 @@ impl ChannelTask {
 
     /// The channel's queue depth and state, for the metrics.
     fn publish(&self) {
-        metrics::queued(&self.name, self.entries.len() + self.in_flight.len());
+        metrics::queued(
+            &self.name,
+            self.entries.len() + self.in_flight.len() + self.parked.len(),
+        );
         let state = match &self.health {
             Health::Broken { .. } => ChannelState::Broken,
             Health::Held { until_ms, .. } if *until_ms > now_ms() => ChannelState::Limited,
@@ -372,7 +389,10 @@ impl ChannelTask {
                             owner: self.name.clone(),
                         },
                     );
-                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                } else if !self.in_flight.contains(&id)
+                    && !self.entries.contains_key(&id)
+                    && !self.parked.contains_key(&id)
+                {
                     self.schedule(id, due_ms, pending);
                 }
             }
@@ -395,7 +415,10 @@ impl ChannelTask {
                             owner,
                         },
                     );
-                } else if !self.in_flight.contains(&id) && !self.entries.contains_key(&id) {
+                } else if !self.in_flight.contains(&id)
+                    && !self.entries.contains_key(&id)
+                    && !self.parked.contains_key(&id)
+                {
                     self.borrowed.insert(id.clone(), owner);
                     self.schedule(id, due_ms, pending);
                 }
@@ -440,6 +463,18 @@ impl ChannelTask {
 
     /// Every channel resumes: mail lent to this one goes back to its own channel.
     fn return_lent(&mut self) {
+        for (id, pending) in std::mem::take(&mut self.parked) {
+            if let Some(owner) = self.borrowed.remove(&id) {
+                self.queue.notify(
+                    &owner,
+                    Event::Queued {
+                        id,
+                        due_ms: now_ms(),
+                        pending,
+                    },
+                );
+            }
+        }
         let lent: Vec<(String, String)> = self
             .borrowed
             .iter()
@@ -602,6 +637,7 @@ impl ChannelTask {
                 rcpts,
                 counted,
                 never_fits: None,
+                lent: self.borrowed.contains_key(&id),
             };
             let task = deliveries.spawn(attempt.run(id.clone()));
             self.tasks.insert(task.id(), (id, pending, rcpts));
@@ -611,24 +647,11 @@ impl ChannelTask {
 
     async fn apply(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
-        let taken_back = match (&report.uncount, &self.queue.state, &self.shared) {
-            (Some(Counted::Local(at_ms, rcpts)), Backend::Local(local), _) => {
-                match &mut self.counters {
-                    Some(counters) => counters
-                        .unrecord(local, *at_ms, *rcpts)
-                        .map_err(|e| e.to_string()),
-                    None => Ok(()),
-                }
-            }
-            (Some(Counted::Shared(token)), _, Some(view)) => {
-                view.redis.release(&self.name, token).await.map_err(|e| e.0)
-            }
-            _ => Ok(()),
-        };
-        if let Err(e) = taken_back {
-            tracing::warn!(id = report.id, channel = %self.name, error = %e, "queue: cannot take back a count of the rate counters");
-        }
-        if let Some((due, pending)) = report.next {
+        self.recount(&report).await;
+        if report.parked && self.borrowed.contains_key(&report.id) {
+            let pending = report.next.map_or(0, |(_, pending)| pending);
+            self.parked.insert(report.id.clone(), pending);
+        } else if let Some((due, pending)) = report.next {
             self.schedule(report.id.clone(), due, pending);
         } else {
             self.borrowed.remove(&report.id);
@@ -671,26 +694,15 @@ impl ChannelTask {
                             "{reason} (mail goes over fallback {})",
                             fallback.as_deref().unwrap_or("")
                         ),
+                        auth_method_refused: true,
                     })
                     .await;
                     self.handing_over = true;
                 }
                 self.hand_over_all();
             }
-            ChannelEffect::Broken(reason) | ChannelEffect::AuthMethodRefused(reason) => {
-                if !matches!(self.health, Health::Broken { .. }) {
-                    tracing::error!(
-                        channel = %self.name,
-                        reason,
-                        "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all`, a reload or a restart"
-                    );
-                    self.set_health(Health::Broken {
-                        since_ms: now_ms(),
-                        reason,
-                    })
-                    .await;
-                }
-            }
+            ChannelEffect::Broken(reason) => self.mark_broken(reason, false).await,
+            ChannelEffect::AuthMethodRefused(reason) => self.mark_broken(reason, true).await,
         }
         if self.handing_over {
             self.hand_over_all();

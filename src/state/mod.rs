@@ -52,6 +52,10 @@ pub enum Health {
         since_ms: u64,
         /// The upstream reply or error that caused it.
         reason: String,
+        /// The provider refuses how the channel authenticates (SPEC §7 "Fallback"): every
+        /// host hands the channel's mail to its fallback, not only the one that saw it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        auth_method_refused: bool,
     },
 }
 
@@ -67,7 +71,9 @@ impl Health {
                 )
             }
             Health::Held { .. } => "ok".to_string(),
-            Health::Broken { since_ms, reason } => {
+            Health::Broken {
+                since_ms, reason, ..
+            } => {
                 format!("broken since {}: {reason}", format_time(*since_ms))
             }
         }
@@ -466,6 +472,38 @@ impl Counters {
         Ok(())
     }
 
+    /// Moves a transaction counted at `at_ms` to `end_ms`, when it ended (see
+    /// [`ChannelLimiter::settle`]): logged as counted then, before the first count is
+    /// taken back, so a crash in between counts it twice rather than never.
+    pub fn settle(
+        &mut self,
+        state: &LocalState,
+        at_ms: u64,
+        recipients: u64,
+        end_ms: u64,
+    ) -> io::Result<()> {
+        let Some(i) = self.events.iter().rposition(|&e| e == (at_ms, recipients)) else {
+            return Ok(());
+        };
+        if end_ms <= at_ms {
+            return Ok(());
+        }
+        let compact = state.append_event(&self.channel, end_ms, recipients, false)?;
+        state.append_event(&self.channel, at_ms, recipients, true)?;
+        // In memory in one step: recording first would let the limiter drop another
+        // count to stay within its rate's size.
+        if let Some(limiter) = &mut self.limiter {
+            limiter.settle(at_ms, recipients, end_ms);
+        }
+        self.events.remove(i);
+        let at = self.events.partition_point(|e| e.0 <= end_ms);
+        self.events.insert(at, (end_ms, recipients));
+        if compact {
+            state.compact_in_background(&self.channel, &self.limits, end_ms);
+        }
+        Ok(())
+    }
+
     /// The counted transactions still inside the windows, oldest first, as (unix ms, recipients).
     pub fn events(&self) -> Vec<(u64, u64)> {
         self.events.iter().copied().collect()
@@ -609,6 +647,7 @@ mod tests {
         let broken = Health::Broken {
             since_ms: 5,
             reason: "535 5.7.3 Authentication unsuccessful".into(),
+            auth_method_refused: false,
         };
         state.write_health("c", &broken).unwrap();
         assert_eq!(state.read_health("c"), broken);
@@ -619,6 +658,33 @@ mod tests {
         };
         assert!(held.describe(50).starts_with("limited until"));
         assert_eq!(held.describe(150), "ok");
+    }
+
+    #[test]
+    fn settling_moves_one_count_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = LocalState::open(dir.path()).unwrap();
+        let limits = Limits {
+            rate: Some(crate::config::Rate {
+                count: 3,
+                per: std::time::Duration::from_secs(1),
+            }),
+            ..Limits::default()
+        };
+        let t0 = 10 * DAY_MS;
+        let mut counters = Counters::load(&state, "c", &limits, t0).unwrap();
+        for i in 0..3 {
+            counters.record(&state, t0 + i, 1).unwrap();
+        }
+        // Settled while the window is full: no other count may be dropped to make room.
+        counters.settle(&state, t0 + 1, 1, t0 + 400).unwrap();
+        assert_eq!(counters.check(t0 + 500, 1), Err(t0 + 1000));
+        assert_eq!(counters.check(t0 + 999, 1), Err(t0 + 1000));
+        assert_eq!(counters.check(t0 + 1000, 1), Ok(()));
+        assert_eq!(counters.events(), vec![(t0, 1), (t0 + 2, 1), (t0 + 400, 1)]);
+        // The log says the same after a restart.
+        let back = Counters::load(&state, "c", &limits, t0 + 500).unwrap();
+        assert_eq!(back.events(), counters.events());
     }
 
     #[test]

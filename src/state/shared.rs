@@ -61,6 +61,13 @@ const RESERVE: &str = include_str!("lua/reserve.lua");
 
 const RELEASE: &str = include_str!("lua/release.lua");
 
+/// KEYS: rate, day, daysum. ARGV: a reservation's member, rate window ms (-1: none).
+/// Moves the reservation to now, on Redis's clock, when its transaction ended: the
+/// windows then run from the arrival the provider counts, never from before it. A
+/// reservation that aged out of the rate window while its transaction ran is counted
+/// again (only called for a reservation never given back).
+const SETTLE: &str = include_str!("lua/settle.lua");
+
 /// `state import`. KEYS: rate, day, daysum. ARGV: rate window ms (-1: none), 1 if the
 /// channel counts recipients per day, then (unix ms, recipients) pairs. Adds each send
 /// still inside a window (on Redis's clock) unless the window already holds it, so the
@@ -92,6 +99,7 @@ struct Inner {
     status: AtomicU8,
     reserve: Script,
     release: Script,
+    settle: Script,
     unlock: Script,
     import: Script,
 }
@@ -141,6 +149,7 @@ impl RedisState {
                 status: AtomicU8::new(UNKNOWN),
                 reserve: Script::new(RESERVE),
                 release: Script::new(RELEASE),
+                settle: Script::new(SETTLE),
                 unlock: Script::new(UNLOCK),
                 import: Script::new(IMPORT),
             }),
@@ -373,6 +382,34 @@ impl RedisState {
         .map(drop)
     }
 
+    /// Counts a reservation from now, when its transaction ended ([`SETTLE`]).
+    pub async fn settle(
+        &self,
+        channel: &str,
+        limits: &Limits,
+        token: &str,
+    ) -> Result<(), Unavailable> {
+        let keys = [
+            self.key("rate", channel),
+            self.key("day", channel),
+            self.key("daysum", channel),
+        ];
+        let per = limits.rate.map_or(-1, |r| r.per.as_millis() as i64);
+        let script = &self.inner.settle;
+        self.call(|mut c| async move {
+            script
+                .key(&keys[0])
+                .key(&keys[1])
+                .key(&keys[2])
+                .arg(token)
+                .arg(per)
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
     /// The counted sends of `channel` still in a window, oldest first (unix ms, recipients).
     pub async fn events(&self, channel: &str) -> Result<Vec<(u64, u64)>, Unavailable> {
         let keys = [self.key("rate", channel), self.key("day", channel)];
@@ -505,6 +542,13 @@ impl RedisState {
         .map(drop)
     }
 
+    /// Forgets the shared access token of `channel`, whatever it is (`oauth authorize`).
+    pub async fn forget_access_token(&self, channel: &str) -> Result<(), Unavailable> {
+        let key = self.key("token", channel);
+        self.call(|mut c| async move { c.del::<_, ()>(&key).await })
+            .await
+    }
+
     /// Takes the refresh lock of `channel` for `hold` (`SET NX PX`); the value to give
     /// it back with, or `None` when another host holds it.
     pub async fn lock_refresh(
@@ -606,6 +650,19 @@ impl super::tokens::TokenStore for RedisTokenStore {
             self.0.display(),
             self.0.key("refresh", channel)
         )
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn forget_access_token<'a>(&'a self, channel: &'a str) -> super::tokens::StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.0
+                .forget_access_token(channel)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -26,6 +26,16 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
     fn save<'a>(&'a self, channel: &'a str, refresh_token: &'a Secret) -> StoreFuture<'a, ()>;
     /// Where `channel`'s token is kept, for messages (never the token).
     fn location(&self, channel: &str) -> String;
+    /// Every host reads this store first, even for a channel with a `refresh_token_file`
+    /// (Redis), so `oauth authorize` must store there.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Forgets `channel`'s access token cached for every host: after `oauth authorize`
+    /// it belongs to the grant being replaced.
+    fn forget_access_token<'a>(&'a self, _channel: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The local backend: `<dir>/<name>.oauth.json` (`{"refresh_token": "…"}`), mode 0600.

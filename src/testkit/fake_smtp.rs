@@ -50,6 +50,9 @@ pub struct Fake {
     /// Replies to the end of data of successive transactions, across sessions; once
     /// used up, `data_reply` (or `250`) answers.
     pub data_script: Vec<&'static str>,
+    /// Waits before the `354` of successive transactions, across sessions (a slow
+    /// server, or a new connection's first message); once used up, none.
+    pub go_ahead_delays: Vec<Duration>,
 }
 
 /// One completed message as the fake saw it.
@@ -98,7 +101,11 @@ pub struct Record {
     pub unfinished: Mutex<Vec<Vec<u8>>>,
     /// Messages that reached their end of data, accepted or not.
     pub ended: AtomicUsize,
+    /// When each message's end of data arrived, accepted or not: what a provider
+    /// counting arrivals against a rate sees.
+    pub arrivals: Mutex<Vec<std::time::Instant>>,
     script: Mutex<VecDeque<&'static str>>,
+    go_ahead_delays: Mutex<VecDeque<Duration>>,
 }
 
 impl Record {
@@ -126,6 +133,7 @@ pub async fn start(fake: Fake) -> (u16, Arc<Record>) {
     let port = listener.local_addr().unwrap().port();
     let record = Arc::new(Record {
         script: Mutex::new(fake.data_script.iter().copied().collect()),
+        go_ahead_delays: Mutex::new(fake.go_ahead_delays.iter().copied().collect()),
         ..Record::default()
     });
     let (fake, rec) = (Arc::new(fake), record.clone());
@@ -350,6 +358,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 send(io, reply).await?;
             }
             "DATA" => {
+                let wait = rec.go_ahead_delays.lock().unwrap().pop_front();
+                if let Some(wait) = wait {
+                    tokio::time::sleep(wait).await;
+                }
                 send(io, "354 End data with <CR><LF>.<CR><LF>").await?;
                 (have_mail, accepted) = (false, 0);
                 let mut wire = Vec::new();
@@ -360,6 +372,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         return Ok(Next::Done);
                     }
                     if buf == b".\r\n" {
+                        rec.arrivals.lock().unwrap().push(std::time::Instant::now());
                         break;
                     }
                     wire.extend_from_slice(&buf);

@@ -73,6 +73,7 @@ impl ChannelTask {
                 self.health = Health::Broken {
                     since_ms: now,
                     reason: format!("cannot read rate counters: {e}"),
+                    auth_method_refused: false,
                 };
             }
         }
@@ -134,6 +135,13 @@ impl ChannelTask {
         }
         if remote != self.health {
             match &remote {
+                Health::Broken {
+                    reason,
+                    auth_method_refused: true,
+                    ..
+                } if self.fallback.is_some() => {
+                    tracing::error!(channel = %self.name, fallback = self.fallback.as_deref().unwrap_or(""), reason, "CHANNEL BROKEN (seen on another host): the provider refuses how this channel authenticates; its queued and new mail goes over its fallback until `mailgate queue retry --all`");
+                }
                 Health::Broken { reason, .. } => {
                     tracing::error!(channel = %self.name, reason, "CHANNEL BROKEN (seen on another host): its mail stays queued until `mailgate queue retry --all`");
                 }
@@ -147,5 +155,36 @@ impl ChannelTask {
             }
             self.health = remote;
         }
+        // The host that saw the refusal hands its mail over; every other host does too.
+        if matches!(
+            self.health,
+            Health::Broken {
+                auth_method_refused: true,
+                ..
+            }
+        ) && self.fallback.is_some()
+            && !self.handing_over
+        {
+            self.handing_over = true;
+            self.hand_over_all();
+        }
+    }
+
+    /// Credentials refused on a channel without a fallback to hand its mail to.
+    pub(super) async fn mark_broken(&mut self, reason: String, auth_method_refused: bool) {
+        if matches!(self.health, Health::Broken { .. }) {
+            return;
+        }
+        tracing::error!(
+            channel = %self.name,
+            reason,
+            "CHANNEL BROKEN: upstream refused the credentials; its mail stays queued until `mailgate queue retry --all`, a reload or a restart"
+        );
+        self.set_health(Health::Broken {
+            since_ms: now_ms(),
+            reason,
+            auth_method_refused,
+        })
+        .await;
     }
 }

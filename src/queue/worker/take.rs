@@ -74,8 +74,11 @@ impl ChannelTask {
             rcpts: pending,
             counted: None,
             never_fits: Some(max),
+            lent: false,
         };
-        deliveries.spawn(attempt.run(id));
+        // Tracked like every attempt, so that a panic in it frees the message (ended.rs).
+        let task = deliveries.spawn(attempt.run(id.clone()));
+        self.tasks.insert(task.id(), (id, pending, pending));
     }
 }
 
