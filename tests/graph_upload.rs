@@ -351,8 +351,8 @@ async fn queue_mode_retries_after_a_deferral_and_sends_exactly_once() {
     assert_eq!(
         log,
         [
-            "create", "session", "put", "put", "send", "delete", // first attempt
-            "delete", "create", "session", "put", "put", "send" // second
+            "create", "session", "put", "put", "put", "send", "delete", // first attempt
+            "delete", "create", "session", "put", "put", "put", "send" // second
         ],
         "{log:?}"
     );

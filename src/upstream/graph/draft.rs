@@ -331,8 +331,10 @@ pub fn upload_session(a: &Attachment, size: u64) -> Value {
     json!({ "AttachmentItem": item })
 }
 
-/// Upload chunk size: a multiple of 320 KiB and at most 4 MiB (SPEC §7).
-pub const CHUNK: usize = 8 * 327_680;
+/// Upload chunk size: a multiple of 320 KiB and at most 4 MiB (SPEC §7). 1.25 MiB: one
+/// chunk is what an upload holds in memory, so a smaller one keeps four uploads at once
+/// well under the 64 MiB bar (BENCHMARKS.md) for a few more round trips.
+pub const CHUNK: usize = 4 * 327_680;
 
 /// The `Content-Range` of a chunk of `len` bytes at `offset` of `total`.
 pub fn content_range(offset: u64, len: usize, total: u64) -> String {

@@ -5,7 +5,7 @@
 //!
 //! Memory: the message is never read whole. Its structure is scanned line by line
 //! ([`super::mime`]); an attachment from 3,000,000 bytes on is decoded from the file one
-//! chunk ([`draft::CHUNK`], 2.5 MiB) at a time; what is held at once is one draft request
+//! chunk ([`draft::CHUNK`], 1.25 MiB) at a time; what is held at once is one draft request
 //! (under 4,000,000 bytes) or one chunk, per request slot of the channel.
 //!
 //! Drafts: the draft's id is recorded ([`DraftLedger`], the spool entry's state in queue
@@ -33,6 +33,8 @@ use crate::upstream::{Body, Error, Step};
 
 /// Messages over this many bytes go the upload way.
 pub const SENDMAIL_MAX: u64 = 3_000_000;
+/// Decoded bytes held at once while an attachment's size is counted.
+const COUNT_CHUNK: usize = 256 * 1024;
 /// Most of a Graph answer read (Graph echoes a draft, body included; SPEC §7).
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
 
@@ -90,7 +92,7 @@ impl Source {
         let mut total = 0u64;
         // Bounded: each round consumes input, and the input is finite.
         loop {
-            let n = decoder.chunk(CHUNK)?.len();
+            let n = decoder.chunk(COUNT_CHUNK)?.len();
             if n == 0 {
                 return Ok(total);
             }
