@@ -643,7 +643,7 @@ fn put_chunk(
         && last >= first
         && last - first + 1 == len
         && body.len() <= 4 * 1024 * 1024
-        && (is_last || len % 327_680 == 0);
+        && (is_last || len.is_multiple_of(327_680));
     if !ok {
         return error(416, "InvalidRange", None);
     }

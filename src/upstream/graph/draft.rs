@@ -214,7 +214,12 @@ pub fn plan(structure: &Structure, recipients: &[String]) -> Result<Plan, Refusa
         let mut importance = None;
         for header in m.headers() {
             let name = header.name();
-            let value = m.header_raw(name).map(|v| unfold(v)).unwrap_or_default();
+            // This header's own value (a repeated name keeps each of its values).
+            let value = structure
+                .top
+                .get(header.offset_start() as usize..header.offset_end() as usize)
+                .map(|raw| unfold(&String::from_utf8_lossy(raw)))
+                .unwrap_or_default();
             if name.eq_ignore_ascii_case("Importance") {
                 importance = match value.to_ascii_lowercase().as_str() {
                     "high" => Some("high"),
@@ -348,7 +353,7 @@ mod tests {
     use super::*;
     use std::io::Cursor;
 
-    const MSG: &[u8] = b"From: \"Scan Er\" <dave@example.com>\r\nTo: Bob <bob@example.org>\r\nCc: carol@example.org\r\nReply-To: desk@example.com\r\nSubject: =?utf-8?q?Scan_f=C3=BCr_you?=\r\nMessage-ID: <abc@example.com>\r\nDate: Mon, 7 Dec 2026 10:00:00 +0000\r\nX-Priority: 1\r\nX-Scanner: MFP 9000\r\n  folded\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: multipart/alternative; boundary=a\r\n\r\n--a\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nplain\r\n--a\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<p>gr=C3=BC=C3=9F</p>\r\n--a--\r\n--b\r\nContent-Type: image/png\r\nContent-ID: <logo@x>\r\nContent-Disposition: inline\r\nContent-Transfer-Encoding: base64\r\n\r\niVBORw==\r\n--b\r\nContent-Type: application/pdf; name=\"scan.pdf\"\r\nContent-Disposition: attachment; filename=\"scan.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERg==\r\n--b--\r\n";
+    const MSG: &[u8] = b"From: \"Scan Er\" <dave@example.com>\r\nTo: Bob <bob@example.org>\r\nCc: carol@example.org\r\nReply-To: desk@example.com\r\nSubject: =?utf-8?q?Scan_f=C3=BCr_you?=\r\nMessage-ID: <abc@example.com>\r\nDate: Mon, 7 Dec 2026 10:00:00 +0000\r\nX-Priority: 1\r\nX-Scanner: MFP 9000\r\n  folded\r\nX-Tag: a\r\nX-Tag: b\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: multipart/alternative; boundary=a\r\n\r\n--a\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nplain\r\n--a\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<p>gr=C3=BC=C3=9F</p>\r\n--a--\r\n--b\r\nContent-Type: image/png\r\nContent-ID: <logo@x>\r\nContent-Disposition: inline\r\nContent-Transfer-Encoding: base64\r\n\r\niVBORw==\r\n--b\r\nContent-Type: application/pdf; name=\"scan.pdf\"\r\nContent-Disposition: attachment; filename=\"scan.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERg==\r\n--b--\r\n";
 
     fn plan_of(msg: &[u8], rcpts: &[&str]) -> Result<(Structure, Plan), Refusal> {
         let s = scan(Cursor::new(msg)).unwrap();
@@ -392,6 +397,14 @@ mod tests {
             custom
                 .iter()
                 .all(|h| h["name"].as_str().unwrap().starts_with("X-"))
+        );
+        assert!(
+            custom.contains(&json!({"name": "X-Tag", "value": "a"})),
+            "{custom:?}"
+        );
+        assert!(
+            custom.contains(&json!({"name": "X-Tag", "value": "b"})),
+            "{custom:?}"
         );
         // The HTML alternative is the body; the plain one is Graph's to make.
         let (leaf, html) = p.body.unwrap();
@@ -441,8 +454,7 @@ mod tests {
 
     #[test]
     fn content_ranges_and_the_chunk_size_follow_graphs_rules() {
-        assert_eq!(CHUNK % 327_680, 0);
-        assert!(CHUNK <= 4 * 1024 * 1024);
+        const { assert!(CHUNK.is_multiple_of(327_680) && CHUNK <= 4 * 1024 * 1024) };
         assert_eq!(content_range(0, 10, 25), "bytes 0-9/25");
         assert_eq!(content_range(20, 5, 25), "bytes 20-24/25");
     }
