@@ -77,6 +77,8 @@ install_system_deps() {
     command -v python3 >/dev/null || missing+=(python3)
     # The shared-state tests start their own redis-server (the service need not run).
     command -v redis-server >/dev/null || missing+=(redis-server)
+    # The outbound-proxy tests run their own tinyproxy (the service need not run).
+    command -v tinyproxy >/dev/null || [ -x /usr/bin/tinyproxy ] || missing+=(tinyproxy)
     # systemd-analyze checks the shipped unit (verify, security score); systemd need not run.
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then missing+=(python3-venv); fi

@@ -58,6 +58,12 @@ pub enum Command {
         /// Number of recipients
         #[arg(long, value_name = "N", default_value_t = 1)]
         rcpts: usize,
+        /// Client address, for [[rewrite]] entries with networks (default: loopback)
+        #[arg(long, value_name = "IP")]
+        client: Option<std::net::IpAddr>,
+        /// Authenticated [[users]] name, for [[rewrite]] entries with user
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
     },
     /// Connect to a channel's upstream, do TLS and AUTH, send nothing; report each step
     TestChannel {
@@ -196,7 +202,15 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             sender,
             from,
             rcpts,
-        } => route(&path, &sender, from.as_deref(), rcpts),
+            client,
+            user,
+        } => {
+            let who = Client {
+                ip: client.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+                user,
+            };
+            route(&path, &sender, from.as_deref(), rcpts, &who)
+        }
         Command::TestChannel { name } => test_channel(&path, &name),
         Command::Cert {
             action: CertAction::Generate { dir },
@@ -284,9 +298,11 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// Loads the config; on problems, prints every one (one line each) and fails.
+/// Loads the config; on problems, prints every one (one line each) and fails. A file
+/// that cannot be read at all is one line (SPEC §2), not a problem and a count.
 fn load(path: &Path) -> Result<Config, String> {
-    config::load(path).map_err(|errors| {
+    let text = std::fs::read_to_string(path).map_err(|e| unreadable(path, &e))?;
+    config::parse(&text, path).map_err(|errors| {
         for line in errors.to_string().lines() {
             eprintln!("{line}");
         }
@@ -299,6 +315,14 @@ fn load(path: &Path) -> Result<Config, String> {
     })
 }
 
+/// The one line for a config file that cannot be read.
+fn unreadable(path: &Path, e: &std::io::Error) -> String {
+    format!(
+        "{}: cannot read the configuration file: {e}",
+        path.display()
+    )
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -309,6 +333,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn run(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     warn_if_secrets_readable(&config);
+    for warning in &config.warnings {
+        tracing::warn!(line = warning.line, "{}", warning.message);
+    }
     raise_fd_limit(config.server.max_connections);
     let config = Arc::new(config);
     runtime()?.block_on(async move {
@@ -382,7 +409,25 @@ fn check(path: &Path) -> Result<(), String> {
         let s = if n == 1 { "" } else { "s" };
         return Err(format!("{}: {n} problem{s} found", path.display()));
     }
+    for warning in &config.warnings {
+        match warning.line {
+            Some(line) => eprintln!("{}:{line}: warning: {}", path.display(), warning.message),
+            None => eprintln!("{}: warning: {}", path.display(), warning.message),
+        }
+    }
     print!("{}", check::summary(&config));
+    let uses_http = config
+        .channels
+        .iter()
+        .any(|c| matches!(c.kind, config::ChannelKind::Graph(_)) || c.kind.oauth().is_some());
+    if uses_http {
+        // Upstreams::new above already refused an environment proxy it cannot use.
+        let proxies = crate::http::Proxies::from_process(config.server.https_proxy.as_ref())?;
+        println!(
+            "outbound HTTP (OAuth tokens, Graph): {}",
+            proxies.describe()
+        );
+    }
     if let crate::config::StateBackend::Redis(redis) = &config.state {
         let state = crate::state::shared::RedisState::new(redis)?;
         match crate::state::block_on(state.ping())? {
@@ -430,9 +475,42 @@ fn file_problems(config: &Config) -> Vec<String> {
     problems
 }
 
-fn route(path: &Path, sender: &str, from: Option<&str>, rcpts: usize) -> Result<(), String> {
+/// Who `route` pretends to be.
+struct Client {
+    ip: std::net::IpAddr,
+    user: Option<String>,
+}
+
+fn route(
+    path: &Path,
+    sender: &str,
+    from: Option<&str>,
+    rcpts: usize,
+    client: &Client,
+) -> Result<(), String> {
     let config = load(path)?;
-    let sender = sender.trim().trim_start_matches('<').trim_end_matches('>');
+    let given = sender.trim().trim_start_matches('<').trim_end_matches('>');
+    let user = client.user.as_deref();
+    if let Some(user) = user
+        && !config.users.iter().any(|u| u.name == user)
+    {
+        return Err(format!("no [[users]] entry named {user:?}"));
+    }
+    // SPEC §4a: the rewrite comes first; everything after it sees the new sender.
+    let rewrite = crate::rewrite::apply(&config.rewrites, given, Some(client.ip), user);
+    let sender = match &rewrite {
+        Some(r) => {
+            println!("{}", crate::rewrite::explain(&config.rewrites[r.entry], r));
+            r.sender.as_str()
+        }
+        None => given,
+    };
+    if let Some(user) = user
+        && let Err(refusal) = routing::authorize_user(&config, user, sender)
+    {
+        println!("MAIL FROM:<{sender}> is refused: {}", Reply::from(refusal));
+        return Err(format!("user {user:?} may not use <{sender}>"));
+    }
     let first = match routing::route_sender(&config, sender).map_err(Reply::from) {
         Ok(decision) => decision,
         Err(reply) => {
@@ -444,13 +522,21 @@ fn route(path: &Path, sender: &str, from: Option<&str>, rcpts: usize) -> Result<
         "MAIL FROM:<{sender}> → channel {} ({})",
         config.channels[first.channel].name, first.reason
     );
-    let header_from = from.unwrap_or(sender).to_string();
+    let replaced = rewrite
+        .as_ref()
+        .is_some_and(|r| r.header_from == crate::config::HeaderFrom::Replace);
+    let header_from = if replaced {
+        sender
+    } else {
+        from.unwrap_or(given)
+    }
+    .to_string();
     let headers = routing::Headers {
         from: vec![Some(header_from.clone())],
         has_from: true,
         ..Default::default()
     };
-    match routing::route_message(&config, sender, None, rcpts, &headers).map_err(Reply::from) {
+    match routing::route_message(&config, sender, user, rcpts, &headers).map_err(Reply::from) {
         Ok(decision) => {
             println!(
                 "message with From: {header_from} and {rcpts} recipient(s) → channel {} ({})",
@@ -497,7 +583,7 @@ fn oauth_authorize(path: &Path, name: &str) -> Result<(), String> {
         .oauth()
         .cloned()
         .ok_or_else(|| format!("channel {name} has no oauth settings: nothing to authorize"))?;
-    let http = crate::oauth::Http::new()?;
+    let http = crate::oauth::Http::new(config.server.https_proxy.as_ref())?;
     let store = crate::state::Backend::of(&config)?.token_store();
     let runtime = runtime()?;
     let done = runtime.block_on(async {

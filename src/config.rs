@@ -5,7 +5,7 @@
 //!
 //! [`parse`] reads each section with serde into raw structs that keep the spans of their
 //! values ([`reader`]), then validates each section ([`server`], [`users`], [`channels`],
-//! [`oauth`], [`routing`]): every problem is reported at once, each with its line.
+//! [`oauth`], [`routing`], [`rewrite`]): every problem is reported at once, each with its line.
 //!
 //! Value forms ([`values`]): durations `"500ms"`, `"30s"`, `"5m"`, `"1h"`, `"5d"`; sizes in
 //! bytes (integer) or `"10KB"`, `"35MB"`, `"1GB"` with **binary** units (1MB = 1024 × 1024
@@ -13,11 +13,13 @@
 //! against the configuration file's folder.
 
 mod channels;
+pub mod index;
 mod metrics;
 mod model;
 pub mod oauth;
 pub mod presets;
 mod reader;
+mod rewrite;
 mod routing;
 mod secrets;
 mod server;
@@ -129,6 +131,7 @@ const TOP_KEYS: Keys = &[
     ("routing", Expect::Table),
     ("state", Expect::Table),
     ("metrics", Expect::Table),
+    ("rewrite", Expect::Table),
 ];
 
 fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
@@ -164,6 +167,7 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         .section(&root, "routing", "[routing]")
         .unwrap_or_else(|| blank("[routing]"));
     let routing = routing::read(r, &routing_section, &channels);
+    let (rewrites, warnings) = rewrite::read(r, &root, &channels, &users);
 
     let smtp_listeners: Vec<_> = server
         .listen
@@ -189,5 +193,8 @@ fn read_config(r: &mut Reader, root: &toml_edit::Table, path: &Path) -> Config {
         metrics,
         has_literal_secrets: r.literal_secrets,
         state,
+        index: Default::default(),
+        rewrites,
+        warnings,
     }
 }

@@ -65,6 +65,8 @@ enum Reservation {
 pub struct Draft {
     id: String,
     body: SpoolDraft,
+    /// The envelope sender the client gave, when a `[[rewrite]]` entry replaced it.
+    rewritten_from: Option<String>,
 }
 
 impl Draft {
@@ -76,6 +78,12 @@ impl Draft {
     /// Appends decoded message bytes.
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
         self.body.write(data).await
+    }
+
+    /// Notes the envelope sender the client gave before a `[[rewrite]]` entry replaced
+    /// it, for the accepted-message log line (SPEC §4a `rewritten_from`).
+    pub fn set_rewritten_from(&mut self, original: &str) {
+        self.rewritten_from = Some(crate::text::escape_controls(original).into_owned());
     }
 
     /// Bytes written so far.
@@ -247,6 +255,7 @@ impl Delivery {
                 Ok(Draft {
                     id: spool.id().to_string(),
                     body: spool,
+                    rewritten_from: None,
                 })
             }
             None => {
@@ -257,7 +266,11 @@ impl Delivery {
                         tracing::error!(error = %e, "cannot start a message");
                         Reply::local_error()
                     })?;
-                Ok(Draft { id, body })
+                Ok(Draft {
+                    id,
+                    body,
+                    rewritten_from: None,
+                })
             }
         }
     }
@@ -266,15 +279,29 @@ impl Delivery {
     pub async fn finish(&self, draft: Draft, channel: ChannelId, envelope: &Envelope) -> Reply {
         let started = Instant::now();
         let (id, size) = (draft.id().to_string(), draft.len());
-        let reply = match &self.queue {
-            Some(queue) => {
-                queue
-                    .finish(draft.body, &self.config, channel, envelope)
-                    .await
+        let rewritten_from = draft.rewritten_from.clone();
+        let handled = crate::unwind::catch_unwind(async {
+            match &self.queue {
+                Some(queue) => {
+                    queue
+                        .finish(draft.body, &self.config, channel, envelope)
+                        .await
+                }
+                // The draft (and its file) goes once the upstream has answered.
+                None => self.relay(&id, draft.body, channel, envelope).await,
             }
-            // The draft (and its file) goes once the upstream has answered.
-            None => self.relay(&id, draft.body, channel, envelope).await,
-        };
+        })
+        .await;
+        // A panic (a bug) costs this message a temporary refusal, never the session or
+        // what the delivery held: the client tries again.
+        let reply = handled.unwrap_or_else(|panic| {
+            tracing::error!(
+                id,
+                panic = %crate::text::escape_controls(&panic),
+                "internal error while delivering a message; the client is told to try again"
+            );
+            Reply::local_error()
+        });
         let name = self
             .config
             .channels
@@ -285,7 +312,7 @@ impl Delivery {
         let sender = crate::text::escape_controls(&envelope.sender);
         if reply.is_positive() {
             metrics::message(name, Outcome::Accepted);
-            tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
+            tracing::info!(id, %sender, rewritten_from, rcpts, size, channel = name, %reply, duration_ms, "message accepted");
         } else {
             metrics::message(name, Outcome::Refused);
             tracing::info!(id, %sender, rcpts, size, channel = name, %reply, duration_ms, "message refused");
@@ -329,7 +356,9 @@ impl Delivery {
             {
                 return Reply::too_big(max);
             }
-            if let Some(max) = ch.limits.max_recipients
+            // Relay mode never splits a message: more recipients than one transaction or a
+            // day's quota takes could never go (a 451 would have the client retry for ever).
+            if let Some(max) = ch.limits.whole_message_recipients()
                 && envelope.recipients.len() > max
             {
                 return Reply::too_many_recipients(max);
@@ -435,9 +464,13 @@ impl Delivery {
                     metrics::channel_state(&ch.name, ChannelState::Limited);
                     Err(Reply::channel_limited(&ch.name))
                 }
+                // A rate is at least 1: only a day's quota can never take a message.
                 Ok(Reserved::Never) => {
                     tracing::info!(id, channel = %ch.name, "channel limit can never take this message");
-                    Err(Reply::channel_limited(&ch.name))
+                    let max = ch.limits.recipients_per_day.unwrap_or(0);
+                    Err(Reply::too_many_recipients(
+                        usize::try_from(max).unwrap_or(usize::MAX),
+                    ))
                 }
                 // Logged once per outage by the connection; never sent uncounted.
                 Err(_) => Err(Reply::limits_unavailable(&ch.name)),
@@ -447,6 +480,16 @@ impl Delivery {
             let mut limiter = lock(limiter);
             let now = now_ms();
             if let Err(until) = limiter.check(now, rcpts) {
+                // More recipients than a day's quota (which a reload may have lowered
+                // since this session checked them at RCPT): a 451 would be retried for
+                // ever. (A rate is at least 1, so only the quota says never.)
+                if until == u64::MAX {
+                    tracing::info!(id, channel = %ch.name, rcpts, "channel limit can never take this message");
+                    let max = limiter.recipients_per_day().unwrap_or(0);
+                    return Err(Reply::too_many_recipients(
+                        usize::try_from(max).unwrap_or(usize::MAX),
+                    ));
+                }
                 tracing::info!(id, channel = %ch.name, until_ms = until, "channel limit reached");
                 metrics::channel_state(&ch.name, ChannelState::Limited);
                 return Err(Reply::channel_limited(&ch.name));
@@ -658,6 +701,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_panic_in_a_relay_delivery_is_451_4_3_0_and_frees_the_connection_slot() {
+        // One connection: were the slot kept, the next message would wait for it in vain.
+        let (delivery, record) = delivery(plain_fake(), |l| l.connections = 1).await;
+        delivery.upstreams.panics.store(1, Ordering::SeqCst);
+        let envelope = envelope("a@example.com", &["b@example.org"]);
+        let first = draft(&delivery, b"Subject: one\r\n\r\nhi\r\n").await;
+        let reply = delivery.finish(first, 0, &envelope).await;
+        assert_eq!(
+            (reply.code, reply.enhanced),
+            (451, Some((4, 3, 0))),
+            "{reply}"
+        );
+        let second = draft(&delivery, b"Subject: two\r\n\r\nhi\r\n").await;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(3),
+            delivery.finish(second, 0, &envelope),
+        )
+        .await
+        .expect("the slot was given back");
+        assert_eq!(reply.code, 250, "{reply}");
+        assert_eq!(record.txns().len(), 1);
+    }
+
+    #[tokio::test]
     async fn a_refused_recipient_refuses_the_message() {
         let fake = Fake {
             replies: vec![("RCPT TO:<bad@", "550 5.1.1 no such user")],
@@ -775,6 +842,30 @@ mod tests {
             .await;
         assert_eq!(reply, Reply::channel_limited("relay"));
         assert_eq!(record.txns().len(), 2);
+    }
+
+    /// Relay mode never splits a message: one with more recipients than the channel's
+    /// day quota could never go, so the client hears `452 4.5.3`, not a `451` it would
+    /// retry for ever; also in a session begun before a reload lowered the quota (the
+    /// old generation's limiter takes the new limits).
+    #[tokio::test]
+    async fn more_recipients_than_a_days_quota_is_452_also_after_a_reload_lowers_it() {
+        let (old, record) = delivery(plain_fake(), |l| l.recipients_per_day = Some(3)).await;
+        let three = envelope("a@example.com", &["b@x.org", "c@x.org", "d@x.org"]);
+        let mut lowered = (**old.config()).clone();
+        lowered.channels[0].limits.recipients_per_day = Some(2);
+        let changes = ChannelChanges {
+            changed: vec!["relay".into()],
+            ..Default::default()
+        };
+        let new = old.reload(Arc::new(lowered), &changes).unwrap();
+        old.apply(&new, &changes).await;
+        for generation in [&old, &new] {
+            let d = draft(generation, b"x\r\n").await;
+            let reply = generation.finish(d, 0, &three).await;
+            assert_eq!(reply, Reply::too_many_recipients(2));
+        }
+        assert_eq!(record.txns().len(), 0);
     }
 
     /// A reload that lowers a channel's rate applies it to the messages already counted,

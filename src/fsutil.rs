@@ -65,7 +65,7 @@ pub fn write_atomic_with(
         fill(&mut file)?;
         file.sync_all()?;
         fs::rename(tmp, target)?;
-        sync_dir(target.parent().unwrap_or(Path::new(".")))
+        sync_dir(dir_of(target))
     })();
     if result.is_err() {
         let _ = fs::remove_file(tmp);
@@ -82,10 +82,7 @@ pub fn write_atomic(target: &Path, tmp: &Path, bytes: &[u8]) -> io::Result<()> {
 /// creates the folder (mode 0700) if needed and picks a unique temporary name beside
 /// the target, so concurrent writers never share one.
 pub fn write_private(target: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match target.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    let dir = dir_of(target);
     // Created private, but an existing folder is not narrowed: a token file the user
     // placed may sit in a folder that is theirs to set (their home).
     fs::DirBuilder::new()
@@ -102,6 +99,16 @@ pub fn write_private(target: &Path, bytes: &[u8]) -> io::Result<()> {
         rand::random::<u64>()
     ));
     write_atomic(target, &tmp, bytes)
+}
+
+/// The folder holding `path`: `.` for a bare name, whose `parent()` is `Some("")`, a
+/// path no call can open (`state export st.json` wrote the file, then failed to sync it).
+pub fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ if path.has_root() => Path::new("/"),
+        _ => Path::new("."),
+    }
 }
 
 /// fsyncs a directory so that the renames and removals in it are durable.
@@ -128,6 +135,26 @@ mod tests {
         let log = old.join("log");
         open_append(&log).unwrap();
         assert_eq!(mode(&log), 0o600);
+    }
+
+    #[test]
+    fn the_folder_of_a_bare_name_is_the_current_one() {
+        for (path, dir) in [
+            ("st.json", "."),
+            ("./st.json", "."),
+            ("sub/st.json", "sub"),
+            ("../st.json", ".."),
+            ("/st.json", "/"),
+            ("/var/lib/x/st.json", "/var/lib/x"),
+            ("/", "/"),
+            ("", "."),
+        ] {
+            assert_eq!(dir_of(Path::new(path)), Path::new(dir), "{path}");
+        }
+        // what the old code synced for a bare name: nothing that can be opened
+        assert_eq!(Path::new("st.json").parent(), Some(Path::new("")));
+        assert!(sync_dir(Path::new("")).is_err());
+        assert!(sync_dir(dir_of(Path::new("st.json"))).is_ok());
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! | [`listener`] | accept loop, connection limit, allow-list, TLS acceptors, graceful shutdown |
 //! | [`tls`] | rustls server config, `cert generate` |
 //! | [`smtp`] | the SMTP server: [`smtp::session`] state machine (read/write loop, one file per verb group), [`smtp::data`] DATA/BDAT decoder, [`smtp::reply`] catalogue, [`smtp::auth`] client AUTH |
-//! | [`message`] | the envelope of a message, message ids, the recipient headers and the Graph `Bcc:` completion |
+//! | [`message`] | the envelope of a message, message ids, the recipient headers and the Graph `Bcc:` completion, the `From:` rewrite and the Graph From repair |
+//! | [`rewrite`] | pure: the `[[rewrite]]` entry that gives a legacy envelope sender a real one at MAIL FROM, before routing (the header side is [`message::rewrite`]) |
 //! | [`routing`] | pure: envelope + headers → channel or a [`routing::Refusal`] (the session words it from the catalogue) |
 //! | [`scope`] | pure: sender-scope patterns: does one take an address, how specific is it (routing and the queue) |
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
@@ -28,7 +29,9 @@
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 //! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`) |
 //! | [`state`] | below the flow: channel health, rate/quota counters and stored tokens: files beside the spool, or one Redis shared by several hosts (`[state]`); `state export`/`import` |
+//! | [`http`] | below the flow: the one builder of outbound HTTP clients (token endpoints, Graph) and its proxy choice (`[server] https_proxy`, else the environment as curl reads it); every answer read with a size limit, endpoint durations clamped |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
+//! | [`unwind`] | below the flow: a panic in one delivery contained to an error of that delivery |
 //! | [`text`] | below the flow: outside text made safe to print (control characters escaped) |
 //! | `testkit` | test fixtures (feature `testkit`): fake SMTP upstream, local OAuth token endpoint, Microsoft Graph stand-in, test PKI, a real `redis-server` on a free port, config builders |
 #![forbid(unsafe_code)]
@@ -37,6 +40,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod fsutil;
+pub mod http;
 pub mod listener;
 pub mod message;
 pub mod metrics;
@@ -45,6 +49,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod reload;
 pub mod reply;
+pub mod rewrite;
 pub mod routing;
 pub mod scope;
 pub mod sendmail;
@@ -54,6 +59,7 @@ pub mod state;
 pub mod testkit;
 pub mod text;
 pub mod tls;
+pub mod unwind;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -1,7 +1,9 @@
-//! What the session hands on: the envelope of a message and its queue id.
+//! What the session hands on: the envelope of a message and its queue id; the header
+//! rewrites of SPEC §4a ([`rewrite`]).
 
 pub mod address;
 pub mod recipients;
+pub mod rewrite;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

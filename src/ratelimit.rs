@@ -54,6 +54,11 @@ impl ChannelLimiter {
         limiter
     }
 
+    /// The most recipients in any rolling day, as this limiter counts them.
+    pub fn recipients_per_day(&self) -> Option<u64> {
+        self.recipients_per_day
+    }
+
     /// The counted messages, oldest first, as (unix ms, recipients): what to persist.
     pub fn snapshot(&self) -> Vec<(u64, u64)> {
         self.sent.iter().copied().collect()
@@ -87,7 +92,7 @@ impl ChannelLimiter {
                 // Wait for the oldest messages to age out until the new one fits.
                 for &(ms, n) in in_window {
                     used = used.saturating_sub(n);
-                    if used + recipients <= limit {
+                    if used.saturating_add(recipients) <= limit {
                         earliest = earliest.max(ms.saturating_add(DAY_MS));
                         break;
                     }

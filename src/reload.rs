@@ -33,19 +33,24 @@ pub struct Reloaded {
 
 /// Pure: which channels of `new` are added, removed, changed or unchanged from `old`. A
 /// channel is changed when its transport or limits differ (its scope only routes: that
-/// takes effect for new sessions without touching the worker), or, for an SMTP channel,
-/// when the `hostname` it says EHLO with does.
+/// takes effect for new sessions without touching the worker), for an SMTP channel when
+/// the `hostname` it says EHLO with does, and for one that makes HTTP requests (graph, or
+/// OAuth tokens) when `https_proxy` does: its new client takes the new proxy.
 pub fn diff_channels(old: &Config, new: &Config) -> ChannelChanges {
     let mut changes = ChannelChanges::default();
     let hostname_changed = old.server.hostname != new.server.hostname;
+    let proxy_changed = old.server.https_proxy != new.server.https_proxy;
     for channel in &new.channels {
-        match old.channels.iter().find(|c| c.name == channel.name) {
+        match old.channel_id(&channel.name).map(|id| &old.channels[id]) {
             None => changes.added.push(channel.name.clone()),
             Some(before) => {
                 let smtp = matches!(channel.kind, ChannelKind::Smtp(_));
+                let http =
+                    matches!(channel.kind, ChannelKind::Graph(_)) || channel.kind.oauth().is_some();
                 if before.kind != channel.kind
                     || before.limits != channel.limits
                     || (smtp && hostname_changed)
+                    || (http && proxy_changed)
                 {
                     changes.changed.push(channel.name.clone());
                 } else {
@@ -186,6 +191,9 @@ async fn log_outcome(path: &Path, live: &Live, outcome: Result<Reloaded, Vec<Str
             return;
         }
     };
+    for warning in &live.current().config.warnings {
+        tracing::warn!(line = warning.line, "{file}: {}", warning.message);
+    }
     for setting in &reloaded.need_restart {
         tracing::warn!(
             "reload: {setting} changed in {file}; it takes effect after a restart (the running value stays)"
@@ -279,6 +287,26 @@ mod tests {
         let changes = diff_channels(&old, &renamed);
         assert_eq!(changes.changed, names(&["a"]));
         assert_eq!(changes.unchanged, names(&["f"]));
+    }
+
+    #[test]
+    fn a_new_https_proxy_restarts_the_channels_that_make_http_requests() {
+        let graph = crate::testkit::config::graph_channel(
+            "g",
+            "dave@example.com",
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2/token",
+        );
+        let old = config(vec![smtp("a", 1), graph, file("f")]);
+        let mut new = old.clone();
+        new.server.https_proxy = Some(crate::http::ProxyUrl::parse("http://proxy:3128").unwrap());
+        let changes = diff_channels(&old, &new);
+        assert_eq!(changes.changed, names(&["g"]));
+        assert_eq!(changes.unchanged, names(&["a", "f"]));
+        assert!(
+            keep_restart_only(&old, &mut new.clone()).is_empty(),
+            "applied live"
+        );
     }
 
     #[test]

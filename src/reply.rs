@@ -85,6 +85,18 @@ impl Reply {
             format!("Too many recipients (at most {max} per message)"),
         )
     }
+    /// `550 5.5.3`: a queued message with more recipients than its graph channel can
+    /// ever send at once (its limits were lowered by a reload): Graph never splits a
+    /// message, so it would wait for ever. The recipients' reply in the DSN.
+    pub fn never_fits_graph(rcpts: usize, max: usize, channel: &str) -> Self {
+        Reply::new(
+            550,
+            (5, 5, 3),
+            format!(
+                "Too many recipients for channel {channel}: Microsoft Graph sends a message to all its recipients at once, never split, and the channel takes at most {max} (max_recipients, recipients_per_day); this message has {rcpts}"
+            ),
+        )
+    }
     /// `451 4.4.1` upstream unreachable (relay mode).
     pub fn upstream_unreachable(channel: &str) -> Self {
         Reply::new(

@@ -10,10 +10,10 @@
 
 use mail_parser::{HeaderName, HeaderValue, MessageParser};
 
-use crate::config::{Channel, ChannelId, Config, SenderPattern, User};
+use crate::config::{Channel, ChannelId, Config, User};
 use crate::message::recipients::{self, Unfit};
 // The queue still imports `channel_allows` from here; `crate::scope` is its home.
-use crate::scope::{best_match, channel_allows, describe, specificity, user_allows};
+use crate::scope::{best_match, channel_allows, describe, user_allows};
 
 /// The routing-relevant headers of a message, parsed with mail-parser.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -208,39 +208,26 @@ fn push_addresses(out: &mut Vec<Option<String>>, value: &HeaderValue<'_>) {
     }
 }
 
-/// The channel for an envelope sender (at `MAIL FROM`).
+/// The channel for an envelope sender (at `MAIL FROM`): one look-up in the config's
+/// index, whatever the number of channels.
 pub fn route_sender(config: &Config, sender: &str) -> Result<Decision, Refusal> {
-    let mut best: Option<(ChannelId, &SenderPattern)> = None;
-    for (id, channel) in config.channels.iter().enumerate() {
-        // SPEC §7: a fallback takes mail only from the channels that fall back to it.
-        if config.is_fallback(id) {
-            continue;
-        }
-        let Some(pattern) = best_match(&channel.scope, sender) else {
-            continue;
-        };
-        let better = match best {
-            None => true,
-            // Validation forbids ties; should one slip through, the first name wins.
-            Some((best_id, best_pattern)) => {
-                match specificity(pattern).cmp(&specificity(best_pattern)) {
-                    std::cmp::Ordering::Greater => true,
-                    std::cmp::Ordering::Equal => channel.name < config.channels[best_id].name,
-                    std::cmp::Ordering::Less => false,
-                }
-            }
-        };
-        if better {
-            best = Some((id, pattern));
-        }
-    }
-    best.map(|(channel, pattern)| Decision {
-        channel,
-        reason: describe(pattern),
-    })
-    .ok_or_else(|| Refusal::SenderNotAuthorized {
-        sender: sender.to_string(),
-    })
+    config
+        .index()
+        .route(sender)
+        .and_then(|entry| {
+            let pattern = config
+                .channels
+                .get(entry.channel)?
+                .scope
+                .get(entry.pattern)?;
+            Some(Decision {
+                channel: entry.channel,
+                reason: describe(pattern),
+            })
+        })
+        .ok_or_else(|| Refusal::SenderNotAuthorized {
+            sender: sender.to_string(),
+        })
 }
 
 /// Why a message counts as bulk, or `None` if it does not.
@@ -424,6 +411,9 @@ mod tests {
             metrics: None,
             has_literal_secrets: false,
             state: Default::default(),
+            index: Default::default(),
+            rewrites: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -1029,5 +1019,106 @@ mod tests {
         ));
         // And the fallback itself is no routing candidate.
         assert_eq!(route_sender(&cfg, "dave@example.com").unwrap().channel, 0);
+    }
+
+    /// The routing rule of SPEC §4 written out the slow, obvious way: every routing
+    /// candidate's best pattern, the most specific across channels, ties to the name that
+    /// sorts first. The index must agree with it on every sender.
+    fn route_by_scan(config: &Config, sender: &str) -> Option<(ChannelId, String)> {
+        let mut best: Option<(ChannelId, &crate::config::SenderPattern)> = None;
+        for (id, ch) in config.channels.iter().enumerate() {
+            if config.channels.iter().any(|c| c.fallback == Some(id)) {
+                continue;
+            }
+            let Some(p) = best_match(&ch.scope, sender) else {
+                continue;
+            };
+            let better = best.is_none_or(|(b, bp)| {
+                let (new, old) = (crate::scope::specificity(p), crate::scope::specificity(bp));
+                new > old || (new == old && ch.name < config.channels[b].name)
+            });
+            if better {
+                best = Some((id, p));
+            }
+        }
+        best.map(|(id, p)| (id, describe(p)))
+    }
+
+    #[test]
+    fn the_index_routes_every_sender_as_a_scan_of_all_channels_would() {
+        // Overlaps at one specificity are config errors, but the index must still agree
+        // with the scan on them (first name wins), so the generator makes them too.
+        let domains = ["example.com", "Example.org", "ÄRGER.de", "x.test"];
+        let locals = ["alice", "Bob", "carol", "ÖDE"];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for round in 0..200 {
+            let mut channels = Vec::new();
+            for i in 0..1 + next(8) {
+                let mut scope = Vec::new();
+                for _ in 0..1 + next(3) {
+                    let d = domains[next(domains.len())];
+                    let l = locals[next(locals.len())];
+                    scope.push(match next(5) {
+                        0 => "*".to_string(),
+                        1 => format!("*@{}", d.to_uppercase()),
+                        2 => d.to_string(),
+                        _ => format!("{l}@{d}"),
+                    });
+                }
+                let scope: Vec<&str> = scope.iter().map(String::as_str).collect();
+                channels.push(channel(&format!("c{}", next(100) + i), false, &scope));
+            }
+            let mut cfg = config(channels);
+            if next(3) == 0 {
+                let n = cfg.channels.len();
+                cfg.channels[next(n)].fallback = Some(next(n));
+            }
+            let mut senders = vec![String::new(), "nodomain".to_string(), "@x.test".into()];
+            for d in domains {
+                for l in locals {
+                    senders.push(format!("{l}@{d}"));
+                    senders.push(format!("{}@{}", l.to_lowercase(), d.to_lowercase()));
+                    senders.push(format!("{}@{}", l.to_uppercase(), d.to_uppercase()));
+                }
+            }
+            for sender in &senders {
+                let fast = route_sender(&cfg, sender)
+                    .ok()
+                    .map(|d| (d.channel, d.reason));
+                assert_eq!(
+                    fast,
+                    route_by_scan(&cfg, sender),
+                    "round {round}, {sender:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ten_thousand_mailbox_channels_route_each_sender_to_its_own() {
+        // Counted, not timed: the index answers from hash look-ups, so a config of
+        // 10,000 mailbox channels holds one table entry per address and routes each
+        // sender to its own channel.
+        let channels: Vec<Channel> = (0..10_000)
+            .map(|i| {
+                let address = format!("user{i}@example.com");
+                channel(&format!("box{i:05}"), true, &[address.as_str()])
+            })
+            .chain([channel("pool", false, &["*"])])
+            .collect();
+        let cfg = config(channels);
+        for i in (0..10_000).step_by(997) {
+            let d = route_sender(&cfg, &format!("USER{i}@Example.com")).unwrap();
+            assert_eq!(cfg.channels[d.channel].name, format!("box{i:05}"));
+        }
+        assert_eq!(cfg.channel_id("box09999"), Some(9_999));
+        let d = route_sender(&cfg, "nobody@example.com").unwrap();
+        assert_eq!(cfg.channels[d.channel].name, "pool");
     }
 }

@@ -710,3 +710,84 @@ async fn a_reload_ends_the_hand_over_to_the_fallback() {
     assert!(wait_for(Duration::from_secs(10), || upstream.txns().len() == 1).await);
     assert_eq!(s.graph.sent().len(), 1, "nothing more over the fallback");
 }
+
+#[tokio::test]
+async fn an_unquoted_display_name_is_sent_quoted_and_nothing_else_changes() {
+    // SPEC §4a, last paragraph: Exchange refuses `From: dave@example.com <dave@…>` as
+    // send-as; the same name and address, quoted, go through.
+    let s = setup(DeliveryMode::Relay, vec![]).await;
+    let tail =
+        "To: bob@example.org\r\nSubject: scan\r\n\tfolded\r\n\r\nFrom: J. Smith <j@x.com>\r\n";
+    let body = format!("From: {MAILBOX} <{MAILBOX}>\r\n{tail}");
+    let reply = s.submit(&["bob@example.org"], body.as_bytes()).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let want = format!("From: \"{MAILBOX}\" <{MAILBOX}>\r\n{tail}");
+    assert_eq!(
+        String::from_utf8(s.graph.sent()[0].mime.clone()).unwrap(),
+        want
+    );
+    // A dot in the name, on a folded line: quoted, unfolded, the rest as it was.
+    let body = format!("To: bob@example.org\r\nFROM: D. Ave\r\n <{MAILBOX}>\r\n\r\nx\r\n");
+    let reply = s.submit(&["bob@example.org"], body.as_bytes()).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(
+        String::from_utf8(s.graph.sent()[1].mime.clone()).unwrap(),
+        format!("To: bob@example.org\r\nFROM: \"D. Ave\" <{MAILBOX}>\r\n\r\nx\r\n")
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_graph_answer_is_a_temporary_error_whatever_its_status() {
+    // 9 MiB of error document on a 400 (a permanent status, were the answer read).
+    let oversized = Scripted::Oversized {
+        status: 400,
+        size: 9 << 20,
+    };
+    let r = setup(DeliveryMode::Relay, vec![]).await;
+    r.graph.script([oversized.clone()]);
+    let reply = r
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert!(reply.code / 100 == 4, "{reply}");
+    // Just under the limit, the answer is read and its status counts.
+    r.graph.script([Scripted::Oversized {
+        status: 400,
+        size: (8 << 20) - 1024,
+    }]);
+    let reply = r
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(reply.code, 550, "{reply}");
+
+    let s = setup(DeliveryMode::Queue, vec![]).await;
+    s.graph.script([oversized]);
+    s.submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert!(wait_for(Duration::from_secs(10), || s.graph.sent().len() == 1).await);
+    assert_eq!(s.graph.requests(), 2, "deferred once, then sent");
+    assert!(s.spool_files("failed").is_empty());
+}
+
+#[tokio::test]
+async fn a_token_answer_with_a_huge_expires_in_neither_panics_nor_wedges_the_channel() {
+    // The reported trigger: `expires_in: 18446744073709551615` overflowed the expiry.
+    let s = setup(DeliveryMode::Queue, vec![]).await;
+    s.tokens.set_expires_in(Some(u64::MAX));
+    for _ in 0..2 {
+        let reply = s
+            .submit(&["bob@example.org"], &message("bob@example.org"))
+            .await;
+        assert_eq!(reply.code, 250, "{reply}");
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || s.graph.sent().len() == 2).await,
+        "both delivered, {} sent",
+        s.graph.sent().len()
+    );
+    let r = setup(DeliveryMode::Relay, vec![]).await;
+    r.tokens.set_expires_in(Some(u64::MAX));
+    let reply = r
+        .submit(&["bob@example.org"], &message("bob@example.org"))
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+}

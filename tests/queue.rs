@@ -157,6 +157,9 @@ fn config(spool: &std::path::Path, channels: Vec<Channel>) -> Config {
         metrics: None,
         has_literal_secrets: false,
         state: Default::default(),
+        index: Default::default(),
+        rewrites: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 
@@ -1306,5 +1309,86 @@ async fn a_message_sent_in_parts_counts_delivered_once_and_never_deferred() {
     assert_eq!(fake.sent().len(), 3, "2 + 2 + 1 recipients");
     assert_eq!(count("delivered").as_deref(), Some("1"));
     assert_eq!(count("deferred"), None, "parts that went through");
+    q.stop().await;
+}
+
+/// Panics on its first `panics` transactions (a bug deep in a transport), then delivers.
+struct Panicking {
+    panics: usize,
+    calls: std::sync::atomic::AtomicUsize,
+    inner: Arc<Fake>,
+}
+
+impl Transport for Panicking {
+    fn send<'a>(
+        &'a self,
+        channel: ChannelId,
+        id: &'a str,
+        envelope: &'a Envelope,
+        body: Body<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(async move {
+            let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            if call < self.panics {
+                let expires_in: u64 = u64::MAX - call as u64;
+                let _ = Instant::now() + Duration::from_secs(expires_in);
+            }
+            self.inner.send(channel, id, envelope, body).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_a_delivery_frees_its_slot_and_the_message_is_retried_like_a_4xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = Limits {
+        connections: 1,
+        ..Default::default()
+    };
+    let config = config(dir.path(), vec![channel("c", one)]);
+    let fake = Arc::new(Panicking {
+        panics: 1,
+        calls: Default::default(),
+        inner: Fake::new(|_, _, _| ok()),
+    });
+    let q = Running::start(&config, fake.clone());
+    let reply = q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let id = reply.text.trim_start_matches("queued as ").to_string();
+    let state_file = dir.path().join("queue").join(format!("{id}.json"));
+    // The panicked attempt is recorded like a temporary failure: counted, backed off.
+    let recorded = || {
+        mailgate::queue::spool::Spool::read_state_file(&state_file)
+            .ok()
+            .flatten()
+            .filter(|st| st.attempts == 1)
+    };
+    assert!(wait_for(Duration::from_secs(10), || recorded().is_some()).await);
+    let st = recorded().unwrap();
+    assert_eq!(st.deferrals, 1);
+    assert!(
+        st.last_reply
+            .as_deref()
+            .unwrap_or("")
+            .contains("internal error"),
+        "{:?}",
+        st.last_reply
+    );
+    // …then delivered on the second attempt, over the one connection slot it held.
+    assert!(
+        wait_for(Duration::from_secs(10), || fake.inner.sent().len() == 1
+            && queued(&config) == 0)
+        .await,
+        "the message was retried and delivered"
+    );
+    assert_eq!(fake.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // The slot is free for the next message.
+    q.submit(0, "a@example.com", &rcpts(1), MESSAGE).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || fake.inner.sent().len() == 2
+            && queued(&config) == 0)
+        .await
+    );
     q.stop().await;
 }

@@ -23,7 +23,14 @@ pub fn summary(config: &Config) -> String {
 
 fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
     writeln!(out, "channels:")?;
+    // Who falls back to whom, gathered once (a config may hold 10,000 channels).
+    let mut fallback_for: Vec<Vec<&str>> = vec![Vec::new(); config.channels.len()];
     for c in &config.channels {
+        if let Some(slot) = c.fallback.and_then(|f| fallback_for.get_mut(f)) {
+            slot.push(c.name.as_str());
+        }
+    }
+    for (id, c) in config.channels.iter().enumerate() {
         match &c.kind {
             ChannelKind::Smtp(t) => {
                 let host = if t.host.contains(':') {
@@ -62,15 +69,7 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
                 config.channels[f].name
             )?;
         }
-        let fallback_for: Vec<&str> = config
-            .channels
-            .iter()
-            .filter(|o| {
-                o.fallback
-                    .is_some_and(|f| config.channels[f].name == c.name)
-            })
-            .map(|o| o.name.as_str())
-            .collect();
+        let fallback_for = &fallback_for[id];
         if !fallback_for.is_empty() {
             writeln!(
                 out,
@@ -124,6 +123,32 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
             )?,
             None => writeln!(out, "  bulk (Precedence: bulk/list/junk) -> {name}")?,
         }
+    }
+
+    if !config.rewrites.is_empty() {
+        writeln!(out, "rewrites (first match applies, before routing):")?;
+    }
+    for r in &config.rewrites {
+        let mut when = Vec::new();
+        if !r.networks.is_empty() {
+            let nets: Vec<String> = r.networks.iter().map(|n| n.to_string()).collect();
+            when.push(format!("client in {}", nets.join(", ")));
+        }
+        if let Some(user) = &r.user {
+            when.push(format!("user {user}"));
+        }
+        let when = if when.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", when.join(", "))
+        };
+        writeln!(
+            out,
+            "  {}{when} -> {} (header_from {})",
+            r.pattern.text(),
+            r.sender,
+            r.header_from.name()
+        )?;
     }
 
     let s = &config.server;

@@ -288,7 +288,7 @@ fn graph_channel(r: &mut Reader, name: &str, s: &Section, raw: RawChannel) -> Dr
     let oauth_label = format!("{label} oauth");
     let oauth = r
         .section(s, "oauth", &oauth_label)
-        .and_then(|o| oauth::read(r, &o, &oauth_label, true));
+        .and_then(|o| oauth::read(r, &o, &oauth_label, true, None));
     if !s.has("oauth") {
         r.problem(
             s.line,
@@ -560,9 +560,39 @@ fn smtp_target(
     });
     let oauth_label = format!("{label} oauth");
     let oauth_section = r.section(s, "oauth", &oauth_label);
-    let oauth = oauth_section
-        .as_ref()
-        .and_then(|o| oauth::read(r, o, &oauth_label, false));
+    let oauth = oauth_section.as_ref().and_then(|o| {
+        oauth::read(
+            r,
+            o,
+            &oauth_label,
+            false,
+            preset.and_then(|p| p.oauth_app_scope),
+        )
+    });
+    if let (Some(p), Some(o)) = (preset, &oauth)
+        && !p.oauth_delegated
+        && o.grant == oauth::Grant::RefreshToken
+    {
+        r.problem(
+            oauth_section.as_ref().and_then(|o| o.line),
+            format!(
+                "{label}: preset {:?} takes an app's own token only: set grant = \"client_credentials\" with client_secret_env, client_secret_file or client_secret",
+                p.name
+            ),
+        );
+    }
+    if preset.is_some_and(|p| p.name == "acs")
+        && let Some(at) = &raw.username
+        && !acs_username_ok(at.get_ref())
+    {
+        let line = r.at(at);
+        r.bad(
+            s,
+            "username",
+            line,
+            "an ACS username with \"|\" is \"<resource>|<app id>|<tenant id>\", three parts none empty (or use the name of an SMTP Username resource, without \"|\")",
+        );
+    }
     let username = raw.username.as_ref().map(|at| at.get_ref().clone());
     let password_given = PASSWORD_KEYS.iter().any(|k| s.has(k));
     let auth_line = raw.auth.as_ref().and_then(|at| r.at(at));
@@ -646,16 +676,30 @@ fn smtp_target(
     }
 }
 
+/// Azure Communication Services takes `<resource>|<app id>|<tenant id>` or the name of
+/// an SMTP Username resource (free form or an address, without `|`).
+fn acs_username_ok(username: &str) -> bool {
+    !username.contains('|') || {
+        let parts: Vec<&str> = username.split('|').collect();
+        parts.len() == 3 && parts.iter().all(|p| !p.trim().is_empty())
+    }
+}
+
 /// Two channels listing the same pattern at the same specificity make routing ambiguous.
 fn check_overlaps(r: &mut Reader, drafts: &[Draft]) {
     let mut owners: BTreeMap<(u8, String), &str> = BTreeMap::new();
     // A fallback is no routing candidate of its own (SPEC §7): its scope clashes with nothing.
-    let is_fallback = |name: &str| {
-        drafts
-            .iter()
-            .any(|d| d.fallback.as_ref().is_some_and(|(f, _)| f == name) && d.channel.name != name)
-    };
-    for draft in drafts.iter().filter(|d| !is_fallback(&d.channel.name)) {
+    let fallbacks: std::collections::HashSet<&str> = drafts
+        .iter()
+        .filter_map(|d| {
+            let (f, _) = d.fallback.as_ref()?;
+            (*f != d.channel.name).then_some(f.as_str())
+        })
+        .collect();
+    for draft in drafts
+        .iter()
+        .filter(|d| !fallbacks.contains(d.channel.name.as_str()))
+    {
         let name = draft.channel.name.as_str();
         for (pattern, line) in &draft.scope {
             let key = pattern.key();

@@ -2,9 +2,11 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::Secret;
+use super::index::ChannelIndex;
 use super::oauth;
 use super::values::MB;
 
@@ -30,6 +32,51 @@ pub struct Config {
     pub has_literal_secrets: bool,
     /// `[state]`: where counters, channel health and tokens are kept.
     pub state: StateBackend,
+    /// The channels by name and scope, built at first use (see [`Config::index`]);
+    /// `Default::default()` when assembling a `Config` by hand.
+    pub index: OnceLock<ChannelIndex>,
+    /// `[[rewrite]]` entries in file order (SPEC §4a): the first that matches applies.
+    pub rewrites: Vec<RewriteRule>,
+    /// What `check` warns about without refusing the file (e.g. a `[[rewrite]]` entry an
+    /// earlier one always takes first), in file order.
+    pub warnings: Vec<super::Problem>,
+}
+
+/// One `[[rewrite]]` entry (SPEC §4a): legacy senders given a real one at intake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewriteRule {
+    /// `match`: the envelope senders it takes (exact address, `*@domain` or `*`).
+    pub pattern: SenderPattern,
+    /// The envelope sender from here on: one exact address some channel takes.
+    pub sender: String,
+    /// What happens to the `From:`/`Sender:` headers.
+    pub header_from: HeaderFrom,
+    /// Only clients from these networks; empty = any client.
+    pub networks: Vec<ipnet::IpNet>,
+    /// Only this authenticated `[[users]]` name; `None` = any client.
+    pub user: Option<String>,
+    /// The entry's line in the file (for `route` and the log).
+    pub line: Option<usize>,
+}
+
+/// `header_from` of a `[[rewrite]]` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeaderFrom {
+    /// `From:` becomes the entry's sender, `Sender:` goes.
+    #[default]
+    Replace,
+    /// The headers stay as the client wrote them (and the header check applies to them).
+    Keep,
+}
+
+impl HeaderFrom {
+    /// The name used in `proxy.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeaderFrom::Replace => "replace",
+            HeaderFrom::Keep => "keep",
+        }
+    }
 }
 
 /// `[state] backend`.
@@ -96,6 +143,9 @@ pub struct Server {
     pub max_connections_per_client: usize,
     /// On SIGTERM/SIGINT, how long an open transaction may take to finish.
     pub shutdown_grace: Duration,
+    /// Token requests and Graph through this proxy; `None`: the environment's (SPEC §7).
+    /// Prints without its user part (it may hold a password).
+    pub https_proxy: Option<crate::http::ProxyUrl>,
 }
 
 /// Certificate and key files (PEM).
@@ -259,6 +309,22 @@ pub struct Limits {
     pub max_message_size: Option<u64>,
 }
 
+impl Limits {
+    /// Most recipients one message can ever have when it goes out whole, in one
+    /// transaction that is never split (a graph channel; any channel in relay mode): its
+    /// `max_recipients`, and no more than its `recipients_per_day` (a message over a day's
+    /// quota would wait for ever). `None`: unlimited.
+    pub fn whole_message_recipients(&self) -> Option<usize> {
+        let per_day = self
+            .recipients_per_day
+            .map(|d| usize::try_from(d).unwrap_or(usize::MAX));
+        match (self.max_recipients, per_day) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 /// `"30/min"`: `count` messages per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -312,14 +378,27 @@ impl Default for Server {
             max_header_size: MB,
             max_connections_per_client: 50,
             shutdown_grace: Duration::from_secs(30),
+            https_proxy: None,
         }
     }
 }
 
 impl Config {
+    /// The channels by name and scope. Built once, at first use: a `Config` is not changed
+    /// after it is built (tests that assemble one by hand finish it before using it).
+    pub fn index(&self) -> &ChannelIndex {
+        self.index
+            .get_or_init(|| ChannelIndex::build(&self.channels))
+    }
+
+    /// Forgets the index, for code that edits `channels` by hand after using the config.
+    pub fn channels_changed(&mut self) {
+        self.index = OnceLock::new();
+    }
+
     /// The channel with this name.
     pub fn channel_id(&self, name: &str) -> Option<ChannelId> {
-        self.channels.iter().position(|c| c.name == name)
+        self.index().channel_id(name)
     }
 
     /// The graph channel a message routed to `channel` may go out through: the channel
@@ -337,9 +416,18 @@ impl Config {
         None
     }
 
+    /// The most recipients a message routed to `channel` may have because it may go out
+    /// over a graph channel (the channel itself, or one on its fallback chain), which sends
+    /// the whole envelope at once (SPEC §7 "Large messages over Graph"); with that channel.
+    pub fn graph_recipient_cap(&self, channel: ChannelId) -> Option<(usize, ChannelId)> {
+        let graph = self.graph_on_path(channel)?;
+        let cap = self.channels[graph].limits.whole_message_recipients()?;
+        Some((cap, graph))
+    }
+
     /// Some channel names `id` as its `fallback`: it is no routing candidate of its own.
     pub fn is_fallback(&self, id: ChannelId) -> bool {
-        self.channels.iter().any(|c| c.fallback == Some(id))
+        self.index().is_fallback(id)
     }
 }
 

@@ -164,7 +164,14 @@ pub(super) const OAUTH_KEYS: Keys = &[
 /// filling in every default; `graph`: the table of a `kind = "graph"` channel (provider
 /// microsoft only, Graph scopes, `graph_url` allowed). `None` when it is too broken to
 /// use (the problems say why).
-pub(super) fn read(r: &mut Reader, s: &Section, label: &str, graph: bool) -> Option<OAuth> {
+/// `app_scope`: the preset's default scope for client-credentials tokens, if it has one.
+pub(super) fn read(
+    r: &mut Reader,
+    s: &Section,
+    label: &str,
+    graph: bool,
+    app_scope: Option<&'static str>,
+) -> Option<OAuth> {
     let raw: RawOAuth = r.read(s, OAUTH_KEYS);
     let line_of = |r: &Reader, raw: &Option<Spanned<String>>| raw.as_ref().and_then(|at| r.at(at));
 
@@ -284,6 +291,9 @@ pub(super) fn read(r: &mut Reader, s: &Section, label: &str, graph: bool) -> Opt
         .unwrap_or_else(|| {
             match (provider, grant) {
                 (_, Grant::ClientCredentials) if graph => defaults::GRAPH_APP_SCOPE,
+                (Some(Provider::Microsoft), Grant::ClientCredentials) if app_scope.is_some() => {
+                    app_scope.unwrap_or(defaults::MICROSOFT_SMTP_APP_SCOPE)
+                }
                 (_, Grant::RefreshToken) if graph => defaults::GRAPH_DELEGATED_SCOPE,
                 (Some(Provider::Google), _) => defaults::GOOGLE_SCOPE,
                 (_, Grant::ClientCredentials) => defaults::MICROSOFT_SMTP_APP_SCOPE,

@@ -22,6 +22,12 @@ pub struct Preset {
     pub address_scoped: bool,
     /// Provider limits.
     pub limits: Limits,
+    /// The default `scope` of a client-credentials XOAUTH2 token on this preset, when it
+    /// differs from the provider's default (SPEC §7).
+    pub oauth_app_scope: Option<&'static str>,
+    /// A delegated token (`grant = "refresh_token"`) can authenticate here: false where
+    /// the service takes an app's own token only.
+    pub oauth_delegated: bool,
 }
 
 impl Preset {
@@ -44,7 +50,13 @@ pub const NAMES: &[&str] = &[
     "sendgrid",
     "mailgun",
     "ses",
+    "acs",
+    "hve",
 ];
+
+/// Azure Communication Services Email's token audience (an Entra app with the
+/// "Communication and Email Service Owner" role, or a custom one with its permissions).
+pub const ACS_SCOPE: &str = "https://communication.azure.com/.default";
 
 /// The limits of a `kind = "graph"` channel (SPEC §3): Exchange Online's sending limits
 /// and its 35 MB; over 3,000,000 bytes a message goes the upload way (SPEC §7).
@@ -65,6 +77,8 @@ pub fn graph() -> Preset {
             connections: 4,
             max_message_size: Some(35 * 1024 * 1024),
         },
+        oauth_app_scope: None,
+        oauth_delegated: true,
     }
 }
 
@@ -81,6 +95,8 @@ pub fn find(name: &str) -> Option<Preset> {
             connections: DEFAULT_CONNECTIONS,
             ..Limits::default()
         },
+        oauth_app_scope: None,
+        oauth_delegated: true,
     };
     let preset = match name {
         "office365" => Preset {
@@ -99,6 +115,8 @@ pub fn find(name: &str) -> Option<Preset> {
                 connections: 3,
                 max_message_size: Some(35 * MB),
             },
+            oauth_app_scope: None,
+            oauth_delegated: true,
         },
         "gmail" => Preset {
             name: "gmail",
@@ -116,11 +134,28 @@ pub fn find(name: &str) -> Option<Preset> {
                 connections: DEFAULT_CONNECTIONS,
                 max_message_size: None,
             },
+            oauth_app_scope: None,
+            oauth_delegated: true,
         },
         "sparkpost" => bulk_provider("sparkpost", "smtp.sparkpostmail.com"),
         "sendgrid" => bulk_provider("sendgrid", "smtp.sendgrid.net"),
         "mailgun" => bulk_provider("mailgun", "smtp.mailgun.org"),
         "ses" => bulk_provider("ses", "email-smtp.{region}.amazonaws.com"),
+        // Domain-scoped like a bulk provider; its quota is per resource, so the README
+        // says to set `rate` to it. Tokens are the Entra app's own, never a user's.
+        "acs" => Preset {
+            oauth_app_scope: Some(ACS_SCOPE),
+            oauth_delegated: false,
+            ..bulk_provider("acs", "smtp.azurecomm.net")
+        },
+        // An HVE account is one mail user: exact addresses only. Its app tokens are
+        // Exchange Online's (application permission Mail.Send on "Office 365 Exchange
+        // Online", app added with Add-HVEAppAccess), the same audience as office365's.
+        "hve" => Preset {
+            address_scoped: true,
+            oauth_app_scope: Some(super::oauth::defaults::MICROSOFT_SMTP_APP_SCOPE),
+            ..bulk_provider("hve", "smtp.hve.mx.microsoft")
+        },
         _ => return None,
     };
     Some(preset)
@@ -147,5 +182,32 @@ mod tests {
             "email-smtp.eu-west-1.amazonaws.com"
         );
         assert!(!find("sendgrid").unwrap().needs_region());
+    }
+
+    #[test]
+    fn acs_and_hve_are_microsofts_other_smtp_doors() {
+        let acs = find("acs").unwrap();
+        assert_eq!(
+            (acs.host, acs.port, acs.tls),
+            ("smtp.azurecomm.net", 587, TlsMode::Starttls)
+        );
+        assert!(!acs.address_scoped);
+        assert_eq!(acs.limits.rate, None);
+        assert_eq!(
+            acs.oauth_app_scope,
+            Some("https://communication.azure.com/.default")
+        );
+        assert!(!acs.oauth_delegated);
+        let hve = find("hve").unwrap();
+        assert_eq!(
+            (hve.host, hve.port, hve.tls),
+            ("smtp.hve.mx.microsoft", 587, TlsMode::Starttls)
+        );
+        assert!(hve.address_scoped);
+        assert_eq!(hve.limits.rate, None);
+        assert_eq!(
+            hve.oauth_app_scope,
+            Some("https://outlook.office365.com/.default")
+        );
     }
 }

@@ -40,6 +40,7 @@ struct RawServer {
     max_header_size: Option<Spanned<RawSize>>,
     max_connections_per_client: Option<Spanned<i64>>,
     shutdown_grace: Option<Spanned<String>>,
+    https_proxy: Option<Spanned<String>>,
 }
 
 pub(super) const SERVER_KEYS: Keys = &[
@@ -64,6 +65,7 @@ pub(super) const SERVER_KEYS: Keys = &[
     ("max_header_size", Expect::Size),
     ("max_connections_per_client", Expect::Count),
     ("shutdown_grace", Expect::Duration),
+    ("https_proxy", Expect::Str),
 ];
 
 /// Reads and validates `[server]`; absent keys take [`Server::default`].
@@ -210,6 +212,14 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
     let shutdown_grace = r
         .parsed(s, "shutdown_grace", &raw.shutdown_grace, parse_duration)
         .unwrap_or(defaults.shutdown_grace);
+    // Empty (the shipped default) leaves the choice to the environment.
+    let https_proxy = r.parsed(s, "https_proxy", &raw.https_proxy, |text| {
+        if text.trim().is_empty() {
+            Ok(None)
+        } else {
+            crate::http::ProxyUrl::parse(text).map(Some)
+        }
+    });
 
     Server {
         listen: listen.into_iter().map(|(a, _)| a).collect(),
@@ -232,5 +242,6 @@ pub(super) fn read(r: &mut Reader, s: &Section) -> Server {
         max_header_size,
         max_connections_per_client,
         shutdown_grace,
+        https_proxy: https_proxy.flatten(),
     }
 }

@@ -1466,3 +1466,115 @@ fn fallback_problems() {
         "{all:#?}"
     );
 }
+
+#[test]
+fn https_proxy_is_a_proxy_url_and_never_prints_its_password() {
+    assert_eq!(ok(OUTBOX).server.https_proxy, None);
+    let empty = ok(&format!("[server]\nhttps_proxy = \"\"\n{OUTBOX}"));
+    assert_eq!(empty.server.https_proxy, None, "empty: the environment's");
+    let set = ok(&format!(
+        "[server]\nhttps_proxy = \"http://svc:pr0xy-pw@proxy.corp:3128\"\n{OUTBOX}"
+    ));
+    let proxy = set.server.https_proxy.as_ref().expect("set");
+    assert_eq!(proxy.to_string(), "http://***@proxy.corp:3128");
+    assert!(!format!("{set:?}").contains("pr0xy-pw"));
+    assert!(
+        ok(&format!(
+            "[server]\nhttps_proxy = \"https://proxy.corp\"\n{OUTBOX}"
+        ))
+        .server
+        .https_proxy
+        .is_some()
+    );
+    for bad in [
+        "proxy.corp:3128",
+        "socks5://proxy.corp:1080",
+        "http://u:pr0xy-pw@proxy.corp:3128/path",
+        "http://",
+    ] {
+        let p = problem(&format!("[server]\nhttps_proxy = \"{bad}\"\n{OUTBOX}"));
+        assert_eq!(p.line, Some(2), "{bad}");
+        assert!(p.message.contains("https_proxy"), "{}", p.message);
+        assert!(!p.message.contains("pr0xy-pw"), "{}", p.message);
+    }
+    let p = problem(&format!("[server]\nhttps_proxy = 3128\n{OUTBOX}"));
+    assert_eq!(p.line, Some(2));
+}
+
+#[test]
+fn acs_preset_is_domain_scoped_with_the_communication_scope_for_app_tokens() {
+    let base = "[channels.acs]\npreset = \"acs\"\ndomains = [\"example.com\"]\n";
+    let config = ok(&format!(
+        "{base}username = \"mailer|11111111-2222-3333-4444-555555555555|66666666-7777-8888-9999-000000000000\"\npassword_env = \"PATH\"\n"
+    ));
+    let t = smtp(&config, "acs");
+    assert_eq!(
+        (t.host.as_str(), t.port, t.tls),
+        ("smtp.azurecomm.net", 587, TlsMode::Starttls)
+    );
+    let id = config.channel_id("acs").unwrap();
+    assert_eq!(
+        config.channels[id].limits.rate, None,
+        "the README says: set rate to the quota"
+    );
+    // An SMTP Username resource's name (free form or an address) is fine too.
+    ok(&format!(
+        "{base}username = \"mailer@example.com\"\npassword_env = \"PATH\"\n"
+    ));
+    // XOAUTH2 with the app's own token: the ACS audience by default.
+    let app = format!(
+        "{base}username = \"mailer|app|tenant\"\noauth = {{ provider = \"microsoft\", grant = \"client_credentials\", tenant = \"example.com\", client_id = \"app\", client_secret_env = \"PATH\" }}\n"
+    );
+    let config = ok(&app);
+    assert_eq!(
+        oauth_of(&config, "acs").scope,
+        "https://communication.azure.com/.default"
+    );
+    let p = problem(&format!(
+        "{base}username = \"mailer|app\"\npassword_env = \"PATH\"\n"
+    ));
+    assert_eq!(p.line, Some(4));
+    assert!(
+        p.message.contains("<resource>|<app id>|<tenant id>"),
+        "{}",
+        p.message
+    );
+    let p = problem(&format!(
+        "{base}username = \"mailer||tenant\"\npassword_env = \"PATH\"\n"
+    ));
+    assert_eq!(p.line, Some(4));
+    // A user's delegated token does not open ACS.
+    let p = problem(&format!(
+        "{base}username = \"mailer|app|tenant\"\noauth = {{ provider = \"microsoft\", client_id = \"app\", refresh_token_env = \"PATH\" }}\n"
+    ));
+    assert!(p.message.contains("client_credentials"), "{}", p.message);
+}
+
+#[test]
+fn hve_preset_is_address_scoped_with_exchange_scope_for_app_tokens() {
+    let base = "[channels.hve]\npreset = \"hve\"\nusername = \"notify@example.com\"\n";
+    let config = ok(&format!(
+        "{base}senders = [\"notify@example.com\"]\npassword_env = \"PATH\"\n"
+    ));
+    let t = smtp(&config, "hve");
+    assert_eq!(
+        (t.host.as_str(), t.port, t.tls),
+        ("smtp.hve.mx.microsoft", 587, TlsMode::Starttls)
+    );
+    let config = ok(&format!(
+        "{base}senders = [\"notify@example.com\"]\noauth = {{ provider = \"microsoft\", grant = \"client_credentials\", tenant = \"example.com\", client_id = \"app\", client_secret_env = \"PATH\" }}\n"
+    ));
+    assert_eq!(
+        oauth_of(&config, "hve").scope,
+        "https://outlook.office365.com/.default"
+    );
+    let p = problem(&format!(
+        "{base}domains = [\"example.com\"]\npassword_env = \"PATH\"\n"
+    ));
+    assert!(p.message.contains("hve"), "{}", p.message);
+    // An explicit scope wins over the preset's.
+    let config = ok(&format!(
+        "{base}senders = [\"notify@example.com\"]\noauth = {{ provider = \"microsoft\", grant = \"client_credentials\", client_id = \"app\", client_secret_env = \"PATH\", scope = \"api://x/.default\" }}\n"
+    ));
+    assert_eq!(oauth_of(&config, "hve").scope, "api://x/.default");
+}

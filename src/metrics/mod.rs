@@ -25,6 +25,8 @@
 //! - `mailgate_oauth_token_refreshes_total{channel,result}`: token-endpoint requests;
 //!   `ok`, `error` (temporary: unreachable, 5xx) or `rejected` (the grant was refused:
 //!   the channel is broken).
+//! - `mailgate_rewrites_total{sender}`: transactions whose envelope sender a `[[rewrite]]`
+//!   entry replaced (SPEC §4a), by the entry's `sender`.
 
 pub mod server;
 
@@ -48,6 +50,7 @@ pub const NAMES: &[&str] = &[
     "mailgate_channel_state",
     "mailgate_delivery_seconds",
     "mailgate_oauth_token_refreshes_total",
+    "mailgate_rewrites_total",
 ];
 
 /// Upper bounds of the delivery-time buckets, in seconds: from a loopback relay (ms) to
@@ -157,6 +160,11 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SenderLabel {
+    sender: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefreshLabels {
     channel: String,
     result: &'static str,
@@ -172,6 +180,7 @@ pub struct Metrics {
     state: Family<StateLabels, Gauge>,
     delivery: HistogramFamily,
     refreshes: Family<RefreshLabels, Counter>,
+    rewrites: Family<SenderLabel, Counter>,
     /// Channels that have gauge series (the families do not list their label sets).
     gauge_channels: Mutex<BTreeSet<String>>,
     /// Channels a reload removed: their gauges stay gone, whatever a session begun before
@@ -221,8 +230,15 @@ impl Metrics {
             "OAuth token-endpoint requests by channel and result (ok, error, rejected)",
             refreshes.clone(),
         );
+        let rewrites = Family::<SenderLabel, Counter>::default();
+        registry.register(
+            "mailgate_rewrites",
+            "Envelope senders replaced by a [[rewrite]] entry, by the entry's sender",
+            rewrites.clone(),
+        );
         Metrics {
             registry,
+            rewrites,
             messages,
             queued,
             state,
@@ -237,7 +253,9 @@ impl Metrics {
     /// dashboard shows zeros rather than gaps, and drops the gauges of channels no longer
     /// configured (counters stay: they are totals since the start).
     pub fn declare_channels(&self, config: &Config) {
-        let names: Vec<&str> = config.channels.iter().map(|c| c.name.as_str()).collect();
+        // A set: a config may hold 10,000 channels, and each gauge is looked up here.
+        let names: std::collections::HashSet<&str> =
+            config.channels.iter().map(|c| c.name.as_str()).collect();
         // Gauges of channels that are gone would keep showing their last value.
         let gone: Vec<String> = lock(&self.gauge_channels)
             .extract_if(.., |n| !names.contains(&n.as_str()))
@@ -300,6 +318,15 @@ impl Metrics {
             .get_or_create(&OutcomeLabels {
                 channel: channel.to_string(),
                 outcome: outcome.label(),
+            })
+            .inc();
+    }
+
+    /// Counts one envelope sender replaced by a `[[rewrite]]` entry whose sender is `sender`.
+    pub fn rewrite(&self, sender: &str) {
+        self.rewrites
+            .get_or_create(&SenderLabel {
+                sender: sender.to_string(),
             })
             .inc();
     }
@@ -411,6 +438,11 @@ pub fn message(channel: &str, outcome: Outcome) {
     global().message(channel, outcome);
 }
 
+/// [`Metrics::rewrite`] on the process's registry.
+pub fn rewrite(sender: &str) {
+    global().rewrite(sender);
+}
+
 /// [`Metrics::queued`] on the process's registry.
 pub fn queued(channel: &str, messages: usize) {
     global().queued(channel, messages);
@@ -489,7 +521,9 @@ mod tests {
         m.channel_state("a", ChannelState::Ok);
         m.delivery_time("a", Duration::from_millis(1));
         m.token_refresh("a", Refresh::Ok);
+        m.rewrite("scans@example.com");
         let text = m.prometheus_text();
+        assert!(text.contains("mailgate_rewrites_total{sender=\"scans@example.com\"} 1"));
         let mut served: Vec<&str> = text
             .lines()
             .filter(|l| !l.starts_with('#'))

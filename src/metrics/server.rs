@@ -137,10 +137,12 @@ impl Health {
 /// (whom permission bits do not stop).
 fn probe(path: &Path) -> io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let written = (|| {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(crate::fsutil::FILE_MODE)
             .open(path)?;
         file.write_all(b"mailgate health probe\n")?;
         file.sync_data()

@@ -143,8 +143,11 @@ async fn device_flow(
             start.expires_in.as_secs().div_ceil(60)
         ),
     )?;
-    let deadline = Instant::now() + start.expires_in;
-    let mut interval = start.interval;
+    // Both clamped by `device_start`; the checked sum is for the type's sake.
+    let deadline = Instant::now()
+        .checked_add(start.expires_in)
+        .ok_or_else(|| "the device code's lifetime is out of range".to_string())?;
+    let mut interval = start.interval.max(endpoint::MIN_INTERVAL);
     loop {
         tokio::time::sleep(interval).await;
         if Instant::now() >= deadline {
@@ -163,7 +166,11 @@ async fn device_flow(
                 });
             }
             Err(Failure::OAuth { code, .. }) if code == "authorization_pending" => {}
-            Err(Failure::OAuth { code, .. }) if code == "slow_down" => interval += SLOW_DOWN,
+            Err(Failure::OAuth { code, .. }) if code == "slow_down" => {
+                interval = interval
+                    .saturating_add(SLOW_DOWN)
+                    .min(endpoint::MAX_INTERVAL);
+            }
             Err(Failure::OAuth { code, .. }) if code == "expired_token" => {
                 return Err(
                     "the code expired before the sign-in finished; run the command again"
@@ -249,7 +256,8 @@ async fn loopback_flow<R: AsyncBufRead + Unpin>(
 }
 
 /// Waits for the redirect: the browser reaching the listener, or the user pasting its URL.
-/// The first redirect that carries a `state` decides: a wrong one is refused.
+/// A request to the listener without our `state` is answered 400 and ignored; the first
+/// with it decides. A pasted URL with a wrong `state` is refused (the user sees why).
 async fn wait_for_code<R: AsyncBufRead + Unpin>(
     listener: TcpListener,
     input: R,
@@ -259,6 +267,7 @@ async fn wait_for_code<R: AsyncBufRead + Unpin>(
     let (requests, mut received) = mpsc::channel::<(String, TcpStream)>(4);
     let mut lines = input.lines();
     let mut input_open = true;
+    let mut ignored_one = false;
     let deadline = tokio::time::sleep(USER_TIMEOUT);
     tokio::pin!(deadline);
     loop {
@@ -283,6 +292,21 @@ async fn wait_for_code<R: AsyncBufRead + Unpin>(
                 };
                 if !query.iter().any(|(k, _)| k == "state" || k == "code" || k == "error") {
                     respond(&mut stream, "404 Not Found", "Not found.").await;
+                    continue;
+                }
+                // Anything on this machine can reach the listener: a request without our
+                // state is not the redirect, and must not end the wait (a local denial of
+                // service). The user's own paste is judged as it is, below.
+                let ours = query.iter().any(|(k, v)| k == "state" && v == state);
+                if !ours {
+                    respond(&mut stream, "400 Bad Request", "mailgate: not the redirect of this sign-in; ignored.").await;
+                    // Said once: a flood of such requests must not flood the terminal.
+                    if !ignored_one {
+                        ignored_one = true;
+                        say(output, format_args!(
+                            "ignored a request to the redirect listener with a wrong or missing state; still waiting"
+                        ))?;
+                    }
                     continue;
                 }
                 let verdict = judge(&query, state);

@@ -58,7 +58,11 @@ impl Tokens {
             return Ok(Tokens::default());
         }
         let backend = Backend::of(config)?;
-        let mut tokens = Tokens::with_store(config, Http::new()?, backend.token_store());
+        let mut tokens = Tokens::with_store(
+            config,
+            Http::new(config.server.https_proxy.as_ref())?,
+            backend.token_store(),
+        );
         if let Backend::Redis(redis) = backend {
             tokens = tokens.shared(&redis);
         }
@@ -153,6 +157,14 @@ impl Cached {
     fn lasts(&self, at_least: Duration) -> bool {
         self.expires_at.saturating_duration_since(Instant::now()) > at_least
     }
+}
+
+/// When a token issued at `started` for `lasts` expires: never past a day, and without
+/// overflow whatever `lasts` is (an endpoint's `expires_in` is clamped already; this is
+/// the last guard).
+fn expiry(started: Instant, lasts: Duration) -> Instant {
+    let lasts = lasts.min(endpoint::MAX_LIFETIME);
+    started.checked_add(lasts).unwrap_or(started)
 }
 
 impl fmt::Debug for ChannelToken {
@@ -300,7 +312,7 @@ impl ChannelToken {
                 state.last_failure = None;
                 state.current = Some(Cached {
                     token: issued.access_token.clone(),
-                    expires_at: started + issued.expires_in,
+                    expires_at: expiry(started, issued.expires_in),
                 });
                 Ok(issued.access_token)
             }
@@ -393,7 +405,7 @@ impl ChannelToken {
                 }
                 let result = self.fetch(state).await;
                 if let Ok(issued) = &result {
-                    let lasts = issued.expires_in.as_millis() as u64;
+                    let lasts = u64::try_from(issued.expires_in.as_millis()).unwrap_or(u64::MAX);
                     let token = Secret::new(issued.access_token.expose());
                     if let Err(e) = redis.set_access_token(channel, &token, lasts).await {
                         tracing::warn!(channel, error = %e, "cannot share the new OAuth access token");
@@ -419,7 +431,8 @@ impl ChannelToken {
         stale: Option<&AccessToken>,
     ) -> Option<endpoint::Issued> {
         let (token, lasts_ms) = redis.access_token(&self.inner.channel).await.ok()??;
-        let lasts = Duration::from_millis(lasts_ms);
+        // Another host's (or anyone's) value in Redis: clamped like an endpoint's.
+        let lasts = Duration::from_millis(lasts_ms).min(endpoint::MAX_LIFETIME);
         if lasts <= self.inner.margin || stale.is_some_and(|s| s.expose() == token.expose()) {
             return None;
         }

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use super::{AccessToken, Error, Http};
 use crate::config::Secret;
 use crate::config::oauth::{Grant, OAuth, Provider};
+use crate::http::{MAX_TOKEN_ANSWER, ReadError, clamp_secs, read_limited};
 
 /// A token endpoint's successful answer.
 #[derive(Debug)]
@@ -29,6 +30,21 @@ pub(crate) enum Failure {
 
 /// Without `expires_in` (RFC 6749 only recommends it), assume the common hour.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// An access token is taken to live at most a day, whatever `expires_in` says (SPEC §7):
+/// a huge value would overflow the expiry instant, and a token refused early is
+/// refreshed anyway (SMTP 535, Graph 401).
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
+/// …and at least a second. Not more: a token is used until it expires, and a short-lived
+/// one is refreshed once per message (within the refresh margin), never in a loop.
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(1);
+/// A device code is waited for at least a minute and at most an hour (real ones: 15 min).
+pub(crate) const DEVICE_MIN_WAIT: Duration = Duration::from_secs(60);
+/// See [`DEVICE_MIN_WAIT`].
+pub(crate) const DEVICE_MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Device-flow polling waits at least a second (`interval: 0` must not spin)…
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// …and at most a minute between polls, `slow_down` included.
+pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Refresh-token grant (Microsoft delegated, Google).
 pub(crate) async fn refresh_grant(
@@ -115,8 +131,14 @@ pub(crate) async fn device_start(http: &Http, settings: &OAuth) -> Result<Device
         verification_uri: text("verification_uri")
             .or_else(|| text("verification_url"))
             .ok_or_else(|| unreadable("verification_uri"))?,
-        expires_in: seconds(body.get("expires_in")).unwrap_or(Duration::from_secs(900)),
-        interval: seconds(body.get("interval")).unwrap_or(Duration::from_secs(5)),
+        expires_in: clamp_secs(
+            seconds(body.get("expires_in")),
+            DEVICE_MIN_WAIT,
+            DEVICE_MAX_WAIT,
+        )
+        .unwrap_or(Duration::from_secs(900)),
+        interval: clamp_secs(seconds(body.get("interval")), MIN_INTERVAL, MAX_INTERVAL)
+            .unwrap_or(Duration::from_secs(5)),
     })
 }
 
@@ -175,10 +197,16 @@ async fn post_form(
         .await
         .map_err(|e| Failure::Transient(request_error(&e)))?;
     let status = response.status();
-    let bytes = response
-        .bytes()
+    let bytes = read_limited(response, MAX_TOKEN_ANSWER)
         .await
-        .map_err(|e| Failure::Transient(request_error(&e)))?;
+        .map_err(|e| match e {
+            ReadError::TooLarge { max } => Failure::Transient(format!(
+                "{url} answered HTTP {} with more than {} KiB",
+                status.as_u16(),
+                max / 1024
+            )),
+            ReadError::Body(e) => Failure::Transient(request_error(&e)),
+        })?;
     let json = serde_json::from_slice::<Value>(&bytes)
         .ok()
         .and_then(|v| match v {
@@ -202,6 +230,12 @@ async fn post_form(
             Failure::Transient(format!("{url} answered {code} without a JSON object"))
         });
     }
+    // 407 is the outbound proxy's answer, not the provider's: the grant is not in doubt.
+    if code == 407 {
+        return Err(Failure::Transient(format!(
+            "the outbound proxy refused the request to {url} (HTTP 407: check the user and password of https_proxy)"
+        )));
+    }
     if status.is_server_error() || matches!(code, 408 | 425 | 429) {
         let what = error_code.map(|c| format!(" ({c})")).unwrap_or_default();
         return Err(Failure::Transient(format!(
@@ -216,7 +250,9 @@ async fn post_form(
 
 /// A reqwest error in words, without its source chain's noise.
 fn request_error(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
+    let kind = if let Some(refusal) = crate::http::proxy_refusal(e) {
+        refusal
+    } else if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
         "cannot connect"
@@ -244,19 +280,22 @@ fn issued(body: Map<String, Value>) -> Result<Issued, Failure> {
         .map(Secret::new);
     Ok(Issued {
         access_token: AccessToken::new(access_token),
-        expires_in: seconds(body.get("expires_in")).unwrap_or(DEFAULT_LIFETIME),
+        expires_in: clamp_secs(seconds(body.get("expires_in")), MIN_LIFETIME, MAX_LIFETIME)
+            .unwrap_or(DEFAULT_LIFETIME),
         refresh_token,
     })
 }
 
-/// `expires_in` / `interval`: a number, or (some providers) a numeric string.
-fn seconds(value: Option<&Value>) -> Option<Duration> {
-    let n = match value? {
-        Value::Number(n) => n.as_u64(),
+/// `expires_in` / `interval`: a number, or (some providers) a numeric string; callers
+/// clamp it. A number past `u64` counts as the largest.
+fn seconds(value: Option<&Value>) -> Option<u64> {
+    match value? {
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
-    }?;
-    Some(Duration::from_secs(n))
+    }
 }
 
 impl Failure {
@@ -321,11 +360,33 @@ mod tests {
 
     #[test]
     fn expires_in_may_be_a_number_or_a_string() {
-        let v = serde_json::json!({"a": 3599, "b": "120", "c": true});
-        assert_eq!(seconds(v.get("a")), Some(Duration::from_secs(3599)));
-        assert_eq!(seconds(v.get("b")), Some(Duration::from_secs(120)));
+        let v = serde_json::json!({"a": 3599, "b": "120", "c": true, "e": 1e300, "f": -5});
+        assert_eq!(seconds(v.get("a")), Some(3599));
+        assert_eq!(seconds(v.get("b")), Some(120));
         assert_eq!(seconds(v.get("c")), None);
         assert_eq!(seconds(v.get("d")), None);
+        assert_eq!(seconds(v.get("e")), Some(u64::MAX));
+        assert_eq!(seconds(v.get("f")), None);
+    }
+
+    #[test]
+    fn token_lifetimes_are_clamped_to_a_second_and_a_day() {
+        let lifetime = |v: serde_json::Value| {
+            let body = serde_json::json!({"access_token": "t", "expires_in": v});
+            match body {
+                Value::Object(map) => issued(map).map(|i| i.expires_in),
+                _ => unreachable!(),
+            }
+        };
+        let huge = serde_json::json!(18_446_744_073_709_551_615_u64);
+        assert_eq!(lifetime(huge), Ok(MAX_LIFETIME));
+        assert_eq!(lifetime(serde_json::json!("99999999999")), Ok(MAX_LIFETIME));
+        assert_eq!(lifetime(serde_json::json!(0)), Ok(MIN_LIFETIME));
+        assert_eq!(
+            lifetime(serde_json::json!(3599)),
+            Ok(Duration::from_secs(3599))
+        );
+        assert_eq!(lifetime(serde_json::json!(null)), Ok(DEFAULT_LIFETIME));
     }
 
     #[test]

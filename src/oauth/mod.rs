@@ -106,9 +106,9 @@ impl Error {
     }
 }
 
-/// The one HTTP client for token endpoints: rustls on the process-default ring provider
-/// (platform certificate verifier), no redirects (a secret is never re-posted elsewhere),
-/// no proxy, and a timeout on every request. Cheap to clone.
+/// The one HTTP client for token endpoints: [`crate::http::client_builder`] (rustls on the
+/// process-default ring provider, no redirects: a secret is never re-posted elsewhere; the
+/// outbound proxy of SPEC §7) and a timeout on every request. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Http {
     client: reqwest::Client,
@@ -120,20 +120,21 @@ impl Http {
     /// Bound on one whole token-endpoint request.
     pub const TIMEOUT: Duration = Duration::from_secs(30);
 
-    /// The client with the default timeouts.
-    pub fn new() -> Result<Http, String> {
-        Http::with_timeout(Http::TIMEOUT)
+    /// The client with the default timeouts, through `https_proxy` (`[server]`) or the
+    /// environment's proxy.
+    pub fn new(https_proxy: Option<&crate::http::ProxyUrl>) -> Result<Http, String> {
+        Http::with_timeout(https_proxy, Http::TIMEOUT)
     }
 
     /// The client with another whole-request timeout (tests).
-    pub fn with_timeout(timeout: Duration) -> Result<Http, String> {
-        crate::tls::install_crypto_provider();
-        let client = reqwest::Client::builder()
+    pub fn with_timeout(
+        https_proxy: Option<&crate::http::ProxyUrl>,
+        timeout: Duration,
+    ) -> Result<Http, String> {
+        let client = crate::http::client_builder(https_proxy)
+            .map_err(|e| format!("cannot set up the HTTPS client for OAuth: {e}"))?
             .timeout(timeout)
             .connect_timeout(Http::CONNECT_TIMEOUT.min(timeout))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("mailgate/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot set up the HTTPS client for OAuth: {e}"))?;
         Ok(Http { client })

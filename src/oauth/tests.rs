@@ -45,7 +45,7 @@ fn settings(ep: &TokenEndpoint, provider: Provider, grant: Grant) -> OAuth {
 }
 
 fn http() -> Http {
-    Http::with_timeout(Duration::from_secs(5)).unwrap()
+    Http::with_timeout(None, Duration::from_secs(5)).unwrap()
 }
 
 fn cache(settings: OAuth, state_dir: &Path) -> ChannelToken {
@@ -441,7 +441,8 @@ async fn endpoint_down_5xx_429_and_timeouts_are_transient() {
     let ep = TokenEndpoint::start().await;
     let dir = tempfile::tempdir().unwrap();
     let oauth = settings(&ep, Provider::Microsoft, Grant::RefreshToken);
-    for status in [503, 500, 429] {
+    // 407: a proxy between us and the endpoint refused its credentials; the grant is fine.
+    for status in [503, 500, 429, 407] {
         ep.set_failure(Some(Failure::Status(status)));
         let err = cache(oauth.clone(), dir.path())
             .access_token()
@@ -455,7 +456,7 @@ async fn endpoint_down_5xx_429_and_timeouts_are_transient() {
     let impatient = ChannelToken::new(
         "alice",
         oauth.clone(),
-        Http::with_timeout(Duration::from_millis(500)).unwrap(),
+        Http::with_timeout(None, Duration::from_millis(500)).unwrap(),
         Arc::new(LocalTokenStore::new(dir.path())),
     );
     let err = impatient.access_token().await.unwrap_err();
@@ -554,8 +555,8 @@ async fn device_flow_end_to_end_honours_the_interval_and_slow_down() {
     let polls = ep.device_polls();
     assert_eq!(polls.len(), 4);
     assert!(
-        polls[2] - polls[1] < Duration::from_secs(2),
-        "interval 0 is honoured"
+        polls[2] - polls[1] >= Duration::from_millis(950),
+        "interval 0 is taken as 1 s, never a tight loop"
     );
     assert!(
         polls[3] - polls[2] >= Duration::from_secs(5),
@@ -810,4 +811,132 @@ async fn https_endpoints_go_through_rustls_on_ring_and_verify_the_certificate() 
     assert!(err.is_transient(), "{err}");
     assert!(server.await.unwrap(), "the client refused the certificate");
     assert_eq!(ep.requests("refresh_token"), 0);
+}
+
+#[tokio::test]
+async fn a_huge_expires_in_is_clamped_to_a_day_and_the_token_works() {
+    let ep = TokenEndpoint::start().await;
+    ep.set_expires_in(Some(u64::MAX));
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = cache(
+        settings(&ep, Provider::Microsoft, Grant::RefreshToken),
+        dir.path(),
+    );
+    let token = tokens.access_token().await.unwrap();
+    assert!(ep.is_valid(token.expose()));
+    let left = tokens.expires_in().await.unwrap();
+    assert!(left <= Duration::from_secs(86_400), "{left:?}");
+    assert!(left > Duration::from_secs(86_000), "{left:?}");
+    // The same one again: cached, not refreshed.
+    assert_eq!(tokens.access_token().await.unwrap(), token);
+    assert_eq!(ep.requests("refresh_token"), 1);
+
+    // `expires_in: 0`: a second, refreshed at the next use (not in a loop).
+    ep.set_expires_in(Some(0));
+    let fresh = tokens.force_refresh(&token).await.unwrap();
+    assert_ne!(fresh, token);
+    assert!(tokens.expires_in().await.unwrap() <= Duration::from_secs(1));
+    assert_eq!(ep.requests("refresh_token"), 2);
+    tokens.access_token().await.unwrap();
+    assert_eq!(ep.requests("refresh_token"), 3);
+}
+
+#[tokio::test]
+async fn an_oversized_token_answer_is_a_transient_error_read_no_further_than_the_limit() {
+    let ep = TokenEndpoint::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = cache(
+        settings(&ep, Provider::Microsoft, Grant::RefreshToken),
+        dir.path(),
+    );
+    // A valid token document, just 64 KiB + 1 long, sent chunked (no Content-Length).
+    ep.set_failure(Some(Failure::Oversized(64 * 1024 + 1)));
+    let err = tokens.access_token().await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("more than 64 KiB"), "{err}");
+    // 256 MiB: refused as fast (the read stops at the limit), the endpoint not drained.
+    ep.set_failure(Some(Failure::Oversized(256 << 20)));
+    let started = Instant::now();
+    let err = tokens.access_token().await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Exactly the limit is still an answer.
+    ep.set_failure(Some(Failure::Oversized(64 * 1024)));
+    tokens.access_token().await.unwrap();
+}
+
+#[tokio::test]
+async fn device_flow_with_a_huge_expires_in_waits_at_most_an_hour_and_works() {
+    let ep = TokenEndpoint::start().await;
+    ep.set_device(0, 0); // slow_down, then success
+    ep.set_device_expires_in(u64::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let mut oauth = settings(&ep, Provider::Microsoft, Grant::RefreshToken);
+    oauth.refresh_token = None;
+    oauth.refresh_token_source = TokenSource::None;
+    let store = LocalTokenStore::new(dir.path());
+    let (done, output) = authorize_headless("alice", &oauth, &store).await;
+    done.unwrap();
+    let text = output.text();
+    assert!(text.contains("valid for 60 minutes"), "{text}");
+    let polls = ep.device_polls();
+    assert_eq!(polls.len(), 2, "slow_down, then the token");
+    assert!(
+        polls[1] - polls[0] >= Duration::from_secs(6),
+        "slow_down adds 5 s to the 1 s floor"
+    );
+    assert!(store.load("alice").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn google_loopback_flow_ignores_a_request_with_a_wrong_state_and_keeps_waiting() {
+    let ep = TokenEndpoint::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut oauth = settings(&ep, Provider::Google, Grant::RefreshToken);
+    oauth.refresh_token = None;
+    oauth.refresh_token_source = TokenSource::None;
+    let store = LocalTokenStore::new(dir.path().join("state"));
+    let (_keep_open, input) = tokio::io::duplex(64);
+    let mut output = Captured::default();
+    let watch = output.clone();
+    let http_client = http();
+    let flow = authorize(
+        "alice",
+        &oauth,
+        &http_client,
+        &store,
+        BufReader::new(input),
+        &mut output,
+    );
+    let browsers = async {
+        let url = printed_url(&watch).await;
+        let redirect = ep.sign_in(&url).unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        // Another local program (or a stale tab) hits the listener first.
+        let forged = redirect.replace("state=", "state=forged");
+        let page = client.get(&forged).send().await.unwrap();
+        assert_eq!(page.status(), 400);
+        let no_state = redirect.split('?').next().unwrap().to_string() + "?code=stolen";
+        assert_eq!(client.get(&no_state).send().await.unwrap().status(), 400);
+        // The real redirect still completes the flow.
+        let page = client.get(&redirect).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+    };
+    let (done, ()) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(flow, browsers)
+    })
+    .await
+    .expect("the flow ends");
+    let location = store.path("alice").display().to_string();
+    assert_eq!(done.unwrap(), Authorized::Stored { location });
+    assert!(
+        watch.text().contains("wrong or missing state"),
+        "{}",
+        watch.text()
+    );
+    assert_eq!(ep.requests("authorization_code"), 1);
 }

@@ -23,15 +23,10 @@ const RETRY_ALL: &str = "retry-all";
 /// Prefix of a control file asking the proxy to retry one message.
 const RETRY_ONE: &str = "retry.";
 
-fn spool_of(config: &Config) -> Result<Spool, String> {
-    let spool = Spool::new(&config.server.spool_dir);
-    if !spool.queue_dir().is_dir() {
-        return Err(format!(
-            "spool {} does not exist yet (no message was ever queued)",
-            spool.root.display()
-        ));
-    }
-    Ok(spool)
+/// The spool. It may not exist yet (nothing was ever queued): that is an empty queue,
+/// not an error, so every command reads a missing folder as an empty one.
+fn spool_of(config: &Config) -> Spool {
+    Spool::new(&config.server.spool_dir)
 }
 
 fn check_id(id: &str) -> Result<(), String> {
@@ -186,7 +181,7 @@ fn table(rows: &[Vec<String>]) -> String {
 
 /// `mailgate queue list`: the channels' states, the queued messages, the failed ones.
 pub fn list(config: &Config) -> Result<String, String> {
-    let spool = spool_of(config)?;
+    let spool = spool_of(config);
     let mut out = String::new();
     let mut rows = vec![vec!["CHANNEL".to_string(), "STATE".to_string()]];
     rows.extend(
@@ -263,7 +258,7 @@ pub fn list(config: &Config) -> Result<String, String> {
 /// `mailgate queue show ID`: everything about one message (queued or failed) and its headers.
 pub fn show(config: &Config, id: &str) -> Result<String, String> {
     check_id(id)?;
-    let spool = spool_of(config)?;
+    let spool = spool_of(config);
     let (state, data, place) = match spool.read_state(id).map_err(|e| io_err(id, e))? {
         Some(state) => (state, spool.data_path(id), "queued"),
         None => {
@@ -363,7 +358,7 @@ fn request(spool: &Spool, name: &str) -> Result<(), String> {
 /// `mailgate queue retry ID` (`Some`) or `--all` (`None`): the message(s) become due now
 /// and their channels resume (broken or held). A running proxy notices within a second.
 pub fn retry(config: &Config, id: Option<&str>) -> Result<String, String> {
-    let spool = spool_of(config)?;
+    let spool = spool_of(config);
     let running = proxy_running(&spool);
     let summary = match id {
         Some(id) => {
@@ -380,7 +375,11 @@ pub fn retry(config: &Config, id: Option<&str>) -> Result<String, String> {
         }
         None => {
             let mut count = 0;
-            for id in spool.queued_ids().map_err(|e| io_err("queue", e))? {
+            let ids = match spool.queued_ids() {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                ids => ids.map_err(|e| io_err("queue", e))?,
+            };
+            for id in ids {
                 // A message in flight is being tried right now anyway.
                 if let Ok(Some(_lock)) = spool::try_lock_data(&spool.data_path(&id))
                     && make_due(&spool, &id)?
@@ -388,7 +387,9 @@ pub fn retry(config: &Config, id: Option<&str>) -> Result<String, String> {
                     count += 1;
                 }
             }
-            request(&spool, RETRY_ALL)?;
+            if spool.control_dir().is_dir() {
+                request(&spool, RETRY_ALL)?;
+            }
             if let Ok(Backend::Redis(redis)) = Backend::of(config) {
                 // Every host polls this: the channels resume on all of them.
                 crate::state::block_on(async {
@@ -463,7 +464,7 @@ async fn shared_health(
 /// flight, or refusing after a few seconds), or a message in `failed/`.
 pub fn delete(config: &Config, id: &str) -> Result<String, String> {
     check_id(id)?;
-    let spool = spool_of(config)?;
+    let spool = spool_of(config);
     if spool.state_path(id).exists() {
         let lock = lock_queued(&spool, id)?;
         if lock.is_some() && spool.state_path(id).exists() {

@@ -30,6 +30,9 @@ pub(super) struct Attempt {
     /// What the worker counted against the channel's windows for this attempt: taken
     /// back when no transaction starts.
     pub(super) counted: Option<Counted>,
+    /// The channel sends a message whole and takes at most this many recipients, fewer
+    /// than the message's pending ones: fail them with a DSN, sending nothing.
+    pub(super) never_fits: Option<usize>,
 }
 
 enum Prepared {
@@ -91,6 +94,22 @@ impl Attempt {
         let channel_name = config.channels[self.channel].name.clone();
 
         let mut effect = ChannelEffect::None;
+        if let Some(max) = self.never_fits {
+            if state.pending() <= max {
+                // Changed since it was scheduled (`queue delete`, a crash's recovery):
+                // the worker counts it against the windows before it goes.
+                drop(lock);
+                return Report {
+                    id,
+                    next: Some((now_ms(), state.pending())),
+                    effect,
+                    dsn: None,
+                    uncount: None,
+                };
+            }
+            let reason = fail_never_fitting(&mut state, max, &channel_name);
+            tracing::warn!(id, channel = %channel_name, reason = %reason, "queue: the message can never go over this channel; failing it");
+        }
         let chunk: Vec<usize> = state
             .recipients
             .iter()
@@ -237,6 +256,63 @@ impl Attempt {
     }
 }
 
+/// The attempt on message `id` ended without a report (its task panicked or was
+/// cancelled): recorded like a temporary failure of the `rcpts` recipients it was for
+/// (attempt counted, backoff, give-up after `give_up_after`), under the message's lock
+/// as any attempt. When even that fails, the message is simply due again in a minute.
+pub(super) async fn internal_failure(
+    queue: Arc<Queue>,
+    generation: Generation,
+    channel: ChannelId,
+    id: String,
+    pending: usize,
+    rcpts: usize,
+) -> Report {
+    let config = generation.config.clone();
+    let lock_id = id.clone();
+    let recorded = tokio::task::spawn_blocking(move || {
+        let ch = &config.channels[channel];
+        let (lock, mut state) = match prepare(&queue.spool, &lock_id)? {
+            Prepared::Ready(lock, state) => (lock, *state),
+            Prepared::Gone => return Ok((None, None)),
+            Prepared::Busy => return Ok((Some((now_ms() + BUSY_RETRY_MS, pending)), None)),
+        };
+        let chunk: Vec<usize> = state
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.status == RcptStatus::Pending)
+            .map(|(i, _)| i)
+            .take(rcpts.max(1))
+            .collect();
+        let outcome = Outcome {
+            refused: Vec::new(),
+            result: Err(Error::local("internal error (see the log)")),
+        };
+        apply_outcome(&mut state, &chunk, &outcome, &ch.name, now_ms(), &config);
+        settle(&queue, ch, &config.server.hostname, state, lock)
+    })
+    .await;
+    let (next, dsn) = match recorded {
+        Ok(Ok(recorded)) => recorded,
+        Ok(Err(e)) => {
+            tracing::error!(id, error = %e, "queue: cannot record the failed attempt; retrying in a minute");
+            (Some((now_ms() + 60_000, pending)), None)
+        }
+        Err(e) => {
+            tracing::error!(id, error = %e, "queue: recording the failed attempt failed; retrying in a minute");
+            (Some((now_ms() + 60_000, pending)), None)
+        }
+    };
+    Report {
+        id,
+        next,
+        effect: ChannelEffect::None,
+        dsn,
+        uncount: None,
+    }
+}
+
 fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
     let lock = match spool::try_lock_data(&spool.data_path(id)) {
         Ok(Some(lock)) => lock,
@@ -249,6 +325,24 @@ fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
         Some(state) => Ok(Prepared::Ready(lock, Box::new(state))),
         None => Ok(Prepared::Gone),
     }
+}
+
+/// Pure: fails every pending recipient of a message with more of them than its graph
+/// channel `channel` ever sends at once (`max`): Graph never splits a message, so it
+/// would wait for ever. Returns the reply given to each, which the DSN states.
+pub fn fail_never_fitting(state: &mut MessageState, max: usize, channel: &str) -> Reply {
+    let reply = Reply::never_fits_graph(state.pending(), max, channel);
+    for rcpt in state
+        .recipients
+        .iter_mut()
+        .filter(|r| r.status == RcptStatus::Pending)
+    {
+        rcpt.status = RcptStatus::Failed;
+        rcpt.reply = Some(reply.to_string());
+    }
+    state.last_reply = Some(reply.to_string());
+    state.failure = Some(reply.to_string());
+    reply
 }
 
 /// What one transaction did to a message.
@@ -319,16 +413,17 @@ pub fn apply_outcome(
         rcpt.reply = Some(why.to_string());
         note(verdict, why, &mut effect);
     }
-    state.attempts += 1;
+    state.attempts = state.attempts.saturating_add(1);
     state.last_reply = Some(reply.to_string());
     state.next_attempt_ms = now;
     if deferred {
-        state.deferrals += 1;
+        state.deferrals = state.deferrals.saturating_add(1);
         let server = &config.server;
         let wait = retry_after
             .filter(|asked| !asked.is_zero())
             .unwrap_or_else(|| backoff(server.retry_first, server.retry_max, state.deferrals));
-        state.next_attempt_ms = now + wait.as_millis() as u64;
+        state.next_attempt_ms =
+            now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
         let age = Duration::from_millis(now.saturating_sub(state.created_ms));
         if age >= server.give_up_after {
             for rcpt in state
@@ -478,7 +573,8 @@ fn queue_dsn(
     };
     let tmp = queue.spool.tmp_dir().join(&id);
     let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
+        // Mode 0600 like every spool file (a spare is reused when there is one).
+        let mut file = queue.spool.create_file(&tmp)?;
         std::io::Write::write_all(&mut file, &bytes)?;
         drop(file);
         // commit fsyncs the data.
@@ -706,6 +802,23 @@ mod tests {
         let applied = apply_outcome(&mut st, &[0], &outcome, "c", 2_000_000, &config);
         assert_eq!(applied.effect, ChannelEffect::None);
         assert_eq!(statuses(&st), vec![Failed]);
+    }
+
+    #[test]
+    fn a_message_graph_can_never_send_whole_fails_every_pending_recipient_saying_why() {
+        use RcptStatus::*;
+        let mut st = state(&["b@x", "c@x", "d@x"]);
+        let reply = fail_never_fitting(&mut st, 2, "dave");
+        assert_eq!(statuses(&st), vec![Failed, Failed, Failed]);
+        assert_eq!(reply.enhanced_text().as_deref(), Some("5.5.3"));
+        assert!(reply.is_permanent());
+        let text = st.recipients[2].reply.clone().unwrap();
+        assert!(text.contains("channel dave"), "{text}");
+        assert!(text.contains("at most 2"), "{text}");
+        assert!(text.contains("has 3"), "{text}");
+        assert_eq!(dsn::status_of(&text), "5.5.3");
+        assert_eq!(st.failure.as_deref(), Some(text.as_str()));
+        assert_eq!(st.attempts, 0, "nothing was sent");
     }
 
     #[test]

@@ -256,13 +256,11 @@ impl Queue {
             return Reply::too_big(max);
         }
         // Graph sends to every header recipient in one request: such a message is never
-        // split across transactions, so it must fit in one.
-        if let Some(max) = config
-            .graph_on_path(channel)
-            .and_then(|g| config.channels[g].limits.max_recipients)
+        // split across transactions, so it must fit in one and in a day's quota.
+        if let Some((max, _)) = config.graph_recipient_cap(channel)
             && envelope.recipients.len() > max
         {
-            tracing::info!(id, channel = %name, rcpts = envelope.recipients.len(), max, "refused: more recipients than one Graph request takes");
+            tracing::info!(id, channel = %name, rcpts = envelope.recipients.len(), max, "refused: more recipients than Graph can ever send at once on this channel");
             return Reply::too_many_recipients(max);
         }
         let state = MessageState::new(&id, &name, envelope, draft.len(), spool::now_ms());

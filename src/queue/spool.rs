@@ -16,7 +16,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -184,15 +184,19 @@ impl Spool {
         }
     }
 
-    /// Creates `path` (a new name in `tmp/`) for writing. A spare file is renamed there
-    /// when there is one: reusing an inode is much cheaper than allocating one on a
-    /// filesystem that has just freed many (ext4 scans past recently freed inodes).
+    /// Creates `path` (a new name in `tmp/`) for writing, mode 0600. A spare file is
+    /// renamed there when there is one: reusing an inode is much cheaper than allocating
+    /// one on a filesystem that has just freed many (ext4 scans past recently freed
+    /// inodes). A spare keeps the mode it was created with, which may be wider (a file
+    /// an older version created under umask 022), so it is set again on reuse.
     pub fn create_file(&self, path: &Path) -> io::Result<File> {
         let spare = self.spares_lock().pop();
         if let Some(spare) = spare
             && fs::rename(&spare, path).is_ok()
         {
-            return OpenOptions::new().write(true).truncate(true).open(path);
+            let file = OpenOptions::new().write(true).truncate(true).open(path)?;
+            file.set_permissions(fs::Permissions::from_mode(crate::fsutil::FILE_MODE))?;
+            return Ok(file);
         }
         OpenOptions::new()
             .write(true)
@@ -424,10 +428,42 @@ impl Spool {
                 removed += 1;
             }
         }
+        let narrowed = narrow_files(&queue)? + narrow_files(&self.failed_dir())?;
+        if narrowed > 0 {
+            tracing::warn!(
+                files = narrowed,
+                "spool: files readable by others (written by an older version) set to mode 0600"
+            );
+        }
         sync_dir(&queue)?;
         sync_dir(&self.failed_dir())?;
         Ok(removed)
     }
+}
+
+/// Sets mode 0600 on the files in `dir` that others may read: older versions wrote DSNs
+/// 0644 under umask 022, and client messages reused their files (issue 16). Returns how
+/// many were changed.
+fn narrow_files(dir: &Path) -> io::Result<usize> {
+    let mut narrowed = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let private = fs::Permissions::from_mode(crate::fsutil::FILE_MODE);
+        // `queue delete` may remove a file meanwhile: gone is as good as private.
+        let result = entry.metadata().and_then(|meta| {
+            if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(entry.path(), private).map(|()| 1)
+            } else {
+                Ok(0)
+            }
+        });
+        match result {
+            Ok(n) => narrowed += n,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(narrowed)
 }
 
 /// Longest a commit waits for directory fsyncs run by other commits.
@@ -768,6 +804,8 @@ mod tests {
         let spool = Spool::new(dir.path());
         spool.create_dirs().unwrap();
         fs::write(spool.data_path("m1"), b"Subject: secret\r\n\r\n").unwrap();
+        // As an older version's DSN was: a spare keeps it, a file made from one must not.
+        fs::set_permissions(spool.data_path("m1"), fs::Permissions::from_mode(0o644)).unwrap();
         spool
             .write_state(&MessageState::new("m1", "relay", &envelope(), 21, 1))
             .unwrap();
@@ -791,6 +829,8 @@ mod tests {
             spool.create_file(&path).unwrap().write_all(b"new").unwrap();
             assert_eq!(fs::read(&path).unwrap(), b"new");
             assert!(try_lock_data(&path).unwrap().is_some());
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
             reused.push(ino(&path));
         }
         before.sort();
@@ -812,6 +852,30 @@ mod tests {
         let path = spool.tmp_dir().join("d");
         spool.create_file(&path).unwrap().write_all(b"ok").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"ok");
+    }
+
+    #[test]
+    fn recovery_makes_files_an_older_version_left_readable_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        spool
+            .write_state(&MessageState::new("m1", "relay", &envelope(), 1, 1))
+            .unwrap();
+        let files = [
+            spool.data_path("m1"),
+            spool.failed_dir().join("m2.eml"),
+            spool.failed_dir().join("m2.json"),
+        ];
+        for path in &files {
+            fs::write(path, b"x").unwrap();
+            fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        assert_eq!(spool.recover().unwrap(), 0);
+        for path in files.iter().chain([&spool.state_path("m1")]) {
+            let mode = fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
     }
 
     #[test]

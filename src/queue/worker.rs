@@ -5,7 +5,11 @@
 //! A message with more pending recipients than the channel takes per transaction
 //! (`max_recipients`, and never more than `recipients_per_day`) goes out in several
 //! transactions; after each, the state file records which recipients are done, so a
-//! crash never resends those. Each transaction counts as one message against `rate` and
+//! crash never resends those. A graph channel is the exception: Graph sends to every
+//! recipient the headers name, so its transaction carries the whole envelope and waits
+//! until the day window has room for all of it; a message it could never take (after a
+//! reload lowered its limits) fails with a DSN saying why, or, lent by a broken channel,
+//! waits for that channel. Each transaction counts as one message against `rate` and
 //! its recipients against `recipients_per_day` when it starts (conservative: a failed
 //! attempt counts too).
 
@@ -20,13 +24,16 @@ use tokio_util::sync::CancellationToken;
 use super::attempt::Attempt;
 use super::spool::now_ms;
 use super::{Generation, Queue};
-use crate::config::{Channel, ChannelId};
+use crate::config::ChannelId;
 use crate::metrics::{self, ChannelState};
 use crate::state::shared::Reserved;
 use crate::state::{Backend, Counters, Health, format_time};
 
+mod ended;
 mod health;
+mod take;
 use health::{HealthWriter, SharedView};
+use take::Take;
 
 /// Longest a single upstream transaction may take, on top of the upstream's own
 /// per-command timeouts (a large message on a slow link).
@@ -123,10 +130,13 @@ pub struct ChannelTask {
     channel: ChannelId,
     name: String,
     connections: usize,
-    chunk: usize,
+    take: Take,
     due: BTreeSet<(u64, String)>,
     entries: HashMap<String, (u64, usize)>,
     in_flight: HashSet<String>,
+    /// Each delivery task's message: (id, pending, recipients of the attempt). A task
+    /// that ends without a report (a panic, a cancellation) still frees its message.
+    tasks: HashMap<tokio::task::Id, (String, usize, usize)>,
     health: Health,
     counters: Option<Counters>,
     health_writer: Arc<HealthWriter>,
@@ -155,7 +165,7 @@ impl ChannelTask {
         let ch = &generation.config.channels[channel];
         let name = ch.name.clone();
         let connections = ch.limits.connections.max(1);
-        let chunk = chunk_size(ch);
+        let take = Take::of(ch);
         let fallback = ch
             .fallback
             .map(|f| generation.config.channels[f].name.clone());
@@ -173,10 +183,11 @@ impl ChannelTask {
             channel,
             name,
             connections,
-            chunk,
+            take,
             due: BTreeSet::new(),
             entries: HashMap::new(),
             in_flight: HashSet::new(),
+            tasks: HashMap::new(),
             health: Health::Ok,
             counters: None,
             health_writer: Arc::default(),
@@ -228,34 +239,26 @@ impl ChannelTask {
         loop {
             let wake = self.dispatch(&mut deliveries).await;
             self.publish();
-            let sleep = match wake {
-                Some(at) => {
-                    tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
-                }
-                None => tokio::time::Instant::now() + Duration::from_secs(3600),
-            };
+            // A due time read from a state file or Redis may be anything: the wait is at
+            // most an hour (then the schedule is looked at again), so no instant overflows.
+            let wait_ms = wake.map_or(3_600_000, |at| at.saturating_sub(now_ms()).min(3_600_000));
+            let sleep = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = self.rx.recv() => match event {
                     Some(event) => self.handle(event).await,
                     None => break,
                 },
-                Some(done) = deliveries.join_next(), if !deliveries.is_empty() => match done {
-                    Ok(report) => self.apply(report).await,
-                    Err(e) => tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed"),
-                },
+                Some(done) = deliveries.join_next_with_id(), if !deliveries.is_empty() => {
+                    self.finished(done).await;
+                }
                 _ = tokio::time::sleep_until(sleep) => {}
                 _ = poll.tick(), if self.shared.is_some() => self.sync_shared().await,
             }
             // Everything already there before dispatching again: the shared backend then
             // reserves for all the connections freed meanwhile in one round trip.
-            while let Some(done) = deliveries.try_join_next() {
-                match done {
-                    Ok(report) => self.apply(report).await,
-                    Err(e) => {
-                        tracing::error!(channel = %self.name, error = %e, "queue: delivery task failed")
-                    }
-                }
+            while let Some(done) = deliveries.try_join_next_with_id() {
+                self.finished(done).await;
             }
             while let Ok(event) = self.rx.try_recv() {
                 self.handle(event).await;
@@ -282,8 +285,8 @@ impl ChannelTask {
             }
         };
         let drain = async {
-            while let Some(done) = deliveries.join_next().await {
-                if let Ok(mut report) = done {
+            while let Some(done) = deliveries.join_next_with_id().await {
+                if let Some(mut report) = self.report_of(done).await {
                     self.tell_successor(&report);
                     if superseded {
                         report.effect = ChannelEffect::None;
@@ -500,7 +503,13 @@ impl ChannelTask {
                 return Some(due);
             }
             let pending = self.entries[&id].1;
-            let rcpts = pending.min(self.chunk);
+            let rcpts = match self.take.size(pending) {
+                Ok(rcpts) => rcpts,
+                Err(max) => {
+                    self.never_fits(deliveries, id, due, pending, max);
+                    continue;
+                }
+            };
             let mut counted = None;
             let limits = &self.generation.config.channels[self.channel].limits;
             if rcpts > 0
@@ -517,7 +526,7 @@ impl ChannelTask {
                         .take_while(|(d, _)| *d <= now)
                         .take(free)
                         .filter_map(|(_, id)| {
-                            let n = self.entries[id].1.min(self.chunk) as u64;
+                            let n = self.take.size(self.entries[id].1).ok()? as u64;
                             (n > 0).then(|| (id.clone(), n))
                         })
                         .collect();
@@ -549,7 +558,7 @@ impl ChannelTask {
                         }
                         Some((_, Reserved::Wait(ms))) => {
                             self.waiting_on_limits = true;
-                            return Some(now_ms() + ms);
+                            return Some(now_ms().saturating_add(ms));
                         }
                         // Not in the batch (cannot happen: the batch is the front of
                         // `due`, taken in order); reserve afresh rather than loop.
@@ -573,7 +582,7 @@ impl ChannelTask {
                     }
                     Err(at) => {
                         self.waiting_on_limits = true;
-                        return Some(at.max(now + 1));
+                        return Some(at.max(now.saturating_add(1)));
                     }
                 }
                 if let Err(e) = counters.record(local, now, rcpts as u64) {
@@ -592,8 +601,10 @@ impl ChannelTask {
                 channel: self.channel,
                 rcpts,
                 counted,
+                never_fits: None,
             };
-            deliveries.spawn(attempt.run(id));
+            let task = deliveries.spawn(attempt.run(id.clone()));
+            self.tasks.insert(task.id(), (id, pending, rcpts));
         }
         None
     }
@@ -684,37 +695,5 @@ impl ChannelTask {
         if self.handing_over {
             self.hand_over_all();
         }
-    }
-}
-
-/// Recipients per transaction: `max_recipients`, and never more than a day's quota.
-pub fn chunk_size(channel: &Channel) -> usize {
-    let per_message = channel.limits.max_recipients.unwrap_or(usize::MAX);
-    let per_day = channel
-        .limits
-        .recipients_per_day
-        .map(|d| d.min(usize::MAX as u64) as usize)
-        .unwrap_or(usize::MAX);
-    per_message.min(per_day).max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{ChannelKind, Limits};
-
-    fn channel() -> Channel {
-        crate::testkit::config::channel("c", ChannelKind::File { dir: "out".into() }, 2)
-    }
-
-    #[test]
-    fn chunk_respects_max_recipients_and_daily_quota() {
-        let mut ch = channel();
-        ch.limits.max_recipients = Some(500);
-        assert_eq!(chunk_size(&ch), 500);
-        ch.limits.recipients_per_day = Some(3);
-        assert_eq!(chunk_size(&ch), 3);
-        ch.limits = Limits::default();
-        assert_eq!(chunk_size(&ch), usize::MAX);
     }
 }

@@ -83,15 +83,69 @@ pub fn parse(args: &[String]) -> Result<Args, String> {
                 "option {arg:?} after the first recipient: options come before recipients"
             ));
         }
+        for addr in list(arg) {
+            check_address(addr)?;
+        }
         out.recipients.push(arg.clone());
     }
     Ok(out)
 }
 
+/// The addresses of a recipient argument: a comma-separated list, spaces next to the
+/// commas allowed (`"a@b, c@d"`); empty entries are left out. Spaces at either end of
+/// the argument stay, so that `" a@b"` is refused like any address holding a space.
+pub fn list(arg: &str) -> impl Iterator<Item = &str> {
+    let last = arg.matches(',').count();
+    arg.split(',')
+        .enumerate()
+        .map(move |(i, a)| {
+            let a = if i > 0 { a.trim_start_matches(' ') } else { a };
+            if i < last { a.trim_end_matches(' ') } else { a }
+        })
+        .filter(|a| !a.is_empty())
+}
+
+/// Refuses an address that could carry more than an address into an SMTP command or a
+/// header (SPEC §2): a control character (CR/LF would end the command and start
+/// another), a space, or a `<`/`>` other than one enclosing pair. Web applications pass
+/// user input here (`mail ADDR`), so nothing is repaired: the whole submission fails.
+pub fn check_address(addr: &str) -> Result<(), String> {
+    let why = if addr.chars().any(char::is_control) {
+        "a control character"
+    } else if addr.chars().any(char::is_whitespace) {
+        "a space"
+    } else {
+        let inner = addr
+            .strip_prefix('<')
+            .and_then(|a| a.strip_suffix('>'))
+            .unwrap_or(addr);
+        if !inner.contains(['<', '>']) {
+            return Ok(());
+        }
+        "a '<' or '>' other than one enclosing pair"
+    };
+    Err(format!(
+        "{} is not an address: it holds {why}",
+        crate::text::escape_controls(addr)
+    ))
+}
+
 fn apply(out: &mut Args, flag: char, value: String) -> Result<(), String> {
     match flag {
-        'f' | 'r' => out.sender = Some(value),
-        'F' => out.full_name = Some(value),
+        'f' | 'r' => {
+            check_address(&value)?;
+            out.sender = Some(value);
+        }
+        'F' => {
+            // It goes into an added From: header: a CR/LF there would start another field.
+            if value.chars().any(char::is_control) {
+                return Err(format!(
+                    "-F {}: a full name holds no control characters",
+                    crate::text::escape_controls(&value)
+                ));
+            }
+            out.full_name = Some(value);
+        }
         // -C is sendmail's; -c is mailgate's own, when it comes after a sendmail flag
         'C' | 'c' => out.config = Some(PathBuf::from(value)),
         'B' => match value.to_ascii_uppercase().as_str() {
@@ -192,6 +246,75 @@ mod tests {
         }
         assert!(!p(&["-i"]).unwrap().extract);
         assert!(p(&["--help"]).unwrap().help);
+    }
+
+    #[test]
+    fn addresses_that_could_inject_are_refused() {
+        let payload =
+            "b@example.org>\r\nDATA\r\nSubject: forged\r\n\r\nx\r\n.\r\nMAIL FROM:<a@example.com";
+        for bad in [
+            payload,
+            "a@b\r\nRSET",
+            "a@b\nx",
+            "a@b\tx",
+            "a@b\u{7f}",
+            "a@b\u{85}",
+            "a b@example.org",
+            "a@b\u{a0}",
+            "<<a@b>>",
+            "<a@b",
+            "a@b>",
+            "a<b>@c",
+            "<a@b>>",
+            "<>x>",
+        ] {
+            let err = check_address(bad).unwrap_err();
+            assert!(err.contains("is not an address"), "{err}");
+            assert!(!err.contains(['\r', '\n']), "{err}");
+            // as a recipient, inside a list, and as -f/-r
+            assert_eq!(p(&[bad]).unwrap_err(), err);
+            assert_eq!(p(&[&format!("ok@x, {bad}")]).unwrap_err(), err);
+            assert_eq!(p(&["--", bad]).unwrap_err(), err);
+            assert_eq!(p(&["-f", bad, "x@y"]).unwrap_err(), err);
+            assert_eq!(p(&[&format!("-r{bad}"), "x@y"]).unwrap_err(), err);
+        }
+        assert!(p(&[payload]).unwrap_err().contains("\\x0d\\x0aDATA"));
+        for good in ["<a@b>", "a@b", "root", "<>", "jörg@example.de", "\"q\"@x"] {
+            assert_eq!(check_address(good), Ok(()), "{good}");
+            assert_eq!(p(&[good]).unwrap().recipients, [good]);
+            assert_eq!(p(&["-f", good]).unwrap().sender.as_deref(), Some(good));
+        }
+        // a list: spaces around the commas are separators, empty entries ignored
+        assert_eq!(
+            list("a@b, <c@d> ,,e@f").collect::<Vec<_>>(),
+            ["a@b", "<c@d>", "e@f"]
+        );
+        assert_eq!(list(" a@b,c@d ").collect::<Vec<_>>(), [" a@b", "c@d "]);
+        assert!(p(&["a@b, c@d"]).is_ok());
+        for bad in [" a@b", "a@b ", "a@b, c@d "] {
+            assert!(p(&[bad]).unwrap_err().contains("a space"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_full_name_cannot_start_another_header() {
+        for bad in [
+            "Cron\r\nBcc: eve@evil.org",
+            "Cron\nX: y",
+            "Cron\rX",
+            "A\u{0}",
+        ] {
+            let err = p(&["-F", bad, "x@y"]).unwrap_err();
+            assert!(err.contains("no control characters"), "{err}");
+            assert!(!err.contains(['\r', '\n']), "{err}");
+        }
+        assert_eq!(
+            p(&["-F", "Cron Daemon <x>, \"q\"", "x@y"])
+                .unwrap()
+                .full_name
+                .as_deref(),
+            Some("Cron Daemon <x>, \"q\"")
+        );
     }
 
     #[test]

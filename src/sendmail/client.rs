@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use super::{EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, Failure};
+use super::{EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, Failure};
 
 /// How long to wait for a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -132,8 +132,16 @@ impl Conn {
             .map_err(|e| self.lost(during, e))
     }
 
-    /// Sends `command`, reads the reply, fails unless its code is `want`.
+    /// Sends `command`, reads the reply, fails unless its code is `want`. A command
+    /// holding a CR, an LF or a NUL is never written: it would end this command and
+    /// start another (SMTP command injection), whatever let it through.
     fn command(&mut self, command: &str, want: u16) -> Result<Reply, Failure> {
+        if let Some(bad) = unsafe_in_command(command) {
+            return Err(Failure::new(
+                EX_SOFTWARE,
+                format!("refusing to send a command holding {bad}"),
+            ));
+        }
         self.send(format!("{command}\r\n").as_bytes(), command)?;
         let reply = self.reply(command)?;
         expect(&reply, want, command)?;
@@ -168,9 +176,40 @@ fn expect(reply: &Reply, want: u16, during: &str) -> Result<(), Failure> {
     ))
 }
 
+/// What in a command line would make the server read more than one command.
+fn unsafe_in_command(command: &str) -> Option<&'static str> {
+    command.chars().find_map(|c| match c {
+        '\r' => Some("a CR"),
+        '\n' => Some("an LF"),
+        '\0' => Some("a NUL"),
+        _ => None,
+    })
+}
+
+/// Every value that goes into a command, checked before connecting: an address with a
+/// control character would send a partial transaction before the writer refuses it.
+fn check_envelope(helo: &str, msg: &Submission) -> Result<(), Failure> {
+    let values = std::iter::once(helo)
+        .chain(std::iter::once(msg.sender))
+        .chain(msg.recipients.iter().map(String::as_str));
+    for value in values {
+        if value.chars().any(char::is_control) {
+            return Err(Failure::new(
+                EX_USAGE,
+                format!(
+                    "{} holds a control character: nothing was sent",
+                    crate::text::escape_controls(value)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Submits one message to the first of `addrs` that answers. Every recipient must be
 /// accepted; if one is refused, nothing is sent (the caller learns it from the exit code).
 pub fn submit(addrs: &[SocketAddr], helo: &str, msg: &Submission) -> Result<(), Failure> {
+    check_envelope(helo, msg)?;
     let mut conn = connect(addrs)?;
     let result = transaction(&mut conn, helo, msg);
     conn.quit();
@@ -350,6 +389,57 @@ mod tests {
         let err = submit(&[addr], "me", &msg(&[], b"")).unwrap_err();
         assert_eq!(err.code, EX_TEMPFAIL);
         assert!(err.reason.contains("cannot connect"), "{}", err.reason);
+    }
+
+    #[test]
+    fn an_envelope_with_a_control_character_is_refused_before_connecting() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let injected = "b@example.org>\r\nDATA\r\nforged\r\n.\r\nMAIL FROM:<x@y".to_string();
+        let cases: [(&str, Vec<String>, &str); 3] = [
+            (
+                "a@example.com",
+                vec!["ok@example.org".into(), injected],
+                "me",
+            ),
+            (
+                "a@example.com>\r\nRSET",
+                vec!["ok@example.org".into()],
+                "me",
+            ),
+            ("a@example.com", vec!["ok@example.org".into()], "me\nRSET"),
+        ];
+        for (sender, rcpts, helo) in &cases {
+            let mut m = msg(rcpts, b"x\r\n");
+            m.sender = sender;
+            let err = submit(&[addr], helo, &m).unwrap_err();
+            assert_eq!(err.code, EX_USAGE, "{}", err.reason);
+            assert!(err.reason.contains("\\x0"), "{}", err.reason);
+        }
+        // not even a connection
+        let refused = listener.accept().unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn the_writer_never_sends_a_command_holding_cr_or_lf() {
+        let (addr, seen) = server(OK);
+        let mut conn = connect(&[addr]).unwrap();
+        conn.reply("the greeting").unwrap();
+        for command in [
+            "RCPT TO:<a@b>\r\nDATA",
+            "RCPT TO:<a@b>\nDATA",
+            "RCPT TO:<a@b>\rDATA",
+            "RCPT TO:<a@b\0>",
+        ] {
+            let err = conn.command(command, 250).unwrap_err();
+            assert_eq!(err.code, EX_SOFTWARE);
+            assert!(err.reason.starts_with("refusing"), "{}", err.reason);
+        }
+        conn.command("EHLO fine", 250).unwrap();
+        conn.quit();
+        assert_eq!(seen.join().unwrap(), "EHLO fine\r\nQUIT\r\n");
     }
 
     #[test]

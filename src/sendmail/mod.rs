@@ -214,10 +214,15 @@ fn prepare(
         }
     };
     for arg in &args.recipients {
-        arg.split(',').for_each(&mut add);
+        args::list(arg).for_each(&mut add);
     }
     if args.extract {
-        msg.header_recipients().iter().for_each(|a| add(a));
+        for addr in msg.header_recipients() {
+            // As strict as an argument: a header is as much the caller's input.
+            args::check_address(&addr)
+                .map_err(|e| Failure::new(EX_USAGE, format!("in To:, Cc: or Bcc:, {e}")))?;
+            add(&addr);
+        }
     }
     if recipients.is_empty() {
         let hint = if args.extract {
@@ -458,6 +463,41 @@ mod tests {
         assert!(e.reason.contains("none in To:"), "{}", e.reason);
         let e = prepare(&args(&["x@y"]), b"\n", "h", None).unwrap_err();
         assert_eq!(e.code, EX_NOUSER);
+    }
+
+    #[test]
+    fn header_recipients_are_checked_like_arguments() {
+        // mail-parser hands these over with the CR inside the address.
+        for input in [
+            &b"To: a@example.org\rDATA\n\nbody\n"[..],
+            b"To: ok@example.org\nCc: <a@example.org\rRSET>\n\nbody\n",
+            b"To: x <a<b>@example.org>\n\nbody\n",
+            b"Bcc: <a\"b c\"@example.org>\n\nbody\n",
+        ] {
+            let e = prepare(&args(&["-t", "-f", "s@h"]), input, "h", None).unwrap_err();
+            assert_eq!(e.code, EX_USAGE, "{}", e.reason);
+            assert!(e.reason.contains("is not an address"), "{}", e.reason);
+            assert!(!e.reason.contains(['\r', '\n']), "{}", e.reason);
+            // without -t the headers are content, not an envelope
+            assert!(prepare(&args(&["-f", "s@h", "z@example.org"]), input, "h", None).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_full_name_never_adds_a_header() {
+        // -F refuses control characters; a GECOS name goes through display_name, which
+        // drops them.
+        let user = User {
+            name: "www".into(),
+            full_name: Some("Web\r\nBcc: eve@evil.org".into()),
+        };
+        let p = prepare(&args(&["x@example.org"]), b"\nbody\n", "h", Some(&user)).unwrap();
+        let t = text(&p);
+        assert!(
+            t.starts_with("From: \"WebBcc: eve@evil.org\" <www@h>\r\n"),
+            "{t}"
+        );
+        assert!(!t.contains("\r\nBcc:"), "{t}");
     }
 
     #[test]

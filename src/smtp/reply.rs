@@ -466,6 +466,7 @@ mod tests {
             (Reply::upstream_tls_failed("c"), "454 4.7.0"),
             (Reply::upstream_auth_failed("c"), "454 4.7.0"),
             (Reply::channel_limited("c"), "451 4.7.0"),
+            (Reply::never_fits_graph(3, 2, "c"), "550 5.5.3"),
             (Reply::idle_timeout(), "421 4.4.2"),
             (Reply::cannot_vrfy(), "252 2.5.0"),
             (Reply::network_not_allowed(), "554 5.7.1"),

@@ -150,12 +150,13 @@ pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
 pub fn hold_until(events: &[(u64, u64)], now_ms: u64) -> u64 {
     let oldest = events
         .iter()
-        .find(|(t, _)| t + DAY_MS > now_ms)
-        .map(|(t, _)| t + DAY_MS);
+        .find(|(t, _)| t.saturating_add(DAY_MS) > now_ms)
+        .map(|(t, _)| t.saturating_add(DAY_MS));
+    // Event times come from a file or Redis: saturating, whatever they hold.
     oldest
         .unwrap_or(u64::MAX)
-        .min(now_ms + HOUR_MS)
-        .max(now_ms + 60_000)
+        .min(now_ms.saturating_add(HOUR_MS))
+        .max(now_ms.saturating_add(60_000))
 }
 
 /// A channel name as a file name: anything but `[A-Za-z0-9._-]` becomes `%XX`.
@@ -487,7 +488,7 @@ impl Counters {
         while self
             .events
             .front()
-            .is_some_and(|(old, _)| old + horizon <= t)
+            .is_some_and(|(old, _)| old.saturating_add(horizon) <= t)
             || self.events.len() > MAX_EVENTS
         {
             self.events.pop_front();
@@ -501,7 +502,10 @@ pub fn has_windows(limits: &Limits) -> bool {
 }
 
 fn horizon_ms(limits: &Limits) -> u64 {
-    let rate = limits.rate.map(|r| r.per.as_millis() as u64).unwrap_or(0);
+    let rate = limits
+        .rate
+        .map(|r| u64::try_from(r.per.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
     rate.max(DAY_MS)
 }
 
@@ -532,7 +536,7 @@ fn parse_events(text: &str, limits: &Limits, now_ms: u64) -> Vec<(u64, u64)> {
             Some(_) => {}
         }
     }
-    events.retain(|(t, _)| t + horizon > now_ms && *t <= now_ms);
+    events.retain(|(t, _)| t.saturating_add(horizon) > now_ms && *t <= now_ms);
     events.sort_unstable();
     events
 }
@@ -572,6 +576,21 @@ mod tests {
     #[test]
     fn times_are_readable() {
         assert_eq!(format_time(1_709_210_096_789), "2024-02-29 12:34:56Z");
+    }
+
+    #[test]
+    fn event_times_from_a_file_or_redis_cannot_overflow() {
+        let now = 1_709_210_096_789;
+        // A torn or hostile events log: a time at the end of u64.
+        let held = hold_until(&[(u64::MAX, 3)], now);
+        assert!((now + 60_000..=now + HOUR_MS).contains(&held), "{held}");
+        let limits = Limits {
+            recipients_per_day: Some(10),
+            ..Default::default()
+        };
+        let text = format!("{} 3\n{} 2\n", u64::MAX, now - 1000);
+        assert_eq!(parse_events(&text, &limits, now), vec![(now - 1000, 2)]);
+        assert!(format_time(u64::MAX).len() > 10);
     }
 
     #[test]

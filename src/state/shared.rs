@@ -307,10 +307,10 @@ impl RedisState {
         rcpts: &[u64],
     ) -> Result<(Vec<String>, Option<Reserved>), Unavailable> {
         let (count, per) = match limits.rate {
-            Some(rate) => (rate.count as i64, rate.per.as_millis() as i64),
+            Some(rate) => (to_i64(rate.count), to_i64(rate.per.as_millis())),
             None => (-1, 0),
         };
-        let per_day = limits.recipients_per_day.map_or(-1, |d| d as i64);
+        let per_day = limits.recipients_per_day.map_or(-1, to_i64);
         let uniq = format!("{:016x}-", rand::random::<u64>());
         let keys = [
             self.key("rate", channel),
@@ -341,8 +341,11 @@ impl RedisState {
         let granted = answer.iter().skip(2).cloned().collect();
         let refused = match status {
             Some("0") => None,
+            // Redis's answer: a wait is at least a ms and at most a day.
             Some("1") => Some(Reserved::Wait(
-                wait.and_then(|w| w.parse().ok()).unwrap_or(1000).max(1),
+                wait.and_then(|w| w.parse().ok())
+                    .unwrap_or(1000)
+                    .clamp(1, 86_400_000),
             )),
             _ => Some(Reserved::Never),
         };
@@ -404,7 +407,7 @@ impl RedisState {
             self.key("day", channel),
             self.key("daysum", channel),
         ];
-        let per = limits.rate.map_or(-1, |r| r.per.as_millis() as i64);
+        let per = limits.rate.map_or(-1, |r| to_i64(r.per.as_millis()));
         let per_day = i64::from(limits.recipients_per_day.is_some());
         let script = &self.inner.import;
         self.call(|mut c| async move {
@@ -519,7 +522,7 @@ impl RedisState {
                     .arg(set)
                     .arg("NX")
                     .arg("PX")
-                    .arg(hold.as_millis() as u64)
+                    .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX))
                     .query_async(&mut c)
                     .await
             })
@@ -604,4 +607,10 @@ impl super::tokens::TokenStore for RedisTokenStore {
             self.0.key("refresh", channel)
         )
     }
+}
+
+/// A count or a length in ms from the config, for a Lua script: a value past `i64`
+/// (the config allows it) is the largest, never a negative one (which means "none").
+fn to_i64(value: impl TryInto<i64>) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
 }

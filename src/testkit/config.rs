@@ -33,6 +33,9 @@ pub fn config(channels: Vec<Channel>) -> Config {
         metrics: None,
         has_literal_secrets: false,
         state: Default::default(),
+        index: Default::default(),
+        rewrites: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 

@@ -48,6 +48,13 @@ pub enum Scripted {
         /// `Retry-After` value, verbatim.
         retry_after: Option<String>,
     },
+    /// This status with a valid Graph error document padded to `size` bytes.
+    Oversized {
+        /// HTTP status.
+        status: u16,
+        /// Length of the whole answer body.
+        size: usize,
+    },
 }
 
 impl Scripted {
@@ -378,6 +385,17 @@ async fn handle(
             }) = scripted
             {
                 error(status, &code, retry_after.as_deref())
+            } else if let Some(Scripted::Oversized { status, size }) = scripted {
+                let head =
+                    r#"{"error":{"code":"ErrorInvalidRecipients","message":"x"},"padding":""#;
+                let mut body = head.as_bytes().to_vec();
+                body.resize(size.saturating_sub(2).max(body.len()), b' ');
+                body.extend_from_slice(b"\"}");
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("response")
             } else if !content_type.starts_with("text/plain") {
                 error(400, "ErrorMimeContentInvalid", None)
             } else {
@@ -422,15 +440,23 @@ fn scripted(state: &Mutex<State>, step: DraftStep) -> Option<Reply> {
     let mut s = state.lock().unwrap();
     s.log.push(format!("{step:?}").to_lowercase());
     let at = s.fails.iter().position(|(f, _)| *f == step)?;
-    let (
-        _,
+    Some(match s.fails.remove(at).1 {
         Scripted::Status {
             status,
             code,
             retry_after,
-        },
-    ) = s.fails.remove(at);
-    Some(error(status, &code, retry_after.as_deref()))
+        } => error(status, &code, retry_after.as_deref()),
+        Scripted::Oversized { status, size } => {
+            let mut body = br#"{"error":{"code":"X","message":"x"},"padding":""#.to_vec();
+            body.resize(size.saturating_sub(2).max(body.len()), b' ');
+            body.extend_from_slice(b"\"}");
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .expect("response")
+        }
+    })
 }
 
 fn attached(v: &serde_json::Value, way: &'static str) -> Option<Attached> {

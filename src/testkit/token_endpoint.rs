@@ -37,6 +37,9 @@ pub enum Failure {
     Hang,
     /// Answer this HTTP status after this long (callers that arrive meanwhile wait).
     SlowStatus(u16, Duration),
+    /// Answer `200` with a valid token document padded to this many bytes, sent chunked
+    /// (no `Content-Length`) in 64 KiB pieces: a client must stop reading at its limit.
+    Oversized(usize),
 }
 
 /// The local provider. Dropping it stops the server.
@@ -48,6 +51,8 @@ pub struct TokenEndpoint {
 
 struct State {
     lifetime: Duration,
+    /// `expires_in` put in token answers instead of the lifetime (hostile values).
+    expires_in: Option<u64>,
     rotate: bool,
     failure: Option<Failure>,
     refresh_tokens: HashSet<String>,
@@ -62,6 +67,7 @@ struct State {
 
 struct Device {
     interval: u64,
+    expires_in: u64,
     pending: usize,
     slow_down_sent: bool,
     polls: Vec<Instant>,
@@ -79,7 +85,47 @@ impl Drop for TokenEndpoint {
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+type Body = http_body_util::Either<Full<Bytes>, Padded>;
+type Reply = Response<Body>;
+
+/// A JSON document streamed in 64 KiB chunks, of unknown length (chunked): `head`, then
+/// spaces inside a string, then `"}`, `size` bytes in all.
+pub struct Padded {
+    head: Option<Bytes>,
+    left: usize,
+}
+
+impl Padded {
+    fn new(head: String, size: usize) -> Self {
+        let left = size.saturating_sub(head.len());
+        Padded {
+            head: Some(Bytes::from(head)),
+            left,
+        }
+    }
+}
+
+impl hyper::body::Body for Padded {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        const PIECE: usize = 64 * 1024;
+        if let Some(head) = self.head.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(head))));
+        }
+        let chunk = match self.left {
+            0 => return std::task::Poll::Ready(None),
+            n if n <= 2 => Bytes::from_static(b"\"}"),
+            n => Bytes::from(vec![b' '; (n - 2).min(PIECE)]),
+        };
+        self.left = self.left.saturating_sub(chunk.len());
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+    }
+}
 
 impl TokenEndpoint {
     /// Starts the server: tokens live an hour, refresh tokens do not rotate, the device
@@ -91,6 +137,7 @@ impl TokenEndpoint {
         let addr = listener.local_addr().expect("local address");
         let state = Arc::new(Mutex::new(State {
             lifetime: Duration::from_secs(3600),
+            expires_in: None,
             rotate: false,
             failure: None,
             refresh_tokens: HashSet::from([INITIAL_REFRESH_TOKEN.to_string()]),
@@ -100,6 +147,7 @@ impl TokenEndpoint {
             secrets: vec![CLIENT_SECRET.to_string(), INITIAL_REFRESH_TOKEN.to_string()],
             device: Device {
                 interval: 0,
+                expires_in: 900,
                 pending: 2,
                 slow_down_sent: false,
                 polls: Vec::new(),
@@ -135,6 +183,15 @@ impl TokenEndpoint {
     /// Lifetime (`expires_in`) of the access tokens issued from now on.
     pub fn set_lifetime(&self, lifetime: Duration) {
         self.with(|s| s.lifetime = lifetime);
+    }
+    /// The `expires_in` written in token answers from now on, whatever the tokens' real
+    /// lifetime (`None`: the lifetime), e.g. `u64::MAX`.
+    pub fn set_expires_in(&self, expires_in: Option<u64>) {
+        self.with(|s| s.expires_in = expires_in);
+    }
+    /// The `expires_in` of the device endpoint's answers (900 unless set).
+    pub fn set_device_expires_in(&self, expires_in: u64) {
+        self.with(|s| s.device.expires_in = expires_in);
     }
     /// Rotate: every refresh issues a new refresh token and revokes the one used.
     pub fn set_rotate(&self, rotate: bool) {
@@ -228,7 +285,7 @@ fn json(status: StatusCode, body: serde_json::Value) -> Reply {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Body::Left(Full::new(Bytes::from(body.to_string()))))
         .expect("response")
 }
 
@@ -280,6 +337,17 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Reply {
                         serde_json::json!({}),
                     )
                 }
+                Some(Failure::Oversized(size)) => {
+                    let head =
+                        serde_json::json!({"access_token": "at-oversized", "expires_in": 3600})
+                            .to_string();
+                    let head = head.trim_end_matches('}').to_string() + ",\"padding\":\"";
+                    Response::builder()
+                        .status(StatusCode::OK)
+                        .header("content-type", "application/json")
+                        .body(Body::Right(Padded::new(head, size)))
+                        .expect("response")
+                }
                 Some(Failure::Status(code)) => json(
                     StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                     serde_json::json!({}),
@@ -314,7 +382,7 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Reply {
                     "device_code": device_code,
                     "user_code": "WDJB-MJHT",
                     "verification_uri": "https://microsoft.example/devicelogin",
-                    "expires_in": 900,
+                    "expires_in": s.device.expires_in,
                     "interval": s.device.interval,
                 }),
             )
@@ -325,7 +393,7 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Reply {
                 Ok(location) => Response::builder()
                     .status(StatusCode::FOUND)
                     .header("location", location)
-                    .body(Full::new(Bytes::new()))
+                    .body(Body::Left(Full::new(Bytes::new())))
                     .expect("response"),
                 Err(text) => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &text),
             }
@@ -347,7 +415,7 @@ fn issue(s: &mut State, with_refresh_token: bool) -> Reply {
     let mut body = serde_json::json!({
         "token_type": "Bearer",
         "access_token": access,
-        "expires_in": s.lifetime.as_secs(),
+        "expires_in": s.expires_in.unwrap_or(s.lifetime.as_secs()),
     });
     if with_refresh_token {
         let refresh = format!("rt-{}-{}", s.serial, random_hex());

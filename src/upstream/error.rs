@@ -223,7 +223,8 @@ fn code_suffix(code: &str) -> String {
 pub fn classify_http(status: u16, code: &str) -> Class {
     match status {
         403 if code.eq_ignore_ascii_case("ErrorSendAsDenied") => Class::SenderDenied,
-        429 | 500..=599 => Class::Transient,
+        // 407: the outbound proxy refused its credentials; Graph never saw the request.
+        407 | 429 | 500..=599 => Class::Transient,
         401 | 403 | 404 => Class::CredentialsBroken,
         400..=499 => Class::Permanent,
         _ => Class::Transient,

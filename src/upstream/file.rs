@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{Body, Error, blocking};
@@ -88,7 +89,11 @@ pub(super) fn write_atomically(
 fn probe_dir(dir: &Path) -> io::Result<()> {
     fsutil::private_dir(dir)?;
     let probe = dir.join(format!(".probe-{}.tmp", crate::message::new_id()));
-    let written = fs::File::create(&probe)
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(fsutil::FILE_MODE)
+        .open(&probe)
         .and_then(|mut f| f.write_all(b"probe").and_then(|()| f.sync_all()));
     let _ = fs::remove_file(&probe);
     written

@@ -43,6 +43,14 @@ impl Upstreams {
         let prepared = PreparedBody::new(body).await?;
         let envelope = PreparedEnvelope::new(envelope, prepared.eightbit, all_or_nothing, refused)?;
         let mut conn = self.checkout(ch, true).await?;
+        #[cfg(test)]
+        if self
+            .panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("a panic injected by a test, holding a connection slot");
+        }
         let (mut result, mut reusable) = self
             .transaction(ch, &mut conn, &envelope, prepared, all_or_nothing, refused)
             .await;
@@ -99,7 +107,9 @@ impl Upstreams {
             return ended;
         }
 
-        let data_timeout = self.timeout + Duration::from_secs(body.len / MIN_DATA_RATE);
+        let data_timeout = self
+            .timeout
+            .saturating_add(Duration::from_secs(body.len / MIN_DATA_RATE));
         let sent = match body.source {
             _ if body.empty => {
                 self.call(ch, data_timeout, conn.smtp.command(EmptyMessageEnd))

@@ -72,7 +72,7 @@ def config_secrets(path: Path, env: dict[str, str]) -> set[str]:
                 continue
             if key in SECRET_KEYS and key != "url":
                 found.add(value)
-            elif key == "url" and "@" in value:  # redis://:password@host
+            elif key in ("url", "https_proxy") and "@" in value:  # redis://:password@host
                 found.add(value.split("@", 1)[0].rsplit(":", 1)[-1])
             elif key.endswith("_env") and key[: -len("_env")] in SECRET_KEYS:
                 found.add(env.get(value) or os.environ.get(value, ""))
@@ -108,6 +108,18 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+PROXY_ENV = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+             "no_proxy", "NO_PROXY")
+
+
+def strip_proxy_env(env: dict) -> None:
+    """The test peers are on loopback, which mailgate sends through the environment's proxy
+    unless NO_PROXY lists it (SPEC §7): a proxy set on the test machine must not interfere.
+    Tests that want one set it in their own `env`."""
+    for name in PROXY_ENV:
+        env.pop(name, None)
+
+
 def free_port() -> int:
     """A port that was free a moment ago (for peers that cannot bind port 0 and tell us)."""
     with socket.socket() as s:
@@ -130,6 +142,7 @@ def run_cli(args: list[str], *, input: Optional[bytes] = None, cwd=None, env=Non
     `env` entries whose value is None are removed from the environment."""
     full_env = dict(os.environ, NO_COLOR="1")
     full_env.pop("MAILGATE_CONFIG", None)
+    strip_proxy_env(full_env)
     for k, v in (env or {}).items():
         if v is None:
             full_env.pop(k, None)
@@ -255,6 +268,7 @@ class Mailgate:
         self._cond = threading.Condition()
         full_env = dict(os.environ, NO_COLOR="1", RUST_BACKTRACE="1")
         full_env.pop("MAILGATE_CONFIG", None)
+        strip_proxy_env(full_env)
         if env:
             full_env.update(env)
         cmd = [str(BIN), *(args or ["-c", str(config_path), "run"])]

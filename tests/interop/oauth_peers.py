@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import secrets
+import ssl
 import threading
 import weakref
 import time
@@ -46,6 +47,15 @@ class Device:
     slow_down: bool = True  # …then slow_down once, then the token
 
 
+def _server(handler, tls: Optional[ssl.SSLContext]) -> ThreadingHTTPServer:
+    """A threading HTTP server on 127.0.0.1, port 0; HTTPS with `tls` (the handshake
+    happens in the request's thread, so a client that fails it stalls no one else)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    return server
+
+
 # Every endpoint started, so that conftest can check each mailgate log for their secrets.
 ENDPOINTS: "weakref.WeakSet[TokenEndpoint]" = weakref.WeakSet()
 
@@ -54,10 +64,11 @@ class TokenEndpoint:
     """Token, device-authorization and code-exchange endpoints on one HTTP server.
 
     `mode` scripts failures: "ok", "503", "invalid_grant", "invalid_client",
-    "unauthorized_client".
+    "unauthorized_client", and "huge": a 200 token answer streamed without a length,
+    `huge_size` bytes of valid JSON (`huge_sent` records how much each request took).
     """
 
-    def __init__(self, lifetime: int = 3600, rotate: bool = False):
+    def __init__(self, lifetime: int = 3600, rotate: bool = False, tls: Optional[ssl.SSLContext] = None):
         self.lifetime = lifetime
         self.rotate = rotate
         self.mode = "ok"
@@ -68,6 +79,8 @@ class TokenEndpoint:
         self.device_polls: list[float] = []
         self.codes: dict[str, dict] = {}  # code -> {challenge, redirect_uri}
         self.lock = threading.Lock()
+        self.huge_size = 100 << 20
+        self.huge_sent: list[int] = []
         ENDPOINTS.add(self)
         endpoint = self
 
@@ -78,6 +91,11 @@ class TokenEndpoint:
             def do_POST(self):
                 n = int(self.headers.get("Content-Length", "0"))
                 form = dict(urllib.parse.parse_qsl(self.rfile.read(n).decode()))
+                if endpoint.mode == "huge" and self.path.endswith("/token"):
+                    with endpoint.lock:
+                        endpoint.requests.append({"path": self.path, **form})
+                    endpoint.huge_sent.append(self.stream_huge(endpoint.huge_size))
+                    return
                 status, body = endpoint.handle(self.path, form)
                 data = json.dumps(body).encode()
                 self.send_response(status)
@@ -86,9 +104,33 @@ class TokenEndpoint:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            def stream_huge(self, size: int) -> int:
+                """A valid token document of `size` bytes, no Content-Length (the body ends
+                when the connection closes), in 64 KiB writes; returns the bytes the client
+                took before it hung up."""
+                head = b'{"token_type": "Bearer", "access_token": "TEST-AT-HUGE", "expires_in": 3600, "pad": "'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                sent = 0
+                piece = b" " * 65536
+                try:
+                    self.wfile.write(head)
+                    sent += len(head)
+                    while sent + len(piece) + 2 <= size:
+                        self.wfile.write(piece)
+                        sent += len(piece)
+                    self.wfile.write(b'"}')
+                    sent += 2
+                except OSError:
+                    pass
+                self.close_connection = True
+                return sent
+
+        self.server = _server(Handler, tls)
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -275,7 +317,7 @@ class GraphApi:
     sendMail requests: (status, code) or (status, code, retry_after).
     """
 
-    def __init__(self, endpoint: TokenEndpoint):
+    def __init__(self, endpoint: TokenEndpoint, tls: Optional[ssl.SSLContext] = None):
         self.endpoint = endpoint
         # The upload way (SPEC §7): drafts by id, upload sessions by token, drafts sent,
         # ids deleted, accepted PUT chunk sizes, PUTs that carried a bearer token, the
@@ -490,8 +532,8 @@ class GraphApi:
             do_PUT = _route
             do_DELETE = _route
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = _server(Handler, tls)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -439,3 +439,57 @@ def test_the_log_leak_check_finds_every_form_of_secret(tmp_path):
         ["literal-secret-1", "file-secret-123", "env-secret-456", "oauth-secret-9"]
     )
     assert leaked_secrets("password = ***", cfg, env) == []
+
+
+def test_state_export_to_a_bare_file_name(tmp_path):
+    # Issue 16 item 8: the file was written, then syncing its folder "" failed (exit 1).
+    cfg = MailgateConfig(tmp_path)
+    cfg.file_channel("outbox")
+    cfg.write()
+    p = run_cli(["-c", "proxy.toml", "state", "export", "st.json"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "cannot write" not in p.stderr, p.stderr
+    exported = tmp_path / "st.json"
+    assert exported.read_text().startswith("{")
+    assert exported.stat().st_mode & 0o777 == 0o600
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []
+    # and again over the existing file
+    p = run_cli(["-c", "proxy.toml", "state", "export", "st.json"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+
+
+CONFIG_SUBCOMMANDS = [
+    ["check"],
+    ["run"],
+    ["route", "a@example.com"],
+    ["test-channel", "outbox"],
+    ["queue", "list"],
+    ["queue", "show", "abc"],
+    ["queue", "retry", "--all"],
+    ["queue", "delete", "abc"],
+    ["state", "export"],
+    ["oauth", "authorize", "outbox"],
+]
+
+
+@pytest.mark.parametrize("sub", CONFIG_SUBCOMMANDS, ids=" ".join)
+def test_an_unreadable_config_is_exactly_one_line(sub, tmp_path):
+    # Issue 16 item 9: a missing file printed the problem and then "1 problem found".
+    for path, why in ((tmp_path / "nope.toml", "No such file"), (tmp_path, "Is a directory")):
+        p = run_cli(["-c", str(path), *sub], cwd=tmp_path, timeout=20)
+        assert p.returncode != 0
+        lines = p.stderr.splitlines()
+        assert len(lines) == 1, p.stderr
+        assert str(path) in lines[0] and "cannot read the configuration file" in lines[0], p.stderr
+        assert why in lines[0], p.stderr
+
+
+def test_several_config_problems_are_all_listed_with_the_count(tmp_path):
+    path = tmp_path / "proxy.toml"
+    path.write_text('[server]\nbogus = 1\nlisten = "x"\n[channels.a]\nkind = "file"\nwhat = 2\n')
+    p = run_cli(["-c", str(path), "queue", "list"], cwd=tmp_path)
+    assert p.returncode != 0
+    lines = p.stderr.splitlines()
+    assert len(lines) >= 4, p.stderr
+    assert "bogus" in p.stderr and "what" in p.stderr
+    assert re.search(rf"{re.escape(str(path))}: {len(lines) - 1} problems found$", lines[-1]), p.stderr

@@ -33,6 +33,7 @@ METRIC_NAMES = {
     "mailgate_channel_state",
     "mailgate_delivery_seconds",
     "mailgate_oauth_token_refreshes_total",
+    "mailgate_rewrites_total",
 }
 SERVED = re.compile(r"serving metrics at (http://\S+)/metrics")
 

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -150,6 +151,27 @@ def test_rotated_refresh_token_is_stored_back_with_mode_0600(
     assert_no_secrets(mg.log(), endpoint)
 
 
+def test_rotated_refresh_token_in_a_bare_file_name_is_stored_without_error(
+        config, mailgate, upstream_factory, certs, endpoint):
+    # Issue 16 item 8: `-c proxy.toml` and `refresh_token_file = "m365.token"` make the
+    # token file a bare name; the write-back succeeded, then failed syncing the folder "".
+    endpoint.rotate = True
+    up = xoauth_upstream(upstream_factory, certs, endpoint)
+    token_file = config.tmp / "m365.token"
+    token_file.write_text(REFRESH_TOKEN + "\n")
+    token_file.chmod(0o600)
+    oauth_channel(config, "m365", up, endpoint, token_file="m365.token")
+    config.write()
+    up.handler.close_after_data = True
+    mg = mailgate(config, env=dict(config.env), args=["-c", "proxy.toml", "run"], cwd=config.tmp)
+    code, _ = submit(mg.addr, MAILBOX, ["bob@example.org"], message())
+    assert code == 250
+    stored = token_file.read_text().strip()
+    assert stored != REFRESH_TOKEN and stored in endpoint.refresh_tokens
+    assert "cannot" not in mg.log() and "No such file" not in mg.log(), mg.log()
+    assert_no_secrets(mg.log(), endpoint)
+
+
 @pytest.mark.parametrize("style", ["microsoft", "google"])
 def test_revoked_access_token_gets_one_refresh_and_one_retry(
         config, mailgate, upstream_factory, certs, endpoint, style):
@@ -234,6 +256,57 @@ def test_token_endpoint_unreachable_in_relay_mode_is_454(config, mailgate, upstr
     code, text = submit(mg.addr, MAILBOX, ["bob@example.org"], message())
     assert code == 454 and text.startswith("4.7.0"), (code, text)
     assert up.messages == []
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_an_oversized_token_answer_is_a_temporary_error_and_memory_stays_bounded(
+        config, mailgate, upstream_factory, certs, endpoint):
+    """Issue 16: a 300 MiB token answer took mailgate from 9.8 MB to 606 MB. 100 MiB of
+    valid JSON, streamed without a length: read up to 64 KiB, the message stays queued
+    (not broken), peak RSS stays under 64 MiB; fixed endpoint, the message goes."""
+    queue_mode(config)
+    up = xoauth_upstream(upstream_factory, certs, endpoint)
+    oauth_channel(config, "m365", up, endpoint)
+    endpoint.mode = "huge"
+    mg = start(mailgate, config)
+    assert submit(mg.addr, MAILBOX, ["bob@example.org"], message())[0] == 250
+    wait_until(lambda: len(endpoint.huge_sent) >= 2, 20, "two token requests answered hugely")
+    # What the kernel buffered before mailgate hung up, never the whole 100 MiB.
+    assert all(n < 16 << 20 for n in endpoint.huge_sent), endpoint.huge_sent
+    peak = _peak_rss_kib(mg.proc.pid)
+    assert peak < 64 * 1024, f"peak RSS {peak} KiB"
+    listing = queue_list(config.tmp / "proxy.toml")
+    assert "broken" not in listing, listing
+    assert "more than 64 KiB" in mg.log(), mg.log()
+    assert up.messages == []
+    endpoint.mode = "ok"
+    up.wait_messages(1, timeout=20)
+
+
+@pytest.mark.parametrize("mode", ["queue", "relay"])
+def test_a_huge_expires_in_neither_panics_nor_wedges_the_channel(
+        config, mailgate, upstream_factory, certs, endpoint, mode):
+    """Issue 16: `expires_in: 18446744073709551615` overflowed the expiry; the panicked
+    delivery held the channel's connection slot until a restart."""
+    if mode == "queue":
+        queue_mode(config)
+    up = xoauth_upstream(upstream_factory, certs, endpoint)
+    oauth_channel(config, "m365", up, endpoint)
+    endpoint.lifetime = 18446744073709551615
+    mg = start(mailgate, config)
+    for i in range(3):
+        code, text = submit(mg.addr, MAILBOX, ["bob@example.org"], message(subject=f"m{i}"))
+        assert code == 250, text
+    up.wait_messages(3, timeout=20)
+    assert len(endpoint.grants("refresh_token")) == 1, "the token is cached (a day at most)"
+    assert "panicked" not in mg.log(), mg.log()
 
 
 def test_xoauth2_without_tls_is_a_config_error(config, upstream_factory, endpoint):
@@ -361,6 +434,28 @@ def test_google_flow_refuses_a_wrong_state(config, upstream_factory, certs, endp
     assert rc != 0, out
     assert "state" in out.lower(), out
     assert not token_file.exists() or token_file.read_text().strip() == ""
+
+
+def test_google_listener_ignores_a_request_with_a_wrong_state_and_keeps_waiting(
+        config, upstream_factory, certs, endpoint):
+    """Anything on the machine can reach the loopback listener: a forged redirect is
+    answered 400 and the flow waits on; the real one then completes it."""
+    up = xoauth_upstream(upstream_factory, certs, endpoint, style="google", implicit=True)
+    token_file = config.tmp / "gmail.token"
+    oauth_channel(config, "gmail", up, endpoint, provider="google", token_file=token_file)
+
+    def forged_then_real(redirect, proc):
+        bad = re.sub(r"state=[^&]+", "state=forged", redirect)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=10)
+        assert refused.value.code == 400
+        assert proc.poll() is None, "the flow still waits"
+        with urllib.request.urlopen(redirect, timeout=10) as r:
+            assert r.status == 200
+
+    rc, out = _google_authorize(config, endpoint, forged_then_real)
+    assert rc == 0, out
+    assert token_file.read_text().strip() in endpoint.refresh_tokens
 
 
 def test_test_channel_reports_each_oauth_step_without_the_token(config, upstream_factory, certs, endpoint):

@@ -196,3 +196,82 @@ def test_queue_commands_while_running(config, mailgate, upstream):
     assert p.returncode != 0 and b in p.stderr
     p = run_cli(["-c", str(path), "queue", "retry"])
     assert p.returncode != 0
+
+
+def spool_modes(spool) -> list[tuple[str, str]]:
+    """(path, mode) of every file and folder under the spool whose mode is not private."""
+    import os
+    import stat
+    wrong = []
+    for root, dirs, files in os.walk(spool):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            want = 0o700 if name in dirs else 0o600
+            if mode != want:
+                wrong.append((os.path.relpath(path, spool), oct(mode)))
+    return wrong
+
+
+def test_every_spool_file_is_0600_under_umask_022_with_dsns_and_reused_spares(
+        config, mailgate, upstream, tmp_path):
+    # Issue 16 item 9: the DSN was written 0644 (File::create), and once delivered its
+    # emptied file became a spare that the next client message was renamed onto.
+    import os
+    old_umask = os.umask(0o022)  # mailgate inherits it
+    try:
+        queue_mode(config)
+        config.smtp_channel("up", upstream)
+        upstream.handler.rcpt_reply_for["nobody@example.org"] = "550 5.1.1 No such user here"
+        upstream.handler.rcpt_reply_for["later@example.org"] = "451 4.3.0 Try again later"
+        mg = mailgate(config)
+    finally:
+        os.umask(old_umask)
+    spool = tmp_path / "spool"
+    queue, failed = spool / "queue", spool / "failed"
+
+    def queued():
+        return sorted(p.name for p in queue.iterdir())
+
+    # 1: carol gets it, nobody fails: a DSN goes to alice, is delivered, its files spares.
+    code, _ = submit(mg.addr, "alice@example.com", ["nobody@example.org", "carol@example.org"],
+                     message(subject="one"))
+    assert code == 250
+    upstream.wait_messages(2, timeout=20)
+    wait_until(lambda: queued() == [], 10, "the DSN delivered and removed")
+    # 2 and 3: new client messages take those spares; 2 fails (to failed/, and its DSN
+    # is delivered), 3 stays queued.
+    for rcpt, subject in (("nobody@example.org", "two"), ("later@example.org", "three")):
+        code, _ = submit(mg.addr, "alice@example.com", [rcpt], message(subject=subject))
+        assert code == 250
+    wait_until(lambda: len(list(failed.glob("*.eml"))) == 2, 10, "two messages in failed/")
+    upstream.wait_messages(3, timeout=20)
+    wait_until(lambda: len(queued()) == 2, 10, "only message 3 queued")
+    assert len(list(failed.iterdir())) == 4
+    assert spool_modes(spool) == [], mg.log()
+
+
+def test_queue_commands_before_anything_was_ever_queued(config, tmp_path):
+    # Issue 16 item 9: `queue list` exited 1 ("spool does not exist yet"); an empty queue
+    # is not an error. The others answer in one line about the message.
+    queue_mode(config)
+    config.file_channel("outbox")
+    path = config.write()
+    spool = tmp_path / "spool"
+    assert not spool.exists()
+    p = run_cli(["-c", str(path), "queue", "list"])
+    assert p.returncode == 0, p.stderr
+    assert "0 message(s) queued" in p.stdout and "outbox" in p.stdout, p.stdout
+    assert p.stderr == ""
+    for args, code, needle in (
+        (["show", "abc"], 1, "no message abc"),
+        (["delete", "abc"], 1, "no message abc"),
+        (["retry", "abc"], 1, "no message abc"),
+        (["retry", "--all"], 0, "0 message(s) will be retried"),
+    ):
+        p = run_cli(["-c", str(path), "queue", *args])
+        assert p.returncode == code, (args, p.stderr)
+        out = p.stdout if code == 0 else p.stderr
+        lines = out.splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, out)
+    assert not spool.exists(), "reading an empty queue creates nothing"

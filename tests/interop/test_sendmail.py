@@ -5,6 +5,7 @@ import email.utils
 import os
 import pwd
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -202,6 +203,70 @@ def test_bad_arguments(setup, args, reason):
     assert p.returncode == EX_USAGE, p.stderr
     assert reason in p.stderr.splitlines()[0], p.stderr
     assert setup.delivered() == []
+
+
+# What a web form could hand to `mail ADDR` (issue 16 item 2): ends RCPT, sends a forged
+# message, and starts a second transaction that the real message then completes.
+INJECTED = (
+    "victim@example.org>\r\nDATA\r\nFrom: ceo@example.com\r\nSubject: forged\r\n\r\n"
+    "forged body\r\n.\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<attacker@evil.example"
+)
+
+
+@pytest.mark.parametrize("args", [
+    ["-i", "-f", "a@example.com", INJECTED],
+    ["-i", "-f", "a@example.com", "ok@example.org, " + INJECTED],
+    ["-i", "-f", "a@example.com", "--", INJECTED],
+    ["-i", "-f", "a@example.com>\r\nRCPT TO:<attacker@evil.example", "ok@example.org"],
+    ["-i", "-r", "a@example.com\nRSET", "ok@example.org"],
+    ["-i", "-f", "a@example.com", "a b@example.org"],
+    ["-i", "-f", "a@example.com", "<<ok@example.org>>"],
+    ["-i", "-f", "a@example.com", "ok@example.org>"],
+    ["-i", "-f", "a@example.com", "ok@example.org\tx"],
+    ["-i", "-F", "Web\r\nBcc: attacker@evil.example", "-f", "a@example.com", "ok@example.org"],
+], ids=["rcpt", "rcpt-in-list", "rcpt-after-dashes", "sender-crlf", "sender-lf", "space",
+        "double-brackets", "stray-bracket", "tab", "full-name-crlf"])
+def test_injection_in_an_argument_exits_64_and_sends_nothing(setup, args):
+    p = setup.sendmail(args, b"Subject: real\n\nreal body\n")
+    assert p.returncode == EX_USAGE, (p.returncode, p.stderr)
+    lines = p.stderr.splitlines()
+    assert lines and "\r" not in p.stderr and len(lines) <= 2, p.stderr  # the reason, the usage
+    assert "not an address" in lines[0] or "control characters" in lines[0], p.stderr
+    assert setup.delivered() == [], setup.mg.log()
+    assert "forged" not in setup.mg.log() and "RCPT" not in setup.mg.log()
+
+
+def test_extracted_header_recipient_with_a_bare_cr_exits_64(setup):
+    msg = b"To: ok@example.org\nCc: victim@example.org\rRSET\nSubject: s\n\nbody\n"
+    p = setup.sendmail(["-t", "-i", "-f", "a@example.com"], msg)
+    assert p.returncode == EX_USAGE, p.stderr
+    assert "not an address" in p.stderr.splitlines()[0], p.stderr
+    assert setup.delivered() == []
+
+
+def test_injection_never_reaches_the_listener(config):
+    # sendmail pointed at a bare socket: refused before it even connects.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.settimeout(0.5)
+        config.file_channel("outbox")
+        config.server["listen"] = [f"127.0.0.1:{sock.getsockname()[1]}"]
+        path = config.write("sendmail.toml")
+        for args in (["-f", "a@example.com", INJECTED], ["-f", INJECTED.replace(">", "", 1), "b@example.org"]):
+            p = run_cli(["-c", str(path), "sendmail", "-i", *args], input=b"Subject: real\n\nx\n")
+            assert p.returncode == EX_USAGE, p.stderr
+        with pytest.raises(socket.timeout):
+            sock.accept()
+
+
+def test_one_enclosing_pair_stays_accepted(setup):
+    p = setup.sendmail(["-i", "-f", "<a@example.com>", "<b@example.org>", "c@example.org, <d@example.org>"],
+                       b"Subject: s\n\nx\n")
+    assert p.returncode == 0, p.stderr
+    env, _ = setup.only()
+    assert sender(env) == "a@example.com"
+    assert recipients(env) == ["b@example.org", "c@example.org", "d@example.org"]
 
 
 def test_nothing_listening_is_tempfail(config, tmp_path):

@@ -19,16 +19,53 @@ pub(super) struct Body {
     headers: HeaderCapture,
     /// Writing the draft failed: the reply to give at the end.
     failed: Option<Reply>,
+    /// `header_from = "replace"` of a `[[rewrite]]` entry (SPEC §4a).
+    replace: Option<Replace>,
+}
+
+/// The header section of a message whose `From:` is replaced: held back until it is
+/// complete, written rewritten, then the rest streams as usual. Once, before the message
+/// reaches the spool or the upstream, so a retry or a restart sends the same bytes.
+struct Replace {
+    /// The entry's sender.
+    sender: String,
+    /// The envelope sender the client gave.
+    original: String,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Everything received so far (bounded: the header capture closes at its limit).
+    Holding(Vec<u8>),
+    /// The rewritten header section, as written to the draft.
+    Written(Vec<u8>),
+    /// The header section is too big: the message is refused, nothing more is written.
+    Dropped,
 }
 
 impl Body {
     /// `header_limit`: the most header bytes kept (see [`header_limit`]).
-    fn new(draft: Draft, decoder: Decoder, header_limit: usize) -> Self {
+    /// `rewrite`: the transaction's `[[rewrite]]`, whose `header_from = "replace"` holds
+    /// the header section back.
+    fn new(
+        draft: Draft,
+        decoder: Decoder,
+        header_limit: usize,
+        rewrite: Option<&crate::rewrite::Rewrite>,
+    ) -> Self {
+        let replace = rewrite
+            .filter(|r| r.header_from == crate::config::HeaderFrom::Replace)
+            .map(|r| Replace {
+                sender: r.sender.clone(),
+                original: r.original.clone(),
+                stage: Stage::Holding(Vec::new()),
+            });
         Body {
             draft,
             decoder,
             headers: HeaderCapture::new(header_limit),
             failed: None,
+            replace,
         }
     }
 
@@ -36,6 +73,61 @@ impl Body {
     /// already over `max` (then it is only counted) or a write failed.
     async fn take(&mut self, out: &[u8], max: u64) {
         self.headers.push(out);
+        if let Some(replace) = &mut self.replace {
+            match &mut replace.stage {
+                Stage::Holding(held) => {
+                    held.extend_from_slice(out);
+                    return self.release(max).await;
+                }
+                Stage::Dropped => return,
+                Stage::Written(_) => {}
+            }
+        }
+        self.write(out, max).await;
+    }
+
+    /// Writes the held header section, rewritten, once it is complete (and what came
+    /// after it); drops it once it is too big.
+    async fn release(&mut self, max: u64) {
+        let Some(replace) = &mut self.replace else {
+            return;
+        };
+        if !matches!(replace.stage, Stage::Holding(_)) {
+            return;
+        }
+        if self.headers.too_big() {
+            replace.stage = Stage::Dropped;
+            return;
+        }
+        let Some(section) = self.headers.section() else {
+            return;
+        };
+        let Stage::Holding(held) = std::mem::replace(&mut replace.stage, Stage::Dropped) else {
+            return;
+        };
+        let rewritten =
+            crate::message::rewrite::replace_from(section, &replace.sender, &replace.original);
+        let rest = held.get(section.len()..).unwrap_or_default();
+        let mut bytes = Vec::with_capacity(rewritten.len() + rest.len());
+        bytes.extend_from_slice(&rewritten);
+        bytes.extend_from_slice(rest);
+        replace.stage = Stage::Written(rewritten);
+        self.write(&bytes, max).await;
+    }
+
+    /// The header section the checks read: the rewritten one when `From:` is replaced.
+    fn checked_section(&self) -> Option<&[u8]> {
+        match &self.replace {
+            Some(Replace {
+                stage: Stage::Written(section),
+                ..
+            }) => Some(section),
+            Some(_) => None,
+            None => self.headers.section(),
+        }
+    }
+
+    async fn write(&mut self, out: &[u8], max: u64) {
         if self.decoder.size() > max || self.failed.is_some() || out.is_empty() {
             return;
         }
@@ -83,7 +175,9 @@ impl Session {
         };
         self.reply(&Reply::start_data())?;
         let max = self.config.server.max_message_size;
-        let mut body = Body::new(draft, Decoder::data(), header_limit(&self.config.server));
+        let rewrite = self.tx.as_ref().and_then(|tx| tx.rewrite.as_ref());
+        let limit = header_limit(&self.config.server);
+        let mut body = Body::new(draft, Decoder::data(), limit, rewrite);
         let mut out = Vec::with_capacity(DATA_READ);
         loop {
             let input = &self.rbuf[self.rpos..];
@@ -112,7 +206,11 @@ impl Session {
         let mut body = match pending {
             Some(body) => body,
             None => match self.ctx.delivery.begin().await {
-                Ok(draft) => Body::new(draft, Decoder::bdat(), header_limit(&self.config.server)),
+                Ok(draft) => {
+                    let rewrite = self.tx.as_ref().and_then(|tx| tx.rewrite.as_ref());
+                    let limit = header_limit(&self.config.server);
+                    Body::new(draft, Decoder::bdat(), limit, rewrite)
+                }
                 Err(refusal) => {
                     self.count_refusal();
                     self.skip(size).await?;
@@ -180,18 +278,20 @@ impl Session {
         let id = body.draft.id().to_string();
         let server = &self.config.server;
         body.headers.finish();
+        // A message that ended inside its header section: the section is complete now.
+        body.release(server.max_message_size).await;
         let refusal = if body.decoder.size() > server.max_message_size {
             Some(Reply::too_big(server.max_message_size))
         } else if body.headers.too_big() {
             Some(Reply::header_too_big(server.max_header_size))
-        } else if let Some(failed) = body.failed {
+        } else if let Some(failed) = body.failed.take() {
             Some(failed)
         } else if body.decoder.saw_bare() && server.bare_lf == BareLf::Reject {
             Some(Reply::bare_lf())
         } else {
             None
         };
-        let decision = match (refusal, body.headers.section()) {
+        let decision = match (refusal, body.checked_section()) {
             (Some(r), _) => Err(r),
             (None, Some(section)) => {
                 let headers = routing::parse_headers(section);
@@ -237,10 +337,11 @@ impl Session {
         let channel = self.config.channels[decision.channel].name.clone();
         // Boxed: the delivery future is large and would otherwise be part of every
         // session's future, idle or not. Delivery logs the message line itself.
-        let finish = self
-            .ctx
-            .delivery
-            .finish(body.draft, decision.channel, &envelope);
+        let mut draft = body.draft;
+        if let Some(r) = &tx.rewrite {
+            draft.set_rewritten_from(&r.original);
+        }
+        let finish = self.ctx.delivery.finish(draft, decision.channel, &envelope);
         let reply = Box::pin(finish).await;
         debug!(
             id,

@@ -30,6 +30,14 @@ impl Session {
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return Reply::bad_parameters(Syntax::BinaryMime);
         }
+        // SPEC §4a: a legacy sender takes its entry's sender before anything else reads it.
+        let rewrite = crate::rewrite::apply(
+            &self.config.rewrites,
+            sender,
+            Some(self.peer.ip()),
+            self.user.as_deref(),
+        );
+        let sender = rewrite.as_ref().map_or(sender, |r| r.sender.as_str());
         if let Some(user) = &self.user
             && let Err(refusal) = routing::authorize_user(&self.config, user, sender)
         {
@@ -41,11 +49,20 @@ impl Session {
         match routing::route_sender(&self.config, sender) {
             Err(refusal) => {
                 let refusal = Reply::from(refusal);
-                info!(peer = %self.peer, sender, reply = %refusal, "sender refused");
+                let rewritten_from = rewrite
+                    .as_ref()
+                    .map(|r| crate::text::escape_controls(&r.original).into_owned());
+                info!(peer = %self.peer, sender, rewritten_from, reply = %refusal, "sender refused");
                 refused(refusal)
             }
             Ok(decision) => {
                 debug!(sender, channel = %self.config.channels[decision.channel].name, reason = %decision.reason, "sender routed");
+                if let Some(r) = &rewrite {
+                    let original = crate::text::escape_controls(&r.original);
+                    let line = self.config.rewrites.get(r.entry).and_then(|e| e.line);
+                    info!(peer = %self.peer, %original, sender, header_from = r.header_from.name(), entry_line = line, "sender rewritten");
+                    metrics::rewrite(sender);
+                }
                 self.tx = Some(Transaction {
                     envelope: Envelope {
                         sender: sender.to_string(),
@@ -55,6 +72,7 @@ impl Session {
                     },
                     channel: decision.channel,
                     bdat: None,
+                    rewrite,
                 });
                 Reply::sender_ok()
             }
@@ -90,23 +108,23 @@ impl Session {
         Reply::recipient_ok()
     }
 
-    /// `max_recipients`, in relay mode also the channel's own per-message limit, and in
-    /// both modes that of a graph channel on the way (its fallback included: Graph never
-    /// splits a message, and a `452` here lets the client send the rest in another
-    /// transaction).
+    /// `max_recipients`, in relay mode also the channel's own limits, and in both modes
+    /// those of a graph channel on the way (its fallback included). A message that goes
+    /// out whole (relay mode; Graph, which never splits one) must fit one transaction and
+    /// a day's `recipients_per_day`, or it could never go; a `452` here lets the client
+    /// send the rest in another transaction.
     fn recipient_limit(&self) -> usize {
         let server = self.config.server.max_recipients;
         let Some(tx) = &self.tx else {
             return server;
         };
         let own = match self.config.server.delivery {
-            DeliveryMode::Relay => self.config.channels[tx.channel].limits.max_recipients,
+            DeliveryMode::Relay => self.config.channels[tx.channel]
+                .limits
+                .whole_message_recipients(),
             DeliveryMode::Queue => None,
         };
-        let graph = self
-            .config
-            .graph_on_path(tx.channel)
-            .and_then(|g| self.config.channels[g].limits.max_recipients);
+        let graph = self.config.graph_recipient_cap(tx.channel).map(|g| g.0);
         [own, graph].into_iter().flatten().fold(server, usize::min)
     }
 }

@@ -144,6 +144,8 @@ struct Transaction {
     channel: ChannelId,
     /// The message so far, once BDAT has started.
     bdat: Option<Body>,
+    /// The `[[rewrite]]` entry that gave the envelope its sender (SPEC §4a).
+    rewrite: Option<crate::rewrite::Rewrite>,
 }
 
 struct Session {

@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 
 use super::{Body, Error, Step};
 use crate::config::GraphTarget;
+use crate::http::{MAX_GRAPH_ANSWER, ReadError, read_limited};
 use crate::message::Envelope;
 use crate::message::recipients::{self, Unfit};
 use crate::oauth::{AccessToken, ChannelToken};
@@ -36,8 +37,6 @@ pub use upload::DraftLedger;
 
 /// Connect timeout of a Graph request (the whole request has the channel's timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most of an error answer read (Graph's JSON errors are small).
-const MAX_ERROR_BODY: usize = 64 * 1024;
 /// A `Retry-After` longer than this is taken as this (a day): the queue's own give-up
 /// time still applies.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
@@ -65,25 +64,24 @@ struct Answer {
 }
 
 impl GraphChannel {
-    /// The channel's client; connects lazily.
+    /// The channel's client (through `https_proxy` or the environment's proxy, SPEC §7;
+    /// no redirects: a bearer token is never re-sent elsewhere); connects lazily.
     pub(super) fn new(
         name: &str,
         target: &GraphTarget,
         connections: usize,
         max_message_size: Option<u64>,
+        https_proxy: Option<&crate::http::ProxyUrl>,
     ) -> Result<Self, String> {
-        crate::tls::install_crypto_provider();
-        let client = reqwest::Client::builder()
+        let setup = |e| format!("cannot set up the HTTPS client for Microsoft Graph: {e}");
+        let client = crate::http::client_builder(https_proxy)
+            .map_err(setup)?
             .http1_only()
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_max_idle_per_host(connections.max(1))
             .pool_idle_timeout(super::IDLE_TIMEOUT)
-            // A bearer token is never re-sent to wherever a redirect points.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("mailgate/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("cannot set up the HTTPS client for Microsoft Graph: {e}"))?;
+            .map_err(|e| setup(e.to_string()))?;
         Ok(GraphChannel {
             name: name.to_string(),
             target: target.clone(),
@@ -154,7 +152,12 @@ impl GraphChannel {
                     reply,
                 }
             })?;
-        let encoded = bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&*copy));
+        // SPEC §4a: Exchange refuses `From: scan@x.com <scan@x.com>` as send-as; quoted, the
+        // same name and address go through.
+        let repaired = crate::message::rewrite::repair_from(&copy);
+        let encoded =
+            bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&*repaired));
+        drop(repaired);
         drop(copy);
         drop(message);
 
@@ -323,13 +326,17 @@ impl GraphChannel {
                 }
             } else {
                 // reqwest's text names the URL (the mailbox), never the token.
+                let what = match crate::http::proxy_refusal(&e) {
+                    Some(refusal) => refusal.to_string(),
+                    None => e.without_url().to_string(),
+                };
                 Error::Connect {
                     target: target.clone(),
-                    source: std::io::Error::other(e.without_url().to_string()),
+                    source: std::io::Error::other(what),
                 }
             }
         };
-        let mut response = request.send().await.map_err(net)?;
+        let response = request.send().await.map_err(net)?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -340,22 +347,28 @@ impl GraphChannel {
         };
         let retry_after = header("retry-after").and_then(|v| parse_retry_after(&v));
         let request_id = header("request-id").map(|v| crate::text::escape_controls(&v).to_string());
-        let mut body = Vec::new();
+        let mut body = bytes::Bytes::new();
         if status != 202 {
-            // Bounded: a hostile or broken server cannot make us hold more than this.
-            let read = tokio::time::timeout(timeout, async {
-                while let Some(chunk) = response.chunk().await? {
-                    let room = MAX_ERROR_BODY.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if body.len() >= MAX_ERROR_BODY {
-                        break;
-                    }
+            // Bounded (SPEC §7): an answer over the limit is a temporary error of Graph,
+            // whatever its status says; a body that breaks off leaves the status to speak.
+            match tokio::time::timeout(timeout, read_limited(response, MAX_GRAPH_ANSWER)).await {
+                Ok(Ok(read)) => body = read,
+                Ok(Err(ReadError::TooLarge { max })) => {
+                    tracing::warn!(channel = %self.name, status, max, "Microsoft Graph's answer is over the limit; treated as a temporary error");
+                    return Err(Error::Connect {
+                        target,
+                        source: std::io::Error::other(format!(
+                            "Microsoft Graph answered HTTP {status} with more than {} MiB",
+                            max / (1024 * 1024)
+                        )),
+                    });
                 }
-                Ok::<(), reqwest::Error>(())
-            })
-            .await;
-            if let Ok(Err(e)) = read {
-                tracing::debug!(channel = %self.name, error = %e.without_url(), "reading Graph's error answer failed");
+                Ok(Err(ReadError::Body(e))) => {
+                    tracing::debug!(channel = %self.name, error = %e.without_url(), "reading Graph's error answer failed");
+                }
+                Err(_) => {
+                    tracing::debug!(channel = %self.name, "reading Graph's error answer timed out");
+                }
             }
         }
         let (code, message) = graph_error(&body);
@@ -413,6 +426,13 @@ pub(crate) fn http_reply(
             text("refused to send as the message's From:/Sender: (SendAsDenied)"),
         ),
         429 => Reply::new(451, (4, 7, 0), text("throttled the request")),
+        407 => Reply::new(
+            451,
+            (4, 4, 0),
+            format!(
+                "Channel {channel}: the outbound proxy refused the request to Microsoft Graph (HTTP 407: check the user and password of https_proxy)"
+            ),
+        ),
         500..=599 => Reply::new(451, (4, 3, 0), text("is unavailable")),
         401 => Reply::new(535, (5, 7, 8), text("refused the access token")),
         403 => Reply::new(550, (5, 7, 1), text("denied access to the mailbox")),
@@ -452,6 +472,8 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     let wait = match value.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),
+        // Delta-seconds past u64: "a very long time", like any other over a day.
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
         Err(_) => {
             let at = httpdate::parse_http_date(value).ok()?;
             at.duration_since(std::time::SystemTime::now())
@@ -482,6 +504,15 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("99999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("184467440737095516150000"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("-5"), None);
         assert_eq!(parse_retry_after("soon"), None);
     }
 
@@ -489,6 +520,7 @@ mod tests {
     fn statuses_map_like_smtp_replies() {
         let table = [
             (429, Class::Transient, 451),
+            (407, Class::Transient, 451),
             (503, Class::Transient, 451),
             (504, Class::Transient, 451),
             (401, Class::CredentialsBroken, 535),
@@ -524,7 +556,7 @@ mod tests {
             mailbox: "dave@example.com".into(),
             oauth: crate::config::oauth::placeholder_for_tests(),
         };
-        let channel = GraphChannel::new("dave", &target, 1, Some(3_000_000)).unwrap();
+        let channel = GraphChannel::new("dave", &target, 1, Some(3_000_000), None).unwrap();
         let _busy = channel.permits.clone().acquire_owned().await.unwrap();
         // The message is not read while every request slot is taken: a missing file is
         // not even noticed before the wait for a slot times out.

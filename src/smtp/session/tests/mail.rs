@@ -166,6 +166,88 @@ async fn relay_mode_takes_no_more_recipients_than_a_graph_fallback_can() {
         config.channels[partner].limits.max_recipients = None;
         config.channels.push(graph);
         config.channels[partner].fallback = Some(config.channels.len() - 1);
+        config.channels_changed();
+        config
+    });
+    let mut c = h.connect().await;
+    c.cmd("EHLO a").await;
+    c.cmd("MAIL FROM:<x@partner.test>").await;
+    assert_code(&c.cmd("RCPT TO:<a@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<b@example.org>").await, "250 2.1.5");
+    assert_code(&c.cmd("RCPT TO:<c@example.org>").await, "452 4.5.3");
+}
+
+/// Issue 16 item 7: a graph channel sends the whole envelope at once and never splits
+/// it, so a message with more recipients than its `recipients_per_day` could never go:
+/// the recipient beyond is refused at RCPT (SPEC §7 "Large messages over Graph").
+#[tokio::test]
+async fn rcpt_beyond_a_graph_channels_recipients_per_day_is_452() {
+    for mode in [
+        crate::config::DeliveryMode::Queue,
+        crate::config::DeliveryMode::Relay,
+    ] {
+        let h = Harness::with("", |mut config| {
+            config.server.delivery = mode;
+            config.server.max_recipients = 10;
+            let partner = config.channel_id("partner").unwrap();
+            config.channels[partner].kind = partner_graph();
+            config.channels[partner].limits.max_recipients = None;
+            config.channels[partner].limits.recipients_per_day = Some(3);
+            config
+        });
+        let mut c = h.connect().await;
+        c.cmd("EHLO a").await;
+        c.cmd("MAIL FROM:<x@partner.test>").await;
+        for n in 0..3 {
+            assert_code(
+                &c.cmd(&format!("RCPT TO:<r{n}@example.org>")).await,
+                "250 2.1.5",
+            );
+        }
+        let refused = c.cmd("RCPT TO:<r3@example.org>").await;
+        assert_code(&refused, "452 4.5.3");
+        assert!(refused.contains("at most 3"), "{mode:?}: {refused}");
+    }
+}
+
+/// The same through a graph fallback: mail of an SMTP channel may go over it whole.
+#[tokio::test]
+async fn rcpt_beyond_a_graph_fallbacks_recipients_per_day_is_452() {
+    for mode in [
+        crate::config::DeliveryMode::Queue,
+        crate::config::DeliveryMode::Relay,
+    ] {
+        let h = Harness::with("", |mut config| {
+            config.server.delivery = mode;
+            config.server.max_recipients = 10;
+            let partner = config.channel_id("partner").unwrap();
+            let mut graph = config.channels[partner].clone();
+            graph.name = "partner-graph".into();
+            graph.kind = partner_graph();
+            graph.limits.max_recipients = None;
+            graph.limits.recipients_per_day = Some(1);
+            config.channels[partner].limits.max_recipients = None;
+            config.channels.push(graph);
+            config.channels[partner].fallback = Some(config.channels.len() - 1);
+            config
+        });
+        let mut c = h.connect().await;
+        c.cmd("EHLO a").await;
+        c.cmd("MAIL FROM:<x@partner.test>").await;
+        assert_code(&c.cmd("RCPT TO:<a@example.org>").await, "250 2.1.5");
+        assert_code(&c.cmd("RCPT TO:<b@example.org>").await, "452 4.5.3");
+    }
+}
+
+/// Relay mode never splits a message on any channel: beyond a day's quota it could never
+/// go, and a 451 after DATA would have the client retry it for ever.
+#[tokio::test]
+async fn relay_mode_rcpt_beyond_the_channels_recipients_per_day_is_452() {
+    let h = Harness::with("", |mut config| {
+        config.server.max_recipients = 10;
+        let partner = config.channel_id("partner").unwrap();
+        config.channels[partner].limits.max_recipients = None;
+        config.channels[partner].limits.recipients_per_day = Some(2);
         config
     });
     let mut c = h.connect().await;

@@ -6,6 +6,7 @@ mod data;
 mod ehlo;
 mod io;
 mod mail;
+mod rewrite;
 mod starttls;
 
 use std::net::SocketAddr;
