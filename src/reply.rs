@@ -248,6 +248,30 @@ impl Reply {
         )
     }
 
+    /// `552 5.3.4` a signed or encrypted message over Graph's `sendMail` size: the upload
+    /// way rebuilds the MIME, which would break its signature or lose its encryption.
+    pub fn signed_too_large_for_graph(channel: &str, content_type: &str, limit: u64) -> Self {
+        Reply::new(
+            552,
+            (5, 3, 4),
+            format!(
+                "Channel {channel}: message too large for Microsoft Graph's sendMail (over {limit} bytes), and a signed or encrypted message ({content_type}) cannot go the upload way without being altered"
+            ),
+        )
+    }
+
+    /// `552 5.3.4` a message over Graph's `sendMail` size whose text body alone is too
+    /// large for a Graph draft request.
+    pub fn graph_body_too_large(channel: &str, limit: usize) -> Self {
+        Reply::new(
+            552,
+            (5, 3, 4),
+            format!(
+                "Channel {channel}: the message's text body is larger than a Microsoft Graph draft takes ({limit} bytes)"
+            ),
+        )
+    }
+
     /// `250 2.0.0` the `file` channel stored the message.
     pub fn stored_in_file(channel: &str, file: &str) -> Self {
         Reply::new(

@@ -439,22 +439,6 @@ async fn invalid_recipient_and_too_large_fail_with_a_dsn() {
 }
 
 #[tokio::test]
-async fn oversized_messages_are_refused_before_graph_sees_them() {
-    for mode in [DeliveryMode::Relay, DeliveryMode::Queue] {
-        let s = setup(mode, vec![]).await;
-        let mut body = message("bob@example.org");
-        body.resize(3_000_001, b'y');
-        let reply = s.submit(&["bob@example.org"], &body).await;
-        assert_eq!(
-            (reply.code, reply.enhanced),
-            (552, Some((5, 3, 4))),
-            "{reply}"
-        );
-        assert_eq!(s.graph.requests(), 0);
-    }
-}
-
-#[tokio::test]
 async fn connections_are_kept_alive_and_capped() {
     let s = setup(DeliveryMode::Relay, vec![]).await;
     s.graph.set_delay(Duration::from_millis(200));

@@ -58,8 +58,8 @@ pub const NAMES: &[&str] = &[
 /// "Communication and Email Service Owner" role, or a custom one with its permissions).
 pub const ACS_SCOPE: &str = "https://communication.azure.com/.default";
 
-/// The limits of a `kind = "graph"` channel (SPEC §3): Exchange Online's sending limits,
-/// and 3,000,000 bytes so that the request, base64 and all, stays under Graph's 4 MB.
+/// The limits of a `kind = "graph"` channel (SPEC §3): Exchange Online's sending limits
+/// and its 35 MB; over 3,000,000 bytes a message goes the upload way (SPEC §7).
 pub fn graph() -> Preset {
     Preset {
         name: "graph",
@@ -75,7 +75,7 @@ pub fn graph() -> Preset {
             recipients_per_day: Some(10_000),
             max_recipients: Some(500),
             connections: 4,
-            max_message_size: Some(3_000_000),
+            max_message_size: Some(35 * 1024 * 1024),
         },
         oauth_app_scope: None,
         oauth_delegated: true,

@@ -1343,7 +1343,7 @@ fn graph_channel_defaults_follow_the_spec() {
             recipients_per_day: Some(10_000),
             max_recipients: Some(500),
             connections: 4,
-            max_message_size: Some(3_000_000),
+            max_message_size: Some(35 * 1024 * 1024),
         }
     );
     let g = graph(&config, "dave");

@@ -14,6 +14,7 @@ use crate::state::format_time;
 use crate::upstream::{self, Body, Error, Outcome};
 
 use super::classify::{Verdict, backoff, classify_error, classify_refusal};
+use super::ledger::SpoolLedger;
 use super::spool::{self, MessageState, RcptStatus, Spool, now_ms};
 use super::worker::{BUSY_RETRY_MS, ChannelEffect, Counted, Report, TRANSACTION_TIMEOUT};
 use super::{Generation, Queue, dsn};
@@ -184,11 +185,16 @@ impl Attempt {
                     )),
                 }
             } else {
-                match tokio::time::timeout(
+                let ledger = SpoolLedger::new(&self.queue.spool, &id, state.graph_draft.clone());
+                let outcome = match tokio::time::timeout(
                     TRANSACTION_TIMEOUT,
-                    self.generation
-                        .transport
-                        .send(self.channel, &id, &envelope, Body::File(&data)),
+                    self.generation.transport.send_recorded(
+                        self.channel,
+                        &id,
+                        &envelope,
+                        Body::File(&data),
+                        &ledger,
+                    ),
                 )
                 .await
                 {
@@ -199,7 +205,10 @@ impl Attempt {
                             step: upstream::Step::Transaction,
                         }),
                     },
-                }
+                };
+                // The attempt may have recorded or cleared a Graph draft in the state file.
+                state.graph_draft = ledger.current();
+                outcome
             };
             metrics::delivery_time(&channel_name, started.elapsed());
             let now = now_ms();

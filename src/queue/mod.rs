@@ -19,6 +19,7 @@ mod attempt;
 pub mod classify;
 pub mod draft;
 pub mod dsn;
+pub mod ledger;
 pub mod spool;
 pub mod worker;
 
@@ -56,6 +57,18 @@ pub trait Transport: Send + Sync + 'static {
         envelope: &'a Envelope,
         body: Body<'a>,
     ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+    /// [`Transport::send`] with the spool entry to record a Graph draft in.
+    fn send_recorded<'a>(
+        &'a self,
+        channel: ChannelId,
+        id: &'a str,
+        envelope: &'a Envelope,
+        body: Body<'a>,
+        _ledger: &'a ledger::SpoolLedger,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
+        self.send(channel, id, envelope, body)
+    }
 }
 
 impl Transport for Upstreams {
@@ -73,6 +86,25 @@ impl Transport for Upstreams {
             envelope,
             body,
             false,
+        ))
+    }
+
+    fn send_recorded<'a>(
+        &'a self,
+        channel: ChannelId,
+        id: &'a str,
+        envelope: &'a Envelope,
+        body: Body<'a>,
+        ledger: &'a ledger::SpoolLedger,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(Upstreams::send_recorded(
+            self,
+            channel,
+            Some(id),
+            envelope,
+            body,
+            false,
+            Some(ledger),
         ))
     }
 }

@@ -99,6 +99,10 @@ pub struct MessageState {
     /// The channel refused the sender itself (SendAsDenied): no DSN through it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sender_denied: bool,
+    /// The Microsoft Graph draft an attempt created and has not deleted or sent yet (the
+    /// upload way, SPEC §7): the next attempt deletes it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_draft: Option<String>,
 }
 
 impl MessageState {
@@ -135,6 +139,7 @@ impl MessageState {
             dsn: None,
             failure: None,
             sender_denied: false,
+            graph_draft: None,
         }
     }
 

@@ -4,8 +4,15 @@
 //! token against the local [`TokenEndpoint`], wants `Content-Type: text/plain`, decodes
 //! the base64 body, records the mailbox and the MIME, and answers `202`. Tests script
 //! failures (429 with `Retry-After`, 401, 403, 400, 413, 503) for the next requests.
+//!
+//! The upload way (SPEC §7) as Graph serves it: drafts (`POST …/messages`, refused at
+//! 4,000,000 bytes), attachments (`POST …/messages/{id}/attachments`), upload sessions
+//! (`POST …/attachments/createUploadSession`, then `PUT`s to the returned `uploadUrl` that
+//! enforce Graph's chunk rules and refuse any `Authorization` header), `POST
+//! …/messages/{id}/send` and `DELETE …/messages/{id}`. [`GraphApi::fail`] scripts an
+//! answer for the next request of one [`DraftStep`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -69,8 +76,74 @@ impl Scripted {
     }
 }
 
+/// One request of the upload way, to script a failure for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DraftStep {
+    /// `POST …/messages`.
+    Create,
+    /// `POST …/messages/{id}/attachments`.
+    Attach,
+    /// `POST …/attachments/createUploadSession`.
+    Session,
+    /// `PUT` to an `uploadUrl`.
+    Put,
+    /// `POST …/messages/{id}/send`.
+    Send,
+    /// `DELETE …/messages/{id}`.
+    Delete,
+}
+
+/// An attachment of a draft, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// `name`.
+    pub name: String,
+    /// `contentType`.
+    pub content_type: String,
+    /// `isInline`.
+    pub is_inline: bool,
+    /// `contentId`.
+    pub content_id: Option<String>,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// How it came: `"draft"`, `"post"` or `"upload"`.
+    pub way: &'static str,
+}
+
+/// A draft message (open, or sent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draft {
+    /// Its id.
+    pub id: String,
+    /// The `{mailbox}` of the request path.
+    pub mailbox: String,
+    /// The JSON it was created with (`attachments` removed: they are in `attached`).
+    pub json: serde_json::Value,
+    /// Its attachments, in order.
+    pub attached: Vec<Attached>,
+}
+
+struct Upload {
+    draft: String,
+    item: Attached,
+    size: u64,
+}
+
 #[derive(Default)]
 struct State {
+    base: String,
+    drafts: HashMap<String, Draft>,
+    sent_drafts: Vec<Draft>,
+    deleted: Vec<String>,
+    uploads: HashMap<String, Upload>,
+    next_id: u64,
+    fails: Vec<(DraftStep, Scripted)>,
+    /// Sizes of the accepted `PUT` chunks.
+    chunks: Vec<usize>,
+    /// `PUT`s to an uploadUrl that carried an `Authorization` header.
+    upload_auth: usize,
+    /// Requests of the upload way, in order, as `"METHOD step"`.
+    log: Vec<String>,
     script: VecDeque<Scripted>,
     sent: Vec<Sent>,
     /// sendMail requests, answered or not.
@@ -105,7 +178,10 @@ impl GraphApi {
     pub async fn start(tokens: Arc<TokenEndpoint>) -> GraphApi {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local address");
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            base: format!("http://{addr}"),
+            ..State::default()
+        }));
         let server = tokio::spawn(serve(listener, state.clone(), tokens));
         GraphApi {
             addr,
@@ -150,6 +226,34 @@ impl GraphApi {
     /// TCP connections accepted so far (keep-alive reuses them).
     pub fn connections(&self) -> usize {
         self.with(|s| s.connections)
+    }
+    /// Answers the next request of `step` like this instead of serving it.
+    pub fn fail(&self, step: DraftStep, answer: Scripted) {
+        self.with(|s| s.fails.push((step, answer)));
+    }
+    /// Drafts created and neither sent nor deleted.
+    pub fn open_drafts(&self) -> Vec<Draft> {
+        self.with(|s| s.drafts.values().cloned().collect())
+    }
+    /// Drafts sent (`POST …/send` answered 202), in order.
+    pub fn sent_drafts(&self) -> Vec<Draft> {
+        self.with(|s| s.sent_drafts.clone())
+    }
+    /// Ids of the drafts deleted.
+    pub fn deleted(&self) -> Vec<String> {
+        self.with(|s| s.deleted.clone())
+    }
+    /// Sizes of the `PUT` chunks accepted.
+    pub fn chunks(&self) -> Vec<usize> {
+        self.with(|s| s.chunks.clone())
+    }
+    /// `PUT`s to an uploadUrl that carried an `Authorization` header (refused).
+    pub fn upload_auth(&self) -> usize {
+        self.with(|s| s.upload_auth)
+    }
+    /// The upload way's requests so far, e.g. `["create", "session", "put", "send"]`.
+    pub fn draft_log(&self) -> Vec<String> {
+        self.with(|s| s.log.clone())
     }
     /// Most sendMail requests in progress at once.
     pub fn most_in_flight(&self) -> usize {
@@ -217,11 +321,26 @@ async fn handle(
         .unwrap_or("")
         .to_string();
     let content_type = header("content-type");
+    let (authorization, content_range) = (header("authorization"), header("content-range"));
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
         Err(_) => return error(400, "BadRequest", None),
     };
+    if let Some(token) = path.strip_prefix("/upload/") {
+        let auth = !authorization.is_empty();
+        return put_chunk(&state, token, &method, auth, &content_range, &body);
+    }
     let rest = path.strip_prefix("/v1.0/users/").unwrap_or("");
+    if let Some((mailbox, tail)) = rest.split_once('/')
+        && tail != "sendMail"
+    {
+        let mailbox = mailbox.to_string();
+        state.lock().unwrap().tokens.push(bearer.clone());
+        if !tokens.is_valid(&bearer) {
+            return error(401, "InvalidAuthenticationToken", None);
+        }
+        return draft_request(&state, &mailbox, &method, tail, &body);
+    }
     let (mailbox, send) = match rest.strip_suffix("/sendMail") {
         Some(mailbox) => (mailbox.to_string(), true),
         None => (rest.to_string(), false),
@@ -296,5 +415,281 @@ async fn handle(
             answer
         }
         _ => error(405, "MethodNotAllowed", None),
+    }
+}
+
+fn json_answer(status: u16, body: serde_json::Value) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("request-id", "standin-0003")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("response")
+}
+
+fn empty(status: u16) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("request-id", "standin-0004")
+        .body(Full::new(Bytes::new()))
+        .expect("response")
+}
+
+/// The scripted failure for `step`, if any (the first one queued for it).
+fn scripted(state: &Mutex<State>, step: DraftStep) -> Option<Reply> {
+    let mut s = state.lock().unwrap();
+    s.log.push(format!("{step:?}").to_lowercase());
+    let at = s.fails.iter().position(|(f, _)| *f == step)?;
+    Some(match s.fails.remove(at).1 {
+        Scripted::Status {
+            status,
+            code,
+            retry_after,
+        } => error(status, &code, retry_after.as_deref()),
+        Scripted::Oversized { status, size } => {
+            let mut body = br#"{"error":{"code":"X","message":"x"},"padding":""#.to_vec();
+            body.resize(size.saturating_sub(2).max(body.len()), b' ');
+            body.extend_from_slice(b"\"}");
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .expect("response")
+        }
+    })
+}
+
+fn attached(v: &serde_json::Value, way: &'static str) -> Option<Attached> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v.get("contentBytes")?.as_str()?)
+        .ok()?;
+    Some(Attached {
+        name: v.get("name")?.as_str()?.to_string(),
+        content_type: v.get("contentType")?.as_str()?.to_string(),
+        is_inline: v.get("isInline").and_then(|b| b.as_bool()).unwrap_or(false),
+        content_id: v
+            .get("contentId")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        bytes,
+        way,
+    })
+}
+
+/// Graph's limit on one request (about 4 MB).
+const MAX_REQUEST: usize = 4_000_000;
+
+fn draft_request(
+    state: &Mutex<State>,
+    mailbox: &str,
+    method: &str,
+    tail: &str,
+    body: &[u8],
+) -> Reply {
+    let parts: Vec<&str> = tail.split('/').collect();
+    match (method, parts.as_slice()) {
+        ("POST", ["messages"]) => {
+            if let Some(answer) = scripted(state, DraftStep::Create) {
+                return answer;
+            }
+            if body.len() >= MAX_REQUEST {
+                return error(413, "RequestEntityTooLarge", None);
+            }
+            let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(body) else {
+                return error(400, "RequestBodyRead", None);
+            };
+            let mut list = Vec::new();
+            if let Some(items) = json.get("attachments").and_then(|a| a.as_array()) {
+                for item in items {
+                    match attached(item, "draft") {
+                        Some(a) => list.push(a),
+                        None => return error(400, "ErrorInvalidAttachment", None),
+                    }
+                }
+            }
+            if let Some(obj) = json.as_object_mut() {
+                obj.remove("attachments");
+            }
+            let mut s = state.lock().unwrap();
+            s.next_id += 1;
+            let id = format!("AAMkDraft{}=", s.next_id);
+            s.drafts.insert(
+                id.clone(),
+                Draft {
+                    id: id.clone(),
+                    mailbox: mailbox.to_string(),
+                    json: json.clone(),
+                    attached: list,
+                },
+            );
+            json["id"] = serde_json::json!(id);
+            json["isDraft"] = serde_json::json!(true);
+            json_answer(201, json)
+        }
+        ("POST", ["messages", id, "attachments"]) => {
+            if let Some(answer) = scripted(state, DraftStep::Attach) {
+                return answer;
+            }
+            if body.len() >= MAX_REQUEST {
+                return error(413, "RequestEntityTooLarge", None);
+            }
+            let item = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| attached(&v, "post"));
+            let mut s = state.lock().unwrap();
+            match (item, s.drafts.get_mut(*id)) {
+                (Some(item), Some(draft)) => {
+                    draft.attached.push(item);
+                    json_answer(201, serde_json::json!({"id": "att"}))
+                }
+                (None, _) => error(400, "ErrorInvalidAttachment", None),
+                (_, None) => error(404, "ErrorItemNotFound", None),
+            }
+        }
+        ("POST", ["messages", id, "attachments", "createUploadSession"]) => {
+            if let Some(answer) = scripted(state, DraftStep::Session) {
+                return answer;
+            }
+            let Some(item) = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("AttachmentItem").cloned())
+            else {
+                return error(400, "RequestBodyRead", None);
+            };
+            let size = item.get("size").and_then(|v| v.as_u64()).unwrap_or(0);
+            let mut s = state.lock().unwrap();
+            if !s.drafts.contains_key(*id) {
+                return error(404, "ErrorItemNotFound", None);
+            }
+            if size < 3_000_000
+                || item.get("attachmentType").and_then(|v| v.as_str()) != Some("file")
+            {
+                return error(400, "ErrorInvalidAttachment", None);
+            }
+            s.next_id += 1;
+            let token = format!("session{}", s.next_id);
+            let upload = Upload {
+                draft: id.to_string(),
+                size,
+                item: Attached {
+                    name: item["name"].as_str().unwrap_or("").to_string(),
+                    content_type: item["contentType"].as_str().unwrap_or("").to_string(),
+                    is_inline: item["isInline"].as_bool().unwrap_or(false),
+                    content_id: item
+                        .get("contentId")
+                        .and_then(|c| c.as_str())
+                        .map(str::to_string),
+                    bytes: Vec::new(),
+                    way: "upload",
+                },
+            };
+            s.uploads.insert(token.clone(), upload);
+            let url = format!("{}/upload/{token}", s.base);
+            json_answer(
+                201,
+                serde_json::json!({"uploadUrl": url, "nextExpectedRanges": ["0-"]}),
+            )
+        }
+        ("POST", ["messages", id, "send"]) => {
+            if let Some(answer) = scripted(state, DraftStep::Send) {
+                return answer;
+            }
+            let mut s = state.lock().unwrap();
+            if s.uploads.values().any(|u| u.draft == *id) {
+                return error(400, "ErrorAttachmentUploadIncomplete", None);
+            }
+            match s.drafts.remove(*id) {
+                Some(draft) => {
+                    s.sent_drafts.push(draft);
+                    empty(202)
+                }
+                None => error(404, "ErrorItemNotFound", None),
+            }
+        }
+        ("DELETE", ["messages", id]) => {
+            if let Some(answer) = scripted(state, DraftStep::Delete) {
+                return answer;
+            }
+            let mut s = state.lock().unwrap();
+            s.uploads.retain(|_, u| u.draft != *id);
+            match s.drafts.remove(*id) {
+                Some(_) => {
+                    s.deleted.push(id.to_string());
+                    empty(204)
+                }
+                None => error(404, "ErrorItemNotFound", None),
+            }
+        }
+        _ => error(405, "MethodNotAllowed", None),
+    }
+}
+
+/// A `PUT` to an uploadUrl: Graph's chunk rules (at most 4 MiB, a multiple of 320 KiB
+/// but the last, `Content-Range` in order), and no `Authorization` header.
+fn put_chunk(
+    state: &Mutex<State>,
+    token: &str,
+    method: &str,
+    auth: bool,
+    range: &str,
+    body: &[u8],
+) -> Reply {
+    if method != "PUT" {
+        return error(405, "MethodNotAllowed", None);
+    }
+    if let Some(answer) = scripted(state, DraftStep::Put) {
+        return answer;
+    }
+    let mut s = state.lock().unwrap();
+    if auth {
+        s.upload_auth += 1;
+        return error(401, "InvalidAuthenticationToken", None);
+    }
+    let parsed = range
+        .strip_prefix("bytes ")
+        .and_then(|r| r.split_once('/'))
+        .and_then(|(span, total)| {
+            let (a, b) = span.split_once('-')?;
+            Some((
+                a.parse::<u64>().ok()?,
+                b.parse::<u64>().ok()?,
+                total.parse::<u64>().ok()?,
+            ))
+        });
+    let Some(upload) = s.uploads.get_mut(token) else {
+        return error(404, "ItemNotFound", None);
+    };
+    let Some((first, last, total)) = parsed else {
+        return error(400, "InvalidContentRange", None);
+    };
+    let len = body.len() as u64;
+    let is_last = last.saturating_add(1) == total;
+    let ok = total == upload.size
+        && first == upload.item.bytes.len() as u64
+        && last >= first
+        && last - first + 1 == len
+        && body.len() <= 4 * 1024 * 1024
+        && (is_last || len.is_multiple_of(327_680));
+    if !ok {
+        return error(416, "InvalidRange", None);
+    }
+    upload.item.bytes.extend_from_slice(body);
+    s.chunks.push(body.len());
+    if !is_last {
+        let next = last + 1;
+        return json_answer(
+            200,
+            serde_json::json!({"nextExpectedRanges": [format!("{next}-")]}),
+        );
+    }
+    let Some(upload) = s.uploads.remove(token) else {
+        return error(404, "ItemNotFound", None);
+    };
+    match s.drafts.get_mut(&upload.draft) {
+        Some(draft) => {
+            draft.attached.push(upload.item);
+            empty(201)
+        }
+        None => error(404, "ErrorItemNotFound", None),
     }
 }

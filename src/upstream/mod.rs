@@ -16,7 +16,7 @@
 //! | `stream.rs` | the stream lettre talks over (kill switch, write batching) |
 //! | `body.rs` | the body scan (8-bit, bare CR/LF) and the spool file in chunks |
 //! | `file.rs` | the `file` channel |
-//! | `graph.rs` | the `graph` channel: Microsoft Graph `sendMail` over HTTPS |
+//! | `graph/` | the `graph` channel: Microsoft Graph `sendMail` over HTTPS, and the upload way (draft, upload sessions, send) for large messages |
 //!
 //! A new transport is one more [`Transport`] variant and file; an OAuth-authenticated
 //! SMTP login is one more case of the AUTH step.
@@ -59,6 +59,7 @@ use crate::message::Envelope;
 use crate::reply::Reply;
 
 pub use error::{Class, Error, Step, classify};
+pub use graph::DraftLedger;
 use graph::GraphChannel;
 use pool::SmtpChannel;
 
@@ -252,6 +253,21 @@ impl Upstreams {
         body: Body<'_>,
         all_or_nothing: bool,
     ) -> Outcome {
+        self.send_recorded(channel, id, envelope, body, all_or_nothing, None)
+            .await
+    }
+
+    /// [`Upstreams::send_with_id`] with a place to record a Graph draft (the spool entry
+    /// in queue mode), so that an attempt after a crash deletes what this one left.
+    pub async fn send_recorded(
+        &self,
+        channel: ChannelId,
+        id: Option<&str>,
+        envelope: &Envelope,
+        body: Body<'_>,
+        all_or_nothing: bool,
+        ledger: Option<&dyn DraftLedger>,
+    ) -> Outcome {
         let started = Instant::now();
         let Some(transport) = self.channels.get(channel) else {
             return Outcome {
@@ -270,7 +286,7 @@ impl Upstreams {
                 }
                 Transport::Graph(ch) => Outcome {
                     refused: Vec::new(),
-                    result: ch.send(envelope, body, self.timeout).await,
+                    result: ch.send(envelope, body, ledger, self.timeout).await,
                 },
                 Transport::File { name, dir } => {
                     let id = id.map_or_else(crate::message::new_id, str::to_string);
@@ -338,7 +354,10 @@ impl Upstreams {
         match &**transport {
             Transport::File { dir, .. } => file::test(dir, step).await,
             Transport::Smtp(ch) => self.test_smtp(ch, step).await,
-            Transport::Graph(ch) => ch.test(step, self.timeout).await,
+            Transport::Graph(ch) => {
+                ch.test(step, self.timeout).await?;
+                ch.test_upload(step, self.timeout).await
+            }
         }
     }
 

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 import secrets
 import ssl
 import threading
@@ -318,6 +319,23 @@ class GraphApi:
 
     def __init__(self, endpoint: TokenEndpoint, tls: Optional[ssl.SSLContext] = None):
         self.endpoint = endpoint
+        # The upload way (SPEC §7): drafts by id, upload sessions by token, drafts sent,
+        # ids deleted, accepted PUT chunk sizes, PUTs that carried a bearer token, the
+        # requests in order ("create", "attach", "session", "put", "send", "delete"), and
+        # `fail[step]`: answers (status, code) for that step's next requests.
+        self.drafts: dict[str, dict] = {}
+        self.sessions: dict[str, dict] = {}
+        self.sent_drafts: list[dict] = []
+        self.deleted: list[str] = []
+        self.chunks: list[int] = []
+        self.upload_auth = 0
+        self.draft_log: list[str] = []
+        self.fail: dict[str, list[tuple]] = {}
+        # Set: a PUT waits (at most 30 s) until `put_release` is set (crash tests).
+        self.put_hold = threading.Event()
+        self.put_release = threading.Event()
+        self.put_arrived = threading.Event()
+        self.next_id = 0
         self.sent: list[GraphSent] = []
         self.requests = 0
         self.tokens: list[str] = []
@@ -351,9 +369,19 @@ class GraphApi:
                 n = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(n) if n else b""
                 path = self.path
+                if path.startswith("/upload/"):
+                    return self._put(path[len("/upload/"):], body)
                 if not path.startswith("/v1.0/users/"):
                     return self._error(404, "ResourceNotFound")
                 rest = path[len("/v1.0/users/"):]
+                if "/" in rest and not rest.endswith("/sendMail"):
+                    mailbox, tail = rest.split("/", 1)
+                    token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    with api.lock:
+                        api.tokens.append(token)
+                    if not api.endpoint.valid(token):
+                        return self._error(401, "InvalidAuthenticationToken")
+                    return self._draft(urllib.parse.unquote(mailbox), tail.split("/"), body)
                 send = rest.endswith("/sendMail")
                 mailbox = urllib.parse.unquote(rest[: -len("/sendMail")] if send else rest)
                 token = self.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -383,8 +411,126 @@ class GraphApi:
                     api.sent.append(GraphSent(mailbox, mime))
                 self._answer(202)
 
+            def _scripted(self, step: str) -> bool:
+                with api.lock:
+                    api.draft_log.append(step)
+                    queued = api.fail.get(step) or []
+                    answer = queued.pop(0) if queued else None
+                if answer:
+                    self._error(*answer)
+                    return True
+                return False
+
+            @staticmethod
+            def _attached(item: dict, way: str) -> dict:
+                return {"name": item["name"], "contentType": item.get("contentType", ""),
+                        "isInline": bool(item.get("isInline")), "contentId": item.get("contentId"),
+                        "bytes": base64.b64decode(item["contentBytes"], validate=True), "way": way}
+
+            def _draft(self, mailbox: str, parts: list[str], body: bytes):
+                m = self.command
+                if m == "POST" and parts == ["messages"]:
+                    if self._scripted("create"):
+                        return
+                    if len(body) >= 4_000_000:
+                        return self._error(413, "RequestEntityTooLarge")
+                    draft = json.loads(body)
+                    attached = [self._attached(a, "draft") for a in draft.pop("attachments", [])]
+                    with api.lock:
+                        api.next_id += 1
+                        did = f"AAMkDraft{api.next_id}="
+                        api.drafts[did] = {"id": did, "mailbox": mailbox, "json": draft, "attached": attached}
+                    return self._answer(201, {**draft, "id": did, "isDraft": True})
+                if m == "POST" and len(parts) == 3 and parts[0] == "messages" and parts[2] == "attachments":
+                    if self._scripted("attach"):
+                        return
+                    if len(body) >= 4_000_000:
+                        return self._error(413, "RequestEntityTooLarge")
+                    item = self._attached(json.loads(body), "post")
+                    with api.lock:
+                        if parts[1] not in api.drafts:
+                            return self._error(404, "ErrorItemNotFound")
+                        api.drafts[parts[1]]["attached"].append(item)
+                    return self._answer(201, {"id": "att"})
+                if m == "POST" and parts[2:] == ["attachments", "createUploadSession"] and len(parts) == 4:
+                    if self._scripted("session"):
+                        return
+                    item = json.loads(body)["AttachmentItem"]
+                    if item.get("attachmentType") != "file" or int(item.get("size", 0)) < 3_000_000:
+                        return self._error(400, "ErrorInvalidAttachment")
+                    with api.lock:
+                        if parts[1] not in api.drafts:
+                            return self._error(404, "ErrorItemNotFound")
+                        api.next_id += 1
+                        token = f"session{api.next_id}"
+                        api.sessions[token] = {"draft": parts[1], "size": int(item["size"]), "bytes": bytearray(),
+                                               "item": {"name": item["name"], "contentType": item.get("contentType", ""),
+                                                        "isInline": bool(item.get("isInline")),
+                                                        "contentId": item.get("contentId"), "way": "upload"}}
+                    return self._answer(201, {"uploadUrl": f"{api.url}/upload/{token}", "nextExpectedRanges": ["0-"]})
+                if m == "POST" and len(parts) == 3 and parts[0] == "messages" and parts[2] == "send":
+                    if self._scripted("send"):
+                        return
+                    with api.lock:
+                        if any(u["draft"] == parts[1] for u in api.sessions.values()):
+                            return self._error(400, "ErrorAttachmentUploadIncomplete")
+                        draft = api.drafts.pop(parts[1], None)
+                        if draft is None:
+                            return self._error(404, "ErrorItemNotFound")
+                        api.sent_drafts.append(draft)
+                    return self._answer(202)
+                if m == "DELETE" and len(parts) == 2 and parts[0] == "messages":
+                    if self._scripted("delete"):
+                        return
+                    with api.lock:
+                        api.sessions = {k: u for k, u in api.sessions.items() if u["draft"] != parts[1]}
+                        if api.drafts.pop(parts[1], None) is None:
+                            return self._error(404, "ErrorItemNotFound")
+                        api.deleted.append(parts[1])
+                    return self._answer(204)
+                return self._error(405, "MethodNotAllowed")
+
+            def _put(self, token: str, body: bytes):
+                """Graph's chunk rules: at most 4 MiB, a multiple of 320 KiB but the last,
+                `Content-Range` in order; the uploadUrl is pre-authorized, so a request with
+                an Authorization header is refused."""
+                if self.command != "PUT":
+                    return self._error(405, "MethodNotAllowed")
+                if api.put_hold.is_set():
+                    api.put_arrived.set()
+                    api.put_release.wait(30)
+                if self._scripted("put"):
+                    return
+                with api.lock:
+                    if self.headers.get("Authorization"):
+                        api.upload_auth += 1
+                        return self._error(401, "InvalidAuthenticationToken")
+                    up = api.sessions.get(token)
+                    if up is None:
+                        return self._error(404, "ItemNotFound")
+                    mt = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", self.headers.get("Content-Range", ""))
+                    if not mt:
+                        return self._error(400, "InvalidContentRange")
+                    first, last, total = map(int, mt.groups())
+                    is_last = last + 1 == total
+                    if (total != up["size"] or first != len(up["bytes"]) or last - first + 1 != len(body)
+                            or len(body) > 4 * 1024 * 1024 or (not is_last and len(body) % 327_680)):
+                        return self._error(416, "InvalidRange")
+                    up["bytes"] += body
+                    api.chunks.append(len(body))
+                    if not is_last:
+                        return self._answer(200, {"nextExpectedRanges": [f"{last + 1}-"]})
+                    del api.sessions[token]
+                    draft = api.drafts.get(up["draft"])
+                    if draft is None:
+                        return self._error(404, "ErrorItemNotFound")
+                    draft["attached"].append({**up["item"], "bytes": bytes(up["bytes"])})
+                return self._answer(201)
+
             do_GET = _route
             do_POST = _route
+            do_PUT = _route
+            do_DELETE = _route
 
         self.server = _server(Handler, tls)
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
@@ -401,5 +547,6 @@ class GraphApi:
         raise AssertionError(f"Graph got {len(self.sent)} messages, expected {n}")
 
     def stop(self) -> None:
+        self.put_release.set()
         self.server.shutdown()
         self.server.server_close()

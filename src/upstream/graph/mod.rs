@@ -16,6 +16,10 @@
 //! up to `connections` idle ones), and a semaphore so that at most `connections`
 //! requests run at once. Every request has a timeout.
 
+mod draft;
+mod mime;
+mod upload;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +33,7 @@ use crate::message::Envelope;
 use crate::message::recipients::{self, Unfit};
 use crate::oauth::{AccessToken, ChannelToken};
 use crate::reply::Reply;
+pub use upload::DraftLedger;
 
 /// Connect timeout of a Graph request (the whole request has the channel's timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,6 +108,7 @@ impl GraphChannel {
         &self,
         envelope: &Envelope,
         body: Body<'_>,
+        ledger: Option<&dyn DraftLedger>,
         timeout: Duration,
     ) -> Result<Reply, Error> {
         // The permit comes before the message is read: what a send holds in memory (the
@@ -114,6 +120,19 @@ impl GraphChannel {
                 step: Step::Connect,
             })?
             .map_err(|_| Error::local("Graph request permits closed"))?;
+        let len = match body {
+            Body::Bytes(bytes) => bytes.len() as u64,
+            Body::File(path) => tokio::fs::metadata(path)
+                .await
+                .map_err(|e| Error::io("reading the message", e))?
+                .len(),
+        };
+        if len > upload::SENDMAIL_MAX {
+            if let Some(max) = self.max_message_size.filter(|max| len > *max) {
+                return Err(self.too_big(max));
+            }
+            return self.send_large(envelope, body, ledger, timeout).await;
+        }
         let message = self.read(body).await?;
         let (copy, added) =
             recipients::graph_copy(&envelope.recipients, &message).map_err(|unfit| {
@@ -548,7 +567,12 @@ mod tests {
         };
         let missing = std::path::Path::new("/nonexistent/mailgate/graph-test.eml");
         let got = channel
-            .send(&envelope, Body::File(missing), Duration::from_millis(50))
+            .send(
+                &envelope,
+                Body::File(missing),
+                None,
+                Duration::from_millis(50),
+            )
             .await;
         assert!(
             matches!(
