@@ -35,8 +35,6 @@ use crate::upstream::{Body, Error, Step};
 pub const SENDMAIL_MAX: u64 = 3_000_000;
 /// Decoded bytes held at once while an attachment's size is counted.
 const COUNT_CHUNK: usize = 256 * 1024;
-/// Most of a Graph answer read (Graph echoes a draft, body included; SPEC §7).
-const MAX_ANSWER: usize = 8 * 1024 * 1024;
 
 /// Where the draft of a message's attempt is recorded, so that it outlives a crash.
 pub trait DraftLedger: Send + Sync {
@@ -153,7 +151,7 @@ impl<'c> Calls<'c> {
                 }
             }
         };
-        let mut response = request.send().await.map_err(net)?;
+        let response = request.send().await.map_err(net)?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -164,31 +162,25 @@ impl<'c> Calls<'c> {
         };
         let retry_after = header("retry-after").and_then(|v| parse_retry_after(&v));
         let request_id = header("request-id").map(|v| crate::text::escape_controls(&v).to_string());
-        let mut body = Vec::new();
-        let read = tokio::time::timeout(self.timeout, async {
-            while let Some(chunk) = response.chunk().await? {
-                if body.len() + chunk.len() > MAX_ANSWER {
-                    return Ok(false);
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok::<bool, reqwest::Error>(true)
-        })
+        let read = tokio::time::timeout(
+            self.timeout,
+            crate::http::read_limited(response, crate::http::MAX_GRAPH_ANSWER),
+        )
         .await;
-        match read {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
+        let body = match read {
+            Ok(Ok(body)) => body.to_vec(),
+            Ok(Err(crate::http::ReadError::TooLarge { max })) => {
                 return Err(Error::local(format!(
-                    "Microsoft Graph answered with more than {MAX_ANSWER} bytes"
+                    "Microsoft Graph answered with more than {max} bytes"
                 )));
             }
-            Ok(Err(e)) => return Err(net(e)),
+            Ok(Err(crate::http::ReadError::Body(e))) => return Err(net(e)),
             Err(_) => {
                 return Err(Error::Timeout {
                     step: Step::EndOfData,
                 });
             }
-        }
+        };
         Ok(Got {
             status,
             retry_after,
