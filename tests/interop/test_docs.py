@@ -13,6 +13,8 @@ the block (blank lines aside) may carry a marker:
                                       file channel appended (FRAGMENT_WRAPPER)
     <!-- check: skip (why) -->        not checked; the reason is required
 
+(```json examples, such as the spool's state file, must parse as JSON.)
+
 Secrets a snippet names are provided: every `*_env` variable is set and every `*_file`
 (and `ca_file`, `tls_cert`, `tls_key`) is written under the snippet's folder, with a test
 CA's certificate where a certificate belongs and an unreachable Redis URL for `url_*`.
@@ -20,6 +22,7 @@ CA's certificate where a certificate belongs and an unreachable Redis URL for `u
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import dataclass
@@ -167,14 +170,19 @@ def broken_links(path: Path, root: Path) -> list[str]:
     return problems
 
 
-def toml_blocks(path: Path) -> list[Block]:
+def fenced(path: Path, lang: str) -> list[Block]:
+    """The blocks of `path` fenced as ```LANG."""
     _, blocks = split_fences(path.read_text())
     out = []
     for b in blocks:
-        if b.info.split(" ")[0].lower() == "toml":
+        if b.info.split(" ")[0].lower() == lang:
             b.path = path
             out.append(b)
     return out
+
+
+def toml_blocks(path: Path) -> list[Block]:
+    return fenced(path, "toml")
 
 
 # ---------------------------------------------------------------------------
@@ -334,3 +342,16 @@ def test_snippet_passes_check(block, tmp_path):
         f"{block.path.relative_to(REPO)}:{block.line}: `mailgate check` refused the snippet"
         f"{' (completed as a fragment)' if kind == 'fragment' else ''}:\n{p.stderr}\n{text}"
     )
+
+
+JSON_BLOCKS = [b for doc in DOCS for b in fenced(doc, "json")]
+
+
+@pytest.mark.parametrize(
+    "block", JSON_BLOCKS, ids=lambda b: f"{b.path.relative_to(REPO)}:{b.line}"
+)
+def test_json_example_parses(block):
+    try:
+        json.loads(block.text)
+    except json.JSONDecodeError as e:
+        pytest.fail(f"{block.path.relative_to(REPO)}:{block.line}: not JSON: {e}")
