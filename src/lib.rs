@@ -2,7 +2,7 @@
 //!
 //! Clients (mail programs, scripts, printers) submit to `localhost:2525`; mailgate
 //! reads each message's envelope sender and forwards the message over the one
-//! upstream *channel* that sender is authorized for. See `README.md` for operation
+//! upstream *channel* that sender is authorized for. See `README.md` and `docs/` for operation
 //! and `../shared/SPEC.md` for the contract.
 //!
 //! # Layout
