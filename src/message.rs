@@ -1,6 +1,7 @@
 //! What the session hands on: the envelope of a message and its queue id.
 
 pub mod address;
+pub mod address_headers;
 pub mod recipients;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use crate::message::address_headers::Ambiguity;
 pub use crate::reply::Reply;
 use crate::routing::{HeaderProblem, Refusal};
 
@@ -179,6 +180,7 @@ impl From<Refusal> for Reply {
             Refusal::SenderNotOwned { user, sender } => Reply::sender_not_owned(&user, &sender),
             Refusal::BulkNotAllowed { channel } => Reply::bulk_not_allowed(&channel),
             Refusal::HeaderFromNotAllowed(problem) => Reply::header_from_not_allowed(&problem),
+            Refusal::AmbiguousHeaders(ambiguity) => Reply::ambiguous_headers(&ambiguity),
             Refusal::HeaderRecipientNotInEnvelope {
                 field,
                 address,
@@ -359,6 +361,38 @@ impl Reply {
             } => format!(
                 "{}: address <{address}> may not be used by user {user}",
                 field.name()
+            ),
+        };
+        Reply::new(550, (5, 7, 1), text)
+    }
+    /// `550 5.7.1` readers may disagree on the message's address headers (SPEC §4).
+    pub fn ambiguous_headers(ambiguity: &Ambiguity) -> Self {
+        // Client text, cut short so that the reply stays one short line.
+        let quote = |text: &str| {
+            let mut cut: String = text.chars().take(100).collect();
+            if cut.len() < text.len() {
+                cut.push('…');
+            }
+            crate::text::escape_controls(&cut).into_owned()
+        };
+        let text = match ambiguity {
+            Ambiguity::Line { line, problem } => format!(
+                "header line {line} is neither a header field nor a continuation line ({})",
+                problem.describe()
+            ),
+            Ambiguity::DisplayName { field, address } => format!(
+                "{field}: display name holds another address ({})",
+                quote(address)
+            ),
+            Ambiguity::GroupName { field, address } => {
+                format!("{field}: group name holds an address ({})", quote(address))
+            }
+            Ambiguity::Unreadable { field, why } => {
+                format!("{field}: header can be read more than one way ({why})")
+            }
+            Ambiguity::Unseen { field, address } => format!(
+                "{field}: mail readers disagree on address <{}>",
+                quote(address)
             ),
         };
         Reply::new(550, (5, 7, 1), text)
