@@ -517,7 +517,13 @@ mod tests {
 
     #[test]
     fn named_refusals_keep_their_wire_text() {
+        use crate::message::address_headers::LineProblem;
         use crate::routing::HeaderField;
+        // Client text is cut at 100 characters and its controls escaped.
+        let long_address = format!(
+            "550 5.7.1 To: group name holds an address (eve\\x0d\\x0a250 ok{}…)",
+            "x".repeat(89)
+        );
         let table: Vec<(Reply, &str)> = vec![
             (
                 Reply::bad_sequence(Sequence::NeedHello),
@@ -699,6 +705,46 @@ mod tests {
                 })
                 .into(),
                 "550 5.7.1 Sender: address <ceo@example.com> may not be used by user billing-app",
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::DisplayName {
+                    field: "From",
+                    address: "ceo@othercorp.com".into(),
+                })
+                .into(),
+                "550 5.7.1 From: display name holds another address (ceo@othercorp.com)",
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::GroupName {
+                    field: "To",
+                    address: format!("eve\r\n250 ok{}@evil.org", "x".repeat(200)),
+                })
+                .into(),
+                &long_address,
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::Line {
+                    line: 2,
+                    problem: LineProblem::NotAField,
+                })
+                .into(),
+                "550 5.7.1 header line 2 is neither a header field nor a continuation line (no field name and colon)",
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::Unreadable {
+                    field: "Cc",
+                    why: "unclosed quoted string",
+                })
+                .into(),
+                "550 5.7.1 Cc: header can be read more than one way (unclosed quoted string)",
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::Unseen {
+                    field: "From",
+                    address: "ceo@othercorp.com".into(),
+                })
+                .into(),
+                "550 5.7.1 From: mail readers disagree on address <ceo@othercorp.com>",
             ),
             (
                 Reply::header_too_big(1_048_576),
