@@ -520,7 +520,7 @@ fn dotted<'a>(
     out: &mut String,
     word: impl Fn(&'a Tok) -> Option<&'a String>,
 ) -> Option<()> {
-    if toks.is_empty() || toks.len() % 2 == 0 {
+    if toks.len().is_multiple_of(2) {
         return None;
     }
     for (i, t) in toks.iter().enumerate() {
