@@ -177,21 +177,15 @@ pub fn read(raw: &[u8]) -> Reading {
 
 /// The fields of the header section of `raw`, or the first line (1-based) that is
 /// neither a field nor a continuation line, and why.
+///
+/// A message whose first line is no field has no header section: it is all body, as
+/// Python's `email` reads it (the dot-stuffed text a script sends without headers). That
+/// holds only while no later line could be read as a field by a reader that skips the
+/// first one; otherwise the first line is refused.
 pub fn fields(raw: &[u8]) -> Result<Vec<Field>, (usize, LineProblem)> {
     let mut out: Vec<Field> = Vec::new();
-    let mut at = 0;
-    let mut number = 0;
-    while at < raw.len() {
-        let end = memchr::memchr(b'\n', &raw[at..]).map_or(raw.len(), |i| at + i);
-        let mut line = &raw[at..end];
-        at = end.saturating_add(1);
-        number += 1;
-        if let Some(stripped) = line.strip_suffix(b"\r") {
-            line = stripped;
-        }
-        if line.is_empty() {
-            break;
-        }
+    for (index, line) in lines(raw).enumerate() {
+        let number = index + 1;
         if line.contains(&b'\r') {
             return Err((number, LineProblem::BareCr));
         }
@@ -205,28 +199,50 @@ pub fn fields(raw: &[u8]) -> Result<Vec<Field>, (usize, LineProblem)> {
             field.value.push_str(&String::from_utf8_lossy(line));
             continue;
         }
-        let name_len = line
-            .iter()
-            .take_while(|&&b| (33..=126).contains(&b) && b != b':')
-            .count();
-        let blanks = line[name_len..]
-            .iter()
-            .take_while(|b| matches!(b, b' ' | b'\t'))
-            .count();
-        let colon = name_len + blanks;
-        if name_len == 0 || line.get(colon) != Some(&b':') {
-            return Err((number, LineProblem::NotAField));
+        match field_start(line) {
+            Ok(name_len) => out.push(Field {
+                name: String::from_utf8_lossy(&line[..name_len]).into_owned(),
+                value: String::from_utf8_lossy(&line[name_len + 1..]).into_owned(),
+                line: number,
+            }),
+            Err(LineProblem::NotAField)
+                if number == 1
+                    && lines(raw)
+                        .skip(1)
+                        .all(|l| field_start(l) == Err(LineProblem::NotAField)) =>
+            {
+                return Ok(Vec::new());
+            }
+            Err(problem) => return Err((number, problem)),
         }
-        if blanks > 0 {
-            return Err((number, LineProblem::SpaceBeforeColon));
-        }
-        out.push(Field {
-            name: String::from_utf8_lossy(&line[..name_len]).into_owned(),
-            value: String::from_utf8_lossy(&line[colon + 1..]).into_owned(),
-            line: number,
-        });
     }
     Ok(out)
+}
+
+/// The lines of the header section (up to the first empty line), without line ends.
+fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    raw.split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .take_while(|line| !line.is_empty())
+}
+
+/// A line that starts a field: the length of its name (the colon follows).
+fn field_start(line: &[u8]) -> Result<usize, LineProblem> {
+    let name_len = line
+        .iter()
+        .take_while(|&&b| (33..=126).contains(&b) && b != b':')
+        .count();
+    let blanks = line[name_len..]
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t'))
+        .count();
+    if name_len == 0 || line.get(name_len + blanks) != Some(&b':') {
+        return Err(LineProblem::NotAField);
+    }
+    if blanks > 0 {
+        return Err(LineProblem::SpaceBeforeColon);
+    }
+    Ok(name_len)
 }
 
 /// A lexical token of an address field value.
@@ -1012,6 +1028,20 @@ mod tests {
             line("From foo@bar Mon Dec  7\r\nTo: a@b.c\r\n\r\n"),
             Some((1, LineProblem::NotAField))
         );
+        assert_eq!(
+            line("hello\r\n \r\nCc: eve@evil.org\r\n\r\n"),
+            Some((1, LineProblem::NotAField))
+        );
+        assert_eq!(
+            line("hello\r\nCc : eve@evil.org\r\n"),
+            Some((1, LineProblem::NotAField))
+        );
+        // A message that starts with no field and has none is all body.
+        assert_eq!(
+            read(b".dot first\r\nx y\r\n\r\nTo: a@b.c\r\n"),
+            Reading::default()
+        );
+        assert_eq!(read(b"x\r\n.\r\n"), Reading::default());
         assert_eq!(
             line("Subject: a\rCc: eve@evil.org\r\n\r\n"),
             Some((1, LineProblem::BareCr))
