@@ -157,7 +157,13 @@ pub fn read(raw: &[u8]) -> Reading {
         else {
             continue;
         };
-        match entries(field, &f.value) {
+        // Not UTF-8: Latin-1 for one reader, replaced or dropped by the next.
+        let value = if f.value.contains('\u{fffd}') {
+            Err("bytes that are not UTF-8")
+        } else {
+            entries(field, &f.value)
+        };
+        match value {
             Ok(found) => {
                 let problem = found.iter().find_map(entry_ambiguity);
                 reading.entries.extend(found);
@@ -256,7 +262,7 @@ enum Tok {
     Comment(String),
     /// A domain literal's content.
     Literal(String),
-    /// One of `< > @ , ; : .` or a stray `)` / `]`.
+    /// One of `< > @ , ; : .`.
     Special(char),
     /// Blanks.
     Space,
@@ -284,6 +290,11 @@ impl Tok {
 }
 
 fn tokenize(value: &str) -> Result<Vec<Tok>, &'static str> {
+    // A NUL, a vertical tab, an escape…: a separator for one reader, part of the address
+    // for the next; no real address header holds one.
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("control character");
+    }
     let mut toks = Vec::new();
     let mut chars = value.chars().peekable();
     while let Some(c) = chars.next() {
@@ -341,11 +352,15 @@ fn tokenize(value: &str) -> Result<Vec<Tok>, &'static str> {
                 }
                 toks.push(Tok::Literal(s));
             }
-            '<' | '>' | '@' | ',' | ';' | ':' | '.' | ')' | ']' => toks.push(Tok::Special(c)),
+            ')' | ']' => return Err("unbalanced ')' or ']'"),
+            '<' | '>' | '@' | ',' | ';' | ':' | '.' => toks.push(Tok::Special(c)),
+            // Outside quotes and comments a backslash escapes nothing for one reader
+            // and the next character for another.
+            '\\' => return Err("backslash outside a quoted string"),
             c => {
                 let mut s = String::from(c);
                 while let Some(&n) = chars.peek() {
-                    if n.is_ascii_whitespace() || "<>@,;:.()[]\"".contains(n) {
+                    if n.is_ascii_whitespace() || "<>@,;:.()[]\"\\".contains(n) {
                         break;
                     }
                     s.push(n);
@@ -383,6 +398,7 @@ pub fn entries(field: &'static str, value: &str) -> Result<Vec<Entry>, &'static 
                 in_angle = true;
                 current.push(tok);
             }
+            Tok::Special('>') => return Err("'>' without '<'"),
             Tok::Special(',') => finish(field, &group, &mut current, &mut out)?,
             Tok::Special(':') => {
                 if group.is_some() {
@@ -598,9 +614,10 @@ pub fn addresses_in(text: &str) -> Result<Vec<String>, &'static str> {
 }
 
 /// A character that may be part of a mailbox's local part or domain, as a reader
-/// showing or parsing it would take it.
+/// showing or parsing it would take it: anything but blanks, controls and the specials
+/// that end a word (an undecodable byte, U+FFFD, too: some reader decodes it).
 fn address_char(c: char) -> bool {
-    c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c)
+    !c.is_whitespace() && !c.is_control() && !"<>()[],;:\"@\\".contains(c)
 }
 
 /// Every `local@domain` in `text`: around each `@` (blanks next to it skipped), the
@@ -1068,6 +1085,18 @@ mod tests {
             ("To: <bob@x.org\r\n\r\n", "unclosed '<'"),
             ("To: a <b@x.org> <c@y.org>\r\n\r\n", "two <…> in one entry"),
             ("To: a: b: c@x.org;;\r\n\r\n", "a group inside a group"),
+            (
+                "To: bob@example.org\x0beve@evil.org\r\n\r\n",
+                "control character",
+            ),
+            ("To: bob@exa\0mple.org\r\n\r\n", "control character"),
+            (
+                "To: \\pp@x.org\r\n\r\n",
+                "backslash outside a quoted string",
+            ),
+            ("To: a@x.org)\r\n\r\n", "unbalanced ')' or ']'"),
+            ("To: a@x.org>\r\n\r\n", "'>' without '<'"),
+            ("To: \u{fffd}a@x.org\r\n\r\n", "bytes that are not UTF-8"),
         ] {
             assert_eq!(
                 ambiguity(raw),
