@@ -20,8 +20,8 @@ use libfuzzer_sys::fuzz_target;
 // The same whole-input model the decoder's unit tests check against.
 #[path = "../../src/smtp/data/model.rs"]
 mod model;
-use mailgate::smtp::data::Decoder;
 use model::assert_normalized;
+use mailgate::smtp::data::Decoder;
 
 /// What one decoding run produced.
 #[derive(Debug, PartialEq, Eq)]

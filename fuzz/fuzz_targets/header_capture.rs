@@ -47,10 +47,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = mailgate::routing::parse_headers(&captured);
         }
         Outcome::TooBig(held) => {
-            assert!(
-                section.len() > limit,
-                "a section within the limit was refused"
-            );
+            assert!(section.len() > limit, "a section within the limit was refused");
             assert!(held <= limit, "holds {held} bytes over the limit {limit}");
         }
     }
@@ -94,10 +91,7 @@ fn run(limit: usize, decode: bool, input: &[u8], lengths: &[usize]) -> (Outcome,
     let outcome = match capture.section() {
         Some(section) => Outcome::Complete(section.to_vec()),
         None => {
-            assert!(
-                capture.too_big(),
-                "finished capture neither complete nor too big"
-            );
+            assert!(capture.too_big(), "finished capture neither complete nor too big");
             Outcome::TooBig(capture.held())
         }
     };
