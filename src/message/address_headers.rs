@@ -113,7 +113,9 @@ pub enum Ambiguity {
         address: String,
     },
     /// The value cannot be read one way only (an unclosed quote, comment or `<`, a
-    /// group inside a group, two `<…>` in one entry, an undecodable charset).
+    /// group inside a group, two `<…>` in one entry, a stray `)`, `]` or `>`, a backslash
+    /// outside quotes, a control character, bytes that are not UTF-8, an encoded word in
+    /// a charset that is not ASCII-compatible).
     Unreadable {
         /// The field.
         field: &'static str,
