@@ -103,6 +103,22 @@ HEADERS = [
 ]
 
 
+# Address headers that readers disagree on (issue 16), and unambiguous look-alikes.
+ADDRESS_HEADERS = [
+    b"From: app@example.com\r\nTo: eve@evil.org:;\r\n\r\nbody\r\n",
+    b"From: app@example.com\r\nTo: eve@evil.org <bob@example.org>\r\n\r\n",
+    b"From: app@example.com\r\nTo: eve@evil.org: bob@example.org;\r\n\r\n",
+    b"From: app@example.com\r\nTo: bob@example.org\r\nX-Broken\r\n \r\nCc: eve@evil.org\r\n\r\n",
+    b"From: ceo@othercorp.com <app@example.com>\r\nTo: bob@example.org\r\n\r\n",
+    b"From: scan@x.com <scan@x.com>\r\nTo: \"Doe, John\" <bob@example.org>, c@x.org (C)\r\n\r\n",
+    b"From: =?utf-8?q?eve=40evil.org?= <app@example.com>\r\nCc: =?utf-8?b?ZXZlQGV2aWwub3Jn?=:;\r\n\r\n",
+    b"From: a@x.org\r\nTo: team: a@x.org, B\r\n <b@x.org>;, c@x.org\r\nBcc: a@x.org; b@x.org\r\n\r\n",
+    b"From: \"ceo\"@othercorp.com\r\nSender: <@relay.example:a@x.org>\r\nTo: bob @ example . org\r\n\r\n",
+    b"To : eve@evil.org\r\nFrom: a@x.org\r\n\r\n",
+    b" To: eve@evil.org\r\nFrom: a@x.org\rCc: eve@evil.org\r\n\r\n",
+]
+
+
 def seed_name(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
@@ -202,6 +218,12 @@ def main() -> None:
     write("data", data_seeds())
     write("headers", HEADERS)
     write("header_capture", header_capture_seeds())
+    # Byte 0 bit 0: decode as a DATA stream (else BDAT bytes).
+    write(
+        "address_headers",
+        [bytes([0]) + h for h in HEADERS + ADDRESS_HEADERS]
+        + [bytes([1]) + h + b".\r\n" for h in ADDRESS_HEADERS],
+    )
     write("config", config_seeds())
 
 

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${1:-60}
-TARGETS=(command data headers header_capture config)
+TARGETS=(command data headers header_capture address_headers config)
 
 if [ "${RUSTC_BOOTSTRAP:-}" != 1 ] && cargo +nightly --version >/dev/null 2>&1; then
     CARGO=(cargo +nightly)

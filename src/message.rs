@@ -2,6 +2,7 @@
 //! rewrites of SPEC §4a ([`rewrite`]).
 
 pub mod address;
+pub mod address_headers;
 pub mod recipients;
 pub mod rewrite;
 

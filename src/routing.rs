@@ -11,7 +11,8 @@
 use mail_parser::{HeaderName, HeaderValue, MessageParser};
 
 use crate::config::{Channel, ChannelId, Config, User};
-use crate::message::recipients::{self, Unfit};
+use crate::message::address_headers::{self, Ambiguity};
+use crate::message::recipients::{self, Unfit, same_address};
 // The queue still imports `channel_allows` from here; `crate::scope` is its home.
 use crate::scope::{best_match, channel_allows, describe, user_allows};
 
@@ -60,6 +61,9 @@ pub enum Refusal {
     },
     /// `check_header_from`: the `From:`/`Sender:` headers do not fit the channel.
     HeaderFromNotAllowed(HeaderProblem),
+    /// SPEC §4: readers may disagree on the message's address headers (on every
+    /// channel, whatever `check_header_from`).
+    AmbiguousHeaders(Ambiguity),
     /// The message may go through Microsoft Graph, which sends to the addresses of its
     /// headers, and a `To:`/`Cc:`/`Bcc:` address is no envelope recipient.
     HeaderRecipientNotInEnvelope {
@@ -335,6 +339,43 @@ fn check_header_addresses(
                     user: name.to_string(),
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// SPEC §4, last paragraph: refuses a header section that readers may read differently
+/// (see [`address_headers`]): a line that is neither a field nor a continuation, a
+/// display or group name holding another address, a value that reads more than one way.
+/// It also refuses any address the strict reading finds in `From:`/`Sender:`/`To:`/`Cc:`/
+/// `Bcc:` that `headers` (mail-parser's reading, which the header-from and Graph
+/// recipient checks use) lacks, so that no address escapes those checks.
+/// `section`: the raw header section; `headers`: [`parse_headers`] of it.
+pub fn check_unambiguous(section: &[u8], headers: &Headers) -> Result<(), Refusal> {
+    let reading = address_headers::read(section);
+    if let Some(ambiguity) = reading.ambiguity {
+        return Err(Refusal::AmbiguousHeaders(ambiguity));
+    }
+    let recipients = recipients::recipient_headers(section);
+    for entry in &reading.entries {
+        let Some(address) = entry.address.as_deref() else {
+            continue;
+        };
+        let seen = |list: &[Option<String>]| {
+            list.iter()
+                .flatten()
+                .any(|a| same_address(a.trim(), address))
+        };
+        let checked = match entry.field {
+            "From" => seen(&headers.from),
+            "Sender" => seen(&headers.sender),
+            _ => recipients.all().any(|a| same_address(a, address)),
+        };
+        if !checked {
+            return Err(Refusal::AmbiguousHeaders(Ambiguity::Unseen {
+                field: entry.field,
+                address: address.to_string(),
+            }));
         }
     }
     Ok(())
@@ -1120,5 +1161,69 @@ mod tests {
         assert_eq!(cfg.channel_id("box09999"), Some(9_999));
         let d = route_sender(&cfg, "nobody@example.com").unwrap();
         assert_eq!(cfg.channels[d.channel].name, "pool");
+    }
+
+    /// SPEC §4 last paragraph, on the header section as the session captures it.
+    fn unambiguous(raw: &str) -> Result<(), Refusal> {
+        check_unambiguous(raw.as_bytes(), &parse_headers(raw.as_bytes()))
+    }
+
+    #[test]
+    fn header_sections_that_readers_disagree_on_are_refused() {
+        let ambiguous = |raw: &str| match unambiguous(raw) {
+            Err(Refusal::AmbiguousHeaders(a)) => a,
+            other => panic!("{raw:?}: {other:?}"),
+        };
+        let from = "From: app@example.com\r\n";
+        // The four confirmed cases: mail-parser reads none of eve, Python reads her in
+        // the first three, and the fourth hides a Cc: behind lines that end the header
+        // section for some readers only.
+        assert!(matches!(
+            ambiguous(&format!("{from}To: eve@evil.org:;\r\n\r\nhi\r\n")),
+            Ambiguity::GroupName { field: "To", address } if address == "eve@evil.org"
+        ));
+        assert!(matches!(
+            ambiguous(&format!("{from}To: eve@evil.org <bob@example.org>\r\n\r\nhi\r\n")),
+            Ambiguity::DisplayName { field: "To", address } if address == "eve@evil.org"
+        ));
+        assert!(matches!(
+            ambiguous(&format!("{from}To: eve@evil.org: bob@example.org;\r\n\r\nhi\r\n")),
+            Ambiguity::GroupName { field: "To", address } if address == "eve@evil.org"
+        ));
+        assert!(matches!(
+            ambiguous(&format!(
+                "{from}To: bob@example.org\r\nX-Broken\r\n \r\nCc: eve@evil.org\r\n\r\nhi\r\n"
+            )),
+            Ambiguity::Line { line: 3, .. }
+        ));
+        // The From: a mail program shows is not the one the From check allowed.
+        assert!(matches!(
+            ambiguous("From: ceo@othercorp.com <app@example.com>\r\n\r\n"),
+            Ambiguity::DisplayName { field: "From", address } if address == "ceo@othercorp.com"
+        ));
+        // An address the strict reading finds and mail-parser does not would escape the
+        // From and Graph recipient checks.
+        assert!(matches!(
+            ambiguous("From: \"ceo\"@othercorp.com\r\n\r\n"),
+            Ambiguity::Unseen { field: "From", address } if address == "ceo@othercorp.com"
+        ));
+        assert!(matches!(
+            ambiguous(&format!("{from}Cc: bob @ example . org\r\n\r\n")),
+            Ambiguity::Unseen { field: "Cc", .. }
+        ));
+    }
+
+    #[test]
+    fn unambiguous_header_sections_pass() {
+        for raw in [
+            "From: scan@x.com <scan@x.com>\r\nTo: bob@example.org\r\n\r\n",
+            "From: Alice <alice@example.com>\r\nTo: a@x.org; b@x.org\r\n\r\n",
+            "From: a@x.org (Al)\r\nTo: team: a@x.org, B <b@x.org>;, c@x.org\r\n\r\n",
+            "From: =?utf-8?q?J=C3=B6ran?= <joran@x.org>\r\nCc: undisclosed-recipients:;\r\n\r\n",
+            "From: a@x.org\r\nTo: \"A\" <a@b.c>,\r\n \"B\" <d@e.f>\r\nBcc: g@h.i\r\n\r\nX-Broken\r\n",
+            "Subject: no address headers at all\r\n\r\n",
+        ] {
+            assert_eq!(unambiguous(raw), Ok(()), "{raw:?}");
+        }
     }
 }

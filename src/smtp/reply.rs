@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use crate::message::address_headers::Ambiguity;
 pub use crate::reply::Reply;
 use crate::routing::{HeaderProblem, Refusal};
 
@@ -179,6 +180,7 @@ impl From<Refusal> for Reply {
             Refusal::SenderNotOwned { user, sender } => Reply::sender_not_owned(&user, &sender),
             Refusal::BulkNotAllowed { channel } => Reply::bulk_not_allowed(&channel),
             Refusal::HeaderFromNotAllowed(problem) => Reply::header_from_not_allowed(&problem),
+            Refusal::AmbiguousHeaders(ambiguity) => Reply::ambiguous_headers(&ambiguity),
             Refusal::HeaderRecipientNotInEnvelope {
                 field,
                 address,
@@ -363,6 +365,38 @@ impl Reply {
         };
         Reply::new(550, (5, 7, 1), text)
     }
+    /// `550 5.7.1` readers may disagree on the message's address headers (SPEC §4).
+    pub fn ambiguous_headers(ambiguity: &Ambiguity) -> Self {
+        // Client text, cut short so that the reply stays one short line.
+        let quote = |text: &str| {
+            let mut cut: String = text.chars().take(100).collect();
+            if cut.len() < text.len() {
+                cut.push('…');
+            }
+            crate::text::escape_controls(&cut).into_owned()
+        };
+        let text = match ambiguity {
+            Ambiguity::Line { line, problem } => format!(
+                "header line {line} is neither a header field nor a continuation line ({})",
+                problem.describe()
+            ),
+            Ambiguity::DisplayName { field, address } => format!(
+                "{field}: display name holds another address ({})",
+                quote(address)
+            ),
+            Ambiguity::GroupName { field, address } => {
+                format!("{field}: group name holds an address ({})", quote(address))
+            }
+            Ambiguity::Unreadable { field, why } => {
+                format!("{field}: header can be read more than one way ({why})")
+            }
+            Ambiguity::Unseen { field, address } => format!(
+                "{field}: mail readers disagree on address <{}>",
+                quote(address)
+            ),
+        };
+        Reply::new(550, (5, 7, 1), text)
+    }
     /// `550 5.7.1` bulk mail would go over a mailbox channel.
     pub fn bulk_not_allowed(channel: &str) -> Self {
         Reply::new(
@@ -484,7 +518,13 @@ mod tests {
 
     #[test]
     fn named_refusals_keep_their_wire_text() {
+        use crate::message::address_headers::LineProblem;
         use crate::routing::HeaderField;
+        // Client text is cut at 100 characters and its controls escaped.
+        let long_address = format!(
+            "550 5.7.1 To: group name holds an address (eve\\x0d\\x0a250 ok{}…)",
+            "x".repeat(89)
+        );
         let table: Vec<(Reply, &str)> = vec![
             (
                 Reply::bad_sequence(Sequence::NeedHello),
@@ -666,6 +706,46 @@ mod tests {
                 })
                 .into(),
                 "550 5.7.1 Sender: address <ceo@example.com> may not be used by user billing-app",
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::DisplayName {
+                    field: "From",
+                    address: "ceo@othercorp.com".into(),
+                })
+                .into(),
+                "550 5.7.1 From: display name holds another address (ceo@othercorp.com)",
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::GroupName {
+                    field: "To",
+                    address: format!("eve\r\n250 ok{}@evil.org", "x".repeat(200)),
+                })
+                .into(),
+                &long_address,
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::Line {
+                    line: 2,
+                    problem: LineProblem::NotAField,
+                })
+                .into(),
+                "550 5.7.1 header line 2 is neither a header field nor a continuation line (no field name and colon)",
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::Unreadable {
+                    field: "Cc",
+                    why: "unclosed quoted string",
+                })
+                .into(),
+                "550 5.7.1 Cc: header can be read more than one way (unclosed quoted string)",
+            ),
+            (
+                Refusal::AmbiguousHeaders(Ambiguity::Unseen {
+                    field: "From",
+                    address: "ceo@othercorp.com".into(),
+                })
+                .into(),
+                "550 5.7.1 From: mail readers disagree on address <ceo@othercorp.com>",
             ),
             (
                 Reply::header_too_big(1_048_576),

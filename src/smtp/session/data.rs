@@ -295,23 +295,26 @@ impl Session {
             (Some(r), _) => Err(r),
             (None, Some(section)) => {
                 let headers = routing::parse_headers(section);
-                routing::route_message(
-                    &self.config,
-                    &envelope.sender,
-                    self.user.as_deref(),
-                    envelope.recipients.len(),
-                    &headers,
-                )
-                .and_then(|decision| {
-                    routing::check_header_recipients(
-                        &self.config,
-                        decision.channel,
-                        &envelope.recipients,
-                        section,
-                    )
-                    .map(|()| decision)
-                })
-                .map_err(Reply::from)
+                routing::check_unambiguous(section, &headers)
+                    .and_then(|()| {
+                        routing::route_message(
+                            &self.config,
+                            &envelope.sender,
+                            self.user.as_deref(),
+                            envelope.recipients.len(),
+                            &headers,
+                        )
+                    })
+                    .and_then(|decision| {
+                        routing::check_header_recipients(
+                            &self.config,
+                            decision.channel,
+                            &envelope.recipients,
+                            section,
+                        )
+                        .map(|()| decision)
+                    })
+                    .map_err(Reply::from)
             }
             // finish() above leaves the capture either complete or too big.
             (None, None) => Err(Reply::local_error()),

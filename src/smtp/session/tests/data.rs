@@ -319,3 +319,86 @@ async fn authenticated_user_header_from_must_be_one_of_its_senders() {
     }
     assert_eq!(h.delivered().len(), 1);
 }
+
+/// Files under the spool's `queue/` folder (what queue mode would send later).
+fn queued(h: &Harness) -> usize {
+    std::fs::read_dir(h.dir.path().join("spool").join("queue"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn header_sections_readers_disagree_on_are_refused_on_every_channel() {
+    // SPEC §4 last paragraph: whatever check_header_from says, in relay and queue mode,
+    // on a file channel and a graph one, before anything is written or sent.
+    let cases = [
+        (
+            "To: eve@evil.org:;\r\n",
+            "To: group name holds an address (eve@evil.org)",
+        ),
+        (
+            "To: eve@evil.org <bob@example.org>\r\n",
+            "To: display name holds another address (eve@evil.org)",
+        ),
+        (
+            "To: eve@evil.org: bob@example.org;\r\n",
+            "To: group name holds an address (eve@evil.org)",
+        ),
+        (
+            "To: bob@example.org\r\nX-Broken\r\n \r\nCc: eve@evil.org\r\n",
+            "header line 3 is neither a header field nor a continuation line",
+        ),
+        (
+            "To: bob@example.org\r\nCc: =?utf-8?q?eve=40evil.org?= <bob@example.org>\r\n",
+            "Cc: display name holds another address (eve@evil.org)",
+        ),
+    ];
+    for (mode, graph) in [
+        (crate::config::DeliveryMode::Relay, false),
+        (crate::config::DeliveryMode::Queue, false),
+        (crate::config::DeliveryMode::Queue, true),
+    ] {
+        let h = Harness::with("check_header_from = false", |mut config| {
+            config.server.delivery = mode;
+            if graph {
+                let partner = config.channel_id("partner").unwrap();
+                config.channels[partner].kind = super::mail::partner_graph();
+            }
+            config
+        });
+        let sender = if graph {
+            "x@partner.test"
+        } else {
+            "alice@example.com"
+        };
+        let mut c = h.connect().await;
+        for (headers, why) in cases {
+            open_data(&mut c, sender, "bob@example.org").await;
+            c.send(&format!(
+                "From: {sender}\r\n{headers}Subject: x\r\n\r\nbody\r\n.\r\n"
+            ))
+            .await;
+            let reply = c.reply().await;
+            assert_code(&reply, "550 5.7.1");
+            assert!(reply.contains(why), "{mode:?} {headers:?}: {reply}");
+        }
+        // The From: a mail program shows is not the address the channel allows.
+        open_data(&mut c, sender, "bob@example.org").await;
+        c.send(&format!(
+            "From: ceo@othercorp.com <{sender}>\r\nTo: bob@example.org\r\n\r\nbody\r\n.\r\n"
+        ))
+        .await;
+        let reply = c.reply().await;
+        assert_code(&reply, "550 5.7.1");
+        assert!(reply.contains("From: display name holds another address (ceo@othercorp.com)"));
+        assert!(h.delivered().is_empty());
+        assert_eq!(queued(&h), 0, "{mode:?}");
+        // The entry's own address in its display name is unambiguous.
+        open_data(&mut c, sender, "bob@example.org").await;
+        c.send(&format!(
+            "From: {sender} <{sender}>\r\nTo: bob@example.org\r\n\r\nbody\r\n.\r\n"
+        ))
+        .await;
+        assert_code(&c.reply().await, "250");
+    }
+}

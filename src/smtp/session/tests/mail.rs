@@ -3,7 +3,7 @@
 use super::*;
 
 /// A graph channel sending as partner's mailbox; its token is never fetched here.
-fn partner_graph() -> crate::config::ChannelKind {
+pub(super) fn partner_graph() -> crate::config::ChannelKind {
     crate::config::ChannelKind::Graph(crate::config::GraphTarget {
         mailbox: "x@partner.test".into(),
         oauth: crate::config::oauth::placeholder_for_tests(),
