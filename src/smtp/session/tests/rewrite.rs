@@ -75,6 +75,28 @@ async fn replace_drops_every_sender_and_the_header_check_reads_the_rewritten_cop
 }
 
 #[tokio::test]
+async fn replace_makes_an_ambiguous_device_from_unambiguous_but_not_an_ambiguous_to() {
+    // The ambiguity check (SPEC §4) reads the copy that is sent: the device's From, whose
+    // display name holds another address, is gone from it; a To that readers disagree on
+    // is still there, and refused.
+    let h = harness(vec![printer_rule(HeaderFrom::Replace, &[])]);
+    let mut c = h.connect().await;
+    open_data(&mut c, "scanner@printer.local", "bob@example.org").await;
+    c.send("From: ceo@other.com <scanner@printer.local>\r\nTo: bob@example.org\r\n\r\nx\r\n.\r\n")
+        .await;
+    assert_code(&c.reply().await, "250");
+    assert_eq!(
+        h.delivered(),
+        [b"From: scanner <scans@example.com>\r\nTo: bob@example.org\r\n\r\nx\r\n".to_vec()]
+    );
+    open_data(&mut c, "scanner@printer.local", "bob@example.org").await;
+    c.send("To: eve@evil.org <bob@example.org>\r\n\r\nx\r\n.\r\n")
+        .await;
+    assert_code(&c.reply().await, "550 5.7.1");
+    assert_eq!(h.delivered().len(), 1, "nothing more delivered");
+}
+
+#[tokio::test]
 async fn keep_leaves_the_headers_and_the_header_check_refuses_them() {
     let h = harness(vec![printer_rule(HeaderFrom::Keep, &[])]);
     let mut c = h.connect().await;
