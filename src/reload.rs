@@ -143,6 +143,7 @@ pub async fn reload(live: &Live, shutdown: &CancellationToken) -> Result<Reloade
     live.replace(ctx);
     running.delivery.apply(&next, &changes).await;
     crate::metrics::global().declare_channels(&config);
+    crate::metrics::status::configure(&config);
     Ok(Reloaded {
         changes,
         need_restart,
@@ -292,9 +293,9 @@ mod tests {
         };
         new.server.max_connections += 1;
         new.server.max_message_size += 1;
-        new.metrics = Some(crate::config::Metrics {
-            listen: vec!["127.0.0.1:9325".parse().unwrap()],
-        });
+        new.metrics = Some(crate::config::Metrics::on(vec![
+            "127.0.0.1:9325".parse().unwrap(),
+        ]));
         let kept = keep_restart_only(&running, &mut new);
         assert_eq!(
             kept,
