@@ -463,6 +463,7 @@ mod tests {
             board.note_reason(&ch.name, "535 5.7.8 Authentication unsuccessful <x>");
             board.publish_queue(
                 &ch.name,
+                &crate::state::Health::Ok,
                 n * 100,
                 Some(1_800_000_000_000),
                 n % 7 == 0,

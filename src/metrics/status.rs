@@ -91,6 +91,9 @@ struct Live {
     fallback_in_use: bool,
     /// Queue mode: the worker's view.
     queue: Option<QueueFacts>,
+    /// Queue mode: the health the worker goes by (fresher than the backend's cached
+    /// answer, and the same value: the worker writes it there).
+    health: Option<Health>,
     /// When `queue.oldest_ms` was last looked for.
     oldest_looked: Option<Instant>,
     /// The cached OAuth access token's expiry (unix ms).
@@ -212,6 +215,7 @@ impl Board {
     pub fn publish_queue(
         &self,
         channel: &str,
+        health: &Health,
         messages: usize,
         next_attempt_ms: Option<u64>,
         fallback_in_use: bool,
@@ -220,6 +224,9 @@ impl Board {
         let mut live = lock(&self.live);
         let l = live.entry(channel.to_string()).or_default();
         l.fallback_in_use = fallback_in_use;
+        if l.health.as_ref() != Some(health) {
+            l.health = Some(health.clone());
+        }
         let before = l.queue.unwrap_or_default();
         let stale = l.oldest_looked.is_none_or(|t| t.elapsed() >= OLDEST_EVERY);
         let oldest_ms = if messages == 0 {
@@ -711,7 +718,7 @@ fn state_of(
             ..Verdict::ok()
         };
     };
-    match &stored.health {
+    match live.health.as_ref().or(stored.health.as_ref()) {
         Some(Health::Broken { since_ms, reason }) => {
             return Verdict {
                 state: "broken",
@@ -815,7 +822,12 @@ fn what_to_do(ch: &Channel, verdict: &Verdict, queue_mode: bool) -> Option<Strin
             let reason = verdict.reason.as_deref().unwrap_or("");
             let method_refused = ["5.7.139", "5.7.30"].iter().any(|c| reason.contains(c));
             let oauth = ch.kind.oauth();
-            Some(if method_refused && oauth.is_none() {
+            Some(if method_refused && oauth.is_none() && ch.fallback.is_some() {
+                format!(
+                    "its mail goes over its fallback meanwhile; to send over {} again, turn SMTP AUTH back on for the mailbox or switch the channel to OAuth (auth = \"xoauth2\"), {resume}",
+                    ch.name
+                )
+            } else if method_refused && oauth.is_none() {
                 format!(
                     "the provider no longer accepts a password here: switch channel {} to OAuth (auth = \"xoauth2\") or give it a graph channel as fallback, then reload (SIGHUP)",
                     ch.name
@@ -933,12 +945,20 @@ pub fn record(
 /// [`Board::publish_queue`] on the process's board.
 pub fn publish_queue(
     channel: &str,
+    health: &Health,
     messages: usize,
     next_attempt_ms: Option<u64>,
     fallback_in_use: bool,
     oldest: impl FnOnce() -> Option<u64>,
 ) {
-    board().publish_queue(channel, messages, next_attempt_ms, fallback_in_use, oldest);
+    board().publish_queue(
+        channel,
+        health,
+        messages,
+        next_attempt_ms,
+        fallback_in_use,
+        oldest,
+    );
 }
 
 /// [`Board::note_token`] on the process's board: the token just fetched lasts `lasts`.
@@ -1081,6 +1101,15 @@ recipients_per_day = 100
         };
         let advice = what_to_do(ch, &verdict, false).unwrap();
         assert!(advice.contains("xoauth2"), "{advice}");
+        assert!(advice.contains("as fallback"), "{advice}");
+        let mut with_fallback = ch.clone();
+        with_fallback.fallback = Some(0);
+        let advice = what_to_do(&with_fallback, &verdict, true).unwrap();
+        assert!(
+            advice.starts_with("its mail goes over its fallback meanwhile"),
+            "{advice}"
+        );
+        assert!(advice.contains("mailgate queue retry --all"), "{advice}");
     }
 
     #[test]
@@ -1252,7 +1281,7 @@ recipients_per_day = 100
         let board = Board::new();
         let mut looked = 0;
         for _ in 0..5 {
-            board.publish_queue("outbox", 3, Some(NOW + 60_000), false, || {
+            board.publish_queue("outbox", &Health::Ok, 3, Some(NOW + 60_000), false, || {
                 looked += 1;
                 Some(NOW - 120_000)
             });
@@ -1261,11 +1290,15 @@ recipients_per_day = 100
             looked, 1,
             "the worker's queue is walked once per {OLDEST_EVERY:?}"
         );
-        board.publish_queue("outbox", 0, None, false, || unreachable!());
+        board.publish_queue("outbox", &Health::Ok, 0, None, false, || unreachable!());
         assert_eq!(lock(&board.live)["outbox"].queue.unwrap().oldest_ms, None);
         // Mail again after an empty queue: looked for at once.
-        board.publish_queue("outbox", 1, Some(NOW), false, || Some(NOW - 1000));
-        board.publish_queue("alice", 2, Some(NOW + 1000), true, || Some(NOW - 7000));
+        board.publish_queue("outbox", &Health::Ok, 1, Some(NOW), false, || {
+            Some(NOW - 1000)
+        });
+        board.publish_queue("alice", &Health::Ok, 2, Some(NOW + 1000), true, || {
+            Some(NOW - 7000)
+        });
         let live = lock(&board.live).clone();
         let s = status(&view(vec![]), &live);
         let q = channel(&s, "outbox").queue.clone().unwrap();
@@ -1277,6 +1310,39 @@ recipients_per_day = 100
             (3, Some(7), Some(3))
         );
         assert!(channel(&s, "alice").fallback_in_use);
+    }
+
+    /// The backend's answer is cached a few seconds; the worker's health is the same
+    /// value, fresher.
+    #[test]
+    fn the_workers_health_wins_over_a_stale_backend_answer() {
+        let board = Board::new();
+        let broken = Health::Broken {
+            since_ms: NOW - 1000,
+            reason: "535 5.7.8 Authentication credentials invalid".into(),
+        };
+        board.publish_queue("relay", &broken, 1, None, false, || None);
+        let live = lock(&board.live).clone();
+        let stale = Stored {
+            health: Some(Health::Ok),
+            events: Vec::new(),
+        };
+        let s = status(&view(vec![("relay", stale)]), &live);
+        let relay = channel(&s, "relay");
+        assert_eq!(relay.state, "broken");
+        assert_eq!(
+            relay.reason.as_deref(),
+            Some("535 5.7.8 Authentication credentials invalid")
+        );
+        // Resumed (queue retry): ok at once, whatever the backend said a moment ago.
+        board.publish_queue("relay", &Health::Ok, 1, None, false, || None);
+        let live = lock(&board.live).clone();
+        let stale = Stored {
+            health: Some(broken),
+            events: Vec::new(),
+        };
+        let s = status(&view(vec![("relay", stale)]), &live);
+        assert_eq!(channel(&s, "relay").state, "ok");
     }
 
     #[test]

@@ -319,6 +319,7 @@ impl ChannelTask {
         metrics::channel_state(&self.name, state);
         metrics::status::publish_queue(
             &self.name,
+            &self.health,
             self.entries.len() + self.in_flight.len(),
             self.due.first().map(|(due, _)| *due),
             self.handing_over,
