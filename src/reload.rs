@@ -86,10 +86,8 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
                 &mut server.max_connections_per_client,
             ),
         ),
-        (
-            "[metrics] listen",
-            restore(&running.metrics, &mut new.metrics),
-        ),
+        // The metrics server holds its address, allow_networks and status_page.
+        ("[metrics]", restore(&running.metrics, &mut new.metrics)),
         // The queue and the relay limits hold their backend (and its connection) for the
         // life of the process.
         ("[state]", restore(&running.state, &mut new.state)),
@@ -299,7 +297,7 @@ mod tests {
         let kept = keep_restart_only(&running, &mut new);
         assert_eq!(
             kept,
-            vec!["listen", "delivery", "max_connections", "[metrics] listen"]
+            vec!["listen", "delivery", "max_connections", "[metrics]"]
         );
         assert_eq!(new.metrics, running.metrics);
         assert_eq!(new.server.listen, running.server.listen);
