@@ -82,7 +82,12 @@ fn page(status: &Status) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta http-equiv="refresh" content=(REFRESH_SECONDS);
-                title { "mailgate status" }
+                // The tab says it too, for a page left open.
+                title {
+                    "mailgate status"
+                    @if broken > 0 { " – " (broken) " broken" }
+                    @else if limited > 0 { " – " (limited) " limited" }
+                }
                 style { (PreEscaped(STYLE)) }
             }
             body {
@@ -386,6 +391,10 @@ mod tests {
         }
         assert!(
             html.contains("4 channel(s): 2 ok, 1 limited, 1 broken"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<title>mailgate status – 1 broken</title>"),
             "{html}"
         );
     }

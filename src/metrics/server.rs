@@ -199,9 +199,15 @@ impl MetricsServer {
                 .local_addr()
                 .map_err(|e| format!("metrics address: {e}"))?;
             // Not "listening on": that phrase announces SMTP listeners.
-            tracing::info!(
-                "serving metrics at http://{addr}/metrics and health at http://{addr}/healthz"
-            );
+            if access.status_page {
+                tracing::info!(
+                    "serving metrics at http://{addr}/metrics, health at http://{addr}/healthz and the status page at http://{addr}/"
+                );
+            } else {
+                tracing::info!(
+                    "serving metrics at http://{addr}/metrics and health at http://{addr}/healthz"
+                );
+            }
             addrs.push(addr);
             tasks.spawn(accept_loop(
                 listener,
