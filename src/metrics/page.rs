@@ -457,9 +457,32 @@ mod tests {
                 "[channels.c{n:04}]\nhost = \"smtp{n}.example.net\"\nusername = \"u\"\npassword = \"pw\"\nsenders = [\"user{n}@example.com\"]\nrate = \"30/min\"\nrecipients_per_day = 10000\n"
             ));
         }
+        let dir = tempfile::tempdir().unwrap();
         let config = std::sync::Arc::new(
-            crate::config::parse(&text, std::path::Path::new("/x/p.toml")).unwrap(),
+            crate::config::parse(&text, &dir.path().join("proxy.toml")).unwrap(),
         );
+        // What the backend read meets: each channel's health file and a day's events
+        // file of 100 sends.
+        let state = crate::state::LocalState::open(&dir.path().join("spool")).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        for (n, ch) in config.channels.iter().enumerate() {
+            let health = if n % 3 == 2 {
+                crate::state::Health::Broken {
+                    since_ms: now,
+                    reason: "535 5.7.8 Authentication unsuccessful".into(),
+                }
+            } else {
+                crate::state::Health::Ok
+            };
+            state.write_health(&ch.name, &health).unwrap();
+            let events: String = (0..100u64)
+                .map(|i| format!("{} 3\n", now - 3_600_000 + i * 30_000))
+                .collect();
+            std::fs::write(state.events_path(&ch.name), events).unwrap();
+        }
         let board = Board::new();
         board.configure(config.clone());
         for (n, ch) in config.channels.iter().enumerate() {
@@ -494,9 +517,15 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let t = Instant::now();
-        drop(rt.block_on(board.status()));
-        let cold = t.elapsed().as_secs_f64() * 1000.0;
+        // A fresh board reads the backend (the state files of 1,000 channels).
+        let mut cold = f64::MAX;
+        for _ in 0..5 {
+            let fresh = Board::new();
+            fresh.configure(config.clone());
+            let t = Instant::now();
+            drop(rt.block_on(fresh.status()));
+            cold = cold.min(t.elapsed().as_secs_f64() * 1000.0);
+        }
         let mut best = (f64::MAX, f64::MAX, f64::MAX);
         for _ in 0..20 {
             let t = Instant::now();
@@ -516,7 +545,7 @@ mod tests {
             );
         }
         println!(
-            "status page, 1000 channels, {} outcomes: gather {cold:.2} ms (backend read, 1000 channels) then {:.2} ms (cached); render HTML {:.2} ms, JSON {:.2} ms (best of 20)",
+            "status page, 1000 channels, {} outcomes: gather {cold:.2} ms reading the state files (best of 5), {:.2} ms cached; render HTML {:.2} ms, JSON {:.2} ms (best of 20)",
             status::RING,
             best.0,
             best.1,
