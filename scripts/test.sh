@@ -81,6 +81,8 @@ install_system_deps() {
     command -v tinyproxy >/dev/null || [ -x /usr/bin/tinyproxy ] || missing+=(tinyproxy)
     # systemd-analyze checks the shipped unit (verify, security score); systemd need not run.
     command -v systemd-analyze >/dev/null || missing+=(systemd)
+    # The status page is loaded in a real browser, headless (tests/interop/test_status_page.py).
+    command -v chromium >/dev/null || missing+=(chromium)
     if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then missing+=(python3-venv); fi
     if [ ${#missing[@]} -eq 0 ]; then
         echo "system packages present"

@@ -384,6 +384,8 @@ impl Delivery {
                     self.settle(id, ch, limiter, reservation, rcpts).await;
                     metrics::message(&ch.name, Outcome::Delivered);
                     metrics::channel_state(&ch.name, ChannelState::Ok);
+                    let shown = reply.to_string();
+                    status_record(id, envelope, &ch.name, Outcome::Delivered, &shown);
                     return reply;
                 }
                 Err(error) => error,
@@ -402,6 +404,9 @@ impl Delivery {
                 _ => ChannelState::Ok,
             };
             metrics::channel_state(&ch.name, state);
+            if state != ChannelState::Ok {
+                metrics::status::board().note_reason(&ch.name, &error.to_string());
+            }
             match ch.fallback {
                 // The message's fate is counted on the channel that answers last.
                 Some(fallback) if error.refuses_auth_method() => {
@@ -417,6 +422,9 @@ impl Delivery {
                             .await;
                     }
                     tracing::info!(id, channel = %ch.name, fallback = %to, "message handed to the fallback channel");
+                    metrics::status::board().note_fallback(&ch.name, true);
+                    let shown = format!("{error} (handed to fallback {to})");
+                    status_record(id, envelope, &ch.name, Outcome::Deferred, &shown);
                     channel = fallback;
                 }
                 _ => {
@@ -428,6 +436,7 @@ impl Delivery {
                         Outcome::Deferred
                     };
                     metrics::message(&ch.name, fate);
+                    status_record(id, envelope, &ch.name, fate, &error.to_string());
                     return reply;
                 }
             }
@@ -725,6 +734,12 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64
+}
+
+/// Relay mode: one upstream answer, for the status page's last outcomes.
+fn status_record(id: &str, envelope: &Envelope, channel: &str, outcome: Outcome, reply: &str) {
+    let rcpts = envelope.recipients.len();
+    metrics::status::record(id, &envelope.sender, rcpts, channel, outcome, reply);
 }
 
 #[cfg(test)]

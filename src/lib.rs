@@ -27,7 +27,7 @@
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
 //! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
-//! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`) |
+//! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`, the status page `/` and `/status.json`); the status board (channel facts, queue counts, the last 100 outcomes) and its maud view |
 //! | [`state`] | below the flow: channel health, rate/quota counters and stored tokens: files beside the spool, or one Redis shared by several hosts (`[state]`); `state export`/`import` |
 //! | [`http`] | below the flow: the one builder of outbound HTTP clients (token endpoints, Graph) and its proxy choice (`[server] https_proxy`, else the environment as curl reads it); every answer read with a size limit, endpoint durations clamped |
 //! | [`fsutil`] | below the flow: atomic file writes (tmp, fsync, rename, fsync dir; mode 0600) |
@@ -72,6 +72,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Result<(), String> {
     tls::install_crypto_provider();
     metrics::global().declare_channels(&config);
+    metrics::status::configure(&config);
     let delivery = Arc::new(delivery::Delivery::new(config.clone())?);
     let live = Arc::new(listener::Live::new(
         config.clone(),
@@ -87,7 +88,7 @@ pub async fn run(config: Arc<config::Config>, shutdown: CancellationToken) -> Re
     }
     let health = Arc::new(health);
     let monitor = match &config.metrics {
-        Some(m) => Some(metrics::server::MetricsServer::start(&m.listen, health.clone()).await?),
+        Some(m) => Some(metrics::server::MetricsServer::start(m, health.clone()).await?),
         None => None,
     };
     health.set_listening(true);

@@ -91,10 +91,8 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
                 &mut server.max_connections_per_client,
             ),
         ),
-        (
-            "[metrics] listen",
-            restore(&running.metrics, &mut new.metrics),
-        ),
+        // The metrics server holds its address, allow_networks and status_page.
+        ("[metrics]", restore(&running.metrics, &mut new.metrics)),
         // The queue and the relay limits hold their backend (and its connection) for the
         // life of the process.
         ("[state]", restore(&running.state, &mut new.state)),
@@ -148,6 +146,7 @@ pub async fn reload(live: &Live, shutdown: &CancellationToken) -> Result<Reloade
     live.replace(ctx);
     running.delivery.apply(&next, &changes).await;
     crate::metrics::global().declare_channels(&config);
+    crate::metrics::status::configure(&config);
     Ok(Reloaded {
         changes,
         need_restart,
@@ -320,13 +319,13 @@ mod tests {
         };
         new.server.max_connections += 1;
         new.server.max_message_size += 1;
-        new.metrics = Some(crate::config::Metrics {
-            listen: vec!["127.0.0.1:9325".parse().unwrap()],
-        });
+        new.metrics = Some(crate::config::Metrics::on(vec![
+            "127.0.0.1:9325".parse().unwrap(),
+        ]));
         let kept = keep_restart_only(&running, &mut new);
         assert_eq!(
             kept,
-            vec!["listen", "delivery", "max_connections", "[metrics] listen"]
+            vec!["listen", "delivery", "max_connections", "[metrics]"]
         );
         assert_eq!(new.metrics, running.metrics);
         assert_eq!(new.server.listen, running.server.listen);

@@ -189,16 +189,25 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
     match &config.metrics {
         Some(m) => {
             let open = m.listen.iter().any(|a| !a.ip().is_loopback());
-            let note = if open {
-                " (not loopback: no authentication, allow only your Prometheus)"
+            let note = if open && m.allow_networks.is_empty() {
+                " (not loopback, yet only loopback clients are answered: add your Prometheus to allow_networks)"
             } else {
                 ""
             };
-            writeln!(
-                out,
-                "metrics: {} (/metrics, /healthz){note}",
-                addrs(&m.listen)
-            )?;
+            let paths = if m.status_page {
+                "/metrics, /healthz, status page / and /status.json"
+            } else {
+                "/metrics, /healthz"
+            };
+            writeln!(out, "metrics: {} ({paths}){note}", addrs(&m.listen))?;
+            if !m.allow_networks.is_empty() {
+                let nets: Vec<String> = m.allow_networks.iter().map(|n| n.to_string()).collect();
+                writeln!(
+                    out,
+                    "  answers loopback clients and {}; 403 to others",
+                    nets.join(", ")
+                )?;
+            }
         }
         None => writeln!(out, "metrics: off")?,
     }

@@ -339,6 +339,21 @@ pub struct Rate {
 pub struct Metrics {
     /// Where `/metrics` and `/healthz` are served (`"localhost:PORT"` is both loopbacks).
     pub listen: Vec<SocketAddr>,
+    /// Clients answered besides loopback ones (SPEC §9); everyone else gets `403`.
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// `status_page = true` (the default): `/` and `/status.json` are served too.
+    pub status_page: bool,
+}
+
+impl Metrics {
+    /// `listen` with the defaults of the other keys (loopback clients only, status page on).
+    pub fn on(listen: Vec<SocketAddr>) -> Self {
+        Metrics {
+            listen,
+            allow_networks: Vec::new(),
+            status_page: true,
+        }
+    }
 }
 
 /// `[routing]`.

@@ -1261,12 +1261,7 @@ fn metrics_listen_is_read_and_optional() {
         "{OUTBOX}\n[metrics]\nlisten = \"127.0.0.1:9325\"\n"
     ));
     let listen: SocketAddr = "127.0.0.1:9325".parse().unwrap();
-    assert_eq!(
-        config.metrics,
-        Some(Metrics {
-            listen: vec![listen]
-        })
-    );
+    assert_eq!(config.metrics, Some(Metrics::on(vec![listen])));
     let both = ok(&format!(
         "{OUTBOX}\n[metrics]\nlisten = \"localhost:9325\"\n"
     ));

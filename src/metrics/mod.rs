@@ -1,5 +1,6 @@
 //! Below the flow: the process's Prometheus metrics (SPEC §8) and, in [`server`], the
-//! HTTP listener that serves them with `/healthz`.
+//! HTTP listener that serves them with `/healthz` and the status page ([`status`]: its
+//! facts, [`page`]: its HTML).
 //!
 //! One registry per process ([`global`]): the places where things happen (the session,
 //! relay delivery, the queue's workers and attempts, the OAuth token cache) count into
@@ -28,7 +29,9 @@
 //! - `mailgate_rewrites_total{sender}`: transactions whose envelope sender a `[[rewrite]]`
 //!   entry replaced (SPEC §4a), by the entry's `sender`.
 
+pub mod page;
 pub mod server;
+pub mod status;
 
 use std::collections::BTreeSet;
 use std::sync::{LazyLock, Mutex, MutexGuard};
@@ -451,6 +454,7 @@ pub fn queued(channel: &str, messages: usize) {
 /// [`Metrics::channel_state`] on the process's registry.
 pub fn channel_state(channel: &str, state: ChannelState) {
     global().channel_state(channel, state);
+    status::board().note_state(channel, state);
 }
 
 /// [`Metrics::delivery_time`] on the process's registry.

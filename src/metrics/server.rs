@@ -1,5 +1,8 @@
 //! The `[metrics] listen` HTTP server: `/metrics` (Prometheus text, or OpenMetrics when
-//! the scraper asks for it) and `/healthz`; every other path is 404.
+//! the scraper asks for it), `/healthz`, and with `status_page` the status page `/` and
+//! `/status.json` ([`super::page`], [`super::status`]); every other path is 404. Only
+//! loopback clients and `allow_networks` are answered; everyone else gets 403 on every
+//! path (SPEC §9).
 //!
 //! hyper parses HTTP. Each connection serves one request (no keep-alive) within
 //! [`CONNECTION_TIMEOUT`]; at most [`MAX_CONNECTIONS`] are served at once and a connection
@@ -15,7 +18,10 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{
+    ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderValue,
+    REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -162,7 +168,15 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds every address of `listen` (an IPv6 one the host lacks is skipped, as for the
     /// SMTP listeners) and starts serving `health` and the process's metrics.
-    pub async fn start(listen: &[SocketAddr], health: Arc<Health>) -> Result<Self, String> {
+    pub async fn start(
+        settings: &crate::config::Metrics,
+        health: Arc<Health>,
+    ) -> Result<Self, String> {
+        let listen = &settings.listen;
+        let access = Arc::new(Access {
+            allow_networks: settings.allow_networks.clone(),
+            status_page: settings.status_page,
+        });
         let mut listeners = Vec::new();
         for addr in listen {
             match TcpListener::bind(addr).await {
@@ -187,13 +201,20 @@ impl MetricsServer {
                 .local_addr()
                 .map_err(|e| format!("metrics address: {e}"))?;
             // Not "listening on": that phrase announces SMTP listeners.
-            tracing::info!(
-                "serving metrics at http://{addr}/metrics and health at http://{addr}/healthz"
-            );
+            if access.status_page {
+                tracing::info!(
+                    "serving metrics at http://{addr}/metrics, health at http://{addr}/healthz and the status page at http://{addr}/"
+                );
+            } else {
+                tracing::info!(
+                    "serving metrics at http://{addr}/metrics and health at http://{addr}/healthz"
+                );
+            }
             addrs.push(addr);
             tasks.spawn(accept_loop(
                 listener,
                 health.clone(),
+                access.clone(),
                 permits.clone(),
                 stop.clone(),
             ));
@@ -213,9 +234,17 @@ impl MetricsServer {
     }
 }
 
+/// Who is answered, and what.
+#[derive(Debug)]
+struct Access {
+    allow_networks: Vec<ipnet::IpNet>,
+    status_page: bool,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     health: Arc<Health>,
+    access: Arc<Access>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
 ) {
@@ -226,8 +255,8 @@ async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         while connections.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: do not spin.
                 tracing::warn!(error = %e, "metrics: accept failed");
@@ -239,12 +268,21 @@ async fn accept_loop(
             tracing::debug!("metrics: too many connections; closing one");
             continue;
         };
-        let health = health.clone();
+        let (health, access) = (health.clone(), access.clone());
+        let allowed = super::status::allowed(peer.ip(), &access.allow_networks);
         connections.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |request| {
-                let health = health.clone();
-                async move { Ok::<_, Infallible>(respond(&health, &request).await) }
+                let (health, access) = (health.clone(), access.clone());
+                async move {
+                    let reply = if allowed {
+                        respond(&health, &access, &request).await
+                    } else {
+                        tracing::debug!(%peer, "metrics: client not in [metrics] allow_networks");
+                        text(StatusCode::FORBIDDEN, "forbidden\n")
+                    };
+                    Ok::<_, Infallible>(reply)
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -260,9 +298,10 @@ async fn accept_loop(
 
 type Reply = Response<Full<Bytes>>;
 
-async fn respond(health: &Health, request: &Request<Incoming>) -> Reply {
+async fn respond(health: &Health, access: &Access, request: &Request<Incoming>) -> Reply {
     let path = request.uri().path();
-    if path != "/metrics" && path != "/healthz" {
+    let page = access.status_page && (path == "/" || path == "/status.json");
+    if path != "/metrics" && path != "/healthz" && !page {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -271,6 +310,9 @@ async fn respond(health: &Health, request: &Request<Incoming>) -> Reply {
             .headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return reply;
+    }
+    if page {
+        return status_reply(path == "/status.json").await;
     }
     if path == "/healthz" {
         return match health.check().await {
@@ -300,6 +342,30 @@ async fn respond(health: &Health, request: &Request<Incoming>) -> Reply {
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     reply
 }
+
+/// The status page or its JSON: read-only, never cached, loading nothing (CSP).
+async fn status_reply(json: bool) -> Reply {
+    let status = super::status::board().status().await;
+    let (body, content_type) = if json {
+        (status.to_json(), "application/json")
+    } else {
+        (super::page::render(&status), "text/html; charset=utf-8")
+    };
+    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    let headers = reply.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(STATUS_CSP),
+    );
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    reply
+}
+
+/// The status page's Content-Security-Policy (SPEC §8): nothing but its inline style.
+pub const STATUS_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'";
 
 fn text(status: StatusCode, body: &str) -> Reply {
     let mut reply = Response::new(Full::new(Bytes::from(body.to_string())));

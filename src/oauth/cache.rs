@@ -314,6 +314,8 @@ impl ChannelToken {
                     token: issued.access_token.clone(),
                     expires_at: expiry(started, issued.expires_in),
                 });
+                // The status page shows when it expires, never the token.
+                metrics::status::token_expires_in(&inner.channel, issued.expires_in);
                 Ok(issued.access_token)
             }
             Err(error) => {

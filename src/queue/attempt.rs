@@ -214,6 +214,23 @@ impl Attempt {
             let now = now_ms();
             let applied = apply_outcome(&mut state, &chunk, &outcome, &channel_name, now, &config);
             let pending = state.pending();
+            // The status page's last outcomes: this transaction's.
+            let status_of = |st| chunk.iter().any(|&i| state.recipients[i].status == st);
+            let fate = if status_of(RcptStatus::Pending) {
+                metrics::Outcome::Deferred
+            } else if status_of(RcptStatus::Failed) {
+                metrics::Outcome::Failed
+            } else {
+                metrics::Outcome::Delivered
+            };
+            metrics::status::record(
+                &id,
+                &state.sender,
+                chunk.len(),
+                &channel_name,
+                fate,
+                &applied.reply,
+            );
             if pending > 0 {
                 // The upstream logged the attempt itself; this is what the queue makes of it.
                 tracing::info!(

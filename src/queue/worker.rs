@@ -337,6 +337,17 @@ impl ChannelTask {
             _ => ChannelState::Ok,
         };
         metrics::channel_state(&self.name, state);
+        metrics::status::publish_queue(
+            &self.name,
+            &self.health,
+            self.entries.len() + self.in_flight.len(),
+            self.due.first().map(|(due, _)| *due),
+            self.handing_over,
+            || {
+                let ids = self.entries.keys().chain(self.in_flight.iter());
+                ids.filter_map(|id| metrics::status::id_time_ms(id)).min()
+            },
+        );
     }
 
     /// While stopping: a reload may have started this channel's next worker already, and

@@ -327,7 +327,13 @@ def test_metrics_config_problems_are_listed_and_check_shows_it(config):
     config.metrics = {"listen": "0.0.0.0:9325"}
     p = run_cli(["-c", str(config.write()), "check"])
     assert p.returncode == 0, p.stderr
-    assert "metrics: 0.0.0.0:9325 (/metrics, /healthz) (not loopback" in p.stdout, p.stdout
+    assert ("metrics: 0.0.0.0:9325 (/metrics, /healthz, status page / and /status.json) "
+            "(not loopback, yet only loopback clients are answered") in p.stdout, p.stdout
+    config.metrics = {"listen": "0.0.0.0:9325", "allow_networks": ["10.0.0.0/8"], "status_page": False}
+    p = run_cli(["-c", str(config.write()), "check"])
+    assert p.returncode == 0, p.stderr
+    assert ("metrics: 0.0.0.0:9325 (/metrics, /healthz)\n"
+            "  answers loopback clients and 10.0.0.0/8; 403 to others\n") in p.stdout, p.stdout
 
 
 def test_the_grafana_dashboard_uses_only_served_metrics():
@@ -357,7 +363,7 @@ def test_the_commented_metrics_example_in_the_shipped_config_is_valid(tmp_path):
     path.write_text(text + "\n" + "\n".join(block) + "\n")
     p = run_cli(["-c", str(path), "check"])
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "metrics: 127.0.0.1:9325 (/metrics, /healthz)\n" in p.stdout, p.stdout
+    assert "metrics: 127.0.0.1:9325 (/metrics, /healthz, status page / and /status.json)\n" in p.stdout, p.stdout
 
 
 def test_the_http_server_bounds_connections_and_times_out_idle_ones(config, mailgate):
