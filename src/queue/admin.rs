@@ -83,13 +83,21 @@ pub fn channel_health(config: &Config) -> Vec<(String, String)> {
 /// the channel is configured again (a reload or a restart).
 pub fn unconfigured(config: &Config) -> Vec<(String, usize)> {
     let spool = Spool::new(&config.server.spool_dir);
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for state in read_all(&spool, false) {
+    unconfigured_of(config, &read_all(&spool, false))
+}
+
+/// [`unconfigured`] among `states` (`queue list` reads the spool once for both).
+fn unconfigured_of(config: &Config, states: &[MessageState]) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for state in states {
         if config.channel_id(&state.channel).is_none() {
-            *counts.entry(state.channel).or_default() += 1;
+            *counts.entry(&state.channel).or_default() += 1;
         }
     }
-    counts.into_iter().collect()
+    counts
+        .into_iter()
+        .map(|(name, n)| (name.to_string(), n))
+        .collect()
 }
 
 /// The line `check` and `queue list` give a channel that is not configured but has mail.
@@ -182,6 +190,7 @@ fn table(rows: &[Vec<String>]) -> String {
 /// `mailgate queue list`: the channels' states, the queued messages, the failed ones.
 pub fn list(config: &Config) -> Result<String, String> {
     let spool = spool_of(config);
+    let queued = read_all(&spool, false);
     let mut out = String::new();
     let mut rows = vec![vec!["CHANNEL".to_string(), "STATE".to_string()]];
     rows.extend(
@@ -190,13 +199,12 @@ pub fn list(config: &Config) -> Result<String, String> {
             .map(|(name, state)| vec![name, state]),
     );
     rows.extend(
-        unconfigured(config)
+        unconfigured_of(config, &queued)
             .into_iter()
             .map(|(name, count)| vec![name, unconfigured_line(count)]),
     );
     out.push_str(&table(&rows));
 
-    let queued = read_all(&spool, false);
     out.push_str(&format!("\n{} message(s) queued\n", queued.len()));
     if !queued.is_empty() {
         let mut rows = vec![
@@ -337,12 +345,17 @@ fn lock_queued(spool: &Spool, id: &str) -> Result<Option<fs::File>, String> {
     ))
 }
 
-/// Makes a locked message due now (in its state file).
+/// Makes a locked message due now (in its state file). One already due is left as it
+/// is: rewriting its state file costs two fsyncs, which made `queue retry --all` of a
+/// day's backlog behind a broken channel (all of it due) take minutes.
 fn make_due(spool: &Spool, id: &str) -> Result<bool, String> {
     match spool.read_state(id).map_err(|e| io_err(id, e))? {
         Some(mut state) => {
-            state.next_attempt_ms = now_ms();
-            spool.write_state(&state).map_err(|e| io_err(id, e))?;
+            let now = now_ms();
+            if state.next_attempt_ms > now {
+                state.next_attempt_ms = now;
+                spool.write_state(&state).map_err(|e| io_err(id, e))?;
+            }
             Ok(true)
         }
         None => Ok(false),
@@ -563,6 +576,35 @@ mod tests {
         for out in [&shown, &listed] {
             assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out}");
         }
+    }
+
+    #[test]
+    fn retry_rewrites_only_the_state_files_of_messages_not_yet_due() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let envelope = crate::testkit::config::envelope("a@example.com", &["b@example.org"]);
+        let (due, later) = ("19a2b3c4d5e6f-1a2b-0", "19a2b3c4d5e6f-1a2b-1");
+        let now = now_ms();
+        for (id, next) in [(due, now - 60_000), (later, now + 3_600_000)] {
+            let mut state = MessageState::new(id, "c", &envelope, 10, now - 120_000);
+            state.next_attempt_ms = next;
+            spool.write_state(&state).unwrap();
+        }
+        let inode = |id| fs::metadata(spool.state_path(id)).unwrap().ino();
+        let before = (inode(due), inode(later));
+        assert!(make_due(&spool, due).unwrap());
+        assert!(make_due(&spool, later).unwrap());
+        assert_eq!(
+            inode(due),
+            before.0,
+            "a due message's state file was rewritten"
+        );
+        assert_ne!(inode(later), before.1);
+        let next = |id| spool.read_state(id).unwrap().unwrap().next_attempt_ms;
+        assert_eq!(next(due), now - 60_000);
+        assert!(next(later) <= now_ms());
     }
 
     #[test]

@@ -349,3 +349,30 @@ def test_sighups_in_quick_succession_and_during_the_shutdown_drain(config, mailg
     delivered = any(b"during the drain" in m.content for m in upstream.messages)
     queued = any(b"during the drain" in p.read_bytes() for p in (spool / "queue").glob("*.eml"))
     assert delivered or queued, mg.log()
+
+
+def test_an_unchanged_channels_rate_window_survives_a_reload_that_changes_another(
+    config, mailgate, upstream_factory
+):
+    """Issue 20: a reload that changes one channel leaves the others' windows alone: the
+    message counted before the SIGHUP still counts after it (relay mode: 451 4.7.0)."""
+    limited, other = upstream_factory(), upstream_factory()
+    config.server["delivery"] = "relay"
+    config.smtp_channel("limited", limited, senders=["*@example.com"], rate="1/min")
+    config.smtp_channel("other", other, senders=["*@other.org"], connections=4)
+    mg = mailgate(config)
+    code, text = send(mg.addr, "alice@example.com", subject="before")
+    assert code == 250, (code, text)
+    limited.wait_messages(1)
+
+    config.channels["other"]["connections"] = 3
+    line = reloaded(mg, config)
+    assert 'changed=["other"]' in line and "unchanged=1" in line, line
+
+    code, text = send(mg.addr, "alice@example.com", subject="after")
+    assert code == 451 and "4.7.0" in text, (code, text)
+    # The changed channel works with its new limits.
+    code, text = send(mg.addr, "bob@other.org", subject="other")
+    assert code == 250, (code, text)
+    other.wait_messages(1)
+    assert len(limited.messages) == 1
