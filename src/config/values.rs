@@ -183,7 +183,9 @@ pub(super) fn parse_sender_pattern(text: &str) -> Result<SenderPattern, String> 
         return Ok(SenderPattern::AnyAtDomain(domain));
     }
     let bad_char = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '*' | '<' | '>');
-    if local.is_empty() || local.chars().any(bad_char) {
+    // An `@` in the local part is a mailbox only inside a quoted local part.
+    let quoted = local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
+    if local.is_empty() || local.chars().any(bad_char) || (local.contains('@') && !quoted) {
         return Err(format!(
             r#"invalid sender {text:?}: the part before @ must be a mailbox name or "*" alone"#
         ));
@@ -331,6 +333,10 @@ mod tests {
             parse_sender_pattern("Alice@Example.COM"),
             Ok(Exact("Alice@example.com".into()))
         );
+        assert_eq!(
+            parse_sender_pattern("\"a@b\"@c.com"),
+            Ok(Exact("\"a@b\"@c.com".into()))
+        );
         for bad in [
             "",
             "alice",
@@ -341,6 +347,8 @@ mod tests {
             "a b@x.org",
             "a@x..org",
             "**",
+            "@@bad",
+            "a@b@c.com",
         ] {
             assert!(parse_sender_pattern(bad).is_err(), "{bad:?} accepted");
         }

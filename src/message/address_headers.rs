@@ -592,8 +592,15 @@ fn entry_ambiguity(entry: &Entry) -> Option<Ambiguity> {
     let own = entry.address.as_deref();
     found
         .into_iter()
-        .find(|a| !own.is_some_and(|own| same(a, own)))
+        .find(|a| !own.is_some_and(|own| same(unquoted(a), own)))
         .map(|address| Ambiguity::DisplayName { field, address })
+}
+
+/// An address as a display name writes it, without the single quotes or backticks
+/// around it: Outlook and Exchange write `'app@example.com' <app@example.com>`, and every
+/// reader shows that as the entry's own address.
+fn unquoted(token: &str) -> &str {
+    token.trim_matches(|c| c == '\'' || c == '`')
 }
 
 fn same(a: &str, b: &str) -> bool {
@@ -929,6 +936,22 @@ mod tests {
             ambiguity("Bcc: eve @ evil.org <bob@example.org>\r\n\r\n"),
             display("Bcc", "eve@evil.org")
         );
+    }
+
+    #[test]
+    fn outlook_quotes_its_own_address_in_single_quotes_and_that_is_allowed() {
+        for raw in [
+            "From: 'app@example.com' <app@example.com>\r\n\r\n",
+            "Cc: 'B@Example.com' <b@example.com>, `c@x.org` <c@x.org>\r\n\r\n",
+            "From: \"'app@example.com'\" <app@example.com>\r\n\r\n",
+        ] {
+            assert_eq!(ambiguity(raw), None, "{raw:?}");
+        }
+        // Quotes do not make another address the entry's own.
+        assert!(matches!(
+            ambiguity("From: 'eve@evil.org' <app@example.com>\r\n\r\n"),
+            Some(Ambiguity::DisplayName { .. })
+        ));
     }
 
     #[test]

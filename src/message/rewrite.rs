@@ -79,14 +79,18 @@ pub fn replace_from(section: &[u8], sender: &str, original: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(section.len() + line.len());
     let mut placed = false;
     let mut copied = 0;
+    // The new From takes the first From's place (the header order stays the client's);
+    // without a From, the first Sender's.
+    let has_from = from.is_some();
     for field in &list {
-        let drop = field.is(section, "from") || field.is(section, "sender");
+        let is_from = field.is(section, "from");
+        let drop = is_from || field.is(section, "sender");
         if !drop {
             continue;
         }
         out.extend_from_slice(&section[copied..field.start]);
         copied = field.end;
-        if !placed {
+        if !placed && (is_from || !has_from) {
             out.extend_from_slice(line.as_bytes());
             placed = true;
         }
@@ -395,6 +399,23 @@ mod tests {
         assert_eq!(
             replaced(section),
             "Received: from a\r\n\tby b;\r\n Mon, 1 Jan\r\nFrom: Front Desk <scans@example.com>\r\nSubject: a\r\n  folded subject\r\nX-A: 1\r\n"
+        );
+    }
+
+    #[test]
+    fn the_new_from_takes_the_first_froms_place_not_an_earlier_senders() {
+        let out = replaced(
+            "Sender: s@printer.local\r\nSubject: s\r\nFrom: A <scanner@printer.local>\r\nTo: b@x\r\n",
+        );
+        assert_eq!(
+            out,
+            "Subject: s\r\nFrom: A <scans@example.com>\r\nTo: b@x\r\n"
+        );
+        // Without a From, it takes the first Sender's place.
+        let out = replaced("Subject: s\r\nSender: s@printer.local\r\nTo: b@x\r\n");
+        assert_eq!(
+            out,
+            "Subject: s\r\nFrom: scanner <scans@example.com>\r\nTo: b@x\r\n"
         );
     }
 
