@@ -12,7 +12,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`cli`] | command line (clap), subcommand dispatch |
-//! | [`config`] | `proxy.toml` → validated [`config::Config`]; [`config::Secret`]; presets |
+//! | [`config`] | `proxy.toml` → validated [`config::Config`]; [`config::Secret`]; presets; the channel index routing looks senders up in ([`config::index`]) |
 //! | [`listener`] | accept loop, connection limit, allow-list, TLS acceptors, graceful shutdown |
 //! | [`tls`] | rustls server config, `cert generate` |
 //! | [`smtp`] | the SMTP server: [`smtp::session`] state machine (read/write loop, one file per verb group), [`smtp::data`] DATA/BDAT decoder, [`smtp::reply`] catalogue, [`smtp::auth`] client AUTH |
@@ -22,7 +22,7 @@
 //! | [`scope`] | pure: sender-scope patterns: does one take an address, how specific is it (routing and the queue) |
 //! | [`ratelimit`] | pure: per-channel message rate and recipients/day windows |
 //! | [`delivery`] | takes a message from the session: relay mode forwards it now, queue mode spools it; the client's reply |
-//! | [`upstream`] | channel transports: pooled SMTP (lettre), Microsoft Graph `sendMail` (HTTPS) and the `file` drop; [`upstream::Error`] and its SPEC §7 class |
+//! | [`upstream`] | channel transports: pooled SMTP (lettre), Microsoft Graph (`sendMail`, or draft + upload session for messages over 3,000,000 bytes) and the `file` drop; [`upstream::Error`] and its SPEC §7 class |
 //! | [`reload`] | SIGHUP: re-reads the config, swaps it in for new sessions, starts/stops/restarts channel workers |
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
