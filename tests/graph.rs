@@ -136,16 +136,7 @@ impl Setup {
     }
 }
 
-async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
-}
+use mailgate::testkit::wait_for;
 
 fn message(to: &str) -> Vec<u8> {
     // A leading dot, 8-bit text, a long line: all must arrive byte for byte.

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mailgate::config::{Channel, ChannelKind, Config, DeliveryMode, TlsMode};
 use mailgate::delivery::Delivery;
@@ -136,16 +136,7 @@ impl Setup {
     }
 }
 
-async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
-}
+use mailgate::testkit::wait_for;
 
 fn now_ms() -> u64 {
     SystemTime::now()

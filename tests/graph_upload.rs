@@ -4,7 +4,7 @@
 //! rules and refusing a bearer token on the uploadUrl), send and DELETE.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use mailgate::config::{Config, DeliveryMode};
@@ -94,16 +94,7 @@ impl Setup {
     }
 }
 
-async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
-}
+use mailgate::testkit::wait_for;
 
 /// Bytes that look like a scanned PDF and compress badly.
 fn pdf(len: usize, seed: u32) -> Vec<u8> {

@@ -227,17 +227,7 @@ fn rcpts(n: usize) -> Vec<String> {
 const MESSAGE: &[u8] =
     b"From: a@example.com\r\nTo: r0@example.org\r\nSubject: test\r\n\r\nHello\r\n";
 
-/// Polls `cond` every 20 ms until it holds or `limit` passes.
-async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
-}
+use mailgate::testkit::wait_for;
 
 fn queued(config: &Config) -> usize {
     std::fs::read_dir(config.server.spool_dir.join("queue"))
