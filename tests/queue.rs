@@ -869,12 +869,12 @@ async fn a_full_disk_defers_and_delivery_resumes_by_itself() {
             return;
         }
     };
-    // One transaction per 2 s: the second message is accepted, then waits for the rate
+    // One transaction per 4 s: the second message is accepted, then waits for the rate
     // while the disk fills.
     let mut limits = limits();
     limits.rate = Some(Rate {
         count: 1,
-        per: Duration::from_secs(2),
+        per: Duration::from_secs(4),
     });
     let config = config(&spool, vec![channel("c", limits)]);
     // The events log ends exactly on a page once the first send is counted (when it
@@ -904,6 +904,15 @@ async fn a_full_disk_defers_and_delivery_resumes_by_itself() {
 
     let reply = running.submit(0, "b@example.com", &rcpts(1), MESSAGE).await;
     assert_eq!(reply.code, 250, "{reply:?}");
+    // The journal segment that made it durable is retired within seconds, and deleting
+    // it frees space: the disk is filled once it is gone.
+    let journal = spool.join("journal");
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_dir(&journal)
+            .map(|d| d.count() == 0)
+            .unwrap_or(true))
+        .await
+    );
     disk.fill();
     // A large message while the disk is full: 4xx, nothing acknowledged.
     let big: Vec<u8> = MESSAGE

@@ -38,7 +38,8 @@ pub(super) struct Attempt {
 }
 
 enum Prepared {
-    Ready(File, Box<MessageState>),
+    /// The delivery lock, the state, and the message itself when it is small.
+    Ready(File, Box<MessageState>, Option<Vec<u8>>),
     Busy,
     Gone,
 }
@@ -49,8 +50,8 @@ impl Attempt {
         let spool = self.queue.spool.clone();
         let lock_id = id.clone();
         let prepared = tokio::task::spawn_blocking(move || prepare(&spool, &lock_id)).await;
-        let (lock, mut state) = match prepared {
-            Ok(Ok(Prepared::Ready(lock, state))) => (lock, *state),
+        let (lock, mut state, small) = match prepared {
+            Ok(Ok(Prepared::Ready(lock, state, small))) => (lock, *state, small),
             Ok(Ok(Prepared::Gone)) => {
                 return Report {
                     id,
@@ -192,7 +193,10 @@ impl Attempt {
                         self.channel,
                         &id,
                         &envelope,
-                        Body::File(&data),
+                        match &small {
+                            Some(bytes) => Body::Bytes(bytes),
+                            None => Body::File(&data),
+                        },
                         &ledger,
                     ),
                 )
@@ -329,7 +333,7 @@ pub(super) async fn internal_failure(
     let recorded = tokio::task::spawn_blocking(move || {
         let ch = &config.channels[channel];
         let (lock, mut state) = match prepare(&queue.spool, &lock_id)? {
-            Prepared::Ready(lock, state) => (lock, *state),
+            Prepared::Ready(lock, state, _) => (lock, *state),
             Prepared::Gone => return Ok((None, None)),
             Prepared::Busy => return Ok((Some((now_ms() + BUSY_RETRY_MS, pending)), None)),
         };
@@ -379,10 +383,25 @@ fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
         Err(e) => return Err(e),
     };
     // Read under the lock: `queue retry` and `queue delete` change the file only while holding it.
-    match spool.read_state(id)? {
-        Some(state) => Ok(Prepared::Ready(lock, Box::new(state))),
-        None => Ok(Prepared::Gone),
-    }
+    let Some(state) = spool.read_state(id)? else {
+        return Ok(Prepared::Gone);
+    };
+    // A small message is read here, through the lock's own descriptor, and sent from
+    // memory: one open and one hop to a blocking thread fewer than streaming the file.
+    let small = match state.size <= super::draft::INLINE_MAX as u64 {
+        true => read_small(&lock)?,
+        false => None,
+    };
+    Ok(Prepared::Ready(lock, Box::new(state), small))
+}
+
+/// The whole of `file` if it holds at most [`super::draft::INLINE_MAX`] bytes.
+fn read_small(file: &File) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let max = super::draft::INLINE_MAX as u64;
+    let mut bytes = Vec::with_capacity(4096);
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
 }
 
 /// Pure: fails every pending recipient of a message with more of them than its graph

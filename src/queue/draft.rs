@@ -1,7 +1,7 @@
 //! A queue-mode message being received: bounded memory, then a file in `tmp/`.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::PathBuf;
 
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -25,6 +25,8 @@ pub struct SpoolDraft {
     file: Option<Box<BufWriter<tokio::fs::File>>>,
     closed: bool,
     len: u64,
+    /// `tmp/<id>` was created (it outgrew memory).
+    has_file: bool,
 }
 
 /// A draft that has been written completely ([`SpoolDraft::close`]).
@@ -37,9 +39,11 @@ pub struct ClosedDraft {
 }
 
 impl ClosedDraft {
-    /// Blocking: makes sure the message is in its temp file (writes an in-memory one out).
-    /// Not fsync'd here: [`Spool::commit`] does that.
+    /// Blocking: puts an in-memory message in its temp file, as a large one is, for the
+    /// tests of [`Spool::commit`] (the proxy commits those with [`Spool::commit_small`]).
+    #[cfg(test)]
     pub fn write_out(&self, spool: &Spool) -> io::Result<()> {
+        use std::io::Write;
         match &self.inline {
             Some(bytes) => spool.create_file(&self.path)?.write_all(bytes),
             None => Ok(()),
@@ -58,6 +62,7 @@ impl SpoolDraft {
             file: None,
             closed: false,
             len: 0,
+            has_file: false,
         })
     }
 
@@ -78,6 +83,7 @@ impl SpoolDraft {
                 return Ok(());
             }
             let (spool, path) = (self.spool.clone(), self.path.clone());
+            self.has_file = true;
             let file = tokio::task::spawn_blocking(move || spool.create_file(&path))
                 .await
                 .map_err(io::Error::other)??;
@@ -127,7 +133,10 @@ impl SpoolDraft {
 
 impl Drop for SpoolDraft {
     fn drop(&mut self) {
-        // After a commit the temp path no longer exists; otherwise this discards the draft.
-        let _ = fs::remove_file(&self.path);
+        // A message that stayed in memory never had a file. After a commit the temp path
+        // no longer exists; otherwise this discards the draft.
+        if self.has_file {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }

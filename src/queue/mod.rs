@@ -19,6 +19,7 @@ mod attempt;
 pub mod classify;
 pub mod draft;
 pub mod dsn;
+pub mod journal;
 pub mod ledger;
 pub mod spool;
 pub mod worker;
@@ -268,9 +269,9 @@ impl Queue {
             let closed = draft.close().await?;
             let spool = self.spool.clone();
             let state = state.clone();
-            tokio::task::spawn_blocking(move || {
-                closed.write_out(&spool)?;
-                spool.commit(&closed.path, &state)
+            tokio::task::spawn_blocking(move || match &closed.inline {
+                Some(bytes) => spool.commit_small(bytes, &state),
+                None => spool.commit(&closed.path, &state),
             })
             .await
             .map_err(io::Error::other)?
@@ -421,6 +422,7 @@ impl Queue {
         tracker.spawn(async move {
             while !poll.is_cancelled() {
                 control.poll_control().await;
+                control.retire_journal(false).await;
                 tokio::select! {
                     _ = poll.cancelled() => {}
                     _ = tokio::time::sleep(CONTROL_POLL) => {}
@@ -428,6 +430,22 @@ impl Queue {
             }
         });
         tracker.wait().await;
+        // A clean stop leaves no journal to replay after a reboot.
+        self.retire_journal(true).await;
+    }
+
+    /// Retires the journal segments that are due (all of them with `all`): see
+    /// [`journal::Journal::retire_due`].
+    async fn retire_journal(&self, all: bool) {
+        let spool = self.spool.clone();
+        let done = tokio::task::spawn_blocking(move || spool.journal().retire_due(all)).await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "spool: cannot retire a journal segment; tried again later")
+            }
+            Err(e) => tracing::error!(error = %e, "spool: journal retiring failed"),
+        }
     }
 
     /// Hands every queued message to its channel's worker, due at its next attempt or,

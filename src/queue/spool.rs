@@ -7,11 +7,14 @@
 //!   failed/     the same pair for messages that failed, with the reason in the JSON
 //!   state/      per channel: <name>.health.json (ok / held / broken), <name>.events (sends)
 //!   control/    requests from `mailgate queue retry` to the running proxy
+//!   journal/    the commit log that makes small messages durable ([`super::journal`])
 //!   lock        held (flock) by the running proxy, so that two cannot share a spool
 //! ```
 //!
 //! `queue/<id>.json` is the commit marker: a message exists once its JSON is in `queue/`.
-//! Writes go to `tmp/`, are fsync'd, renamed into place, and the directory is fsync'd.
+//! Writes go to `tmp/`, are fsync'd, renamed into place, and the directory is fsync'd;
+//! a small message's own files are written without fsync, its record in the journal is
+//! what is fsync'd before `250` ([`Spool::commit_small`]).
 //! Receiving a message into `tmp/` is [`super::draft`].
 
 use std::fs::{self, File, OpenOptions};
@@ -22,6 +25,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use super::journal::Journal;
 
 /// Current spool state-file format version.
 pub const FORMAT_VERSION: u32 = 1;
@@ -172,6 +177,8 @@ pub struct Spool {
     spares: Arc<Mutex<Vec<PathBuf>>>,
     /// Concurrent commits share their fsyncs of `queue/`.
     queue_sync: Arc<GroupSync>,
+    /// The commit log of small messages (opened on first use).
+    journal: Arc<Journal>,
 }
 
 impl Spool {
@@ -181,7 +188,13 @@ impl Spool {
             root: root.to_path_buf(),
             spares: Arc::default(),
             queue_sync: Arc::default(),
+            journal: Arc::new(Journal::new(root)),
         }
+    }
+
+    /// The commit log of small messages.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     /// Creates `path` (a new name in `tmp/`) for writing, mode 0600. A spare file is
@@ -194,7 +207,11 @@ impl Spool {
         if let Some(spare) = spare
             && fs::rename(&spare, path).is_ok()
         {
-            let file = OpenOptions::new().write(true).truncate(true).open(path)?;
+            // Not opened with O_TRUNC: the spare was emptied when it was retired (or
+            // removed if it could not be), and on ext4 a truncate marks a file for a
+            // forced write-out at close (the auto_da_alloc heuristic for programs that
+            // replace a file's contents), which cost one I/O per message file.
+            let file = OpenOptions::new().write(true).open(path)?;
             file.set_permissions(fs::Permissions::from_mode(crate::fsutil::FILE_MODE))?;
             return Ok(file);
         }
@@ -352,6 +369,35 @@ impl Spool {
         result
     }
 
+    /// Queues a message received in memory (`data`, at most [`super::draft::INLINE_MAX`])
+    /// and returns once it is durable: its two files are written into `queue/` (data
+    /// straight there, the state through `tmp/` so a reader never sees half of it) without
+    /// fsync, then its record in the journal is fsync'd, a sync shared with concurrent
+    /// commits ([`Journal::commit`]). The journal holds it until its files are durable on
+    /// their own. On failure nothing is left in `queue/`.
+    pub fn commit_small(&self, data: &[u8], state: &MessageState) -> io::Result<()> {
+        let tmp_state = self.tmp_dir().join(format!("{}.json", state.id));
+        let data_path = self.data_path(&state.id);
+        let json = to_json(state);
+        let mut state_moved = false;
+        let result = (|| {
+            self.create_file(&data_path)?.write_all(data)?;
+            self.create_file(&tmp_state)?.write_all(&json)?;
+            fs::rename(&tmp_state, self.state_path(&state.id))?;
+            state_moved = true;
+            self.journal.commit(&json, data, &state.id)
+        })();
+        if result.is_err() {
+            // Not acknowledged: leave nothing behind that could be delivered later.
+            let _ = remove_if_exists(&tmp_state);
+            if state_moved {
+                let _ = remove_if_exists(&self.state_path(&state.id));
+            }
+            let _ = remove_if_exists(&data_path);
+        }
+        result
+    }
+
     /// Removes a delivered message: the state file (the commit marker) first, then the data.
     /// Not fsync'd: a removal lost to a power cut only means one more delivery
     /// (at-least-once), and a process crash cannot lose it.
@@ -391,6 +437,8 @@ impl Spool {
     /// half-done move to `failed/`. Returns how many files were removed.
     pub fn recover(&self) -> io::Result<usize> {
         self.create_dirs()?;
+        // First: the journal may write back messages a power cut lost from `queue/`.
+        self.journal.recover()?;
         let mut removed = 0;
         let queue = self.queue_dir();
         for entry in fs::read_dir(&queue)? {
@@ -753,7 +801,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_messages_stay_in_memory_until_written_out() {
+    async fn small_messages_stay_in_memory_and_commit_through_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::new(dir.path());
         spool.create_dirs().unwrap();
@@ -767,19 +815,33 @@ mod tests {
             closed.inline.as_deref(),
             Some(&b"Subject: x\r\n\r\nbody\r\n"[..])
         );
-        closed.write_out(&spool).unwrap();
+        // Committed straight into `queue/`, durable through the journal.
+        let st = MessageState::new("m1", "relay", &envelope(), draft.len(), now_ms());
+        spool
+            .commit_small(closed.inline.as_deref().unwrap(), &st)
+            .unwrap();
+        drop(draft);
+        assert_eq!(fs::read_dir(spool.tmp_dir()).unwrap().count(), 0);
         assert_eq!(
-            fs::read(&closed.path).unwrap(),
+            fs::read(spool.data_path("m1")).unwrap(),
             b"Subject: x\r\n\r\nbody\r\n"
         );
-        drop(draft);
-        assert!(!closed.path.exists());
+        assert_eq!(spool.read_state("m1").unwrap().unwrap(), st);
+        assert_eq!(fs::read_dir(dir.path().join("journal")).unwrap().count(), 1);
 
         // An empty message still gets its (empty) file.
         let mut empty = SpoolDraft::create(&spool, "m2".into()).await.unwrap();
         let closed = empty.close().await.unwrap();
-        closed.write_out(&spool).unwrap();
-        assert_eq!(fs::read(&closed.path).unwrap(), b"");
+        let st = MessageState::new("m2", "relay", &envelope(), 0, now_ms());
+        spool
+            .commit_small(closed.inline.as_deref().unwrap(), &st)
+            .unwrap();
+        assert_eq!(fs::read(spool.data_path("m2")).unwrap(), b"");
+
+        // Retired: the journal is gone, the files are what is left.
+        spool.journal().retire_due(true).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("journal")).unwrap().count(), 0);
+        assert_eq!(spool.queued_ids().unwrap(), vec!["m1", "m2"]);
     }
 
     #[tokio::test]

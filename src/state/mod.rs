@@ -14,7 +14,7 @@ pub mod tokens;
 pub mod transfer;
 
 use std::collections::{HashMap, VecDeque};
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -197,6 +197,9 @@ struct EventLog {
     kept: usize,
     /// A compaction is running: the lines appended since it began, for its new file.
     carried: Option<Vec<u8>>,
+    /// The file, open for appending: opening it for every event cost two system calls
+    /// per message. Dropped when a compaction replaces the file.
+    file: Option<File>,
 }
 
 impl LocalState {
@@ -261,12 +264,16 @@ impl LocalState {
         let path = self.events_path(channel);
         let log = self.log(&path);
         let mut log = lock(&log);
-        let mut file = fsutil::open_append(&path)?;
+        let mut file = match log.file.take() {
+            Some(file) => file,
+            None => fsutil::open_append(&path)?,
+        };
         let before = file.metadata()?.len();
         if let Err(e) = file.write_all(line.as_bytes()) {
             let _ = file.set_len(before);
             return Err(e);
         }
+        log.file = Some(file);
         if let Some(carried) = &mut log.carried {
             carried.extend_from_slice(line.as_bytes());
         }
@@ -332,6 +339,7 @@ impl LocalState {
             let carried = log.carried.take().unwrap_or_default();
             file.write_all(&carried)?;
             fs::rename(&tmp, &path)?;
+            log.file = None;
             log.kept = events.len();
             log.lines = events.len() + carried.iter().filter(|&&b| b == b'\n').count();
             drop(log);
