@@ -421,12 +421,16 @@ fn check(path: &Path) -> Result<(), String> {
         .iter()
         .any(|c| matches!(c.kind, config::ChannelKind::Graph(_)) || c.kind.oauth().is_some());
     if uses_http {
-        // Upstreams::new above already refused an environment proxy it cannot use.
-        let proxies = crate::http::Proxies::from_process(config.server.https_proxy.as_ref())?;
+        let proxies = crate::http::Proxies::from_process(config.server.https_proxy.as_ref());
         println!(
             "outbound HTTP (OAuth tokens, Graph): {}",
             proxies.describe()
         );
+        // Not an error: the environment is the machine's, and the mail waits in the queue
+        // until it is fixed.
+        for warning in check::proxy_warnings(&config, &proxies) {
+            eprintln!("{}: warning: {warning}", path.display());
+        }
     }
     if let crate::config::StateBackend::Redis(redis) = &config.state {
         let state = crate::state::shared::RedisState::new(redis)?;
