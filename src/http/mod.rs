@@ -452,30 +452,51 @@ fn client_with(
     Ok(Client { inner, proxies })
 }
 
-/// When a request failed because the proxy refused the tunnel (`CONNECT` answered with
-/// 407 or another non-2xx), says so in words; the proxy's URL is never part of them.
-pub fn proxy_refusal(e: &reqwest::Error) -> Option<&'static str> {
+/// When a request failed at the proxy (an HTTP proxy's `CONNECT` answered with 407 or
+/// another non-2xx; a SOCKS proxy unreachable or refusing), says so in words; the proxy's
+/// URL is never part of them.
+pub fn proxy_refusal(e: &reqwest::Error) -> Option<String> {
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
-        // hyper-util's tunnel errors, by their text (the type is not exported).
-        let text = err.to_string();
-        match text.strip_prefix("tunnel error: ") {
-            Some("proxy authorization required") => {
-                return Some(
-                    "the outbound proxy wants credentials or refused them (HTTP 407: check the user and password of https_proxy)",
-                );
-            }
-            // Some proxies (tinyproxy) refuse wrong credentials with 401 instead.
-            Some("unsuccessful") => {
-                return Some(
-                    "the outbound proxy refused the tunnel (check https_proxy, its user and password, and that it allows CONNECT to port 443)",
-                );
-            }
-            _ => {}
+        // hyper-util's tunnel and SOCKS errors, by their text (the types are not exported).
+        if let Some(words) = refusal_words(&err.to_string()) {
+            return Some(words);
         }
         source = err.source();
     }
     None
+}
+
+/// [`proxy_refusal`] for one error's text.
+fn refusal_words(text: &str) -> Option<String> {
+    match text.strip_prefix("tunnel error: ") {
+        Some("proxy authorization required") => {
+            return Some(
+                "the outbound proxy wants credentials or refused them (HTTP 407: check the user and password of https_proxy)".into(),
+            );
+        }
+        // Some proxies (tinyproxy) refuse wrong credentials with 401 instead.
+        Some("unsuccessful") => {
+            return Some(
+                "the outbound proxy refused the tunnel (check https_proxy, its user and password, and that it allows CONNECT to port 443)".into(),
+            );
+        }
+        _ => {}
+    }
+    // Fixed texts (hyper-util's SOCKS errors): no host, user or password in them.
+    let socks = text.strip_prefix("SOCKS error: ")?;
+    Some(match socks {
+        "failed to create underlying connection" => {
+            "cannot connect to the SOCKS proxy (check the environment's proxy variable)".into()
+        }
+        "credentials not accepted" => {
+            "the SOCKS proxy did not accept the credentials (check the user and password in the environment's proxy variable)".into()
+        }
+        "server does not support user/pass authentication" => {
+            "the SOCKS proxy does not take a user and password (remove them from the environment's proxy variable)".into()
+        }
+        other => format!("the SOCKS proxy failed: {other}"),
+    })
 }
 
 #[cfg(test)]
@@ -775,5 +796,24 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn refusals_at_the_proxy_are_said_in_words() {
+        assert!(
+            refusal_words("tunnel error: proxy authorization required")
+                .unwrap()
+                .contains("HTTP 407")
+        );
+        assert!(
+            refusal_words("SOCKS error: credentials not accepted")
+                .unwrap()
+                .contains("did not accept the credentials")
+        );
+        assert_eq!(
+            refusal_words("SOCKS error: connection refused").as_deref(),
+            Some("the SOCKS proxy failed: connection refused")
+        );
+        assert_eq!(refusal_words("error trying to connect: refused"), None);
     }
 }

@@ -251,7 +251,8 @@ async fn post_form(
 
 /// A reqwest error in words, without its source chain's noise.
 fn request_error(e: &reqwest::Error) -> String {
-    let kind = if let Some(refusal) = crate::http::proxy_refusal(e) {
+    let refusal = crate::http::proxy_refusal(e);
+    let kind = if let Some(refusal) = &refusal {
         refusal
     } else if e.is_timeout() {
         "timed out"

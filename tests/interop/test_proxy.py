@@ -448,3 +448,29 @@ def test_token_and_graph_requests_go_through_a_socks5_proxy_from_the_environment
         socks.stop()
         graph.stop()
         endpoint.stop()
+
+
+@pytest.mark.skipif(not Path(MICROSOCKS).exists(), reason="microsocks not installed")
+def test_a_socks5_proxy_refusing_the_credentials_defers_and_says_so(
+        config, mailgate, upstream_factory, certs, tmp_path):
+    endpoint = TokenEndpoint()
+    graph = GraphApi(endpoint)
+    socks = Microsocks(tmp_path / "microsocks", PROXY_USER, PROXY_PASSWORD)
+    try:
+        upstream = xoauth_upstream(upstream_factory, certs, endpoint)
+        channels(config, endpoint, graph, upstream)
+        queue_mode(config)
+        wrong = "WRONG-SOCKS-PW-3e8f"
+        mg = mailgate(config, env={"all_proxy": f"socks5h://{PROXY_USER}:{wrong}@127.0.0.1:{socks.port}"})
+        send_both(mg)
+        for channel in ("dave", "alice"):
+            mg.wait_log(rf"channel={channel}.*the SOCKS proxy did not accept the credentials.*will retry",
+                        timeout=15)
+        assert endpoint.grants() == [] and graph.sent == [] and upstream.messages == []
+        log = mg.log()
+        assert "broken" not in log.lower()
+        assert wrong not in log and PROXY_PASSWORD not in log
+    finally:
+        socks.stop()
+        graph.stop()
+        endpoint.stop()

@@ -149,7 +149,7 @@ impl<'c> Calls<'c> {
                 }
                 // reqwest's text names the URL (the mailbox), never the token.
                 crate::http::SendError::Http(e) => match crate::http::proxy_refusal(&e) {
-                    Some(refusal) => refusal.to_string(),
+                    Some(refusal) => refusal,
                     None => e.without_url().to_string(),
                 },
             };
