@@ -79,6 +79,8 @@ install_system_deps() {
     command -v redis-server >/dev/null || missing+=(redis-server)
     # The outbound-proxy tests run their own tinyproxy (the service need not run).
     command -v tinyproxy >/dev/null || [ -x /usr/bin/tinyproxy ] || missing+=(tinyproxy)
+    # ... and their own microsocks, a SOCKS5 proxy (tests/interop/test_proxy.py).
+    command -v microsocks >/dev/null || missing+=(microsocks)
     # systemd-analyze checks the shipped unit (verify, security score); systemd need not run.
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     # The status page is loaded in a real browser, headless (tests/interop/test_status_page.py).

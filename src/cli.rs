@@ -4,6 +4,7 @@
 //! non-zero exit.
 
 pub mod check;
+pub mod out;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use crate::cli::out::{errln, out, outln};
 use crate::config::{self, Config};
 use crate::routing;
 use crate::smtp::reply::Reply;
@@ -187,7 +189,7 @@ pub fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("mailgate: {message}");
+            errln!("mailgate: {message}");
             ExitCode::FAILURE
         }
     }
@@ -216,7 +218,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             action: CertAction::Generate { dir },
         } => {
             let (cert, key) = crate::tls::generate(&dir)?;
-            println!("wrote {} and {}", cert.display(), key.display());
+            outln!("wrote {} and {}", cert.display(), key.display())?;
             Ok(())
         }
         Command::HashPassword => hash_password(),
@@ -238,9 +240,9 @@ fn queue_command(path: &Path, action: QueueAction) -> Result<(), String> {
         QueueAction::Retry { id, .. } => admin::retry(&config, id.as_deref())?,
         QueueAction::Delete { id } => admin::delete(&config, &id)?,
     };
-    print!("{out}");
+    out!("{out}")?;
     if !out.ends_with('\n') {
-        println!();
+        outln!()?;
     }
     Ok(())
 }
@@ -258,10 +260,9 @@ fn state_command(path: &Path, action: StateAction) -> Result<(), String> {
                 // Refresh tokens inside: private like every token file.
                 Some(file) => crate::fsutil::write_private(&file, &json)
                     .map_err(|e| format!("cannot write {}: {e}", file.display()))?,
-                None => std::io::Write::write_all(&mut std::io::stdout(), &json)
-                    .map_err(|e| e.to_string())?,
+                None => out::bytes(&json)?,
             }
-            eprintln!("exported the state of {} channel(s)", doc.channels.len());
+            errln!("exported the state of {} channel(s)", doc.channels.len());
         }
         StateAction::Import { file } => {
             let text = match &file {
@@ -272,7 +273,7 @@ fn state_command(path: &Path, action: StateAction) -> Result<(), String> {
             let doc: transfer::Document = serde_json::from_str(&text)
                 .map_err(|e| format!("not a mailgate state document: {e}"))?;
             let summary = crate::state::block_on(transfer::import(&config, &doc, now))??;
-            println!("{summary}");
+            outln!("{summary}")?;
         }
     }
     Ok(())
@@ -304,7 +305,7 @@ fn load(path: &Path) -> Result<Config, String> {
     let text = std::fs::read_to_string(path).map_err(|e| unreadable(path, &e))?;
     config::parse(&text, path).map_err(|errors| {
         for line in errors.to_string().lines() {
-            eprintln!("{line}");
+            errln!("{line}");
         }
         let n = errors.problems.len();
         format!(
@@ -402,7 +403,7 @@ fn check(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     let problems = file_problems(&config);
     for problem in &problems {
-        eprintln!("{}: {problem}", path.display());
+        errln!("{}: {problem}", path.display());
     }
     if !problems.is_empty() {
         let n = problems.len();
@@ -411,51 +412,56 @@ fn check(path: &Path) -> Result<(), String> {
     }
     for warning in &config.warnings {
         match warning.line {
-            Some(line) => eprintln!("{}:{line}: warning: {}", path.display(), warning.message),
-            None => eprintln!("{}: warning: {}", path.display(), warning.message),
+            Some(line) => errln!("{}:{line}: warning: {}", path.display(), warning.message),
+            None => errln!("{}: warning: {}", path.display(), warning.message),
         }
     }
-    print!("{}", check::summary(&config));
+    out!("{}", check::summary(&config))?;
     let uses_http = config
         .channels
         .iter()
         .any(|c| matches!(c.kind, config::ChannelKind::Graph(_)) || c.kind.oauth().is_some());
     if uses_http {
-        // Upstreams::new above already refused an environment proxy it cannot use.
-        let proxies = crate::http::Proxies::from_process(config.server.https_proxy.as_ref())?;
-        println!(
+        let proxies = crate::http::Proxies::from_process(config.server.https_proxy.as_ref());
+        outln!(
             "outbound HTTP (OAuth tokens, Graph): {}",
             proxies.describe()
-        );
+        )?;
+        // Not an error: the environment is the machine's, and the mail waits in the queue
+        // until it is fixed.
+        for warning in check::proxy_warnings(&config, &proxies) {
+            errln!("{}: warning: {warning}", path.display());
+        }
     }
     if let crate::config::StateBackend::Redis(redis) = &config.state {
         let state = crate::state::shared::RedisState::new(redis)?;
         match crate::state::block_on(state.ping())? {
-            Ok(()) => println!("state: shared in Redis {} (reachable)", redis.display),
-            Err(e) => println!(
+            Ok(()) => outln!("state: shared in Redis {} (reachable)", redis.display)?,
+            Err(e) => outln!(
                 "state: shared in Redis {} — UNREACHABLE ({}): limited channels wait until it is back",
-                redis.display, e.0
-            ),
+                redis.display,
+                e.0
+            )?,
         }
-        println!("channel health (shared):");
+        outln!("channel health (shared):")?;
         for (name, state) in crate::queue::admin::channel_health(&config) {
-            println!("  {name}: {state}");
+            outln!("  {name}: {state}")?;
         }
     } else if config.server.spool_dir.join("state").is_dir() {
-        println!("channel health (from the spool):");
+        outln!("channel health (from the spool):")?;
         for (name, state) in crate::queue::admin::channel_health(&config) {
-            println!("  {name}: {state}");
+            outln!("  {name}: {state}")?;
         }
     }
     let unconfigured = crate::queue::admin::unconfigured(&config);
     if !unconfigured.is_empty() {
-        println!("queued mail for channels missing from this config:");
+        outln!("queued mail for channels missing from this config:")?;
         for (name, count) in unconfigured {
             let line = crate::queue::admin::unconfigured_line(count);
-            println!("  {name}: {line}");
+            outln!("  {name}: {line}")?;
         }
     }
-    println!("{}: OK", path.display());
+    outln!("{}: OK", path.display())?;
     Ok(())
 }
 
@@ -500,7 +506,7 @@ fn route(
     let rewrite = crate::rewrite::apply(&config.rewrites, given, Some(client.ip), user);
     let sender = match &rewrite {
         Some(r) => {
-            println!("{}", crate::rewrite::explain(&config.rewrites[r.entry], r));
+            outln!("{}", crate::rewrite::explain(&config.rewrites[r.entry], r))?;
             r.sender.as_str()
         }
         None => given,
@@ -508,20 +514,21 @@ fn route(
     if let Some(user) = user
         && let Err(refusal) = routing::authorize_user(&config, user, sender)
     {
-        println!("MAIL FROM:<{sender}> is refused: {}", Reply::from(refusal));
+        outln!("MAIL FROM:<{sender}> is refused: {}", Reply::from(refusal))?;
         return Err(format!("user {user:?} may not use <{sender}>"));
     }
     let first = match routing::route_sender(&config, sender).map_err(Reply::from) {
         Ok(decision) => decision,
         Err(reply) => {
-            println!("MAIL FROM:<{sender}> is refused: {reply}");
+            outln!("MAIL FROM:<{sender}> is refused: {reply}")?;
             return Err(format!("sender <{sender}> has no channel"));
         }
     };
-    println!(
+    outln!(
         "MAIL FROM:<{sender}> → channel {} ({})",
-        config.channels[first.channel].name, first.reason
-    );
+        config.channels[first.channel].name,
+        first.reason
+    )?;
     let replaced = rewrite
         .as_ref()
         .is_some_and(|r| r.header_from == crate::config::HeaderFrom::Replace);
@@ -538,16 +545,17 @@ fn route(
     };
     match routing::route_message(&config, sender, user, rcpts, &headers).map_err(Reply::from) {
         Ok(decision) => {
-            println!(
+            outln!(
                 "message with From: {header_from} and {rcpts} recipient(s) → channel {} ({})",
-                config.channels[decision.channel].name, decision.reason
-            );
+                config.channels[decision.channel].name,
+                decision.reason
+            )?;
             Ok(())
         }
         Err(reply) => {
-            println!(
+            outln!(
                 "message with From: {header_from} and {rcpts} recipient(s) is refused: {reply}"
-            );
+            )?;
             Err("the message would be refused".to_string())
         }
     }
@@ -561,10 +569,17 @@ fn test_channel(path: &Path, name: &str) -> Result<(), String> {
     crate::tls::install_crypto_provider();
     let upstreams = crate::upstream::Upstreams::new(&config)?;
     runtime()?.block_on(async move {
-        let mut step = |line: &str| println!("{name}: {line}");
-        match upstreams.test(id, &mut step).await {
+        let mut unwritten = Ok(());
+        let mut step = |line: &str| {
+            if unwritten.is_ok() {
+                unwritten = outln!("{name}: {line}");
+            }
+        };
+        let tested = upstreams.test(id, &mut step).await;
+        unwritten?;
+        match tested {
             Ok(()) => {
-                println!("{name}: OK (nothing was sent)");
+                outln!("{name}: OK (nothing was sent)")?;
                 Ok(())
             }
             Err(e) => Err(format!("channel {name}: {e}")),
@@ -606,7 +621,7 @@ fn hash_password() -> Result<(), String> {
     if password.is_empty() {
         return Err("empty password on stdin".to_string());
     }
-    println!("{}", crate::smtp::auth::hash_password(password));
+    outln!("{}", crate::smtp::auth::hash_password(password))?;
     Ok(())
 }
 

@@ -21,6 +21,39 @@ pub fn summary(config: &Config) -> String {
     out
 }
 
+/// One line per channel whose requests would go through an environment proxy mailgate
+/// cannot use: those requests fail (the mail waits) until the environment is fixed.
+pub fn proxy_warnings(config: &Config, proxies: &crate::http::Proxies) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for channel in &config.channels {
+        let Some(oauth) = channel.kind.oauth() else {
+            continue;
+        };
+        let mut urls = vec![oauth.token_url.as_str()];
+        if let ChannelKind::Graph(g) = &channel.kind {
+            urls.push(g.graph_url());
+        }
+        let mut seen = Vec::new();
+        for url in urls {
+            let Ok(parsed) = reqwest::Url::parse(url) else {
+                continue;
+            };
+            if let crate::http::Route::Unusable(unusable) = proxies.route(&parsed) {
+                let line = format!(
+                    "channel {}: its requests to {} will fail until this is fixed: {unusable}",
+                    channel.name,
+                    parsed.host_str().unwrap_or_default()
+                );
+                if !seen.contains(&line) {
+                    seen.push(line);
+                }
+            }
+        }
+        warnings.extend(seen);
+    }
+    warnings
+}
+
 fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
     writeln!(out, "channels:")?;
     // Who falls back to whom, gathered once (a config may hold 10,000 channels).
@@ -425,5 +458,42 @@ mod tests {
             shown.contains("(not there yet: run mailgate oauth authorize alice)"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn proxy_warnings_name_the_channels_an_unusable_environment_proxy_would_fail() {
+        let config = ok(&format!(
+            "{OUTBOX}[channels.dave]\nkind = \"graph\"\nmailbox = \"dave@example.com\"\n\
+             oauth = {{ provider = \"microsoft\", grant = \"client_credentials\", tenant = \"example.com\", client_id = \"app-id\", client_secret = \"s3cret\" }}\n"
+        ));
+        let env = |vars: &[(&str, &str)]| -> std::collections::HashMap<String, String> {
+            vars.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let proxies = |vars: &[(&str, &str)]| crate::http::Proxies::new(None, &env(vars));
+        let warnings = proxy_warnings(&config, &proxies(&[("ALL_PROXY", "socks9://u:pw@s:1080")]));
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("channel dave: its requests to login.microsoftonline.com will fail until this is fixed: the environment's ALL_PROXY=socks9://***@s:1080"), "{warnings:?}");
+        assert!(warnings[1].contains("graph.microsoft.com"), "{warnings:?}");
+        assert!(!warnings.concat().contains("pw@"));
+        // Usable, shadowed, or bypassed: nothing to say.
+        for vars in [
+            &[("ALL_PROXY", "socks5h://s:1080")][..],
+            &[
+                ("ALL_PROXY", "garbage://"),
+                ("https_proxy", "http://p:3128"),
+            ],
+            &[
+                ("ALL_PROXY", "garbage://"),
+                ("no_proxy", "microsoft.com,microsoftonline.com"),
+            ],
+        ] {
+            assert_eq!(
+                proxy_warnings(&config, &proxies(vars)),
+                Vec::<String>::new(),
+                "{vars:?}"
+            );
+        }
     }
 }

@@ -188,14 +188,15 @@ async fn post_form(
     form: &[(&str, &str)],
 ) -> Result<Map<String, Value>, Failure> {
     check_url(url)?;
-    let response = http
+    let request = http
         .client
         .post(url)
         .header(reqwest::header::ACCEPT, "application/json")
-        .form(form)
-        .send()
-        .await
-        .map_err(|e| Failure::Transient(request_error(&e)))?;
+        .form(form);
+    let response = http.client.send(request).await.map_err(|e| match e {
+        crate::http::SendError::Proxy(why) => Failure::Transient(why),
+        crate::http::SendError::Http(e) => Failure::Transient(request_error(&e)),
+    })?;
     let status = response.status();
     let bytes = read_limited(response, MAX_TOKEN_ANSWER)
         .await
@@ -250,7 +251,8 @@ async fn post_form(
 
 /// A reqwest error in words, without its source chain's noise.
 fn request_error(e: &reqwest::Error) -> String {
-    let kind = if let Some(refusal) = crate::http::proxy_refusal(e) {
+    let refusal = crate::http::proxy_refusal(e);
+    let kind = if let Some(refusal) = &refusal {
         refusal
     } else if e.is_timeout() {
         "timed out"

@@ -106,12 +106,12 @@ impl Error {
     }
 }
 
-/// The one HTTP client for token endpoints: [`crate::http::client_builder`] (rustls on the
+/// The one HTTP client for token endpoints: [`crate::http::client`] (rustls on the
 /// process-default ring provider, no redirects: a secret is never re-posted elsewhere; the
 /// outbound proxy of SPEC §7) and a timeout on every request. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Http {
-    client: reqwest::Client,
+    client: crate::http::Client,
 }
 
 impl Http {
@@ -131,12 +131,12 @@ impl Http {
         https_proxy: Option<&crate::http::ProxyUrl>,
         timeout: Duration,
     ) -> Result<Http, String> {
-        let client = crate::http::client_builder(https_proxy)
-            .map_err(|e| format!("cannot set up the HTTPS client for OAuth: {e}"))?
-            .timeout(timeout)
-            .connect_timeout(Http::CONNECT_TIMEOUT.min(timeout))
-            .build()
-            .map_err(|e| format!("cannot set up the HTTPS client for OAuth: {e}"))?;
+        let client = crate::http::client(https_proxy, |builder| {
+            builder
+                .timeout(timeout)
+                .connect_timeout(Http::CONNECT_TIMEOUT.min(timeout))
+        })
+        .map_err(|e| format!("cannot set up the HTTPS client for OAuth: {e}"))?;
         Ok(Http { client })
     }
 }

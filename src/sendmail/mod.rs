@@ -68,9 +68,9 @@ pub fn main(args: &[String], default_config: PathBuf, program: &str) -> ExitCode
     let code = match run(args, default_config) {
         Ok(()) => 0,
         Err(failure) => {
-            eprintln!("{program}: {}", failure.reason);
+            crate::cli::out::errln!("{program}: {}", failure.reason);
             if failure.code == EX_USAGE {
-                eprintln!("{}", USAGE.lines().next().unwrap_or_default());
+                crate::cli::out::errln!("{}", USAGE.lines().next().unwrap_or_default());
             }
             failure.code
         }
@@ -89,7 +89,7 @@ pub fn main_as_sendmail(args: &[String]) -> ExitCode {
 fn run(argv: &[String], default_config: PathBuf) -> Result<(), Failure> {
     let args = args::parse(argv).map_err(|e| Failure::new(EX_USAGE, e))?;
     if args.help {
-        println!("{USAGE}");
+        crate::cli::out::outln!("{USAGE}").map_err(|e| Failure::new(EX_IOERR, e))?;
         return Ok(());
     }
     let config_path = args.config.clone().unwrap_or(default_config);

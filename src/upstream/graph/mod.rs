@@ -45,7 +45,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
 pub(super) struct GraphChannel {
     pub(super) name: String,
     target: GraphTarget,
-    client: reqwest::Client,
+    client: crate::http::Client,
     /// One per request in flight; shared like an SMTP channel's slots (see `pool.rs`).
     pub(super) permits: Arc<Semaphore>,
     /// The channel's `connections`: the size of `permits`.
@@ -74,14 +74,14 @@ impl GraphChannel {
         https_proxy: Option<&crate::http::ProxyUrl>,
     ) -> Result<Self, String> {
         let setup = |e| format!("cannot set up the HTTPS client for Microsoft Graph: {e}");
-        let client = crate::http::client_builder(https_proxy)
-            .map_err(setup)?
-            .http1_only()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_max_idle_per_host(connections.max(1))
-            .pool_idle_timeout(super::IDLE_TIMEOUT)
-            .build()
-            .map_err(|e| setup(e.to_string()))?;
+        let client = crate::http::client(https_proxy, |builder| {
+            builder
+                .http1_only()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .pool_max_idle_per_host(connections.max(1))
+                .pool_idle_timeout(super::IDLE_TIMEOUT)
+        })
+        .map_err(setup)?;
         Ok(GraphChannel {
             name: name.to_string(),
             target: target.clone(),
@@ -319,24 +319,26 @@ impl GraphChannel {
         timeout: Duration,
     ) -> Result<Answer, Error> {
         let target = self.target.graph_url().to_string();
-        let net = |e: reqwest::Error| {
-            if e.is_timeout() {
-                Error::Timeout {
-                    step: Step::EndOfData,
+        let net = |e: crate::http::SendError| {
+            let what = match e {
+                crate::http::SendError::Proxy(why) => why,
+                crate::http::SendError::Http(e) if e.is_timeout() => {
+                    return Error::Timeout {
+                        step: Step::EndOfData,
+                    };
                 }
-            } else {
                 // reqwest's text names the URL (the mailbox), never the token.
-                let what = match crate::http::proxy_refusal(&e) {
-                    Some(refusal) => refusal.to_string(),
+                crate::http::SendError::Http(e) => match crate::http::proxy_refusal(&e) {
+                    Some(refusal) => refusal,
                     None => e.without_url().to_string(),
-                };
-                Error::Connect {
-                    target: target.clone(),
-                    source: std::io::Error::other(what),
-                }
+                },
+            };
+            Error::Connect {
+                target: target.clone(),
+                source: std::io::Error::other(what),
             }
         };
-        let response = request.send().await.map_err(net)?;
+        let response = self.client.send(request).await.map_err(net)?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response

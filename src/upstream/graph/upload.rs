@@ -139,19 +139,26 @@ struct Calls<'c> {
 impl<'c> Calls<'c> {
     async fn read(&self, request: reqwest::RequestBuilder) -> Result<Got, Error> {
         let target = self.ch.target.graph_url().to_string();
-        let net = |e: reqwest::Error| {
-            if e.is_timeout() {
-                Error::Timeout {
-                    step: Step::EndOfData,
+        let net = |e: crate::http::SendError| {
+            let what = match e {
+                crate::http::SendError::Proxy(why) => why,
+                crate::http::SendError::Http(e) if e.is_timeout() => {
+                    return Error::Timeout {
+                        step: Step::EndOfData,
+                    };
                 }
-            } else {
-                Error::Connect {
-                    target: target.clone(),
-                    source: io::Error::other(e.without_url().to_string()),
-                }
+                // reqwest's text names the URL (the mailbox), never the token.
+                crate::http::SendError::Http(e) => match crate::http::proxy_refusal(&e) {
+                    Some(refusal) => refusal,
+                    None => e.without_url().to_string(),
+                },
+            };
+            Error::Connect {
+                target: target.clone(),
+                source: io::Error::other(what),
             }
         };
-        let response = request.send().await.map_err(net)?;
+        let response = self.ch.client.send(request).await.map_err(net)?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -174,7 +181,9 @@ impl<'c> Calls<'c> {
                     "Microsoft Graph answered with more than {max} bytes"
                 )));
             }
-            Ok(Err(crate::http::ReadError::Body(e))) => return Err(net(e)),
+            Ok(Err(crate::http::ReadError::Body(e))) => {
+                return Err(net(crate::http::SendError::Http(e)));
+            }
             Err(_) => {
                 return Err(Error::Timeout {
                     step: Step::EndOfData,
