@@ -336,7 +336,7 @@ impl Delivery {
         envelope: &Envelope,
     ) -> Reply {
         let mut channel = self.fallback_for(channel).await;
-        let closed = match draft.close().await {
+        let closed = match draft.close_to_send().await {
             Ok(closed) => closed,
             Err(e) => {
                 tracing::error!(id, error = %e, "cannot write the message's temporary file");

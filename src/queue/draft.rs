@@ -25,6 +25,11 @@ pub struct SpoolDraft {
     file: Option<Box<BufWriter<tokio::fs::File>>>,
     closed: bool,
     len: u64,
+    /// `tmp/<id>` may exist: this draft created it, or [`SpoolDraft::close`] handed the
+    /// message to a [`ClosedDraft`] that may write it there. Otherwise dropping the draft
+    /// has nothing to remove, and skips the `unlink` (a relayed message's only syscall
+    /// on the spool).
+    may_exist: bool,
 }
 
 /// A draft that has been written completely ([`SpoolDraft::close`]).
@@ -58,6 +63,7 @@ impl SpoolDraft {
             file: None,
             closed: false,
             len: 0,
+            may_exist: false,
         })
     }
 
@@ -81,6 +87,7 @@ impl SpoolDraft {
             let file = tokio::task::spawn_blocking(move || spool.create_file(&path))
                 .await
                 .map_err(io::Error::other)??;
+            self.may_exist = true;
             let mut file = Box::new(BufWriter::with_capacity(
                 INLINE_MAX,
                 tokio::fs::File::from_std(file),
@@ -107,6 +114,14 @@ impl SpoolDraft {
     /// Ends the writing: flushes the file, or hands over the in-memory message. The temp
     /// path stays owned by the draft (removed when it is dropped) until committed.
     pub async fn close(&mut self) -> io::Result<ClosedDraft> {
+        self.may_exist = true;
+        self.close_to_send().await
+    }
+
+    /// [`SpoolDraft::close`] for a message that is only sent, never stored: the
+    /// [`ClosedDraft`] must not be written out ([`ClosedDraft::write_out`]), since the
+    /// draft then does not remove what it has not created.
+    pub async fn close_to_send(&mut self) -> io::Result<ClosedDraft> {
         if self.closed {
             return Err(io::Error::other("draft already closed"));
         }
@@ -128,6 +143,8 @@ impl SpoolDraft {
 impl Drop for SpoolDraft {
     fn drop(&mut self) {
         // After a commit the temp path no longer exists; otherwise this discards the draft.
-        let _ = fs::remove_file(&self.path);
+        if self.may_exist {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }

@@ -662,6 +662,40 @@ mod tests {
         assert_eq!(back.failed(), 1);
     }
 
+    /// A relayed message that stayed in memory leaves the spool alone: dropping its
+    /// draft removes nothing (no `unlink` per message), while a stored one's draft still
+    /// removes what it may have written, and a large relayed one its own file.
+    #[tokio::test]
+    async fn a_draft_removes_only_what_it_may_have_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let path = spool.tmp_dir().join("m1");
+
+        let mut sent = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
+        sent.write(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
+        let closed = sent.close_to_send().await.unwrap();
+        assert!(closed.inline.is_some());
+        // Stands for anything at that path the draft did not make.
+        fs::write(&path, b"not the draft's").unwrap();
+        drop(sent);
+        assert!(path.exists(), "an in-memory relayed draft must not unlink");
+        fs::remove_file(&path).unwrap();
+
+        let mut stored = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
+        stored.write(b"x").await.unwrap();
+        stored.close().await.unwrap().write_out(&spool).unwrap();
+        drop(stored);
+        assert!(!path.exists(), "a stored draft's file goes with it");
+
+        let mut large = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
+        large.write(&vec![b'a'; INLINE_MAX + 1]).await.unwrap();
+        let closed = large.close_to_send().await.unwrap();
+        assert!(closed.inline.is_none() && path.exists());
+        drop(large);
+        assert!(!path.exists(), "a large relayed draft's file goes with it");
+    }
+
     #[tokio::test]
     async fn draft_commit_and_recover() {
         let dir = tempfile::tempdir().unwrap();

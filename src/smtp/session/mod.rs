@@ -251,7 +251,7 @@ impl Session {
             Stop::Quit | Stop::Eof => None,
         };
         if let Some(reply) = last {
-            self.wbuf.extend_from_slice(reply.to_wire().as_bytes());
+            reply.write_wire(&mut self.wbuf);
         }
         if !matches!(stop, Stop::Eof | Stop::Io(_)) {
             let _ = self.flush().await;
@@ -394,7 +394,7 @@ impl Session {
 
     /// Queues a reply; a negative one spends the error budget.
     fn reply(&mut self, reply: &Reply) -> Result<(), Stop> {
-        self.wbuf.extend_from_slice(reply.to_wire().as_bytes());
+        reply.write_wire(&mut self.wbuf);
         self.count(reply)
     }
 
