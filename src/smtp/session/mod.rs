@@ -310,8 +310,14 @@ impl Session {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
         }
+        // A message reads in large pieces only once it has proved large: a 64 KiB buffer
+        // for a 1 KB message cost a large allocation and its release per message.
+        let streaming = !command
+            && self
+                .data_clock
+                .is_some_and(|(_, bytes)| bytes >= COMMAND_READ as u64);
         self.rbuf
-            .reserve(if command { COMMAND_READ } else { DATA_READ });
+            .reserve(if streaming { DATA_READ } else { COMMAND_READ });
         let now = Instant::now();
         let idle = self.config.server.idle_timeout;
         let (limit, kind) = if command {
