@@ -25,6 +25,8 @@ pub struct Envelope {
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// The process id, asked for once: `getpid` was a syscall per message.
+static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 /// A new message id: unique within this host (time, process id, counter), safe as a file name.
 pub fn new_id() -> String {
@@ -36,7 +38,7 @@ pub fn new_id() -> String {
         "{:x}{:05x}-{:x}-{:x}",
         now.as_secs(),
         now.subsec_micros(),
-        std::process::id(),
+        PID.get_or_init(std::process::id),
         n
     )
 }

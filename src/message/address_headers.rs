@@ -255,9 +255,10 @@ fn field_start(line: &[u8]) -> Result<usize, LineProblem> {
 
 /// A lexical token of an address field value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Tok {
-    /// A run of characters that are no specials, blanks, quotes or brackets.
-    Atom(String),
+enum Tok<'a> {
+    /// A run of characters that are no specials, blanks, quotes or brackets (borrowed:
+    /// it has no escapes, and an atom per word was most of this parser's allocations).
+    Atom(&'a str),
     /// A quoted string's content, escapes removed.
     Quoted(String),
     /// A comment's content (nested comments included, with their parentheses).
@@ -270,11 +271,12 @@ enum Tok {
     Space,
 }
 
-impl Tok {
+impl Tok<'_> {
     /// The token as display text (quotes removed, comments in parentheses).
     fn push_text(&self, out: &mut String) {
         match self {
-            Tok::Atom(s) | Tok::Quoted(s) => out.push_str(s),
+            Tok::Atom(s) => out.push_str(s),
+            Tok::Quoted(s) => out.push_str(s),
             Tok::Comment(s) => {
                 out.push('(');
                 out.push_str(s);
@@ -291,18 +293,23 @@ impl Tok {
     }
 }
 
-fn tokenize(value: &str) -> Result<Vec<Tok>, &'static str> {
+fn tokenize(value: &str) -> Result<Vec<Tok<'_>>, &'static str> {
     // A NUL, a vertical tab, an escape…: a separator for one reader, part of the address
     // for the next; no real address header holds one.
     if value.chars().any(|c| c.is_control() && c != '\t') {
         return Err("control character");
     }
     let mut toks = Vec::new();
-    let mut chars = value.chars().peekable();
+    // `Chars` rather than `Peekable`: a clone peeks, and `as_str` places an atom in `value`.
+    let mut chars = value.chars();
     while let Some(c) = chars.next() {
         match c {
             ' ' | '\t' | '\r' | '\n' => {
-                while chars.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+                while chars
+                    .clone()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_whitespace())
+                {
                     chars.next();
                 }
                 toks.push(Tok::Space);
@@ -360,15 +367,16 @@ fn tokenize(value: &str) -> Result<Vec<Tok>, &'static str> {
             // and the next character for another.
             '\\' => return Err("backslash outside a quoted string"),
             c => {
-                let mut s = String::from(c);
-                while let Some(&n) = chars.peek() {
+                let start = value.len() - chars.as_str().len() - c.len_utf8();
+                let mut end = start + c.len_utf8();
+                while let Some(n) = chars.clone().next() {
                     if n.is_ascii_whitespace() || "<>@,;:.()[]\"\\".contains(n) {
                         break;
                     }
-                    s.push(n);
+                    end += n.len_utf8();
                     chars.next();
                 }
-                toks.push(Tok::Atom(s));
+                toks.push(Tok::Atom(&value[start..end]));
             }
         }
     }
@@ -531,7 +539,8 @@ fn addr_spec(toks: &[Tok]) -> Option<String> {
     let (local, domain) = (&toks[..at], &toks[at + 1..]);
     let mut out = String::new();
     dotted(local, &mut out, |t| match t {
-        Tok::Atom(s) | Tok::Quoted(s) => Some(s),
+        Tok::Atom(s) => Some(s),
+        Tok::Quoted(s) => Some(s.as_str()),
         _ => None,
     })?;
     out.push('@');
@@ -550,9 +559,9 @@ fn addr_spec(toks: &[Tok]) -> Option<String> {
 
 /// `word *("." word)` with the words `word` accepts, appended to `out`.
 fn dotted<'a>(
-    toks: &[&'a Tok],
+    toks: &[&'a Tok<'a>],
     out: &mut String,
-    word: impl Fn(&'a Tok) -> Option<&'a String>,
+    word: impl Fn(&'a Tok<'a>) -> Option<&'a str>,
 ) -> Option<()> {
     if toks.len().is_multiple_of(2) {
         return None;

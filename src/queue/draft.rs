@@ -25,8 +25,10 @@ pub struct SpoolDraft {
     file: Option<Box<BufWriter<tokio::fs::File>>>,
     closed: bool,
     len: u64,
-    /// `tmp/<id>` was created (it outgrew memory).
-    has_file: bool,
+    /// `tmp/<id>` exists: the message outgrew memory. Otherwise dropping the draft has
+    /// nothing to remove, and skips the `unlink` (a relayed message's only syscall on the
+    /// spool).
+    may_exist: bool,
 }
 
 /// A draft that has been written completely ([`SpoolDraft::close`]).
@@ -62,7 +64,7 @@ impl SpoolDraft {
             file: None,
             closed: false,
             len: 0,
-            has_file: false,
+            may_exist: false,
         })
     }
 
@@ -83,10 +85,10 @@ impl SpoolDraft {
                 return Ok(());
             }
             let (spool, path) = (self.spool.clone(), self.path.clone());
-            self.has_file = true;
             let file = tokio::task::spawn_blocking(move || spool.create_file(&path))
                 .await
                 .map_err(io::Error::other)??;
+            self.may_exist = true;
             let mut file = Box::new(BufWriter::with_capacity(
                 INLINE_MAX,
                 tokio::fs::File::from_std(file),
@@ -110,8 +112,9 @@ impl SpoolDraft {
         self.len == 0
     }
 
-    /// Ends the writing: flushes the file, or hands over the in-memory message. The temp
-    /// path stays owned by the draft (removed when it is dropped) until committed.
+    /// Ends the writing: flushes the file, or hands over the in-memory message (which
+    /// then has no file: the queue commits it from memory, relay sends it from memory).
+    /// A temp file stays owned by the draft (removed when it is dropped) until committed.
     pub async fn close(&mut self) -> io::Result<ClosedDraft> {
         if self.closed {
             return Err(io::Error::other("draft already closed"));
@@ -133,9 +136,8 @@ impl SpoolDraft {
 
 impl Drop for SpoolDraft {
     fn drop(&mut self) {
-        // A message that stayed in memory never had a file. After a commit the temp path
-        // no longer exists; otherwise this discards the draft.
-        if self.has_file {
+        // After a commit the temp path no longer exists; otherwise this discards the draft.
+        if self.may_exist {
             let _ = fs::remove_file(&self.path);
         }
     }

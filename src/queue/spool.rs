@@ -710,6 +710,33 @@ mod tests {
         assert_eq!(back.failed(), 1);
     }
 
+    /// A message that stayed in memory leaves `tmp/` alone: dropping its draft removes
+    /// nothing (no `unlink` per message), while a large one's draft removes its file.
+    #[tokio::test]
+    async fn a_draft_removes_only_what_it_may_have_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let path = spool.tmp_dir().join("m1");
+
+        let mut sent = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
+        sent.write(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
+        let closed = sent.close().await.unwrap();
+        assert!(closed.inline.is_some());
+        // Stands for anything at that path the draft did not make.
+        fs::write(&path, b"not the draft's").unwrap();
+        drop(sent);
+        assert!(path.exists(), "an in-memory relayed draft must not unlink");
+        fs::remove_file(&path).unwrap();
+
+        let mut large = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
+        large.write(&vec![b'a'; INLINE_MAX + 1]).await.unwrap();
+        let closed = large.close().await.unwrap();
+        assert!(closed.inline.is_none() && path.exists());
+        drop(large);
+        assert!(!path.exists(), "a large relayed draft's file goes with it");
+    }
+
     #[tokio::test]
     async fn draft_commit_and_recover() {
         let dir = tempfile::tempdir().unwrap();

@@ -77,6 +77,26 @@ impl<'a> PreparedBody<'a> {
     }
 }
 
+/// Appends `body` (checked: no bare CR or LF, its final CRLF dropped) to `out` as the
+/// wire carries it: a dot at the start of a line doubled (RFC 5321 §4.5.2), then
+/// `CRLF . CRLF`. What lettre's `message_iter` sends for it, found with `memmem` rather
+/// than a byte at a time.
+pub(super) fn stuff(body: &[u8], out: &mut Vec<u8>) {
+    out.reserve(body.len() + body.len() / 64 + 5);
+    if body.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    let mut start = 0;
+    // Every LF follows a CR here (`Scan::check`), so `\n.` is a dot starting a line.
+    for i in memchr::memmem::find_iter(body, b"\n.") {
+        out.extend_from_slice(&body[start..=i]);
+        out.push(b'.');
+        start = i + 1;
+    }
+    out.extend_from_slice(&body[start..]);
+    out.extend_from_slice(b"\r\n.\r\n");
+}
+
 /// What one pass over the body finds.
 #[derive(Debug, Default)]
 pub(super) struct Scan {
@@ -174,6 +194,46 @@ impl Iterator for FileChunks {
                 self.remaining = 0;
                 None
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// lettre's encoder (`ClientCodec`), as `message_iter` used it: the reference.
+    fn lettre_wire(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut line_start = true;
+        let mut after_cr = false;
+        for &b in body {
+            if line_start && b == b'.' {
+                out.push(b'.');
+            }
+            out.push(b);
+            line_start = after_cr && b == b'\n';
+            after_cr = b == b'\r';
+        }
+        out.extend_from_slice(b"\r\n.\r\n");
+        out
+    }
+
+    #[test]
+    fn stuffing_matches_lettre() {
+        for body in [
+            &b""[..],
+            b".",
+            b"..",
+            b".a\r\n.\r\n..b\r\nc.d\r\n.",
+            b"Subject: x\r\n\r\nno dots here",
+            b"a\r\n\r\n.\r\n\r\n.",
+        ] {
+            let mut out = b"held ".to_vec();
+            stuff(body, &mut out);
+            let mut want = b"held ".to_vec();
+            want.extend_from_slice(&lettre_wire(body));
+            assert_eq!(out, want, "{}", String::from_utf8_lossy(body));
         }
     }
 }

@@ -147,6 +147,7 @@ impl Upstreams {
                 GuardedStream::new(Inner::Tls(Box::new(tls)), peer, poison.clone()).after_starttls()
             }
         };
+        let outbox = stream.outbox();
         let connecting = AsyncSmtpConnection::connect_with_transport(Box::new(stream), &ch.hello);
         // A negative greeting or EHLO reply (`554`, `421` busy) is the upstream refusing us.
         let mut smtp = self
@@ -181,6 +182,7 @@ impl Upstreams {
         Ok(Conn {
             smtp,
             poison,
+            outbox,
             since: Instant::now(),
             unchecked: false,
             stale: false,

@@ -47,6 +47,8 @@ pub(super) struct Conn {
     pub(super) smtp: AsyncSmtpConnection,
     /// Kill switch of the underlying stream (see `stream.rs`).
     pub(super) poison: Arc<AtomicBool>,
+    /// Writes to the underlying stream that bypass lettre (see `stream.rs`).
+    pub(super) outbox: super::stream::Outbox,
     /// When it went idle (or was opened).
     pub(super) since: Instant,
     /// Taken from the pool without a NOOP check (see [`super::TRUSTED_IDLE`]).

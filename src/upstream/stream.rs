@@ -4,8 +4,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use lettre::transport::smtp::client::AsyncTokioStream;
@@ -28,7 +28,15 @@ pub(super) struct GuardedStream {
     pub(super) held: Vec<u8>,
     /// Read before anything from `inner` (see [`GuardedStream::after_starttls`]).
     greeting: &'static [u8],
+    /// Bytes put here by the transaction, sent ahead of anything written after them.
+    outbox: Outbox,
 }
+
+/// Bytes for the wire that bypass lettre: a transaction puts an in-memory message here,
+/// dot-stuffed and with its end-of-data line ([`super::body::stuff`]), then only reads
+/// the reply. lettre's own encoder looked at the message a byte at a time and cost a
+/// relayed 1 KB message more CPU than reading it from the client.
+pub(super) type Outbox = Arc<Mutex<Vec<u8>>>;
 
 /// Most bytes [`GuardedStream`] holds back; larger writes go straight out.
 pub(super) const HOLD: usize = 16 * 1024;
@@ -50,6 +58,31 @@ impl GuardedStream {
             poison,
             held: Vec::new(),
             greeting: b"",
+            outbox: Outbox::default(),
+        }
+    }
+
+    /// The handle a transaction writes past lettre with (see [`Outbox`]).
+    pub(super) fn outbox(&self) -> Outbox {
+        self.outbox.clone()
+    }
+
+    /// Moves what the outbox holds behind the held bytes, keeping the order of writes.
+    fn take_outbox(&mut self) {
+        // A poisoned lock only means a panic elsewhere while it was held; the bytes
+        // are still whole (appends are single calls).
+        let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        if outbox.is_empty() {
+            return;
+        }
+        if self.held.is_empty() {
+            std::mem::swap(&mut self.held, &mut outbox);
+        } else {
+            self.held.extend_from_slice(&outbox);
+            outbox.clear();
+        }
+        if outbox.capacity() > 2 * HOLD {
+            *outbox = Vec::new();
         }
     }
 
@@ -71,6 +104,7 @@ impl GuardedStream {
     /// Sends the held bytes and flushes the stream under them; a poisoned stream sends
     /// nothing more.
     fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.take_outbox();
         if let Some(e) = self.poisoned() {
             self.held.clear();
             return Poll::Ready(Err(e));
@@ -130,6 +164,7 @@ impl AsyncWrite for GuardedStream {
         if let Some(e) = this.poisoned() {
             return Poll::Ready(Err(e));
         }
+        this.take_outbox();
         if this.held.len() + buf.len() > HOLD {
             if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
                 return Poll::Ready(Err(e));

@@ -10,7 +10,7 @@ use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 
-use super::body::{CHUNK, EmptyMessageEnd, FileChunks, PreparedBody, Source};
+use super::body::{EmptyMessageEnd, FileChunks, PreparedBody, Source, stuff};
 use super::error::Fail;
 use super::pool::{Conn, SmtpChannel};
 use super::stream::HOLD;
@@ -116,12 +116,12 @@ impl Upstreams {
                     .await
             }
             Source::Bytes(bytes) => {
-                self.call(
-                    ch,
-                    data_timeout,
-                    conn.smtp.message_iter(bytes.chunks(CHUNK)),
-                )
-                .await
+                // Past lettre's encoder (see `stream::Outbox`): reading the reply sends it.
+                {
+                    let mut outbox = conn.outbox.lock().unwrap_or_else(|e| e.into_inner());
+                    stuff(bytes, &mut outbox);
+                }
+                self.call(ch, data_timeout, conn.smtp.read_response()).await
             }
             Source::File(file) => {
                 // Blocking reads of 64 KiB inside lettre's synchronous iterator: short, and

@@ -4,7 +4,7 @@
 
 use tracing::{debug, info, warn};
 
-use super::{DATA_READ, Session, Stop};
+use super::{Session, Stop};
 use crate::config::BareLf;
 use crate::delivery::Draft;
 use crate::metrics::{self, Outcome};
@@ -178,9 +178,11 @@ impl Session {
         let rewrite = self.tx.as_ref().and_then(|tx| tx.rewrite.as_ref());
         let limit = header_limit(&self.config.server);
         let mut body = Body::new(draft, Decoder::data(), limit, rewrite);
-        let mut out = Vec::with_capacity(DATA_READ);
+        // Sized to what a read decodes to (never more than the read), not 64 KiB up front.
+        let mut out = Vec::new();
         loop {
             let input = &self.rbuf[self.rpos..];
+            out.reserve(input.len());
             let end = body.decoder.feed(input, &mut out);
             self.rpos += end.unwrap_or(input.len());
             body.take(&out, max).await;

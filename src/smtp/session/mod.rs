@@ -251,7 +251,7 @@ impl Session {
             Stop::Quit | Stop::Eof => None,
         };
         if let Some(reply) = last {
-            self.wbuf.extend_from_slice(reply.to_wire().as_bytes());
+            reply.write_wire(&mut self.wbuf);
         }
         if !matches!(stop, Stop::Eof | Stop::Io(_)) {
             let _ = self.flush().await;
@@ -310,8 +310,14 @@ impl Session {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
         }
+        // A message reads in large pieces only once it has proved large: a 64 KiB buffer
+        // for a 1 KB message cost a large allocation and its release per message.
+        let streaming = !command
+            && self
+                .data_clock
+                .is_some_and(|(_, bytes)| bytes >= COMMAND_READ as u64);
         self.rbuf
-            .reserve(if command { COMMAND_READ } else { DATA_READ });
+            .reserve(if streaming { DATA_READ } else { COMMAND_READ });
         let now = Instant::now();
         let idle = self.config.server.idle_timeout;
         let (limit, kind) = if command {
@@ -394,7 +400,7 @@ impl Session {
 
     /// Queues a reply; a negative one spends the error budget.
     fn reply(&mut self, reply: &Reply) -> Result<(), Stop> {
-        self.wbuf.extend_from_slice(reply.to_wire().as_bytes());
+        reply.write_wire(&mut self.wbuf);
         self.count(reply)
     }
 
