@@ -383,7 +383,7 @@ fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
         Err(e) => return Err(e),
     };
     // Read under the lock: `queue retry` and `queue delete` change the file only while holding it.
-    let Some(state) = spool.read_state(id)? else {
+    let Some(state) = spool.read_state_locked(id)? else {
         return Ok(Prepared::Gone);
     };
     // A small message is read here, through the lock's own descriptor, and sent from

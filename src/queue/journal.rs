@@ -28,6 +28,7 @@
 //! (the tail of a segment after a power cut) was never acknowledged, and ends the replay
 //! of its segment.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -91,8 +92,8 @@ struct Segment {
     /// writes only data, where one that extends the file also writes its inode.
     allocated: u64,
     opened: Instant,
-    /// The messages recorded in it, for retiring.
-    ids: Vec<String>,
+    /// The messages recorded in it and not delivered since, for retiring.
+    ids: HashSet<String>,
 }
 
 /// The first stretch of zeros a segment gets; each further one doubles, up to
@@ -173,7 +174,7 @@ impl Journal {
             self.take_current(&mut inner);
             return Err(e);
         }
-        segment.ids.push(id.to_string());
+        segment.ids.insert(id.to_string());
         inner.appended = seq;
         Ok(seq)
     }
@@ -217,7 +218,7 @@ impl Journal {
             len: 0,
             allocated: 0,
             opened: Instant::now(),
-            ids: Vec::new(),
+            ids: HashSet::new(),
         })
     }
 
@@ -280,6 +281,20 @@ impl Journal {
         }
     }
 
+    /// Message `id` left `queue/` (delivered): its segment has nothing to sync for it.
+    /// Only saves work; a message not forgotten is looked for when its segment retires.
+    pub fn forget(&self, id: &str) {
+        let mut inner = self.lock();
+        let Inner {
+            current, retiring, ..
+        } = &mut *inner;
+        for segment in current.iter_mut().chain(retiring.iter_mut()) {
+            if segment.ids.remove(id) {
+                return;
+            }
+        }
+    }
+
     /// Retires the segments taken out of use, and the current one once it is
     /// [`SEGMENT_AGE`] old (or at once with `all`, at shutdown): the files of their
     /// messages still in `queue/` are fsync'd, then the segments are deleted. Blocking;
@@ -299,7 +314,10 @@ impl Journal {
         if segments.is_empty() {
             return Ok(());
         }
-        let ids: Vec<String> = segments.iter().flat_map(|s| s.ids.clone()).collect();
+        let ids: Vec<String> = segments
+            .iter()
+            .flat_map(|s| s.ids.iter().cloned())
+            .collect();
         let paths: Vec<PathBuf> = segments.iter().map(|s| s.path.clone()).collect();
         let result = self.settle(&ids, &paths);
         if result.is_err() {
@@ -646,6 +664,9 @@ mod tests {
         // m1 delivered meanwhile: its files are gone, nothing to sync for it.
         fs::remove_file(dir.path().join("queue/m1.eml")).unwrap();
         fs::remove_file(dir.path().join("queue/m1.json")).unwrap();
+        journal.forget("m1");
+        let left = |j: &Journal| j.lock().current.as_ref().map(|s| s.ids.clone());
+        assert_eq!(left(&journal), Some(HashSet::from(["m2".to_string()])));
         journal.retire_due(false).unwrap();
         assert_eq!(segments(dir.path()).len(), 1, "young segment kept");
         journal.retire_due(true).unwrap();

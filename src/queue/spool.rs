@@ -203,23 +203,40 @@ impl Spool {
     /// inodes). A spare keeps the mode it was created with, which may be wider (a file
     /// an older version created under umask 022), so it is set again on reuse.
     pub fn create_file(&self, path: &Path) -> io::Result<File> {
-        let spare = self.spares_lock().pop();
-        if let Some(spare) = spare
-            && fs::rename(&spare, path).is_ok()
-        {
-            // Not opened with O_TRUNC: the spare was emptied when it was retired (or
-            // removed if it could not be), and on ext4 a truncate marks a file for a
-            // forced write-out at close (the auto_da_alloc heuristic for programs that
-            // replace a file's contents), which cost one I/O per message file.
-            let file = OpenOptions::new().write(true).open(path)?;
-            file.set_permissions(fs::Permissions::from_mode(crate::fsutil::FILE_MODE))?;
-            return Ok(file);
+        if let Some((file, spare)) = self.take_spare() {
+            if fs::rename(&spare, path).is_ok() {
+                return Ok(file);
+            }
+            let _ = fs::remove_file(&spare);
         }
         OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(crate::fsutil::FILE_MODE)
             .open(path)
+    }
+
+    /// A spare file, open for writing where it lies in `tmp/` (see [`Spool::create_file`]).
+    fn take_spare(&self) -> Option<(File, PathBuf)> {
+        let spare = self.spares_lock().pop()?;
+        // Not opened with O_TRUNC: the spare was emptied when it was retired (or removed
+        // if it could not be), and on ext4 a truncate marks a file for a forced write-out
+        // at close (the auto_da_alloc heuristic for programs that replace a file's
+        // contents), which cost one I/O per message file.
+        let opened = OpenOptions::new()
+            .write(true)
+            .open(&spare)
+            .and_then(|file| {
+                file.set_permissions(fs::Permissions::from_mode(crate::fsutil::FILE_MODE))?;
+                Ok(file)
+            });
+        match opened {
+            Ok(file) => Some((file, spare)),
+            Err(_) => {
+                let _ = fs::remove_file(&spare);
+                None
+            }
+        }
     }
 
     /// Removes a delivered message like [`Spool::remove`], but keeps its files, renamed to
@@ -229,7 +246,9 @@ impl Spool {
     pub fn remove_delivered(&self, id: &str, lock: File) -> io::Result<()> {
         self.retire(&self.state_path(id))?;
         drop(lock);
-        self.retire(&self.data_path(id))
+        self.retire(&self.data_path(id))?;
+        self.journal.forget(id);
+        Ok(())
     }
 
     fn spares_lock(&self) -> MutexGuard<'_, Vec<PathBuf>> {
@@ -319,17 +338,25 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        serde_json::from_slice(&text).map(Some).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
-        })
+        parse_state(path, &text).map(Some)
     }
 
     /// The state of queued message `id`; `None` if it is not (or no longer) queued.
     pub fn read_state(&self, id: &str) -> io::Result<Option<MessageState>> {
         Self::read_state_file(&self.state_path(id))
+    }
+
+    /// [`Spool::read_state`] for the holder of the message's delivery lock: no one
+    /// replaces or retires its files meanwhile, so the read needs no check that the path
+    /// still names the file read (two system calls fewer per delivery).
+    pub fn read_state_locked(&self, id: &str) -> io::Result<Option<MessageState>> {
+        let path = self.state_path(id);
+        let text = match fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        parse_state(&path, &text).map(Some)
     }
 
     /// Replaces the state of a queued message atomically.
@@ -376,13 +403,23 @@ impl Spool {
     /// commits ([`Journal::commit`]). The journal holds it until its files are durable on
     /// their own. On failure nothing is left in `queue/`.
     pub fn commit_small(&self, data: &[u8], state: &MessageState) -> io::Result<()> {
-        let tmp_state = self.tmp_dir().join(format!("{}.json", state.id));
+        let mut tmp_state = self.tmp_dir().join(format!("{}.json", state.id));
         let data_path = self.data_path(&state.id);
         let json = to_json(state);
         let mut state_moved = false;
         let result = (|| {
             self.create_file(&data_path)?.write_all(data)?;
-            self.create_file(&tmp_state)?.write_all(&json)?;
+            // Written where the spare lies and renamed into `queue/` from there: one
+            // rename, where `create_file` would take two.
+            let mut file = match self.take_spare() {
+                Some((file, spare)) => {
+                    tmp_state = spare;
+                    file
+                }
+                None => self.create_file(&tmp_state)?,
+            };
+            file.write_all(&json)?;
+            drop(file);
             fs::rename(&tmp_state, self.state_path(&state.id))?;
             state_moved = true;
             self.journal.commit(&json, data, &state.id)
@@ -487,6 +524,15 @@ impl Spool {
         sync_dir(&self.failed_dir())?;
         Ok(removed)
     }
+}
+
+fn parse_state(path: &Path, text: &[u8]) -> io::Result<MessageState> {
+    serde_json::from_slice(text).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })
 }
 
 /// Sets mode 0600 on the files in `dir` that others may read: older versions wrote DSNs

@@ -197,9 +197,10 @@ struct EventLog {
     kept: usize,
     /// A compaction is running: the lines appended since it began, for its new file.
     carried: Option<Vec<u8>>,
-    /// The file, open for appending: opening it for every event cost two system calls
-    /// per message. Dropped when a compaction replaces the file.
-    file: Option<File>,
+    /// The file, open for appending, and its length: opening and measuring it for every
+    /// event cost three system calls per message. Dropped when a compaction replaces
+    /// the file.
+    file: Option<(File, u64)>,
 }
 
 impl LocalState {
@@ -264,16 +265,19 @@ impl LocalState {
         let path = self.events_path(channel);
         let log = self.log(&path);
         let mut log = lock(&log);
-        let mut file = match log.file.take() {
-            Some(file) => file,
-            None => fsutil::open_append(&path)?,
+        let (mut file, before) = match log.file.take() {
+            Some(open) => open,
+            None => {
+                let file = fsutil::open_append(&path)?;
+                let len = file.metadata()?.len();
+                (file, len)
+            }
         };
-        let before = file.metadata()?.len();
         if let Err(e) = file.write_all(line.as_bytes()) {
             let _ = file.set_len(before);
             return Err(e);
         }
-        log.file = Some(file);
+        log.file = Some((file, before + line.len() as u64));
         if let Some(carried) = &mut log.carried {
             carried.extend_from_slice(line.as_bytes());
         }
