@@ -26,7 +26,7 @@
 //! | [`reload`] | SIGHUP: re-reads the config, swaps it in for new sessions, starts/stops/restarts channel workers |
 //! | [`sendmail`] | `mailgate sendmail`: the `/usr/sbin/sendmail` interface, an SMTP client of the running proxy |
 //! | [`oauth`] | OAuth 2.0 access tokens per channel (cache, refresh, rotation), XOAUTH2, `oauth authorize` |
-//! | [`queue`] | queue mode: the spool on disk, per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
+//! | [`queue`] | queue mode: the spool on disk and its commit log (group commit of small messages), per-channel workers (limits, retries, credential health), DSNs, `mailgate queue` |
 //! | [`metrics`] | below the flow: the Prometheus registry every stage counts into; its HTTP server (`/metrics`, `/healthz`, the status page `/` and `/status.json`); the status board (channel facts, queue counts, the last 100 outcomes) and its maud view |
 //! | [`state`] | below the flow: channel health, rate/quota counters and stored tokens: files beside the spool, or one Redis shared by several hosts (`[state]`); `state export`/`import` |
 //! | [`http`] | below the flow: the one builder of outbound HTTP clients (token endpoints, Graph) and its proxy choice (`[server] https_proxy`, else the environment as curl reads it); every answer read with a size limit, endpoint durations clamped |

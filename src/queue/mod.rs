@@ -1,8 +1,9 @@
 //! Queue mode: store-and-forward delivery (SPEC §6, §7).
 //!
-//! A message is received straight into `spool_dir/tmp/<id>` ([`spool::SpoolDraft`]), made
-//! durable and committed into `spool_dir/queue/` ([`Queue::finish`]) before the client
-//! hears `250 2.0.0 queued as <id>`. One task per channel ([`worker`]) then delivers the
+//! A message is received in memory, or beyond 64 KiB into `spool_dir/tmp/<id>`
+//! ([`spool::SpoolDraft`]), made durable and committed into `spool_dir/queue/`
+//! ([`Queue::finish`]; a small message through the shared commit log, [`journal`])
+//! before the client hears `250 2.0.0 queued as <id>`. One task per channel ([`worker`]) then delivers the
 //! channel's messages at the pace its limits allow, retries temporary failures with
 //! backoff, holds the channel on a provider quota reply, stops it when its credentials
 //! are refused, and moves permanent failures to `failed/` with a DSN ([`dsn`]) to the
@@ -234,8 +235,8 @@ impl Queue {
 
     /// Makes a received message durable and queues it for channel `channel` of `config`
     /// (the session's config: a reload may have changed the queue's since); the reply for
-    /// the client is `250 2.0.0 queued as <id>` only once file, state and directories
-    /// are fsync'd.
+    /// the client is `250 2.0.0 queued as <id>` only once message and envelope are
+    /// fsync'd, file and directory: in the commit log, or in their own files.
     pub async fn finish(
         &self,
         mut draft: SpoolDraft,
