@@ -271,17 +271,17 @@ impl Journal {
                     Err(e) => {
                         tracing::error!(error = %e, "spool: journal sync failed");
                         inner.lost.push((from, covers));
+                        // The segment ends: no later record may rely on its syncs.
                         if inner
                             .current
                             .as_ref()
                             .is_some_and(|s| Arc::ptr_eq(&s.file, &file))
+                            && let Some(old) = inner.current.take()
                         {
-                            if let Some(old) = inner.current.take() {
-                                inner.retiring.push(Retiring {
-                                    path: old.path,
-                                    ids: Some(old.ids),
-                                });
-                            }
+                            inner.retiring.push(Retiring {
+                                path: old.path,
+                                ids: Some(old.ids),
+                            });
                         }
                     }
                 }
