@@ -16,12 +16,17 @@
 //! nothing to sync), then the segment is deleted.
 //!
 //! At start-up a segment left over from this boot (the boot id in its name matches) is
-//! only retired: the process died but the kernel kept every file it had written. A
-//! segment from an earlier boot means the machine went down with the files possibly
-//! unwritten: each record whose message is neither in `failed/` nor intact in `queue/`
-//! is written back from the record. A message delivered in the last seconds before a
-//! power cut can so be delivered again (at-least-once, as before: removals were never
-//! fsync'd either).
+//! only retired, once the proxy runs: the process died but the kernel kept every file it
+//! had written. A segment from an earlier boot means the machine went down (or rebooted
+//! without a clean stop) with the files possibly unwritten: each record whose message is
+//! neither in `failed/` (nor half moved there) nor intact in `queue/` is written back
+//! from the record. A message delivered, deleted, or refused its `250` by a failed sync
+//! in the last seconds before that can so be delivered again (at-least-once, as before:
+//! removals were never fsync'd either).
+//!
+//! Only the waiter leading a group ever syncs a segment, and a failed sync (or write)
+//! fails every record not yet synced and ends the segment: after a failed fsync a second
+//! one may report success for data the kernel dropped.
 //!
 //! Record: `MGJ1`, state length (u32 LE), data length (u32 LE), the first 16 bytes of
 //! SHA-256 over state and data, the state JSON, the data. A record cut short or damaged
@@ -78,6 +83,9 @@ struct Inner {
     /// Records whose sync failed: never acknowledged (fsync after a failed fsync proves
     /// nothing, so a failure ends its segment and these fail for good).
     lost: Vec<(u64, u64)>,
+    /// Segments taken out of use with records not yet synced, and the last record in
+    /// each: the next sync covers them before the current segment.
+    unsynced: Vec<(Arc<File>, u64)>,
     /// Syncs run (tests check that commits share them).
     syncs: u64,
 }
@@ -100,6 +108,9 @@ struct Segment {
 #[derive(Debug)]
 struct Retiring {
     path: PathBuf,
+    /// Its last record: it is retired once every record up to this one is synced or
+    /// lost (0 for a segment a process that died left).
+    last_seq: u64,
     /// Its messages not delivered since; `None` for a segment a process that died left:
     /// unknown without reading it, so retiring it syncs the whole filesystem.
     ids: Option<HashSet<String>>,
@@ -119,7 +130,7 @@ const ZEROS_MAX: u64 = 1 << 20;
 impl Segment {
     /// Writes `record` at the end of the records, first adding zeros past the end when
     /// it does not fit (replay stops at the first zero, which is no record).
-    fn write(&mut self, record: &[u8]) -> io::Result<()> {
+    fn write(&mut self, record: &[u8], sync: SyncFn) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let end = self.len + record.len() as u64;
         if end > self.allocated {
@@ -129,7 +140,7 @@ impl Segment {
             self.file.write_all_at(&zeros, self.allocated)?;
             // Synced now, so that the blocks are allocated: a later sync of records
             // written over them then has no metadata to write.
-            self.file.sync_data()?;
+            sync(&self.file)?;
             self.allocated = grown;
         }
         self.file.write_all_at(record, self.len)?;
@@ -180,13 +191,16 @@ impl Journal {
             inner.current = Some(self.open_segment()?);
         }
         let seq = inner.appended + 1;
+        let sync = self.sync;
         let Some(segment) = inner.current.as_mut() else {
             return Err(io::Error::other("journal: no segment"));
         };
-        if let Err(e) = segment.write(record) {
-            // A short write leaves a damaged tail: end the segment so no later record
-            // follows it (replay stops at the first damaged record).
-            self.take_current(&mut inner);
+        if let Err(e) = segment.write(record, sync) {
+            // A short write leaves a damaged tail, and a failed sync of the zeros may
+            // have dropped the segment's unsynced records: they all fail, and the
+            // segment ends so no later record follows them.
+            tracing::error!(error = %e, "spool: journal write failed");
+            self.fail_unsynced(&mut inner);
             return Err(e);
         }
         segment.ids.insert(id.to_string());
@@ -194,28 +208,52 @@ impl Journal {
         Ok(seq)
     }
 
-    /// Takes the current segment out of use: the records in it not yet synced are synced
-    /// now (a later sync only covers the next segment), then it waits to be retired.
+    /// Takes the current segment out of use; it waits to be retired. Its records not yet
+    /// synced are left to the next sync, which covers them first ([`Inner::unsynced`]):
+    /// only the waiter that leads a group ever syncs, so no two syncs of one file race
+    /// (after a failed fsync, a second one may report success for lost data).
     fn take_current(&self, inner: &mut Inner) {
         let Some(old) = inner.current.take() else {
             return;
         };
-        let (from, to) = (inner.synced + 1, inner.appended);
-        if from <= to {
-            inner.syncs += 1;
-            match (self.sync)(&old.file) {
-                Ok(()) => inner.synced = to,
-                Err(e) => {
-                    tracing::error!(error = %e, segment = %old.path.display(), "spool: journal sync failed");
-                    inner.lost.push((from, to));
-                }
-            }
-            self.changed.notify_all();
+        if inner.appended > inner.synced {
+            let last = inner.appended;
+            inner.unsynced.push((old.file.clone(), last));
         }
         inner.retiring.push(Retiring {
             path: old.path,
+            last_seq: inner.appended,
             ids: Some(old.ids),
         });
+    }
+
+    /// A sync or write failed: every record not yet synced fails for good, and the
+    /// current segment ends without another sync.
+    fn fail_unsynced(&self, inner: &mut Inner) {
+        let (from, to) = (inner.synced + 1, inner.appended);
+        if from <= to {
+            inner.lost.push((from, to));
+        }
+        inner.unsynced.clear();
+        if let Some(old) = inner.current.take() {
+            inner.retiring.push(Retiring {
+                path: old.path,
+                last_seq: to,
+                ids: Some(old.ids),
+            });
+        }
+        self.changed.notify_all();
+    }
+
+    /// Every record up to this one is synced or lost.
+    fn resolved(inner: &Inner) -> u64 {
+        // Lost ranges start right after what was synced when they were recorded, and
+        // `synced` only grows: none leaves a gap below its end.
+        inner
+            .lost
+            .iter()
+            .map(|&(_, b)| b)
+            .fold(inner.synced, u64::max)
     }
 
     fn open_segment(&self) -> io::Result<Segment> {
@@ -254,42 +292,38 @@ impl Journal {
                 return Ok(());
             }
             if !inner.syncing {
-                let Some(file) = inner.current.as_ref().map(|s| s.file.clone()) else {
-                    // Taking a segment out of use syncs (or loses) its records, so the
-                    // checks above have decided for any record appended to one.
+                // Segments taken out of use first, then the current one.
+                let mut files: Vec<Arc<File>> =
+                    inner.unsynced.iter().map(|(f, _)| f.clone()).collect();
+                files.extend(inner.current.as_ref().map(|s| s.file.clone()));
+                if files.is_empty() {
                     return Err(io::Error::other("journal: record in no segment"));
-                };
+                }
                 inner.syncing = true;
                 inner.syncs += 1;
-                let (from, covers) = (inner.synced + 1, inner.appended);
+                let covers = inner.appended;
                 drop(inner);
-                let result = (self.sync)(&file);
+                let result = files.iter().try_for_each(|f| (self.sync)(f));
                 inner = self.lock();
                 inner.syncing = false;
                 match result {
-                    Ok(()) => inner.synced = inner.synced.max(covers),
+                    Ok(()) => {
+                        inner.synced = inner.synced.max(covers);
+                        let synced = inner.synced;
+                        inner.unsynced.retain(|&(_, last)| last > synced);
+                        self.changed.notify_all();
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "spool: journal sync failed");
-                        inner.lost.push((from, covers));
-                        // The segment ends: no later record may rely on its syncs.
-                        if inner
-                            .current
-                            .as_ref()
-                            .is_some_and(|s| Arc::ptr_eq(&s.file, &file))
-                            && let Some(old) = inner.current.take()
-                        {
-                            inner.retiring.push(Retiring {
-                                path: old.path,
-                                ids: Some(old.ids),
-                            });
-                        }
+                        self.fail_unsynced(&mut inner);
                     }
                 }
-                self.changed.notify_all();
                 continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                // Counted as lost, so that its segment can still be retired.
+                inner.lost.push((seq, seq));
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "waited too long for the journal's fsync",
@@ -333,7 +367,13 @@ impl Journal {
             {
                 self.take_current(&mut inner);
             }
-            std::mem::take(&mut inner.retiring)
+            // A segment whose records still wait for their sync stays for next time.
+            let resolved = Self::resolved(&inner);
+            let (ready, waiting) = std::mem::take(&mut inner.retiring)
+                .into_iter()
+                .partition(|s| s.last_seq <= resolved);
+            inner.retiring = waiting;
+            ready
         };
         if segments.is_empty() {
             return Ok(());
@@ -363,17 +403,24 @@ impl Journal {
         let mut synced = false;
         match ids {
             Some(ids) => {
-                for id in ids {
-                    for ext in ["eml", "json"] {
+                let each = ids.iter().try_for_each(|id| {
+                    ["eml", "json"].iter().try_for_each(|ext| {
                         match File::open(self.queue_dir.join(format!("{id}.{ext}"))) {
                             Ok(file) => {
-                                file.sync_all()?;
                                 synced = true;
+                                file.sync_all()
                             }
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                            Err(e) => return Err(e),
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                            Err(e) => Err(e),
                         }
-                    }
+                    })
+                });
+                if let Err(e) = each {
+                    // One file that cannot be opened (or synced) must not keep every
+                    // segment from retiring: the filesystem sync covers it.
+                    tracing::warn!(error = %e, "spool: retiring a journal segment: syncing the filesystem instead");
+                    rustix::fs::syncfs(File::open(&self.queue_dir)?)?;
+                    synced = true;
                 }
             }
             None => {
@@ -422,7 +469,11 @@ impl Journal {
             if this_boot {
                 // Retired once the proxy runs, not before it listens: the files are in
                 // the page cache, and until then the segment stays as their record.
-                self.lock().retiring.push(Retiring { path, ids: None });
+                self.lock().retiring.push(Retiring {
+                    path,
+                    last_seq: 0,
+                    ids: None,
+                });
                 continue;
             }
             let mut bytes = Vec::new();
@@ -450,7 +501,11 @@ impl Journal {
     /// Returns whether anything was written.
     fn restore(&self, record: &Record) -> io::Result<bool> {
         let id = &record.state.id;
-        if self.failed_dir.join(format!("{id}.json")).exists() {
+        // In `failed/`, or half moved there (recovery finishes the move).
+        if ["json", "eml"]
+            .iter()
+            .any(|ext| self.failed_dir.join(format!("{id}.{ext}")).exists())
+        {
             return Ok(false);
         }
         let mut wrote = false;
@@ -683,17 +738,71 @@ mod tests {
     fn a_failed_sync_fails_its_commits_and_ends_the_segment() {
         let dir = tempfile::tempdir().unwrap();
         spool_dirs(dir.path());
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        // Call 0 syncs the first segment's zeros; call 1, m1's sync, fails.
+        fn second_fails(file: &File) -> io::Result<()> {
+            match CALLS.fetch_add(1, Ordering::SeqCst) {
+                1 => Err(io::Error::other("EIO")),
+                _ => file.sync_data(),
+            }
+        }
         let mut journal = Journal::with_boot(dir.path(), "boot-a");
-        journal.sync = |_| Err(io::Error::other("EIO"));
+        journal.sync = second_fails;
         let (_, json) = state("m1");
         assert!(journal.commit(&json, b"x", "m1").is_err());
-        // The next commit goes to a new segment; with syncs working again it succeeds,
-        // and the failed record stays failed.
-        journal.sync = File::sync_data;
+        // The next commit goes to a new segment and succeeds; the failed record stays
+        // failed.
         let (_, json2) = state("m2");
         journal.commit(&json2, b"y", "m2").unwrap();
         assert!(journal.wait_durable(1).is_err());
         assert_eq!(segments(dir.path()).len(), 2);
+        // A failed write of a segment's zeros fails the commit too.
+        journal.sync = |_| Err(io::Error::other("EIO"));
+        journal.retire_due(true).unwrap();
+        let (_, json3) = state("m3");
+        assert!(journal.commit(&json3, b"z", "m3").is_err());
+    }
+
+    /// A record appended while a failing sync runs is lost with it, even once a sync of
+    /// the next segment has succeeded (it was acknowledged: found in review).
+    #[test]
+    fn a_record_appended_during_a_failed_sync_is_never_acknowledged() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        // Call 0 syncs the first segment's zeros; call 1, the leader's, is slow and fails.
+        fn slow_then_failing(file: &File) -> io::Result<()> {
+            match CALLS.fetch_add(1, Ordering::SeqCst) {
+                1 => {
+                    std::thread::sleep(Duration::from_millis(300));
+                    Err(io::Error::other("EIO"))
+                }
+                _ => file.sync_data(),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        spool_dirs(dir.path());
+        let mut journal = Journal::with_boot(dir.path(), "boot-a");
+        journal.sync = slow_then_failing;
+        let journal = Arc::new(journal);
+        let record = |id: &str| encode(&state(id).1, id.as_bytes()).unwrap();
+        let a = journal.append(&record("a"), "a").unwrap();
+        let leader = {
+            let journal = journal.clone();
+            std::thread::spawn(move || journal.wait_durable(a))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let b = journal.append(&record("b"), "b").unwrap();
+        assert!(leader.join().unwrap().is_err());
+        let d = journal.append(&record("d"), "d").unwrap();
+        journal.wait_durable(d).unwrap();
+        assert!(
+            journal.wait_durable(b).is_err(),
+            "b was in the failed segment"
+        );
+        // Both segments retire: every record in them is synced or lost.
+        journal.retire_due(true).unwrap();
+        assert!(segments(dir.path()).is_empty());
     }
 
     #[test]
@@ -767,7 +876,15 @@ mod tests {
         spool_dirs(dir.path());
         let root = dir.path();
         let journal = Journal::with_boot(root, "boot-a");
-        for id in ["lost", "empty", "nostate", "attempted", "failed", "intact"] {
+        for id in [
+            "lost",
+            "empty",
+            "nostate",
+            "attempted",
+            "failed",
+            "halfmoved",
+            "intact",
+        ] {
             commit(&journal, root, id, format!("{id}\r\n").as_bytes());
         }
         drop(journal);
@@ -793,8 +910,15 @@ mod tests {
             )
             .unwrap();
         }
+        // Cut halfway through its move to failed/: recovery finishes the move.
+        fs::rename(
+            root.join("queue/halfmoved.eml"),
+            root.join("failed/halfmoved.eml"),
+        )
+        .unwrap();
         let after = Journal::with_boot(root, "boot-b");
         assert_eq!(after.recover().unwrap(), 3);
+        assert!(!root.join("queue/halfmoved.eml").exists());
         for id in ["lost", "empty", "nostate", "attempted", "intact"] {
             assert_eq!(
                 fs::read(root.join(format!("queue/{id}.eml"))).unwrap(),

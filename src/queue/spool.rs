@@ -313,10 +313,13 @@ impl Spool {
             self.failed_dir(),
             self.state_dir(),
             self.control_dir(),
+            self.root.join("journal"),
         ] {
             crate::fsutil::private_dir(&dir)?;
         }
-        Ok(())
+        // The folders' own entries: an acknowledged message's journal record is only as
+        // durable as `journal/` itself.
+        sync_dir(&self.root)
     }
 
     /// Writes `bytes` to `target` atomically: temp file in `tmp/`, fsync, rename, fsync the folder.
@@ -446,6 +449,9 @@ impl Spool {
     /// Moves a message to `failed/` with its final state (which carries the reason).
     pub fn move_to_failed(&self, state: &MessageState) -> io::Result<()> {
         self.write_state(state)?;
+        // A small message's data was made durable by the journal only, which retires
+        // its segment without looking in `failed/`.
+        File::open(self.data_path(&state.id))?.sync_all()?;
         let failed = self.failed_dir();
         fs::rename(
             self.data_path(&state.id),
@@ -485,6 +491,11 @@ impl Spool {
             else {
                 continue;
             };
+            if ext == "restore" {
+                // A write-back from the journal cut short: done again from the journal.
+                fs::remove_file(&path)?;
+                continue;
+            }
             if ext == "json" && !self.data_path(stem).exists() {
                 let failed_data = self.failed_dir().join(format!("{stem}.eml"));
                 if failed_data.exists() {
