@@ -52,6 +52,9 @@ pub const SEGMENT_MAX: u64 = 8 << 20;
 pub const SEGMENT_AGE: Duration = Duration::from_secs(2);
 /// Longest a commit waits for syncs run by other commits.
 const SYNC_WAIT: Duration = Duration::from_secs(60);
+/// Longest a group's sync waits for commits already writing their files to append
+/// their records too: one sync then covers them. A lone commit never waits.
+const GATHER_WAIT: Duration = Duration::from_micros(300);
 
 /// Syncs a segment's records to disk ([`File::sync_data`]; tests inject failures).
 type SyncFn = fn(&File) -> io::Result<()>;
@@ -66,6 +69,8 @@ pub struct Journal {
     sync: SyncFn,
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// Wakes a leader gathering its group when a record is appended.
+    appended: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +93,30 @@ struct Inner {
     unsynced: Vec<(Arc<File>, u64)>,
     /// Syncs run (tests check that commits share them).
     syncs: u64,
+    /// Commits between [`Journal::begin`] and their append.
+    writing: usize,
+    /// A leader waits for those before it syncs.
+    gathering: bool,
+}
+
+/// A commit on its way to the journal ([`Journal::begin`]): a group's sync waits briefly
+/// for it. Dropped without [`Journal::commit`], it stops being waited for.
+#[derive(Debug)]
+pub struct Ticket<'a> {
+    journal: &'a Journal,
+    live: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.live {
+            let mut inner = self.journal.lock();
+            inner.writing = inner.writing.saturating_sub(1);
+            if inner.gathering {
+                self.journal.appended.notify_one();
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -165,6 +194,7 @@ impl Journal {
             sync: File::sync_data,
             inner: Mutex::default(),
             changed: Condvar::new(),
+            appended: Condvar::new(),
         }
     }
 
@@ -172,16 +202,40 @@ impl Journal {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Announces a commit that is writing its files: a sync about to start waits a
+    /// little for its record ([`GATHER_WAIT`]).
+    pub fn begin(&self) -> Ticket<'_> {
+        self.lock().writing += 1;
+        Ticket {
+            journal: self,
+            live: true,
+        }
+    }
+
     /// Records message `state.id` (its envelope and `data`) and returns once the record
     /// is durable: fsync'd together with the records of the commits that wait meanwhile.
-    pub fn commit(&self, state_json: &[u8], data: &[u8], id: &str) -> io::Result<()> {
+    pub fn commit(
+        &self,
+        state_json: &[u8],
+        data: &[u8],
+        id: &str,
+        ticket: Option<Ticket<'_>>,
+    ) -> io::Result<()> {
         let record = encode(state_json, data)?;
-        let seq = self.append(&record, id)?;
+        let seq = self.append(&record, id, ticket)?;
         self.wait_durable(seq)
     }
 
-    fn append(&self, record: &[u8], id: &str) -> io::Result<u64> {
+    fn append(&self, record: &[u8], id: &str, ticket: Option<Ticket<'_>>) -> io::Result<u64> {
         let mut inner = self.lock();
+        if let Some(mut ticket) = ticket {
+            ticket.live = false;
+            inner.writing = inner.writing.saturating_sub(1);
+        }
+        if inner.gathering {
+            // Appended or not, this commit no longer keeps the leader waiting.
+            self.appended.notify_one();
+        }
         let due = inner
             .current
             .as_ref()
@@ -292,15 +346,31 @@ impl Journal {
                 return Ok(());
             }
             if !inner.syncing {
-                // Segments taken out of use first, then the current one.
-                let mut files: Vec<Arc<File>> =
-                    inner.unsynced.iter().map(|(f, _)| f.clone()).collect();
-                files.extend(inner.current.as_ref().map(|s| s.file.clone()));
-                if files.is_empty() {
+                if inner.unsynced.is_empty() && inner.current.is_none() {
                     return Err(io::Error::other("journal: record in no segment"));
                 }
                 inner.syncing = true;
                 inner.syncs += 1;
+                // Commits already writing their files join this sync rather than wait
+                // for the next one (bounded; a lone commit does not wait at all).
+                let gather = Instant::now() + GATHER_WAIT;
+                inner.gathering = true;
+                while inner.writing > 0 {
+                    let left = gather.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    inner = self
+                        .appended
+                        .wait_timeout(inner, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                inner.gathering = false;
+                // Segments taken out of use first, then the current one.
+                let mut files: Vec<Arc<File>> =
+                    inner.unsynced.iter().map(|(f, _)| f.clone()).collect();
+                files.extend(inner.current.as_ref().map(|s| s.file.clone()));
                 let covers = inner.appended;
                 drop(inner);
                 let result = files.iter().try_for_each(|f| (self.sync)(f));
@@ -664,7 +734,7 @@ mod tests {
         let (_, json) = state(id);
         fs::write(root.join(format!("queue/{id}.eml")), data).unwrap();
         fs::write(root.join(format!("queue/{id}.json")), &json).unwrap();
-        journal.commit(&json, data, id).unwrap();
+        journal.commit(&json, data, id, None).unwrap();
     }
 
     fn segments(root: &Path) -> Vec<PathBuf> {
@@ -750,18 +820,18 @@ mod tests {
         let mut journal = Journal::with_boot(dir.path(), "boot-a");
         journal.sync = second_fails;
         let (_, json) = state("m1");
-        assert!(journal.commit(&json, b"x", "m1").is_err());
+        assert!(journal.commit(&json, b"x", "m1", None).is_err());
         // The next commit goes to a new segment and succeeds; the failed record stays
         // failed.
         let (_, json2) = state("m2");
-        journal.commit(&json2, b"y", "m2").unwrap();
+        journal.commit(&json2, b"y", "m2", None).unwrap();
         assert!(journal.wait_durable(1).is_err());
         assert_eq!(segments(dir.path()).len(), 2);
         // A failed write of a segment's zeros fails the commit too.
         journal.sync = |_| Err(io::Error::other("EIO"));
         journal.retire_due(true).unwrap();
         let (_, json3) = state("m3");
-        assert!(journal.commit(&json3, b"z", "m3").is_err());
+        assert!(journal.commit(&json3, b"z", "m3", None).is_err());
     }
 
     /// A record appended while a failing sync runs is lost with it, even once a sync of
@@ -786,15 +856,15 @@ mod tests {
         journal.sync = slow_then_failing;
         let journal = Arc::new(journal);
         let record = |id: &str| encode(&state(id).1, id.as_bytes()).unwrap();
-        let a = journal.append(&record("a"), "a").unwrap();
+        let a = journal.append(&record("a"), "a", None).unwrap();
         let leader = {
             let journal = journal.clone();
             std::thread::spawn(move || journal.wait_durable(a))
         };
         std::thread::sleep(Duration::from_millis(100));
-        let b = journal.append(&record("b"), "b").unwrap();
+        let b = journal.append(&record("b"), "b", None).unwrap();
         assert!(leader.join().unwrap().is_err());
-        let d = journal.append(&record("d"), "d").unwrap();
+        let d = journal.append(&record("d"), "d", None).unwrap();
         journal.wait_durable(d).unwrap();
         assert!(
             journal.wait_durable(b).is_err(),

@@ -410,6 +410,7 @@ impl Spool {
         let data_path = self.data_path(&state.id);
         let json = to_json(state);
         let mut state_moved = false;
+        let ticket = self.journal.begin();
         let result = (|| {
             self.create_file(&data_path)?.write_all(data)?;
             // Written where the spare lies and renamed into `queue/` from there: one
@@ -425,7 +426,7 @@ impl Spool {
             drop(file);
             fs::rename(&tmp_state, self.state_path(&state.id))?;
             state_moved = true;
-            self.journal.commit(&json, data, &state.id)
+            self.journal.commit(&json, data, &state.id, Some(ticket))
         })();
         if result.is_err() {
             // Not acknowledged: leave nothing behind that could be delivered later.
