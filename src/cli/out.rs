@@ -5,7 +5,7 @@
 //! [`READER_GONE`]; any other write error (a full disk behind `>`) is an error like any
 //! other.
 //!
-//! Diagnostics on stderr go through [`errln!`], which never panics either.
+//! Diagnostics on stderr go through `errln!`, which never panics either.
 //! `mailgate run` logs to stderr through tracing, which drops what it cannot write.
 
 use std::fmt;
