@@ -55,6 +55,7 @@ pub fn proxy_warnings(config: &Config, proxies: &crate::http::Proxies) -> Vec<St
 }
 
 fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
+    let shared = matches!(config.state, crate::config::StateBackend::Redis(_));
     writeln!(out, "channels:")?;
     // Who falls back to whom, gathered once (a config may hold 10,000 channels).
     let mut fallback_for: Vec<Vec<&str>> = vec![Vec::new(); config.channels.len()];
@@ -81,7 +82,7 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
                 if let Some(ca) = &t.ca_file {
                     writeln!(out, "    extra trust root: {}", ca.display())?;
                 }
-                write_auth(out, &c.name, t)?;
+                write_auth(out, &c.name, t, shared)?;
             }
             ChannelKind::Graph(g) => {
                 writeln!(
@@ -91,7 +92,7 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
                     g.graph_url(),
                     g.mailbox
                 )?;
-                write_oauth(out, &c.name, &g.oauth)?;
+                write_oauth(out, &c.name, &g.oauth, shared)?;
             }
             ChannelKind::File { dir } => writeln!(out, "  {}: file {}", c.name, dir.display())?,
         }
@@ -248,19 +249,21 @@ fn write_summary(out: &mut String, config: &Config) -> fmt::Result {
 }
 
 /// How the channel logs in: the user, and for OAuth where its token comes from.
-fn write_auth(out: &mut String, channel: &str, t: &SmtpTarget) -> fmt::Result {
+fn write_auth(out: &mut String, channel: &str, t: &SmtpTarget, shared: bool) -> fmt::Result {
     match (&t.username, &t.password, &t.oauth) {
         (Some(user), _, Some(oauth)) => {
             writeln!(out, "    auth xoauth2: {user}")?;
-            write_oauth(out, channel, oauth)
+            write_oauth(out, channel, oauth, shared)
         }
         (Some(user), Some(_), None) => writeln!(out, "    auth: {user} (password set)"),
         _ => writeln!(out, "    auth: none"),
     }
 }
 
-/// Where the channel's OAuth tokens come from (never a secret).
-fn write_oauth(out: &mut String, channel: &str, oauth: &OAuth) -> fmt::Result {
+/// Where the channel's OAuth tokens come from (never a secret). `shared`: `[state]
+/// backend = "redis"`, where `oauth authorize` and token rotation write Redis first and
+/// the file only gets a copy.
+fn write_oauth(out: &mut String, channel: &str, oauth: &OAuth, shared: bool) -> fmt::Result {
     writeln!(
         out,
         "    oauth: provider {}, grant {}, client_id {}",
@@ -269,6 +272,14 @@ fn write_oauth(out: &mut String, channel: &str, oauth: &OAuth) -> fmt::Result {
         oauth.client_id
     )?;
     let source = match &oauth.refresh_token_source {
+        TokenSource::File(path) if shared => format!(
+            "Redis when it holds one (shared by every host), else refresh_token_file {} \
+             (new tokens are copied into it)",
+            path.display()
+        ),
+        TokenSource::Env(name) if shared => {
+            format!("Redis when it holds one (shared by every host), else refresh_token_env {name}")
+        }
         TokenSource::File(path) if oauth.refresh_token.is_some() => {
             format!("refresh_token_file {}", path.display())
         }
@@ -458,6 +469,21 @@ mod tests {
             shown.contains("(not there yet: run mailgate oauth authorize alice)"),
             "{shown}"
         );
+
+        // With Redis, a token there wins over the file and the environment.
+        let shared =
+            format!("[state]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n{text}");
+        let config = config::parse(&shared, &dir.path().join("proxy.toml")).unwrap();
+        let shown = summary(&config);
+        for expected in [
+            format!(
+                "    token: Redis when it holds one (shared by every host), else refresh_token_file {} (new tokens are copied into it)",
+                token.display()
+            ),
+            "    token: Redis when it holds one (shared by every host), else refresh_token_env PATH".to_owned(),
+        ] {
+            assert!(shown.contains(&expected), "{expected:?} not in:\n{shown}");
+        }
     }
 
     #[test]
