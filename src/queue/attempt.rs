@@ -49,7 +49,7 @@ impl Attempt {
     pub(super) async fn run(self, id: String) -> Report {
         let spool = self.queue.spool.clone();
         let lock_id = id.clone();
-        let prepared = tokio::task::spawn_blocking(move || prepare(&spool, &lock_id)).await;
+        let prepared = tokio::task::spawn_blocking(move || prepare(&spool, &lock_id, true)).await;
         let (lock, mut state, small) = match prepared {
             Ok(Ok(Prepared::Ready(lock, state, small))) => (lock, *state, small),
             Ok(Ok(Prepared::Gone)) => {
@@ -332,7 +332,7 @@ pub(super) async fn internal_failure(
     let lock_id = id.clone();
     let recorded = tokio::task::spawn_blocking(move || {
         let ch = &config.channels[channel];
-        let (lock, mut state) = match prepare(&queue.spool, &lock_id)? {
+        let (lock, mut state) = match prepare(&queue.spool, &lock_id, false)? {
             Prepared::Ready(lock, state, _) => (lock, *state),
             Prepared::Gone => return Ok((None, None)),
             Prepared::Busy => return Ok((Some((now_ms() + BUSY_RETRY_MS, pending)), None)),
@@ -375,7 +375,8 @@ pub(super) async fn internal_failure(
     }
 }
 
-fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
+/// Locks message `id` and reads its state; with `body`, a small message's bytes too.
+fn prepare(spool: &Spool, id: &str, body: bool) -> std::io::Result<Prepared> {
     let lock = match spool::try_lock_data(&spool.data_path(id)) {
         Ok(Some(lock)) => lock,
         Ok(None) => return Ok(Prepared::Busy),
@@ -388,9 +389,10 @@ fn prepare(spool: &Spool, id: &str) -> std::io::Result<Prepared> {
     };
     // A small message is read here, through the lock's own descriptor, and sent from
     // memory: one open and one hop to a blocking thread fewer than streaming the file.
-    let small = match state.size <= super::draft::INLINE_MAX as u64 {
-        true => read_small(&lock)?,
-        false => None,
+    let small = if body && state.size <= super::draft::INLINE_MAX as u64 {
+        read_small(&lock)?
+    } else {
+        None
     };
     Ok(Prepared::Ready(lock, Box::new(state), small))
 }

@@ -40,19 +40,6 @@ pub struct ClosedDraft {
     pub inline: Option<Vec<u8>>,
 }
 
-impl ClosedDraft {
-    /// Blocking: puts an in-memory message in its temp file, as a large one is, for the
-    /// tests of [`Spool::commit`] (the proxy commits those with [`Spool::commit_small`]).
-    #[cfg(test)]
-    pub fn write_out(&self, spool: &Spool) -> io::Result<()> {
-        use std::io::Write;
-        match &self.inline {
-            Some(bytes) => spool.create_file(&self.path)?.write_all(bytes),
-            None => Ok(()),
-        }
-    }
-}
-
 impl SpoolDraft {
     /// Starts a new message; its file `tmp/<id>` is created only if it outgrows memory.
     pub async fn create(spool: &Spool, id: String) -> io::Result<Self> {

@@ -157,6 +157,15 @@ const ZEROS_MIN: u64 = 64 << 10;
 const ZEROS_MAX: u64 = 1 << 20;
 
 impl Segment {
+    /// Taken out of use, its last record being `last_seq`.
+    fn out_of_use(self, last_seq: u64) -> Retiring {
+        Retiring {
+            path: self.path,
+            last_seq,
+            ids: Some(self.ids),
+        }
+    }
+
     /// Writes `record` at the end of the records, first adding zeros past the end when
     /// it does not fit (replay stops at the first zero, which is no record).
     fn write(&mut self, record: &[u8], sync: SyncFn) -> io::Result<()> {
@@ -274,11 +283,8 @@ impl Journal {
             let last = inner.appended;
             inner.unsynced.push((old.file.clone(), last));
         }
-        inner.retiring.push(Retiring {
-            path: old.path,
-            last_seq: inner.appended,
-            ids: Some(old.ids),
-        });
+        let last = inner.appended;
+        inner.retiring.push(old.out_of_use(last));
     }
 
     /// A sync or write failed: every record not yet synced fails for good, and the
@@ -290,11 +296,7 @@ impl Journal {
         }
         inner.unsynced.clear();
         if let Some(old) = inner.current.take() {
-            inner.retiring.push(Retiring {
-                path: old.path,
-                last_seq: to,
-                ids: Some(old.ids),
-            });
+            inner.retiring.push(old.out_of_use(to));
         }
         self.changed.notify_all();
     }
@@ -448,18 +450,18 @@ impl Journal {
         if segments.is_empty() {
             return Ok(());
         }
-        // `None`: sync the whole filesystem (too many messages, or unknown ones).
-        let ids: Option<Vec<&String>> = segments
-            .iter()
-            .try_fold(Vec::new(), |mut all, s| {
-                all.extend(s.ids.as_ref()?);
-                Some(all)
-            })
-            .filter(|all| all.len() <= SYNC_FS_OVER);
-        let paths: Vec<&Path> = segments.iter().map(|s| s.path.as_path()).collect();
-        let result = self.settle(ids.as_deref(), &paths);
-        drop(ids);
-        drop(paths);
+        let result = {
+            // `None`: sync the whole filesystem (too many messages, or unknown ones).
+            let ids: Option<Vec<&String>> = segments
+                .iter()
+                .try_fold(Vec::new(), |mut all, s| {
+                    all.extend(s.ids.as_ref()?);
+                    Some(all)
+                })
+                .filter(|all| all.len() <= SYNC_FS_OVER);
+            let paths: Vec<&Path> = segments.iter().map(|s| s.path.as_path()).collect();
+            self.settle(ids.as_deref(), &paths)
+        };
         if result.is_err() {
             // Kept: tried again next time (and start-up handles what is left).
             self.lock().retiring.extend(segments);

@@ -3,13 +3,14 @@
 //! A message is received in memory, or beyond 64 KiB into `spool_dir/tmp/<id>`
 //! ([`spool::SpoolDraft`]), made durable and committed into `spool_dir/queue/`
 //! ([`Queue::finish`]; a small message through the shared commit log, [`journal`])
-//! before the client hears `250 2.0.0 queued as <id>`. One task per channel ([`worker`]) then delivers the
-//! channel's messages at the pace its limits allow, retries temporary failures with
-//! backoff, holds the channel on a provider quota reply, stops it when its credentials
-//! are refused, and moves permanent failures to `failed/` with a DSN ([`dsn`]) to the
-//! sender. [`admin`] has the `mailgate queue` commands, safe while the proxy runs.
-//! Workers are kept by channel name: a reload ([`Queue::reconfigure`]) starts, stops or
-//! restarts them; a message whose channel is not configured waits in the spool untouched.
+//! before the client hears `250 2.0.0 queued as <id>`. One task per channel
+//! ([`worker`]) then delivers the channel's messages at the pace its limits allow,
+//! retries temporary failures with backoff, holds the channel on a provider quota reply,
+//! stops it when its credentials are refused, and moves permanent failures to `failed/`
+//! with a DSN ([`dsn`]) to the sender. [`admin`] has the `mailgate queue` commands, safe
+//! while the proxy runs. Workers are kept by channel name: a reload
+//! ([`Queue::reconfigure`]) starts, stops or restarts them; a message whose channel is not
+//! configured waits in the spool untouched.
 //!
 //! Guarantees: an acknowledged message is on disk (file and directory fsync'd); a crash
 //! at any moment loses none; a message is delivered twice only if the process dies

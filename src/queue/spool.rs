@@ -209,11 +209,7 @@ impl Spool {
             }
             let _ = fs::remove_file(&spare);
         }
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(crate::fsutil::FILE_MODE)
-            .open(path)
+        create_new(path)
     }
 
     /// A spare file, open for writing where it lies in `tmp/` (see [`Spool::create_file`]).
@@ -420,7 +416,7 @@ impl Spool {
                     tmp_state = spare;
                     file
                 }
-                None => self.create_file(&tmp_state)?,
+                None => create_new(&tmp_state)?,
             };
             file.write_all(&json)?;
             drop(file);
@@ -536,6 +532,15 @@ impl Spool {
         sync_dir(&self.failed_dir())?;
         Ok(removed)
     }
+}
+
+/// A new file at `path`, mode 0600.
+fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::fsutil::FILE_MODE)
+        .open(path)
 }
 
 fn parse_state(path: &Path, text: &[u8]) -> io::Result<MessageState> {
@@ -749,6 +754,15 @@ mod tests {
     use crate::queue::SpoolDraft;
     use crate::queue::draft::INLINE_MAX;
 
+    /// Puts an in-memory message in its temp file, as a large one is, to test
+    /// [`Spool::commit`] (the proxy commits those with [`Spool::commit_small`]).
+    fn write_out(closed: &super::super::draft::ClosedDraft, spool: &Spool) -> io::Result<()> {
+        match &closed.inline {
+            Some(bytes) => spool.create_file(&closed.path)?.write_all(bytes),
+            None => Ok(()),
+        }
+    }
+
     fn envelope() -> Envelope {
         Envelope {
             sender: "a@example.com".into(),
@@ -805,7 +819,7 @@ mod tests {
         let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
         draft.write(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
         let closed = draft.close().await.unwrap();
-        closed.write_out(&spool).unwrap();
+        write_out(&closed, &spool).unwrap();
         let st = MessageState::new("m1", "relay", &envelope(), draft.len(), now_ms());
         spool.commit(&closed.path, &st).unwrap();
         drop(draft);
@@ -813,7 +827,7 @@ mod tests {
         // A draft never committed, and data whose marker never got written, are removed.
         let mut orphan = SpoolDraft::create(&spool, "m2".into()).await.unwrap();
         orphan.write(b"x").await.unwrap();
-        orphan.close().await.unwrap().write_out(&spool).unwrap();
+        write_out(&orphan.close().await.unwrap(), &spool).unwrap();
         std::mem::forget(orphan); // as if the process died here
         fs::write(spool.data_path("m3"), b"half committed").unwrap();
 
@@ -852,7 +866,7 @@ mod tests {
         // The state file's rename reached the disk, the data's did not: never acknowledged.
         let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
         draft.write(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
-        draft.close().await.unwrap().write_out(&spool).unwrap();
+        write_out(&draft.close().await.unwrap(), &spool).unwrap();
         std::mem::forget(draft);
         let st = MessageState::new("m1", "relay", &envelope(), 20, now_ms());
         fs::write(spool.state_path("m1"), to_json(&st)).unwrap();
@@ -871,7 +885,7 @@ mod tests {
         let mut draft = SpoolDraft::create(&spool, "m1".into()).await.unwrap();
         draft.write(b"x").await.unwrap();
         let closed = draft.close().await.unwrap();
-        closed.write_out(&spool).unwrap();
+        write_out(&closed, &spool).unwrap();
         let tmp = closed.path;
         let st = MessageState::new("m1", "relay", &envelope(), 1, now_ms());
         spool.commit(&tmp, &st).unwrap();
@@ -945,7 +959,7 @@ mod tests {
         assert_eq!(draft.len(), 2 * half.len() as u64 + 3);
         let closed = draft.close().await.unwrap();
         assert!(closed.inline.is_none());
-        closed.write_out(&spool).unwrap();
+        write_out(&closed, &spool).unwrap();
         let mut want = [half.as_slice(), half.as_slice()].concat();
         want.extend_from_slice(b"end");
         assert_eq!(fs::read(&path).unwrap(), want);

@@ -319,36 +319,13 @@ impl GraphChannel {
         timeout: Duration,
     ) -> Result<Answer, Error> {
         let target = self.target.graph_url().to_string();
-        let net = |e: crate::http::SendError| {
-            let what = match e {
-                crate::http::SendError::Proxy(why) => why,
-                crate::http::SendError::Http(e) if e.is_timeout() => {
-                    return Error::Timeout {
-                        step: Step::EndOfData,
-                    };
-                }
-                // reqwest's text names the URL (the mailbox), never the token.
-                crate::http::SendError::Http(e) => match crate::http::proxy_refusal(&e) {
-                    Some(refusal) => refusal,
-                    None => e.without_url().to_string(),
-                },
-            };
-            Error::Connect {
-                target: target.clone(),
-                source: std::io::Error::other(what),
-            }
-        };
-        let response = self.client.send(request).await.map_err(net)?;
+        let response = self
+            .client
+            .send(request)
+            .await
+            .map_err(|e| network_error(&target, e))?;
         let status = response.status().as_u16();
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let retry_after = header("retry-after").and_then(|v| parse_retry_after(&v));
-        let request_id = header("request-id").map(|v| crate::text::escape_controls(&v).to_string());
+        let (retry_after, request_id) = answer_headers(&response);
         let mut body = bytes::Bytes::new();
         if status != 202 {
             // Bounded (SPEC §7): an answer over the limit is a temporary error of Graph,
@@ -444,6 +421,41 @@ pub(crate) fn http_reply(
         400..=499 => Reply::new(554, (5, 6, 0), text("refused the message")),
         _ => Reply::new(451, (4, 3, 0), text("gave an unexpected answer")),
     }
+}
+
+/// A Graph request that got no answer: a timeout, or a connection (or proxy) failure
+/// with `target` named. reqwest's text names the URL (the mailbox), never the token.
+pub(super) fn network_error(target: &str, e: crate::http::SendError) -> Error {
+    let what = match e {
+        crate::http::SendError::Proxy(why) => why,
+        crate::http::SendError::Http(e) if e.is_timeout() => {
+            return Error::Timeout {
+                step: Step::EndOfData,
+            };
+        }
+        crate::http::SendError::Http(e) => match crate::http::proxy_refusal(&e) {
+            Some(refusal) => refusal,
+            None => e.without_url().to_string(),
+        },
+    };
+    Error::Connect {
+        target: target.to_string(),
+        source: std::io::Error::other(what),
+    }
+}
+
+/// An answer's `Retry-After` (SPEC §7) and `request-id` (control characters escaped).
+pub(super) fn answer_headers(response: &reqwest::Response) -> (Option<Duration>, Option<String>) {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let retry_after = header("retry-after").and_then(|v| parse_retry_after(&v));
+    let request_id = header("request-id").map(|v| crate::text::escape_controls(&v).to_string());
+    (retry_after, request_id)
 }
 
 /// Graph's error document, `{"error": {"code": "…", "message": "…"}}`: its code and the

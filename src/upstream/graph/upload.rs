@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use super::draft::{self, Attachment, CHUNK, MAX_REQUEST, Plan, Refusal, SMALL_ATTACHMENT};
 use super::mime::{self, Decoder, Leaf, Structure};
-use super::{Answer, GraphChannel, graph_error, parse_retry_after};
+use super::{Answer, GraphChannel, answer_headers, graph_error, network_error};
 use crate::message::Envelope;
 use crate::message::recipients::Unfit;
 use crate::oauth::AccessToken;
@@ -139,36 +139,10 @@ struct Calls<'c> {
 impl<'c> Calls<'c> {
     async fn read(&self, request: reqwest::RequestBuilder) -> Result<Got, Error> {
         let target = self.ch.target.graph_url().to_string();
-        let net = |e: crate::http::SendError| {
-            let what = match e {
-                crate::http::SendError::Proxy(why) => why,
-                crate::http::SendError::Http(e) if e.is_timeout() => {
-                    return Error::Timeout {
-                        step: Step::EndOfData,
-                    };
-                }
-                // reqwest's text names the URL (the mailbox), never the token.
-                crate::http::SendError::Http(e) => match crate::http::proxy_refusal(&e) {
-                    Some(refusal) => refusal,
-                    None => e.without_url().to_string(),
-                },
-            };
-            Error::Connect {
-                target: target.clone(),
-                source: io::Error::other(what),
-            }
-        };
+        let net = |e| network_error(&target, e);
         let response = self.ch.client.send(request).await.map_err(net)?;
         let status = response.status().as_u16();
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let retry_after = header("retry-after").and_then(|v| parse_retry_after(&v));
-        let request_id = header("request-id").map(|v| crate::text::escape_controls(&v).to_string());
+        let (retry_after, request_id) = answer_headers(&response);
         let read = tokio::time::timeout(
             self.timeout,
             crate::http::read_limited(response, crate::http::MAX_GRAPH_ANSWER),
